@@ -1,0 +1,145 @@
+"""Typed run configuration for the bcsfl-flower app.
+
+Flower hands every app its run config as a flat mapping of kebab-case keys (the
+``[tool.flwr.app.config]`` table, overridden with ``flwr run --run-config``). This
+module reads that mapping exactly once into a frozen dataclass so that the rest of
+the code works with typed, validated values, and so that a mistyped value fails at
+start-up with a message naming the offending key instead of deep inside a round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATA_DIR_ENV = "BCSFL_DATA_DIR"
+"""Environment variable that names the data directory when ``data-dir`` is empty."""
+
+OUTPUT_DIR_ENV = "BCSFL_OUTPUT_DIR"
+"""Environment variable that names the output directory when ``output-dir`` is empty."""
+
+DATASETS = ("mnist", "cifar10")
+ATTACKS = ("label-flip",)
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, has the wrong type, or is out of range."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every run-config key of the app, typed and validated.
+
+    Attribute names are the snake_case form of the kebab-case keys in
+    ``[tool.flwr.app.config]``; :data:`KEYS` maps one to the other.
+    """
+
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    local_epochs: int = 1
+    learning_rate: float = 0.05
+    batch_size: int = 32
+    dataset: str = "mnist"
+    data_dir: str = ""
+    dirichlet_alpha: float = 0.5
+    seed: int = 42
+    attacker_fraction: float = 0.0
+    attack: str = "label-flip"
+    output_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+        _require(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
+        _require(self.local_epochs >= 1, "local-epochs", "must be >= 1")
+        _require(self.learning_rate > 0.0, "learning-rate", "must be > 0")
+        _require(self.batch_size >= 1, "batch-size", "must be >= 1")
+        _require(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}")
+        _require(self.dirichlet_alpha > 0.0, "dirichlet-alpha", "must be > 0")
+        _require(self.seed >= 0, "seed", "must be >= 0")
+        _require(0.0 <= self.attacker_fraction < 1.0, "attacker-fraction", "must be in [0, 1)")
+        _require(self.attack in ATTACKS, "attack", f"must be one of {ATTACKS}")
+        _require(
+            self.output_dir == "" or Path(self.output_dir).is_absolute(),
+            "output-dir",
+            f"must be an absolute path (the ServerApp runs in the SuperLink's working "
+            f"directory), got {self.output_dir!r}",
+        )
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Build settings from Flower's run config, failing fast on bad values.
+
+        Parameters
+        ----------
+        run_config : Mapping[str, Any]
+            ``context.run_config``. Keys absent from it keep their defaults; keys the
+            app does not know are ignored so that a user's own keys can live beside
+            ours in the same pyproject.
+
+        Raises
+        ------
+        ConfigError
+            If a value has the wrong type or is out of range; the message names the
+            kebab-case key.
+        """
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            key = field.name.replace("_", "-")
+            if key in run_config:
+                values[field.name] = _coerce(key, run_config[key], type(field.default))
+        return cls(**values)
+
+    def resolved_data_dir(self) -> Path:
+        """Return the data directory: ``data-dir``, else ``$BCSFL_DATA_DIR``, else a cache."""
+        configured = self.data_dir or os.environ.get(DATA_DIR_ENV, "")
+        if configured:
+            return Path(configured).expanduser().resolve()
+        return Path.home() / ".cache" / "bcsfl-flower" / "data"
+
+    def resolved_output_dir(self) -> Path:
+        """Return the output directory: ``output-dir``, else ``$BCSFL_OUTPUT_DIR``, else a new one.
+
+        The fallback is a fresh timestamped directory under ``~/.cache/bcsfl-flower/runs``
+        so two runs never overwrite each other's results.
+        """
+        if self.output_dir:
+            return Path(self.output_dir)
+        configured = os.environ.get(OUTPUT_DIR_ENV, "")
+        if configured:
+            path = Path(configured).expanduser()
+            if not path.is_absolute():
+                raise ConfigError(f"${OUTPUT_DIR_ENV} must be an absolute path, got {configured!r}")
+            return path
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return Path.home() / ".cache" / "bcsfl-flower" / "runs" / stamp
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"run config '{key}' {message}")
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+    """Convert a TOML/CLI value to ``expected``, rejecting lossy conversions."""
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"run config '{key}' must be true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"run config '{key}' must be an integer, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"run config '{key}' must be a number, got {value!r}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"run config '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {expected!r} for '{key}'")

@@ -1,0 +1,1 @@
+"""Models, data, partitions and simulated attacks for the example federation."""

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install everything bcsfl-flower needs into ./.venv and ./node_modules, and put the
+# offline MNIST files in ./data. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# constraints.txt pins the torch/torchvision pair that installs quickly here.
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+
+# Dev-chain tools: anvil (local Ethereum node) and solcjs (offline Solidity compiler).
+# `npm ci` rejects this lock file (it omits the other platforms' optional anvil binaries),
+# so install from the lock with `npm install`; scripts are not needed (see FACTS.md).
+npm install --ignore-scripts --no-audit --no-fund --loglevel=error
+
+# MNIST: copy the official files from ../shared/data when present (never write there).
+if [ ! -f data/MNIST/raw/train-images-idx3-ubyte.gz ] && [ -d ../shared/data/MNIST/raw ]; then
+  mkdir -p data/MNIST/raw
+  cp ../shared/data/MNIST/raw/*.gz data/MNIST/raw/
+fi
+echo "setup: done (python: .venv, node tools: node_modules, data: $(pwd)/data)"
