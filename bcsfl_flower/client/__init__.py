@@ -1,0 +1,1 @@
+"""Client side: the example ClientApp and the bcsfl client mod."""

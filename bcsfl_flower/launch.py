@@ -1,0 +1,269 @@
+"""Run a simulated federation with ``flwr run`` and report honestly whether it finished.
+
+``flwr run --stream`` exits 0 even when the ServerApp crashed, it starts a local
+SuperLink that keeps running after the run, and offline it must not try to install
+the app's dependencies. This launcher takes care of all three so that scripts,
+tests and experiments can treat a federation like any other command:
+
+* each run gets its own Flower home (``<output-dir>/flwr-home``) and its own free
+  SuperLink ports, so runs never share state;
+* the SuperLink and everything it spawned (SuperExec, ServerApp, Ray) is stopped by
+  pid when the run ends;
+* success is read from the run's own ``results.json``: the exit code is 0 only when
+  its status is ``completed``.
+
+Usage::
+
+    python -m bcsfl_flower.launch --num-supernodes 10 --run-config "num-server-rounds=3"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bcsfl_flower.config import DATA_DIR_ENV
+from bcsfl_flower.results import RESULTS_FILE, load_results
+
+APP_DIR = Path(__file__).resolve().parent.parent
+"""The Flower App directory (the one holding ``pyproject.toml``) when run from a checkout."""
+
+
+class FederationFailedError(RuntimeError):
+    """The federation did not finish: its results file is missing or not ``completed``."""
+
+
+@dataclass(frozen=True)
+class FederationRun:
+    """Outcome of a finished federation."""
+
+    output_dir: Path
+    results: dict[str, Any]
+    log_path: Path
+
+    @property
+    def results_path(self) -> Path:
+        """Return the path of the run's ``results.json``."""
+        return self.output_dir / RESULTS_FILE
+
+
+def run_federation(
+    output_dir: Path,
+    *,
+    num_supernodes: int,
+    run_config: Mapping[str, Any] | None = None,
+    app_dir: Path = APP_DIR,
+    data_dir: Path | None = None,
+    timeout: float = 3600.0,
+    stream: bool = True,
+) -> FederationRun:
+    """Run ``flwr run`` on ``app_dir`` and return its results, or raise if it failed.
+
+    Parameters
+    ----------
+    output_dir : Path
+        Where ``results.json``, the run log and the run's Flower home go. Made absolute,
+        and passed to the app as run config ``output-dir``.
+    num_supernodes : int
+        Number of simulated clients.
+    run_config : Mapping[str, Any], optional
+        Run-config overrides (kebab-case keys of ``[tool.flwr.app.config]``).
+    data_dir : Path, optional
+        Data directory handed to the app as ``data-dir``.
+    timeout : float
+        Seconds after which the run is stopped and counted as failed.
+    stream : bool
+        Echo the run's log to stdout while it runs (it is always saved to ``run.log``).
+
+    Raises
+    ------
+    FederationFailedError
+        If ``flwr run`` fails, times out, or the results file does not say ``completed``.
+    """
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    overrides = dict(run_config or {})
+    overrides["output-dir"] = str(output_dir)
+    if data_dir is not None:
+        overrides["data-dir"] = str(Path(data_dir).resolve())
+
+    http_port, control_port = _free_port(), _free_port()
+    env = _run_environment(output_dir / "flwr-home", http_port, control_port)
+    command = [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        str(app_dir),
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={num_supernodes}",
+        "--run-config",
+        " ".join(f"{key}={_toml_value(value)}" for key, value in overrides.items()),
+    ]
+    log_path = output_dir / "run.log"
+    started = time.monotonic()
+    try:
+        returncode = _stream(command, env, log_path, timeout, stream)
+    finally:
+        _stop_superlink(control_port)
+    elapsed = time.monotonic() - started
+
+    if returncode != 0:
+        raise FederationFailedError(
+            f"`flwr run` exited with {returncode} after {elapsed:.0f}s; see {log_path}"
+        )
+    try:
+        results = load_results(output_dir)
+    except (OSError, ValueError) as err:
+        raise FederationFailedError(
+            f"the run wrote no readable {RESULTS_FILE} in {output_dir} ({err}); see {log_path}"
+        ) from err
+    if results.get("status") != "completed":
+        raise FederationFailedError(
+            f"the run did not complete: status {results.get('status')!r}, "
+            f"error {results.get('error')!r}; see {log_path}"
+        )
+    return FederationRun(output_dir=output_dir, results=results, log_path=log_path)
+
+
+def _run_environment(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            # Offline: run the app in this environment instead of installing its deps.
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        }
+    )
+    return env
+
+
+def _stream(
+    command: Sequence[str], env: Mapping[str, str], log_path: Path, timeout: float, echo: bool
+) -> int:
+    deadline = time.monotonic() + timeout
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            command,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            log_file.write(line)
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            if time.monotonic() > deadline:
+                process.kill()
+                raise FederationFailedError(f"run exceeded {timeout:.0f}s; see {log_path}")
+        return process.wait()
+
+
+def _stop_superlink(control_port: int) -> None:
+    """Stop the SuperLink this run started (found by its control port) and its children."""
+    marker = f"127.0.0.1:{control_port}"
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if any("flower-superlink" in part for part in cmdline) and marker in cmdline:
+            _terminate_tree(process)
+
+
+def _terminate_tree(process: psutil.Process) -> None:
+    try:
+        family = [*process.children(recursive=True), process]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "") + "'"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help='space-separated overrides, e.g. "num-server-rounds=3 attacker-fraction=0.3"',
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("runs") / time.strftime("%Y%m%d-%H%M%S"),
+        help="where results.json and the run log go (default: ./runs/<timestamp>)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get(DATA_DIR_ENV, "data")),
+        help=f"directory holding MNIST/raw/*.gz (default: ${DATA_DIR_ENV} or ./data)",
+    )
+    args = parser.parse_args(argv)
+    overrides = dict(item.split("=", 1) for item in args.run_config.split() if item)
+    try:
+        run = run_federation(
+            args.output_dir,
+            num_supernodes=args.num_supernodes,
+            run_config={key: _parse_scalar(value) for key, value in overrides.items()},
+            data_dir=args.data_dir,
+        )
+    except FederationFailedError as err:
+        print(f"bcsfl: federation FAILED: {err}", file=sys.stderr)
+        return 1
+    accuracy = run.results.get("final_test_accuracy")
+    print(f"bcsfl: federation completed; final test accuracy {accuracy}")
+    print(f"bcsfl: results in {run.results_path}")
+    return 0
+
+
+def _parse_scalar(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text.strip("'\"")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
