@@ -1,0 +1,987 @@
+"""Binding to the ``BCSFLAudit`` contract: deploy or attach, register, anchor, read back.
+
+A round's life on chain, as the strategy drives it::
+
+    trail = AuditTrail.open(connection, genesis_hash=model_hash(initial_arrays))
+    trail.register_clients({address: stake, ...})
+    approval = trail.prepare_approval(round, model_hash, accepted_root, committee)
+    # ... miners sign ``approval`` (see bcsfl_flower.client.mod) ...
+    certificate = AnchorCertificate.build(approval, committee, signatures, trail.domain)
+    anchored = trail.anchor_round(certificate)      # or trail.record_rollback(round, why)
+
+A transaction that fails to reach the chain is retried with exponential backoff. A
+round is reported anchored only once its transaction has a successful receipt carrying
+the contract's ``RoundAnchored`` event. If the chain stays down,
+:class:`~bcsfl_flower.chain.errors.ChainUnavailableError` is raised with the pending
+statement, and the run must stop: a round is never skipped silently. A contract revert
+is not retried (it would revert again) and raises
+:class:`~bcsfl_flower.chain.errors.ChainRejectedError` naming the custom error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import is_address, to_checksum_address
+from flwr.common.logger import log
+from web3.contract import Contract
+from web3.exceptions import ContractLogicError, ProviderConnectionError, TimeExhausted, Web3RPCError
+from web3.types import TxReceipt
+
+from bcsfl_flower.chain.backends import ChainConnection
+from bcsfl_flower.chain.compiler import load_artifact
+from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError, rejected_error
+from bcsfl_flower.packets import (
+    HASH_BYTES,
+    SIGNATURE_BYTES,
+    Eip712Domain,
+    RoundApproval,
+    committee_root,
+    sort_committee,
+)
+
+DEPLOYMENT_FILE = "deployment.json"
+"""Record of the deployed contract, in the connection's state directory."""
+
+MANIFEST_FORMAT = "bcsfl-chain/1"
+"""Value of ``format`` in ``chain.json``."""
+
+_REGISTER_BATCH = 100
+_ROUND_GAS_LIMIT = 1_000_000  # >= 10x an anchor with 5 miners; only gas used is paid
+_REGISTER_GAS_PER_CLIENT = 60_000
+_BASE_GAS_LIMIT = 100_000
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes requests' ConnectionError and Timeout
+    TimeExhausted,
+    ProviderConnectionError,
+    Web3RPCError,
+)
+
+
+def _rejection_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ContractLogicError]
+    try:
+        from eth_tester.exceptions import TransactionFailed
+    except ImportError:  # pragma: no cover - eth-tester is a dependency
+        pass
+    else:
+        errors.append(TransactionFailed)
+    return tuple(errors)
+
+
+_REJECTION_ERRORS = _rejection_errors()
+
+
+def quorum(committee_size: int) -> int:
+    """Return ``ceil(2N/3)``, the contract's quorum for a committee of ``N`` miners."""
+    if isinstance(committee_size, bool) or not isinstance(committee_size, int):
+        raise TypeError(f"committee_size must be an int, got {committee_size!r}")
+    if committee_size < 1:
+        raise ValueError(f"committee_size must be >= 1, got {committee_size}")
+    return (2 * committee_size + 2) // 3
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for transactions that do not reach the chain.
+
+    Attempt ``k`` (from 1) that fails is followed by a pause of
+    ``min(base_delay_s * 2**(k-1), max_delay_s)`` seconds, for ``attempts`` attempts.
+    """
+
+    attempts: int = 5
+    base_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
+        if self.base_delay_s < 0 or self.max_delay_s < 0:
+            raise ValueError("base_delay_s and max_delay_s must be >= 0")
+
+    def delay(self, attempt: int) -> float:
+        """Return the pause after failed attempt ``attempt`` (1-based)."""
+        return min(self.base_delay_s * 2 ** (attempt - 1), self.max_delay_s)
+
+
+@dataclass(frozen=True)
+class AnchorCertificate:
+    """A round's quorum certificate in the form ``anchorRound`` takes.
+
+    Attributes
+    ----------
+    approval : RoundApproval
+        The statement every signer signed.
+    committee : tuple[str, ...]
+        The round's miners, ascending (the contract's order).
+    signers : tuple[str, ...]
+        The approving miners, ascending.
+    signatures : tuple[bytes, ...]
+        Their 65-byte signatures, aligned with ``signers``.
+    """
+
+    approval: RoundApproval
+    committee: tuple[str, ...]
+    signers: tuple[str, ...]
+    signatures: tuple[bytes, ...]
+
+    @classmethod
+    def build(
+        cls,
+        approval: RoundApproval,
+        committee: Iterable[str],
+        signatures: Mapping[str, bytes],
+        domain: Eip712Domain,
+    ) -> AnchorCertificate:
+        """Check miners' approvals off chain and assemble a certificate.
+
+        Each signature is recovered under ``domain``; one that does not recover to the
+        address it is filed under, or whose signer is not in the committee, is dropped
+        with a warning (a faulty miner must not sink the round).
+
+        Parameters
+        ----------
+        approval : RoundApproval
+            The statement sent to the miners.
+        committee : Iterable[str]
+            All miners drawn for the round, in any order.
+        signatures : Mapping[str, bytes]
+            Signature by claimed signer address, e.g.
+            ``dict(zip(qc.signers, qc.signatures))`` of a consensus QuorumCertificate.
+        domain : Eip712Domain
+            The trail's domain (``AuditTrail.domain``).
+
+        Raises
+        ------
+        ValueError
+            If ``approval.committee_root`` is not the committee's root, or fewer than
+            ``ceil(2N/3)`` valid approvals remain.
+        """
+        members = tuple(sort_committee(committee))
+        if not members:
+            raise ValueError("the committee is empty")
+        expected_root = committee_root(members)
+        if approval.committee_root != expected_root:
+            raise ValueError(
+                f"approval.committee_root 0x{approval.committee_root.hex()} is not the root "
+                f"0x{expected_root.hex()} of the committee {list(members)}"
+            )
+        valid: dict[str, bytes] = {}
+        for claimed, signature in signatures.items():
+            try:
+                signer = approval.recover(bytes(signature), domain)
+            except (ValueError, TypeError) as err:
+                log(WARNING, "Dropping approval filed under %s: %s", claimed, err)
+                continue
+            if not is_address(claimed) or signer != to_checksum_address(claimed):
+                log(WARNING, "Dropping approval filed under %s: signed by %s", claimed, signer)
+                continue
+            if signer not in members:
+                log(WARNING, "Dropping approval of %s: not in the round's committee", signer)
+                continue
+            valid[signer] = bytes(signature)
+        required = quorum(len(members))
+        if len(valid) < required:
+            raise ValueError(
+                f"round {approval.round}: {len(valid)} valid approvals of {len(members)} "
+                f"miners, quorum is {required}"
+            )
+        signers = tuple(sort_committee(valid))
+        return cls(approval, members, signers, tuple(valid[s] for s in signers))
+
+    @classmethod
+    def operator_signed(
+        cls, approval: RoundApproval, operator: LocalAccount, domain: Eip712Domain
+    ) -> AnchorCertificate:
+        """Return the fallback certificate signed by the operator alone.
+
+        For federations whose clients cannot mine (no bcsfl client mod): the committee
+        is the operator, and ``approval.committee_root`` must be
+        ``committee_root([operator.address])``. The audit trail then shows the round
+        was approved by the operator, not by clients.
+        """
+        return cls.build(
+            approval,
+            [operator.address],
+            {operator.address: approval.sign(operator, domain)},
+            domain,
+        )
+
+    @property
+    def packed_signatures(self) -> bytes:
+        """The signatures concatenated in signer order, as ``anchorRound`` takes them."""
+        return b"".join(self.signatures)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly record (hex strings)."""
+        return {
+            **_approval_dict(self.approval),
+            "committee": list(self.committee),
+            "signers": list(self.signers),
+            "signatures": ["0x" + signature.hex() for signature in self.signatures],
+        }
+
+
+@dataclass(frozen=True)
+class AnchoredRound:
+    """One anchored round, as read back from the chain."""
+
+    approval: RoundApproval
+    committee: tuple[str, ...]
+    signers: tuple[str, ...]
+    signatures: tuple[bytes, ...]
+    tx_hash: str
+    block_number: int
+    gas_used: int
+
+    @property
+    def round(self) -> int:
+        """The round number."""
+        return self.approval.round
+
+    @property
+    def model_hash(self) -> bytes:
+        """The anchored model hash."""
+        return self.approval.model_hash
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly record (hex strings)."""
+        return {
+            **_approval_dict(self.approval),
+            "committee": list(self.committee),
+            "signers": list(self.signers),
+            "signatures": ["0x" + signature.hex() for signature in self.signatures],
+            "tx_hash": self.tx_hash,
+            "block_number": self.block_number,
+            "gas_used": self.gas_used,
+        }
+
+
+@dataclass(frozen=True)
+class RolledBackRound:
+    """One rolled-back round, as read back from the chain."""
+
+    round: int
+    kept_model_hash: bytes
+    reason: str
+    tx_hash: str
+    block_number: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly record (hex strings)."""
+        return {
+            "round": self.round,
+            "kept_model_hash": "0x" + self.kept_model_hash.hex(),
+            "reason": self.reason,
+            "tx_hash": self.tx_hash,
+            "block_number": self.block_number,
+        }
+
+
+class AuditTrail:
+    """A deployed ``BCSFLAudit`` contract, driven by the connection's operator.
+
+    Use :meth:`open` (deploy once, attach afterwards), :meth:`deploy` or :meth:`attach`.
+
+    Parameters
+    ----------
+    connection : ChainConnection
+        The open chain connection; its operator must be the contract's owner to write.
+    address : str
+        The contract's address.
+    deploy_block : int, optional
+        Block of the deployment; events are searched from there.
+    retry : RetryPolicy, optional
+        Backoff for transactions that do not reach the chain.
+    sleep : Callable[[float], None], optional
+        Injectable for tests; default :func:`time.sleep`.
+    """
+
+    def __init__(
+        self,
+        connection: ChainConnection,
+        address: str,
+        *,
+        deploy_block: int = 0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.connection = connection
+        self.abi: list[dict[str, Any]] = load_artifact()["abi"]
+        self.address = to_checksum_address(address)
+        self.contract: Contract = connection.web3.eth.contract(address=self.address, abi=self.abi)
+        self.deploy_block = deploy_block
+        self.retry = retry if retry is not None else RetryPolicy()
+        self._sleep = sleep
+        self.domain = Eip712Domain(connection.chain_id, self.address)
+
+    # -- deployment ------------------------------------------------------------------------
+
+    @classmethod
+    def deploy(
+        cls,
+        connection: ChainConnection,
+        genesis_hash: bytes,
+        *,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> AuditTrail:
+        """Deploy a new contract owned by the operator, starting from ``genesis_hash``.
+
+        The deployment is recorded in ``<state_dir>/deployment.json`` so that
+        :meth:`open` attaches to it next time.
+        """
+        _check_hash("genesis_hash", genesis_hash)
+        artifact = load_artifact()
+        factory = connection.web3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+        operator = connection.operator.address
+        receipt = _with_retries(
+            "deploy BCSFLAudit",
+            lambda: connection.send(
+                factory.constructor(genesis_hash).build_transaction({"from": operator})
+            ),
+            retry if retry is not None else RetryPolicy(),
+            sleep,
+            resume={"genesis_hash": "0x" + genesis_hash.hex()},
+            abi=artifact["abi"],
+        )
+        trail = cls(
+            connection,
+            receipt["contractAddress"],
+            deploy_block=int(receipt["blockNumber"]),
+            retry=retry,
+            sleep=sleep,
+        )
+        record = {
+            "chain_id": connection.chain_id,
+            "contract": trail.address,
+            "deploy_tx": receipt["transactionHash"].to_0x_hex(),
+            "deploy_block": trail.deploy_block,
+            "genesis_hash": "0x" + genesis_hash.hex(),
+            "operator": operator,
+        }
+        _write_json(connection.state_dir / DEPLOYMENT_FILE, record)
+        log(INFO, "Deployed BCSFLAudit at %s (chain %d)", trail.address, connection.chain_id)
+        return trail
+
+    @classmethod
+    def attach(
+        cls,
+        connection: ChainConnection,
+        address: str,
+        *,
+        deploy_block: int = 0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> AuditTrail:
+        """Attach to an existing contract.
+
+        Raises
+        ------
+        ValueError
+            If no contract code exists at ``address`` on this chain.
+        """
+        if not is_address(address):
+            raise ValueError(f"contract address {address!r} is not an address")
+        if not connection.web3.eth.get_code(to_checksum_address(address)):
+            raise ValueError(f"no contract at {address} on chain {connection.chain_id}")
+        return cls(connection, address, deploy_block=deploy_block, retry=retry, sleep=sleep)
+
+    @classmethod
+    def open(
+        cls,
+        connection: ChainConnection,
+        genesis_hash: bytes,
+        *,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> AuditTrail:
+        """Attach to the contract recorded in the state directory, or deploy one.
+
+        Raises
+        ------
+        ValueError
+            If the recorded contract has another genesis hash or chain id: the state
+            directory belongs to another run.
+        """
+        record_path = connection.state_dir / DEPLOYMENT_FILE
+        if not record_path.is_file():
+            return cls.deploy(connection, genesis_hash, retry=retry, sleep=sleep)
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if int(record["chain_id"]) != connection.chain_id:
+            raise ValueError(
+                f"{record_path} is for chain {record['chain_id']}, connected to "
+                f"{connection.chain_id}"
+            )
+        trail = cls.attach(
+            connection,
+            record["contract"],
+            deploy_block=int(record["deploy_block"]),
+            retry=retry,
+            sleep=sleep,
+        )
+        recorded = trail.get_round(0)
+        if recorded != genesis_hash:
+            raise ValueError(
+                f"contract {trail.address} starts from genesis 0x{recorded.hex()}, not "
+                f"0x{genesis_hash.hex()}: {connection.state_dir} belongs to another run"
+            )
+        log(
+            INFO, "Attached to BCSFLAudit at %s, last round %d", trail.address, trail.latest_round()
+        )
+        return trail
+
+    # -- registration ----------------------------------------------------------------------
+
+    def register_clients(self, stakes: Mapping[str, int]) -> int:
+        """Register the clients in ``stakes`` that are not registered yet.
+
+        Idempotent, so a resumed run can call it again. Registration is batched
+        (one transaction per 100 clients).
+
+        Returns
+        -------
+        int
+            How many clients were newly registered.
+        """
+        pending: dict[str, int] = {}
+        for address, stake in stakes.items():
+            if not is_address(address):
+                raise ValueError(f"client address {address!r} is not an address")
+            if isinstance(stake, bool) or not isinstance(stake, int) or not 0 <= stake < 2**96:
+                raise ValueError(f"stake of {address} must be an int in [0, 2**96), got {stake!r}")
+            checksummed = to_checksum_address(address)
+            if not self.is_registered(checksummed):
+                pending[checksummed] = stake
+        items = list(pending.items())
+        for start in range(0, len(items), _REGISTER_BATCH):
+            batch = items[start : start + _REGISTER_BATCH]
+            addresses = [address for address, _ in batch]
+            amounts = [stake for _, stake in batch]
+            self._transact(
+                "registerClients",
+                lambda a=addresses, s=amounts: self.contract.functions.registerClients(a, s),
+                gas=_BASE_GAS_LIMIT + _REGISTER_GAS_PER_CLIENT * len(batch),
+                resume={"clients": addresses, "stakes": amounts},
+            )
+        return len(items)
+
+    def set_stake(self, address: str, stake: int) -> None:
+        """Set a registered client's stake (reward or slash)."""
+        checksummed = to_checksum_address(address)
+        self._transact(
+            "setStake",
+            lambda: self.contract.functions.setStake(checksummed, stake),
+            gas=_BASE_GAS_LIMIT,
+            resume={"client": checksummed, "stake": stake},
+        )
+
+    def is_registered(self, address: str) -> bool:
+        """Return whether ``address`` is registered."""
+        return bool(self.contract.functions.isRegistered(to_checksum_address(address)).call())
+
+    def stake_of(self, address: str) -> int:
+        """Return a registered client's stake."""
+        return int(self.contract.functions.stakeOf(to_checksum_address(address)).call())
+
+    def client_count(self) -> int:
+        """Return the number of registered clients."""
+        return int(self.contract.functions.clientCount().call())
+
+    # -- rounds ----------------------------------------------------------------------------
+
+    def latest_round(self) -> int:
+        """Return the last recorded round, anchored or rolled back (0 before any)."""
+        return int(self.contract.functions.latestRound().call())
+
+    def head(self) -> tuple[int, bytes]:
+        """Return the last anchored round and its model hash (the genesis before any)."""
+        round_number, model = self.contract.functions.getLatestModel().call()
+        return int(round_number), bytes(model)
+
+    def get_round(self, round_number: int) -> bytes:
+        """Return the model hash anchored for ``round_number`` (0 is the genesis).
+
+        Raises
+        ------
+        ChainRejectedError
+            With ``error_name == "RoundNotAnchored"`` if the round has no anchor.
+        """
+        try:
+            return bytes(self.contract.functions.getRound(round_number).call())
+        except _REJECTION_ERRORS as err:
+            raise rejected_error(self.abi, f"getRound({round_number})", err) from err
+
+    def round_count(self) -> int:
+        """Return the number of anchored rounds (not counting the genesis)."""
+        return int(self.contract.functions.roundCount().call())
+
+    def prepare_approval(
+        self,
+        round_number: int,
+        model_hash: bytes,
+        accepted_root: bytes,
+        committee: Iterable[str],
+        *,
+        timestamp: int | None = None,
+    ) -> RoundApproval:
+        """Return the statement miners sign for ``round_number``, linked to the chain head.
+
+        ``previous_hash`` is read from the contract and ``committee_root`` computed from
+        ``committee``; ``timestamp`` defaults to now.
+        """
+        _, previous = self.head()
+        return RoundApproval(
+            round=round_number,
+            model_hash=model_hash,
+            previous_hash=previous,
+            accepted_root=accepted_root,
+            committee_root=committee_root(committee),
+            timestamp=int(time.time()) if timestamp is None else timestamp,
+        )
+
+    def anchor_round(self, certificate: AnchorCertificate) -> AnchoredRound:
+        """Anchor a round with its certificate and return it once the receipt confirms.
+
+        Raises
+        ------
+        ChainRejectedError
+            If the contract reverts (e.g. ``UnexpectedRound``, ``BrokenHashLink``,
+            ``QuorumNotReached``, ``SignerNotInCommittee``, ``SignerNotEligible``).
+        ChainUnavailableError
+            If the chain does not answer after :attr:`retry` attempts; ``resume`` holds
+            the certificate to re-send.
+        """
+        approval = certificate.approval
+
+        def already_anchored() -> TxReceipt | None:
+            # A previous attempt may have landed even though its receipt was lost.
+            if self.latest_round() < approval.round:
+                return None
+            events = self.contract.events.RoundAnchored.get_logs(
+                from_block=self.deploy_block, argument_filters={"round": approval.round}
+            )
+            for event in events:
+                if bytes(event["args"]["modelHash"]) == approval.model_hash:
+                    return self.connection.web3.eth.get_transaction_receipt(
+                        event["transactionHash"]
+                    )
+            return None
+
+        receipt = self._transact(
+            f"anchorRound({approval.round})",
+            lambda: self.contract.functions.anchorRound(
+                approval.as_contract_tuple(),
+                list(certificate.committee),
+                certificate.packed_signatures,
+            ),
+            gas=_ROUND_GAS_LIMIT,
+            resume=certificate.to_dict(),
+            already_done=already_anchored,
+        )
+        events = self.contract.events.RoundAnchored().process_receipt(receipt)
+        if not any(int(e["args"]["round"]) == approval.round for e in events):
+            raise ChainRejectedError(
+                f"anchorRound({approval.round}) succeeded without a RoundAnchored event",
+                error_name=None,
+                arguments={},
+            )
+        log(
+            INFO,
+            "Anchored round %d: model 0x%s, %d/%d approvals, %d gas",
+            approval.round,
+            approval.model_hash.hex()[:16],
+            len(certificate.signers),
+            len(certificate.committee),
+            receipt["gasUsed"],
+        )
+        return AnchoredRound(
+            approval,
+            certificate.committee,
+            certificate.signers,
+            certificate.signatures,
+            receipt["transactionHash"].to_0x_hex(),
+            int(receipt["blockNumber"]),
+            int(receipt["gasUsed"]),
+        )
+
+    def record_rollback(self, round_number: int, reason: str) -> RolledBackRound:
+        """Record that ``round_number`` rolled back to the last anchored model.
+
+        Raises
+        ------
+        ChainRejectedError
+            If the round does not follow the last recorded one.
+        ChainUnavailableError
+            If the chain does not answer after :attr:`retry` attempts.
+        """
+        _, kept = self.head()
+
+        def already_recorded() -> TxReceipt | None:
+            if self.latest_round() < round_number:
+                return None
+            events = self.contract.events.RoundRolledBack.get_logs(
+                from_block=self.deploy_block, argument_filters={"round": round_number}
+            )
+            if not events:
+                return None
+            return self.connection.web3.eth.get_transaction_receipt(events[0]["transactionHash"])
+
+        receipt = self._transact(
+            f"recordRollback({round_number})",
+            lambda: self.contract.functions.recordRollback(round_number, kept, reason),
+            gas=_ROUND_GAS_LIMIT,
+            resume={"round": round_number, "kept_model_hash": "0x" + kept.hex(), "reason": reason},
+            already_done=already_recorded,
+        )
+        log(INFO, "Recorded rollback of round %d: %s", round_number, reason)
+        return RolledBackRound(
+            round_number,
+            kept,
+            reason,
+            receipt["transactionHash"].to_0x_hex(),
+            int(receipt["blockNumber"]),
+        )
+
+    # -- reading the trail -----------------------------------------------------------------
+
+    def anchored_rounds(self) -> list[AnchoredRound]:
+        """Read every anchored round back, with its certificate from the transaction input.
+
+        The ``RoundAnchored`` events give the rounds; each event's transaction input is
+        decoded to recover the committee and the signatures the contract checked.
+        """
+        rounds = []
+        web3 = self.connection.web3
+        for event in self.contract.events.RoundAnchored.get_logs(from_block=self.deploy_block):
+            tx = web3.eth.get_transaction(event["transactionHash"])
+            receipt = web3.eth.get_transaction_receipt(event["transactionHash"])
+            function, params = self.contract.decode_function_input(tx["input"])
+            if function.fn_name != "anchorRound":
+                raise ValueError(
+                    f"RoundAnchored in tx {event['transactionHash'].to_0x_hex()} was not "
+                    f"emitted by a direct anchorRound call"
+                )
+            raw = params["approval"]
+            approval = RoundApproval(
+                round=int(raw["round"]),
+                model_hash=bytes(raw["modelHash"]),
+                previous_hash=bytes(raw["previousHash"]),
+                accepted_root=bytes(raw["acceptedRoot"]),
+                committee_root=bytes(raw["committeeRoot"]),
+                timestamp=int(raw["timestamp"]),
+            )
+            packed = bytes(params["signatures"])
+            signatures = tuple(
+                packed[i : i + SIGNATURE_BYTES] for i in range(0, len(packed), SIGNATURE_BYTES)
+            )
+            signers = tuple(approval.recover(signature, self.domain) for signature in signatures)
+            rounds.append(
+                AnchoredRound(
+                    approval,
+                    tuple(to_checksum_address(m) for m in params["miners"]),
+                    signers,
+                    signatures,
+                    event["transactionHash"].to_0x_hex(),
+                    int(event["blockNumber"]),
+                    int(receipt["gasUsed"]),
+                )
+            )
+        return sorted(rounds, key=lambda anchored: anchored.round)
+
+    def rollbacks(self) -> list[RolledBackRound]:
+        """Read every recorded rollback back from the ``RoundRolledBack`` events."""
+        events = self.contract.events.RoundRolledBack.get_logs(from_block=self.deploy_block)
+        return sorted(
+            (
+                RolledBackRound(
+                    int(e["args"]["round"]),
+                    bytes(e["args"]["keptModelHash"]),
+                    str(e["args"]["reason"]),
+                    e["transactionHash"].to_0x_hex(),
+                    int(e["blockNumber"]),
+                )
+                for e in events
+            ),
+            key=lambda rolled: rolled.round,
+        )
+
+    # -- manifest --------------------------------------------------------------------------
+
+    def write_manifest(
+        self, path: str | os.PathLike[str], models_dir: str | os.PathLike[str]
+    ) -> Path:
+        """Write ``chain.json``: how the ``bcsfl audit`` CLI reaches this trail after the run.
+
+        Paths inside it are stored relative to the manifest's directory when they lie
+        below it, so an output directory can be moved as a whole. See
+        :class:`ChainManifest` for the fields.
+
+        Returns
+        -------
+        Path
+            The manifest path.
+        """
+        manifest_path = Path(path)
+        base = manifest_path.parent.resolve()
+        description = self.connection.describe()
+        for key in ("journal", "anvil_state"):
+            if key in description:
+                description[key] = _relative(Path(description[key]), base)
+        genesis = self.get_round(0)
+        record = {
+            "format": MANIFEST_FORMAT,
+            **description,
+            "contract": self.address,
+            "deploy_block": self.deploy_block,
+            "genesis_hash": "0x" + genesis.hex(),
+            "operator": self.connection.operator.address,
+            "models": _relative(Path(models_dir), base),
+        }
+        _write_json(manifest_path, record)
+        return manifest_path
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _transact(
+        self,
+        action: str,
+        build: Callable[[], Any],
+        *,
+        gas: int,
+        resume: Mapping[str, Any],
+        already_done: Callable[[], TxReceipt | None] | None = None,
+    ) -> TxReceipt:
+        """Send ``build()`` from the operator, with retries.
+
+        A preflight ``eth_call`` surfaces a revert (with its custom error) before anything
+        is sent; the transaction then carries a fixed, generous gas limit instead of an
+        ``eth_estimateGas``, which py-evm answers by a slow binary search. Only the gas
+        used is paid.
+        """
+        operator = self.connection.operator.address
+
+        def attempt() -> TxReceipt:
+            function = build()
+            function.call({"from": operator})
+            return self.connection.send(function.build_transaction({"from": operator, "gas": gas}))
+
+        return _with_retries(
+            action,
+            attempt,
+            self.retry,
+            self._sleep,
+            resume=resume,
+            abi=self.abi,
+            already_done=already_done,
+        )
+
+
+@dataclass(frozen=True)
+class ChainManifest:
+    """The contents of ``chain.json``, written by :meth:`AuditTrail.write_manifest`.
+
+    ``chain.json`` is a JSON object with these keys:
+
+    - ``format``: ``"bcsfl-chain/1"``.
+    - ``backend``: ``"embedded"``, ``"anvil"`` or ``"http"``.
+    - ``chain_id``: the chain id signatures are bound to.
+    - ``contract``: the ``BCSFLAudit`` address; ``deploy_block``: where its events start.
+    - ``genesis_hash``: hex hash of the initial model (round 0).
+    - ``operator``: the owner address that sent every transaction.
+    - ``journal`` (embedded): the transaction journal, replayed by readers.
+    - ``anvil_state`` (anvil): the anvil state dump, loaded read-only by readers.
+    - ``rpc_url`` (http): the node to query.
+    - ``models``: the directory of the content-addressed model store.
+
+    Relative paths are relative to the directory holding ``chain.json``.
+    """
+
+    path: Path
+    backend: str
+    chain_id: int
+    contract: str
+    deploy_block: int
+    genesis_hash: bytes
+    operator: str
+    models_dir: Path
+    journal: Path | None = None
+    anvil_state: Path | None = None
+    rpc_url: str | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ChainManifest:
+        """Read and validate ``chain.json``.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the file is missing.
+        ValueError
+            If it is not a bcsfl chain manifest or a field is missing, naming it.
+        """
+        manifest_path = Path(path)
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"chain manifest {manifest_path} does not exist")
+        try:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{manifest_path} is not JSON: {err}") from err
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"{manifest_path}: format must be {MANIFEST_FORMAT!r}")
+        base = manifest_path.parent
+        try:
+            backend = str(data["backend"])
+            paths = {
+                key: (base / data[key]) if key in data else None
+                for key in ("journal", "anvil_state")
+            }
+            return cls(
+                path=manifest_path,
+                backend=backend,
+                chain_id=int(data["chain_id"]),
+                contract=to_checksum_address(data["contract"]),
+                deploy_block=int(data["deploy_block"]),
+                genesis_hash=bytes.fromhex(str(data["genesis_hash"])[2:]),
+                operator=to_checksum_address(data["operator"]),
+                models_dir=base / data["models"],
+                journal=paths["journal"],
+                anvil_state=paths["anvil_state"],
+                rpc_url=data.get("rpc_url"),
+            )
+        except KeyError as err:
+            raise ValueError(f"{manifest_path} lacks the field {err.args[0]!r}") from err
+
+    def open(self) -> tuple[ChainConnection, AuditTrail]:
+        """Reconnect read-only: replay the journal, load anvil's state, or dial the URL.
+
+        The caller must ``close()`` the connection (it may have spawned anvil).
+        """
+        from bcsfl_flower.chain.backends import (
+            ANVIL_STATE_FILE,
+            BACKEND_ANVIL,
+            BACKEND_EMBEDDED,
+            JOURNAL_FILE,
+            connect,
+        )
+
+        if self.backend == BACKEND_EMBEDDED:
+            if self.journal is None or self.journal.name != JOURNAL_FILE:
+                raise ValueError(f"{self.path}: embedded backend needs a '{JOURNAL_FILE}' journal")
+            connection = connect(BACKEND_EMBEDDED, self.journal.parent, read_only=True)
+        elif self.backend == BACKEND_ANVIL:
+            if self.anvil_state is None or self.anvil_state.name != ANVIL_STATE_FILE:
+                raise ValueError(f"{self.path}: anvil backend needs '{ANVIL_STATE_FILE}'")
+            connection = connect(BACKEND_ANVIL, self.anvil_state.parent, read_only=True)
+        elif self.rpc_url:
+            connection = connect(self.rpc_url, self.path.parent, read_only=True)
+        else:
+            raise ValueError(f"{self.path}: unknown backend {self.backend!r} without rpc_url")
+        try:
+            if connection.chain_id != self.chain_id:
+                raise ValueError(
+                    f"{self.path} names chain {self.chain_id}, "
+                    f"the chain answers {connection.chain_id}"
+                )
+            trail = AuditTrail.attach(connection, self.contract, deploy_block=self.deploy_block)
+        except BaseException:
+            connection.close()
+            raise
+        return connection, trail
+
+
+def _with_retries(
+    action: str,
+    attempt: Callable[[], TxReceipt],
+    retry: RetryPolicy,
+    sleep: Callable[[float], None],
+    *,
+    resume: Mapping[str, Any],
+    abi: Sequence[Mapping[str, Any]],
+    already_done: Callable[[], TxReceipt | None] | None = None,
+) -> TxReceipt:
+    last_error: BaseException | None = None
+    for number in range(1, retry.attempts + 1):
+        try:
+            if number > 1 and already_done is not None:
+                landed = already_done()
+                if landed is not None:
+                    log(
+                        INFO,
+                        "%s: an earlier attempt landed (tx %s)",
+                        action,
+                        landed["transactionHash"].to_0x_hex(),
+                    )
+                    return landed
+            receipt = attempt()
+        except _REJECTION_ERRORS as err:
+            raise rejected_error(abi, action, err) from err
+        except _TRANSIENT_ERRORS as err:
+            last_error = err
+            if number < retry.attempts:
+                delay = retry.delay(number)
+                log(
+                    WARNING,
+                    "%s: attempt %d/%d failed (%s); retrying in %.1f s",
+                    action,
+                    number,
+                    retry.attempts,
+                    err,
+                    delay,
+                )
+                sleep(delay)
+            continue
+        if int(receipt["status"]) != 1:
+            raise ChainRejectedError(
+                f"{action}: transaction {receipt['transactionHash'].to_0x_hex()} reverted",
+                error_name=None,
+                arguments={},
+            )
+        return receipt
+    raise ChainUnavailableError(
+        f"{action}: the chain did not answer after {retry.attempts} attempts "
+        f"(last error: {last_error}); the run stops here so that no round is skipped. "
+        f"Restart once the chain is back: the pending statement is in .resume",
+        action=action,
+        attempts=retry.attempts,
+        resume=resume,
+    )
+
+
+def _approval_dict(approval: RoundApproval) -> dict[str, Any]:
+    return {
+        "round": approval.round,
+        "model_hash": "0x" + approval.model_hash.hex(),
+        "previous_hash": "0x" + approval.previous_hash.hex(),
+        "accepted_root": "0x" + approval.accepted_root.hex(),
+        "committee_root": "0x" + approval.committee_root.hex(),
+        "timestamp": approval.timestamp,
+    }
+
+
+def _check_hash(name: str, value: object) -> None:
+    if not isinstance(value, bytes) or len(value) != HASH_BYTES:
+        raise ValueError(f"{name} must be {HASH_BYTES} bytes, got {value!r}")
+
+
+def _relative(path: Path, base: Path) -> str:
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(base))
+    except ValueError:
+        return str(resolved)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
