@@ -1,5 +1,41 @@
-"""Privacy for BCS-FL: client-side DP-SGD (Opacus) and CKKS aggregation (TenSEAL)."""
+"""Privacy for BCS-FL: client-side DP-SGD (Opacus) and CKKS aggregation (TenSEAL).
 
+- :mod:`~bcsfl_flower.privacy.dp`: DP-SGD for any training loop, with an epsilon that
+  accumulates across Flower rounds.
+- :mod:`~bcsfl_flower.privacy.ckks_keys`: CKKS parameters, the clients' secret context
+  and the server's public one.
+- :mod:`~bcsfl_flower.privacy.ckks`: encrypted models, their weighted aggregation on
+  ciphertexts, transport in an ``ArrayRecord`` and the digest to anchor.
+- :mod:`~bcsfl_flower.privacy.encrypted_screening`: the Gram matrix of encrypted
+  updates, so screening decrypts only inner products.
+"""
+
+from bcsfl_flower.privacy.ckks import (
+    ENCRYPTED_ARRAY_KEY,
+    ArraySpec,
+    EncryptedModel,
+    add,
+    add_plain,
+    array_specs,
+    ciphertext_digest,
+    decrypt_arrays,
+    encrypt_arrays,
+    from_array_record,
+    is_encrypted_record,
+    to_array_record,
+    weighted_mean,
+    weighted_sum,
+)
+from bcsfl_flower.privacy.ckks_keys import (
+    CKKSParams,
+    create_secret_context,
+    load_context,
+    load_public_context,
+    load_secret_context,
+    public_context,
+    save_secret_context,
+    slot_count,
+)
 from bcsfl_flower.privacy.dp import (
     AccountantState,
     DPConfig,
@@ -10,14 +46,46 @@ from bcsfl_flower.privacy.dp import (
     make_private,
     save_accountant_state,
 )
+from bcsfl_flower.privacy.encrypted_screening import (
+    EncryptedGram,
+    decrypt_gram,
+    encrypted_gram,
+    gram_to_cosine,
+)
 
 __all__ = [
+    "ENCRYPTED_ARRAY_KEY",
     "AccountantState",
+    "ArraySpec",
+    "CKKSParams",
     "DPConfig",
+    "EncryptedGram",
+    "EncryptedModel",
     "PrivateTraining",
+    "add",
+    "add_plain",
+    "array_specs",
     "check_opacus_compatible",
+    "ciphertext_digest",
+    "create_secret_context",
+    "decrypt_arrays",
+    "decrypt_gram",
+    "encrypt_arrays",
+    "encrypted_gram",
     "epsilon_from_state",
+    "from_array_record",
+    "gram_to_cosine",
+    "is_encrypted_record",
     "load_accountant_state",
+    "load_context",
+    "load_public_context",
+    "load_secret_context",
     "make_private",
+    "public_context",
     "save_accountant_state",
+    "save_secret_context",
+    "slot_count",
+    "to_array_record",
+    "weighted_mean",
+    "weighted_sum",
 ]
