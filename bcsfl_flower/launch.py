@@ -147,6 +147,8 @@ def _run_environment(flwr_home: Path, http_port: int, control_port: int) -> dict
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            # flwr spawns `flower-superlink` by name: make this environment's win.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         }
     )
     return env
