@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from eth_abi import decode as abi_decode
-from eth_utils import function_signature_to_4byte_selector
+from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 
 
 class ChainUnavailableError(RuntimeError):
@@ -107,10 +107,18 @@ def decode_custom_error(
         values = abi_decode(types, data[4:])
         names = [item["name"] for item in entry.get("inputs", [])]
         return entry["name"], {
-            name: (f"0x{value.hex()}" if isinstance(value, bytes) else value)
-            for name, value in zip(names, values, strict=True)
+            name: _readable(kind, value)
+            for name, kind, value in zip(names, types, values, strict=True)
         }
     return None, {}
+
+
+def _readable(kind: str, value: Any) -> Any:
+    if kind == "address":
+        return to_checksum_address(value)
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return value
 
 
 def rejected_error(

@@ -1,0 +1,86 @@
+"""Shared chain helpers for tests: a real anvil, connections, contracts, certificates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+
+from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail
+from bcsfl_flower.chain.backends import ChainConnection, spawn_anvil, stop_anvil
+from bcsfl_flower.chain.keys import client_dev_account, dev_account
+from bcsfl_flower.packets import RoundApproval, committee_root, model_hash
+
+
+@contextmanager
+def running_anvil() -> Iterator[str]:
+    """Start the real anvil binary on a free port; stop it by pid on exit."""
+    process, url = spawn_anvil()
+    try:
+        yield url
+    finally:
+        stop_anvil(process)
+        if process.poll() is None:
+            raise RuntimeError(f"anvil (pid {process.pid}) is still running")
+
+
+def http_connection(url: str, state_dir: Path) -> ChainConnection:
+    """A connection to ``url`` signing as development account 0 (the contract owner)."""
+    web3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 10}))
+    return ChainConnection(web3, "http", dev_account(0), state_dir, rpc_url=url)
+
+
+def clients(count: int) -> list[LocalAccount]:
+    """The development accounts of partitions 0..count-1."""
+    return [client_dev_account(index) for index in range(count)]
+
+
+def toy_model(value: float) -> dict[str, np.ndarray]:
+    return {"w": np.full((2, 3), value, dtype=np.float32), "b": np.arange(3, dtype=np.int64)}
+
+
+GENESIS = model_hash(toy_model(0.0))
+
+
+def deploy(connection: ChainConnection, registered: Sequence[LocalAccount]) -> AuditTrail:
+    """Deploy a fresh trail (genesis = toy_model(0)) and register ``registered``."""
+    trail = AuditTrail.deploy(connection, GENESIS)
+    trail.register_clients({account.address: 100 for account in registered})
+    return trail
+
+
+def approval_for(
+    trail: AuditTrail, round_number: int, value: float, miners: Sequence[LocalAccount]
+) -> RoundApproval:
+    """The approval of round ``round_number`` anchoring ``toy_model(value)``."""
+    return trail.prepare_approval(
+        round_number,
+        model_hash(toy_model(value)),
+        bytes(32),
+        [miner.address for miner in miners],
+        timestamp=1_700_000_000 + round_number,
+    )
+
+
+def certificate(
+    trail: AuditTrail,
+    approval: RoundApproval,
+    committee: Sequence[LocalAccount],
+    signers: Sequence[LocalAccount],
+) -> AnchorCertificate:
+    """A certificate signed by ``signers``, built without the off-chain quorum check."""
+    ordered = sorted(signers, key=lambda account: int(account.address, 16))
+    return AnchorCertificate(
+        approval,
+        tuple(sorted((m.address for m in committee), key=lambda a: int(a, 16))),
+        tuple(account.address for account in ordered),
+        tuple(approval.sign(account, trail.domain) for account in ordered),
+    )
+
+
+def committee_of(miners: Sequence[LocalAccount]) -> bytes:
+    return committee_root([miner.address for miner in miners])
