@@ -31,6 +31,7 @@ import numpy as np
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_account.signers.local import LocalAccount
+from eth_keys.exceptions import BadSignature, ValidationError
 from eth_utils import is_address, keccak, to_checksum_address
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
@@ -282,7 +283,11 @@ def recover_signer(signable: SignableMessage, signature: bytes) -> str:
         raise ValueError(f"signature v must be 27 or 28, got {v_value}")
     if s_value > _HALF_CURVE_ORDER:
         raise ValueError("signature s is in the upper half of the curve order (malleable)")
-    return to_checksum_address(Account.recover_message(signable, signature=bytes(signature)))
+    try:
+        signer = Account.recover_message(signable, signature=bytes(signature))
+    except (BadSignature, ValidationError) as err:
+        raise ValueError(f"signature does not recover: {err}") from err
+    return to_checksum_address(signer)
 
 
 @dataclass(frozen=True)
