@@ -260,8 +260,13 @@ def replay_journal(web3: Web3, journal: Path) -> int:
                 expected_hash, expected_status = entry["hash"], int(entry["status"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{journal}:{number}: malformed journal entry: {err}") from err
-            tx_hash = web3.eth.send_raw_transaction(raw)
-            receipt = web3.eth.wait_for_transaction_receipt(tx_hash, timeout=_RECEIPT_TIMEOUT_S)
+            try:
+                tx_hash = web3.eth.send_raw_transaction(raw)
+                receipt = web3.eth.wait_for_transaction_receipt(tx_hash, timeout=_RECEIPT_TIMEOUT_S)
+            except Exception as err:  # noqa: BLE001 - any failure means the journal is bad
+                raise ValueError(
+                    f"{journal}:{number}: replay diverged: the chain refused the transaction: {err}"
+                ) from err
             if tx_hash.to_0x_hex() != expected_hash or receipt["status"] != expected_status:
                 raise ValueError(
                     f"{journal}:{number}: replay diverged: transaction {tx_hash.to_0x_hex()} "

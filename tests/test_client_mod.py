@@ -1,0 +1,249 @@
+"""The bcsfl client mod with real Flower Messages: signed train replies and miner duty."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import pytest
+from eth_account import Account
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from bcsfl_flower.chain.keys import client_dev_account
+from bcsfl_flower.client.mod import (
+    MINE_MESSAGE_TYPE,
+    bcsfl_client_app,
+    bcsfl_mod,
+    mine_request,
+    read_verdict,
+    signing_config,
+)
+from bcsfl_flower.packets import (
+    PACKET_RECORD_KEY,
+    Eip712Domain,
+    ModelPacket,
+    PacketVerifier,
+    RoundApproval,
+    SignedModelPacket,
+    accepted_root,
+    committee_root,
+    model_hash,
+)
+
+DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages built outside a run need the process's task identity."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def record(value: float) -> ArrayRecord:
+    return ArrayRecord(
+        {
+            "w": Array(np.full((2, 2), value, dtype=np.float32)),
+            "b": Array(np.zeros(2, dtype=np.float32)),
+        }
+    )
+
+
+def context(partition_id: int = 0, **node_config) -> Context:
+    return Context(
+        run_id=1,
+        node_id=partition_id + 100,
+        node_config={"partition-id": partition_id, "num-partitions": 5, **node_config},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def train_message(round_number: int = 3, *, signed: bool = True) -> Message:
+    config = {"server-round": round_number, "lr": 0.1}
+    if signed:
+        config.update(signing_config(DOMAIN))
+    content = RecordDict({"arrays": record(0.0), "config": ConfigRecord(config)})
+    return Message(content, dst_node_id=100, message_type="train")
+
+
+def fake_training(msg: Message, ctx: Context) -> Message:
+    content = RecordDict({"arrays": record(1.0), "metrics": MetricRecord({"num-examples": 10})})
+    return Message(content, reply_to=msg)
+
+
+# --------------------------------------------------------------------------------------
+# Train replies
+# --------------------------------------------------------------------------------------
+
+
+def test_train_reply_carries_a_packet_the_server_accepts():
+    reply = bcsfl_mod(train_message(), context(2), fake_training)
+    packet_record = reply.content[PACKET_RECORD_KEY]
+    verifier = PacketVerifier(DOMAIN, [client_dev_account(2).address])
+    accepted = verifier.verify(packet_record, reply.content["arrays"], server_round=3)
+    assert accepted.packet.client == client_dev_account(2).address
+    assert accepted.packet.model_hash == model_hash(record(1.0))
+    assert abs(accepted.packet.timestamp - time.time()) < 60
+    assert reply.content["metrics"]["num-examples"] == 10
+
+
+def test_train_reply_stays_unsigned_without_an_audit_domain():
+    reply = bcsfl_mod(train_message(signed=False), context(), fake_training)
+    assert PACKET_RECORD_KEY not in reply.content
+    assert model_hash(reply.content["arrays"]) == model_hash(record(1.0))
+
+
+def test_error_replies_and_other_messages_pass_through():
+    def failing(msg, ctx):
+        return Message(Error(code=0, reason="boom"), reply_to=msg)
+
+    reply = bcsfl_mod(train_message(), context(), failing)
+    assert reply.has_error()
+    evaluate = Message(
+        RecordDict({"arrays": record(0.0), "config": ConfigRecord(signing_config(DOMAIN))}),
+        dst_node_id=100,
+        message_type="evaluate",
+    )
+    answered = bcsfl_mod(evaluate, context(), fake_training)
+    assert PACKET_RECORD_KEY not in answered.content
+
+
+def test_keystore_in_node_config_wins_over_the_dev_key(tmp_path):
+    account = Account.create()
+    keystore = tmp_path / "node.json"
+    keystore.write_text(json.dumps(Account.encrypt(account.key, "pw", iterations=2)))
+    secret = tmp_path / "pw.txt"
+    secret.write_text("pw\n")
+    ctx = context(
+        0, **{"bcsfl-keystore": str(keystore), "bcsfl-keystore-password-file": str(secret)}
+    )
+    reply = bcsfl_mod(train_message(), ctx, fake_training)
+    packet = SignedModelPacket.from_config_record(reply.content[PACKET_RECORD_KEY])
+    assert packet.packet.client == account.address
+    assert packet.recover(DOMAIN) == account.address
+
+
+# --------------------------------------------------------------------------------------
+# Miner duty
+# --------------------------------------------------------------------------------------
+
+MINERS = [client_dev_account(i) for i in range(3)]
+
+
+def packets_for(round_number: int) -> list[SignedModelPacket]:
+    signed = []
+    for index in (3, 4):
+        account = client_dev_account(index)
+        packet = ModelPacket(
+            model_hash(record(float(index))), int(time.time()), round_number, account.address
+        )
+        signed.append(packet.sign(account, DOMAIN))
+    return signed
+
+
+def approval(round_number: int = 3, value: float = 1.0, packets=()) -> RoundApproval:
+    return RoundApproval(
+        round=round_number,
+        model_hash=model_hash(record(value)),
+        previous_hash=b"\x07" * 32,
+        accepted_root=accepted_root(packets, DOMAIN),
+        committee_root=committee_root([m.address for m in MINERS]),
+        timestamp=int(time.time()),
+    )
+
+
+def duty(statement: RoundApproval, arrays: ArrayRecord, packets=(), miners=MINERS) -> Message:
+    content = mine_request(statement, DOMAIN, [m.address for m in miners], arrays, packets)
+    return Message(content, dst_node_id=100, message_type=MINE_MESSAGE_TYPE)
+
+
+def must_not_run(msg, ctx):
+    raise AssertionError("the mod must answer the miner duty itself")
+
+
+def test_miner_approves_a_valid_package_with_a_recoverable_signature():
+    packets = packets_for(3)
+    statement = approval(packets=packets)
+    reply = bcsfl_mod(duty(statement, record(1.0), packets), context(1), must_not_run)
+    verdict = read_verdict(reply)
+    assert verdict.approved, verdict.reason
+    assert verdict.signer == MINERS[1].address
+    assert statement.recover(verdict.signature, DOMAIN) == MINERS[1].address
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("tampered-arrays", "hash to"),
+        ("not-a-member", "not in the round's committee"),
+        ("stale", "old"),
+        ("wrong-committee-root", "committee root"),
+        ("bad-packet", "signed by"),
+        ("packet-root", "accepted root"),
+    ],
+)
+def test_miner_refuses_a_bad_package(case, reason):
+    packets = packets_for(3)
+    statement = approval(packets=packets)
+    arrays, ctx, sent_packets = record(1.0), context(1), packets
+    if case == "tampered-arrays":
+        arrays = record(1.5)
+    elif case == "not-a-member":
+        ctx = context(4)
+    elif case == "stale":
+        statement = dataclasses.replace(statement, timestamp=int(time.time()) - 3600)
+    elif case == "wrong-committee-root":
+        statement = dataclasses.replace(statement, committee_root=b"\x01" * 32)
+    elif case == "bad-packet":
+        forged = SignedModelPacket(
+            dataclasses.replace(packets[0].packet, client=client_dev_account(4).address),
+            packets[0].signature,
+        )
+        sent_packets = [forged, packets[1]]
+    elif case == "packet-root":
+        sent_packets = packets[:1]
+    reply = bcsfl_mod(duty(statement, arrays, sent_packets), ctx, must_not_run)
+    verdict = read_verdict(reply)
+    assert not verdict.approved
+    assert reason in verdict.reason
+
+
+def test_malformed_duty_is_refused_not_raised():
+    content = RecordDict({"bcsfl.approval": ConfigRecord({"round": 1})})
+    reply = bcsfl_mod(
+        Message(content, dst_node_id=100, message_type=MINE_MESSAGE_TYPE), context(), must_not_run
+    )
+    verdict = read_verdict(reply)
+    assert not verdict.approved and "malformed" in verdict.reason
+
+
+def test_client_app_routes_train_and_the_miner_duty_through_the_mod():
+    app = bcsfl_client_app()
+    app.train()(fake_training)
+    reply = app(train_message(), context(0))
+    assert PACKET_RECORD_KEY in reply.content
+    statement = approval()
+    verdict = read_verdict(app(duty(statement, record(1.0)), context(0)))
+    assert verdict.approved and statement.recover(verdict.signature, DOMAIN) == MINERS[0].address
+
+
+def test_node_without_a_key_answers_the_duty_with_an_error():
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = bcsfl_mod(duty(approval(), record(1.0)), ctx, must_not_run)
+    assert reply.has_error()
+    verdict = read_verdict(reply)
+    assert not verdict.approved and "no key" in verdict.reason
