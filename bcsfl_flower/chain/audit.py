@@ -722,8 +722,10 @@ class AuditTrail:
         """Write ``chain.json``: how the ``bcsfl audit`` CLI reaches this trail after the run.
 
         Paths inside it are stored relative to the manifest's directory when they lie
-        below it, so an output directory can be moved as a whole. See
-        :class:`ChainManifest` for the fields.
+        below it, so an output directory can be moved as a whole. The manifest also
+        records the trail's head when written; call this after every round so that a
+        reader notices a trail that ends earlier than the run did (for instance a
+        truncated embedded journal). See :class:`ChainManifest` for the fields.
 
         Returns
         -------
@@ -737,6 +739,7 @@ class AuditTrail:
             if key in description:
                 description[key] = _relative(Path(description[key]), base)
         genesis = self.get_round(0)
+        head_round, head_hash = self.head()
         record = {
             "format": MANIFEST_FORMAT,
             **description,
@@ -745,6 +748,8 @@ class AuditTrail:
             "genesis_hash": "0x" + genesis.hex(),
             "operator": self.connection.operator.address,
             "models": _relative(Path(models_dir), base),
+            "latest_round": self.latest_round(),
+            "head": {"round": head_round, "model_hash": "0x" + head_hash.hex()},
         }
         _write_json(manifest_path, record)
         return manifest_path
@@ -801,6 +806,9 @@ class ChainManifest:
     - ``anvil_state`` (anvil): the anvil state dump, loaded read-only by readers.
     - ``rpc_url`` (http): the node to query.
     - ``models``: the directory of the content-addressed model store.
+    - ``latest_round`` and ``head`` (``round``, ``model_hash``): the last recorded round
+      and the last anchored model when the manifest was written; the trail must reach
+      at least that far.
 
     Relative paths are relative to the directory holding ``chain.json``.
     """
@@ -816,6 +824,9 @@ class ChainManifest:
     journal: Path | None = None
     anvil_state: Path | None = None
     rpc_url: str | None = None
+    latest_round: int = 0
+    head_round: int = 0
+    head_hash: bytes | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ChainManifest:
@@ -856,6 +867,11 @@ class ChainManifest:
                 journal=paths["journal"],
                 anvil_state=paths["anvil_state"],
                 rpc_url=data.get("rpc_url"),
+                latest_round=int(data.get("latest_round", 0)),
+                head_round=int(data.get("head", {}).get("round", 0)),
+                head_hash=(
+                    bytes.fromhex(data["head"]["model_hash"][2:]) if "head" in data else None
+                ),
             )
         except KeyError as err:
             raise ValueError(f"{manifest_path} lacks the field {err.args[0]!r}") from err

@@ -1,0 +1,352 @@
+"""``bcsfl`` command line: inspect and verify a run's on-chain audit trail.
+
+::
+
+    bcsfl audit list                    [--run-dir DIR | --manifest FILE]
+    bcsfl audit show ROUND
+    bcsfl audit verify-model FILE [--round N]
+    bcsfl audit verify
+
+Every command reads the run's ``chain.json`` (written by the strategy next to its other
+outputs; see :class:`~bcsfl_flower.chain.audit.ChainManifest`) and reconnects to the
+chain read-only: an embedded run's transaction journal is replayed into a fresh
+in-process EVM (which re-executes, and so re-checks, every transaction), an anvil run's
+state dump is loaded into a temporary anvil, and a URL is dialled.
+
+``verify`` exits non-zero on any mismatch: a gap or duplicate in the round sequence, a
+broken hash link, a certificate that does not recover to a quorum of distinct,
+registered committee members under this chain's and contract's EIP-712 domain, a
+contract record that disagrees with the transaction that wrote it, or a stored model
+that is missing or does not re-hash to its anchored hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bcsfl_flower.chain.audit import (
+    AnchoredRound,
+    AuditTrail,
+    ChainManifest,
+    RolledBackRound,
+    quorum,
+)
+from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError
+from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore, load_model_file
+from bcsfl_flower.packets import committee_root, model_hash, sort_committee
+
+MANIFEST_NAME = "chain.json"
+"""File name of the chain manifest inside a run's output directory."""
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``bcsfl`` command line; return the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        manifest = ChainManifest.load(_manifest_path(args))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        connection, trail = manifest.open()
+    except (FileNotFoundError, ValueError, ChainUnavailableError) as err:
+        print(f"error: cannot open the audit trail of {manifest.path}: {err}", file=sys.stderr)
+        return EXIT_MISMATCH
+    try:
+        return int(args.handler(args, manifest, trail))
+    finally:
+        connection.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bcsfl", description="BCS-FL for Flower tools.")
+    commands = parser.add_subparsers(title="commands")
+    audit = commands.add_parser("audit", help="inspect and verify a run's on-chain audit trail")
+    location = audit.add_mutually_exclusive_group()
+    location.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path("."),
+        help=f"the run's output directory, holding {MANIFEST_NAME} (default: .)",
+    )
+    location.add_argument("--manifest", type=Path, help=f"path of the run's {MANIFEST_NAME}")
+    actions = audit.add_subparsers(title="audit commands", required=True)
+
+    listing = actions.add_parser("list", help="list every round: anchored or rolled back")
+    listing.set_defaults(handler=_cmd_list)
+
+    show = actions.add_parser("show", help="show one round with its certificate")
+    show.add_argument("round", type=int, help="round number (0 is the genesis)")
+    show.set_defaults(handler=_cmd_show)
+
+    verify_model = actions.add_parser(
+        "verify-model", help="check that a model file is the one anchored on chain"
+    )
+    verify_model.add_argument("file", type=Path, help="a model .npz (e.g. from the model store)")
+    verify_model.add_argument("--round", type=int, help="the round it must be anchored for")
+    verify_model.set_defaults(handler=_cmd_verify_model)
+
+    verify = actions.add_parser(
+        "verify", help="verify hash links, certificates and every stored model"
+    )
+    verify.set_defaults(handler=_cmd_verify)
+    return parser
+
+
+def _manifest_path(args: argparse.Namespace) -> Path:
+    return args.manifest if args.manifest is not None else args.run_dir / MANIFEST_NAME
+
+
+# ------------------------------------------------------------------------------------------
+# list / show / verify-model
+# ------------------------------------------------------------------------------------------
+
+
+def _cmd_list(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
+    store = ModelStore(manifest.models_dir)
+    stored = set(store.hashes())
+    print(f"BCSFLAudit {trail.address} on chain {manifest.chain_id} ({manifest.backend})")
+    print(f"{'round':>5}  {'status':<11} {'model hash':<18} {'approvals':>9}  {'gas':>7}  stored")
+    genesis = manifest.genesis_hash.hex()
+    print(f"{0:>5}  {'genesis':<11} 0x{genesis[:16]} {'':>9}  {'':>7}  {_yes(genesis in stored)}")
+    for record in _timeline(trail):
+        if isinstance(record, AnchoredRound):
+            digest = record.model_hash.hex()
+            approvals = f"{len(record.signers)}/{len(record.committee)}"
+            print(
+                f"{record.round:>5}  {'anchored':<11} 0x{digest[:16]} {approvals:>9}  "
+                f"{record.gas_used:>7}  {_yes(digest in stored)}"
+            )
+        else:
+            print(
+                f"{record.round:>5}  {'rolled back':<11} 0x{record.kept_model_hash.hex()[:16]} "
+                f"{'':>9}  {'':>7}  {record.reason}"
+            )
+    return EXIT_OK
+
+
+def _cmd_show(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
+    if args.round == 0:
+        print(json.dumps({"round": 0, "genesis_hash": "0x" + trail.get_round(0).hex()}, indent=2))
+        return EXIT_OK
+    for record in _timeline(trail):
+        if record.round == args.round:
+            details = record.to_dict()
+            if isinstance(record, AnchoredRound):
+                details["operator_signed"] = list(record.committee) == [manifest.operator]
+                details["model_file"] = str(ModelStore(manifest.models_dir).path(record.model_hash))
+            print(json.dumps(details, indent=2))
+            return EXIT_OK
+    print(f"error: round {args.round} is not on chain", file=sys.stderr)
+    return EXIT_MISMATCH
+
+
+def _cmd_verify_model(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
+    try:
+        digest = model_hash(load_model_file(args.file))
+    except (ModelIntegrityError, TypeError) as err:
+        print(f"FAIL {err}", file=sys.stderr)
+        return EXIT_MISMATCH
+    if args.round is not None:
+        try:
+            anchored = trail.get_round(args.round)
+        except ChainRejectedError as err:
+            print(f"FAIL round {args.round}: {err}", file=sys.stderr)
+            return EXIT_MISMATCH
+        if anchored != digest:
+            print(
+                f"FAIL {args.file} hashes to 0x{digest.hex()}, round {args.round} anchors "
+                f"0x{anchored.hex()}",
+                file=sys.stderr,
+            )
+            return EXIT_MISMATCH
+        print(f"OK {args.file} is the model anchored for round {args.round} (0x{digest.hex()})")
+        return EXIT_OK
+    rounds = [0] if digest == manifest.genesis_hash else []
+    rounds += [r.round for r in trail.anchored_rounds() if r.model_hash == digest]
+    if not rounds:
+        print(f"FAIL {args.file} (0x{digest.hex()}) is not anchored in any round", file=sys.stderr)
+        return EXIT_MISMATCH
+    print(f"OK {args.file} (0x{digest.hex()}) is anchored for round(s) {rounds}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------
+# verify
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Report:
+    failures: list[str] = field(default_factory=list)
+    checks: int = 0
+
+    def check(self, condition: bool, message: str) -> bool:
+        self.checks += 1
+        if not condition:
+            self.failures.append(message)
+            print(f"FAIL {message}")
+        return condition
+
+
+def _cmd_verify(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
+    report = _Report()
+    genesis = trail.get_round(0)
+    report.check(
+        genesis == manifest.genesis_hash,
+        f"genesis: contract has 0x{genesis.hex()}, manifest 0x{manifest.genesis_hash.hex()}",
+    )
+    timeline = _timeline(trail)
+    latest = trail.latest_round()
+    report.check(
+        latest >= manifest.latest_round,
+        f"the trail ends at round {latest}, but {manifest.path.name} recorded round "
+        f"{manifest.latest_round}: rounds are missing from the chain",
+    )
+    if manifest.head_hash is not None and manifest.head_round <= latest:
+        recorded = trail.get_round(manifest.head_round) if manifest.head_round else genesis
+        report.check(
+            recorded == manifest.head_hash,
+            f"round {manifest.head_round}: {manifest.path.name} recorded model "
+            f"0x{manifest.head_hash.hex()}, the chain has 0x{recorded.hex()}",
+        )
+    numbers = [record.round for record in timeline]
+    report.check(
+        numbers == list(range(1, latest + 1)),
+        f"round sequence: expected rounds 1..{latest} once each, found {numbers}",
+    )
+    registry = _RegistryHistory.read(trail)
+    head = genesis
+    anchored_hashes = [(0, genesis)]
+    for record in timeline:
+        if isinstance(record, RolledBackRound):
+            report.check(
+                record.kept_model_hash == head,
+                f"round {record.round}: rollback keeps 0x{record.kept_model_hash.hex()}, "
+                f"the last anchored model is 0x{head.hex()}",
+            )
+            continue
+        _verify_anchor(report, trail, manifest, registry, record, head)
+        head = record.model_hash
+        anchored_hashes.append((record.round, record.model_hash))
+    store = ModelStore(manifest.models_dir)
+    for round_number, digest in anchored_hashes:
+        try:
+            store.verify(digest)
+        except (FileNotFoundError, ModelIntegrityError) as err:
+            report.check(False, f"round {round_number}: model store: {err}")
+        else:
+            report.check(True, "")
+    anchored = sum(isinstance(record, AnchoredRound) for record in timeline)
+    if report.failures:
+        print(f"audit trail INVALID: {len(report.failures)} of {report.checks} checks failed")
+        return EXIT_MISMATCH
+    print(
+        f"audit trail OK: {anchored} anchored and {len(timeline) - anchored} rolled-back rounds, "
+        f"{report.checks} checks passed ({trail.address} on chain {manifest.chain_id})"
+    )
+    return EXIT_OK
+
+
+def _verify_anchor(
+    report: _Report,
+    trail: AuditTrail,
+    manifest: ChainManifest,
+    registry: _RegistryHistory,
+    record: AnchoredRound,
+    head: bytes,
+) -> None:
+    approval = record.approval
+    label = f"round {record.round}"
+    report.check(
+        approval.previous_hash == head,
+        f"{label}: links to 0x{approval.previous_hash.hex()}, previous anchor is 0x{head.hex()}",
+    )
+    stored = trail.get_round(record.round)
+    report.check(
+        stored == approval.model_hash,
+        f"{label}: contract stores 0x{stored.hex()}, its transaction anchored "
+        f"0x{approval.model_hash.hex()}",
+    )
+    committee = list(record.committee)
+    report.check(
+        committee == sort_committee(committee),
+        f"{label}: committee is not strictly ascending",
+    )
+    report.check(
+        committee_root(committee) == approval.committee_root,
+        f"{label}: committee root does not match the committee {committee}",
+    )
+    signers = []
+    for index, signature in enumerate(record.signatures):
+        try:
+            signers.append(approval.recover(signature, trail.domain))
+        except ValueError as err:
+            report.check(False, f"{label}: signature {index} is invalid: {err}")
+    report.check(len(set(signers)) == len(signers), f"{label}: a miner signed twice: {signers}")
+    for signer in signers:
+        report.check(signer in committee, f"{label}: signer {signer} is not in the committee")
+        report.check(
+            signer == manifest.operator or registry.registered_at(signer, record.block_number),
+            f"{label}: signer {signer} was not registered at block {record.block_number}",
+        )
+    required = quorum(len(committee)) if committee else 1
+    report.check(
+        len(set(signers)) >= required,
+        f"{label}: {len(set(signers))} approvals, quorum of {len(committee)} miners is {required}",
+    )
+
+
+@dataclass
+class _RegistryHistory:
+    """Registration events in chain order, to answer "was X registered at block B?"."""
+
+    events: list[tuple[int, int, str, bool]]
+
+    @classmethod
+    def read(cls, trail: AuditTrail) -> _RegistryHistory:
+        start = trail.deploy_block
+        events = [
+            (int(e["blockNumber"]), int(e["logIndex"]), str(e["args"]["client"]), True)
+            for e in trail.contract.events.ClientRegistered.get_logs(from_block=start)
+        ]
+        events += [
+            (int(e["blockNumber"]), int(e["logIndex"]), str(e["args"]["client"]), False)
+            for e in trail.contract.events.ClientDeregistered.get_logs(from_block=start)
+        ]
+        return cls(sorted(events))
+
+    def registered_at(self, address: str, block: int) -> bool:
+        state = False
+        for event_block, _, client, registered in self.events:
+            if event_block > block:
+                break
+            if client == address:
+                state = registered
+        return state
+
+
+def _timeline(trail: AuditTrail) -> list[AnchoredRound | RolledBackRound]:
+    records: list[AnchoredRound | RolledBackRound] = [*trail.anchored_rounds(), *trail.rollbacks()]
+    return sorted(records, key=lambda record: record.round)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "MISSING"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""``bcsfl audit``: list, show, verify-model and verify on a run's output directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from chain_fixtures import GENESIS, approval_for, certificate, clients, toy_model
+
+from bcsfl_flower.chain.audit import AuditTrail
+from bcsfl_flower.chain.backends import JOURNAL_FILE, connect
+from bcsfl_flower.chain.model_store import ModelStore
+from bcsfl_flower.cli import main
+from bcsfl_flower.packets import model_hash
+
+
+def make_run(run_dir: Path, backend: str = "embedded") -> ModelStore:
+    """A finished run: rounds 1 and 3 anchored, round 2 rolled back, models stored."""
+    miners = clients(4)
+    store = ModelStore(run_dir / "models")
+    store.save(toy_model(0.0))
+    with connect(backend, run_dir / "chain") as connection:
+        trail = AuditTrail.open(connection, GENESIS)
+        trail.register_clients({m.address: 10 for m in miners})
+        for round_number in (1, 2, 3):
+            if round_number == 2:
+                trail.record_rollback(2, "validators did not reach 2/3")
+                continue
+            store.save(toy_model(float(round_number)))
+            approval = approval_for(trail, round_number, float(round_number), miners)
+            trail.anchor_round(certificate(trail, approval, miners, miners[:3]))
+        trail.write_manifest(run_dir / "chain.json", store.root)
+    return store
+
+
+def audit(run_dir: Path, *args: str) -> int:
+    return main(["audit", "--run-dir", str(run_dir), *args])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("run")
+    make_run(directory)
+    return directory
+
+
+def test_verify_passes_on_an_untouched_run(run_dir, capsys):
+    assert audit(run_dir, "verify") == 0
+    out = capsys.readouterr().out
+    assert "audit trail OK: 2 anchored and 1 rolled-back rounds" in out
+    assert "FAIL" not in out
+
+
+def test_list_and_show(run_dir, capsys):
+    assert audit(run_dir, "list") == 0
+    out = capsys.readouterr().out
+    assert "rolled back" in out and "validators did not reach 2/3" in out
+    assert f"0x{model_hash(toy_model(3.0)).hex()[:16]}" in out
+    assert "3/4" in out
+    assert audit(run_dir, "show", "3") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["model_hash"] == "0x" + model_hash(toy_model(3.0)).hex()
+    assert shown["previous_hash"] == "0x" + model_hash(toy_model(1.0)).hex()
+    assert len(shown["signatures"]) == 3 and shown["operator_signed"] is False
+    assert audit(run_dir, "show", "7") == 1
+
+
+def test_verify_model_against_its_anchor(run_dir, tmp_path, capsys):
+    store = ModelStore(run_dir / "models")
+    file = store.path(model_hash(toy_model(1.0)))
+    assert audit(run_dir, "verify-model", str(file), "--round", "1") == 0
+    assert audit(run_dir, "verify-model", str(file)) == 0
+    assert "round(s) [1]" in capsys.readouterr().out
+    assert audit(run_dir, "verify-model", str(file), "--round", "3") == 1
+    assert audit(run_dir, "verify-model", str(file), "--round", "2") == 1
+    stranger = tmp_path / "other.npz"
+    np.savez(stranger, w=np.ones(3))
+    assert audit(run_dir, "verify-model", str(stranger)) == 1
+    assert "is not anchored in any round" in capsys.readouterr().err
+
+
+def test_verify_fails_after_one_byte_of_one_stored_model_changes(tmp_path, capsys):
+    store = make_run(tmp_path)
+    assert audit(tmp_path, "verify") == 0
+    path = store.path(model_hash(toy_model(3.0)))
+    data = bytearray(path.read_bytes())
+    offset = data.find(np.float32(3.0).tobytes())
+    data[offset + 3] ^= 0x01  # 3.0 -> another float, same length
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert audit(tmp_path, "verify") == 1
+    out = capsys.readouterr().out
+    assert f"FAIL round 3: model store: {path}" in out
+    assert "audit trail INVALID: 1 of" in out
+
+
+def test_verify_fails_when_a_model_is_missing(tmp_path, capsys):
+    store = make_run(tmp_path)
+    store.path(model_hash(toy_model(1.0))).unlink()
+    assert audit(tmp_path, "verify") == 1
+    assert "FAIL round 1: model store: no model" in capsys.readouterr().out
+
+
+def test_verify_fails_on_a_journal_that_was_cut_short(tmp_path, capsys):
+    make_run(tmp_path)
+    journal = tmp_path / "chain" / JOURNAL_FILE
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:-1]))  # drop the round-3 anchor
+    assert audit(tmp_path, "verify") == 1
+    out = capsys.readouterr().out
+    assert "the trail ends at round 2, but chain.json recorded round 3" in out
+    assert audit(tmp_path, "show", "3") == 1
+
+
+def test_anvil_run_is_verified_from_its_state_dump(tmp_path, capsys):
+    make_run(tmp_path, backend="anvil")
+    assert json.loads((tmp_path / "chain.json").read_text())["backend"] == "anvil"
+    assert audit(tmp_path, "verify") == 0
+    assert "audit trail OK" in capsys.readouterr().out
+
+
+def test_missing_manifest_is_a_usage_error(tmp_path, capsys):
+    assert audit(tmp_path, "list") == 2
+    assert "chain.json does not exist" in capsys.readouterr().err
+
+
+def test_console_entry_point_exits_non_zero_on_mismatch(run_dir, tmp_path):
+    stranger = tmp_path / "other.npz"
+    np.savez(stranger, w=np.ones(3))
+    command = [sys.executable, "-m", "bcsfl_flower.cli", "audit", "--run-dir", str(run_dir)]
+    ok = subprocess.run([*command, "verify"], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = subprocess.run(
+        [*command, "verify-model", str(stranger)], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 1
