@@ -196,6 +196,7 @@ contract BCSFLAudit {
         emit GenesisAnchored(genesisModelHash);
     }
 
+    /// @dev Reverts with {NotOwner} unless the caller is the owner.
     modifier onlyOwner() {
         if (msg.sender != owner) revert NotOwner(msg.sender);
         _;
@@ -450,6 +451,7 @@ contract BCSFLAudit {
     // Internals
     // ------------------------------------------------------------------------------------
 
+    /// @dev Register one client; reverts on the zero address or a second registration.
     function _register(address client, uint96 stake) private {
         if (client == address(0)) revert ZeroAddress();
         Client storage entry = _clients[client];
@@ -493,6 +495,8 @@ contract BCSFLAudit {
         }
     }
 
+    /// @dev Recover the signer of the `index`-th 65-byte signature in `signatures`,
+    /// rejecting malleable (high-s) signatures, `v` other than 27/28, and failed recovery.
     function _recover(bytes32 digest, bytes calldata signatures, uint256 index)
         private
         pure
@@ -512,6 +516,7 @@ contract BCSFLAudit {
         if (signer == address(0)) revert InvalidSignature(index);
     }
 
+    /// @dev EIP-712 digest of `approval` under this contract's domain.
     function _approvalDigest(RoundApproval calldata approval) private view returns (bytes32) {
         bytes32 structHash = keccak256(
             abi.encode(
@@ -527,11 +532,13 @@ contract BCSFLAudit {
         return keccak256(abi.encodePacked(hex"1901", _domainSeparator(), structHash));
     }
 
+    /// @dev The cached domain separator, rebuilt if the chain id changed (a fork).
     function _domainSeparator() private view returns (bytes32) {
         if (block.chainid == _cachedChainId) return _cachedDomainSeparator;
         return _buildDomainSeparator();
     }
 
+    /// @dev keccak256 of the EIP-712 domain (name, version, chain id, this contract).
     function _buildDomainSeparator() private view returns (bytes32) {
         return keccak256(
             abi.encode(_DOMAIN_TYPEHASH, _NAME_HASH, _VERSION_HASH, block.chainid, address(this))
