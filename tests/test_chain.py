@@ -11,7 +11,7 @@ from chain_fixtures import GENESIS, approval_for, certificate, clients, toy_mode
 from flwr.app import Array, ArrayRecord
 from web3.exceptions import TimeExhausted
 
-from bcsfl_flower.chain.audit import AuditTrail, ChainManifest, RetryPolicy
+from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail, ChainManifest, RetryPolicy
 from bcsfl_flower.chain.backends import ANVIL_STATE_FILE, JOURNAL_FILE, connect
 from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
@@ -79,8 +79,9 @@ def test_anchoring_on_a_chain_that_went_down_retries_then_stops_resumably(tmp_pa
         resumed = AuditTrail.open(connection, GENESIS)
         assert resumed.address == trail.address
         assert resumed.head() == (1, model_hash(toy_model(1.0)))
-        resumed.anchor_round(second)
+        resumed.anchor_round(AnchorCertificate.from_dict(error.resume))
         assert [r.round for r in resumed.anchored_rounds()] == [1, 2]
+        assert resumed.anchored_rounds()[1].signatures == second.signatures
 
 
 def test_a_lost_receipt_is_not_anchored_twice(tmp_path):

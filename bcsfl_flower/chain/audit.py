@@ -221,13 +221,40 @@ class AnchorCertificate:
         return b"".join(self.signatures)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-friendly record (hex strings)."""
+        """Return a JSON-friendly record (hex strings); :meth:`from_dict` reverses it."""
         return {
             **_approval_dict(self.approval),
             "committee": list(self.committee),
             "signers": list(self.signers),
             "signatures": ["0x" + signature.hex() for signature in self.signatures],
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AnchorCertificate:
+        """Rebuild a certificate from :meth:`to_dict`, e.g. ``ChainUnavailableError.resume``.
+
+        Raises
+        ------
+        ValueError
+            If a field is missing or malformed, naming it.
+        """
+        try:
+            approval = RoundApproval(
+                round=int(data["round"]),
+                model_hash=_from_hex(data["model_hash"]),
+                previous_hash=_from_hex(data["previous_hash"]),
+                accepted_root=_from_hex(data["accepted_root"]),
+                committee_root=_from_hex(data["committee_root"]),
+                timestamp=int(data["timestamp"]),
+            )
+            return cls(
+                approval,
+                tuple(to_checksum_address(a) for a in data["committee"]),
+                tuple(to_checksum_address(a) for a in data["signers"]),
+                tuple(_from_hex(signature) for signature in data["signatures"]),
+            )
+        except KeyError as err:
+            raise ValueError(f"certificate record lacks the field {err.args[0]!r}") from err
 
 
 @dataclass(frozen=True)
@@ -981,6 +1008,12 @@ def _approval_dict(approval: RoundApproval) -> dict[str, Any]:
         "committee_root": "0x" + approval.committee_root.hex(),
         "timestamp": approval.timestamp,
     }
+
+
+def _from_hex(text: object) -> bytes:
+    if not isinstance(text, str) or not text.startswith("0x"):
+        raise ValueError(f"expected a 0x-prefixed hex string, got {text!r}")
+    return bytes.fromhex(text[2:])
 
 
 def _check_hash(name: str, value: object) -> None:
