@@ -247,3 +247,47 @@ def test_node_without_a_key_answers_the_duty_with_an_error():
     assert reply.has_error()
     verdict = read_verdict(reply)
     assert not verdict.approved and "no key" in verdict.reason
+
+
+def test_miner_approvals_from_the_mod_anchor_on_chain(tmp_path):
+    from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail
+    from bcsfl_flower.chain.backends import connect
+
+    with connect("embedded", tmp_path) as connection:
+        trail = AuditTrail.open(connection, model_hash(record(0.0)))
+        trail.register_clients({m.address: 1 for m in MINERS})
+        # clients 3 and 4 trained; their signed replies are the accepted packets
+        packets = []
+        verifier = PacketVerifier(trail.domain, [client_dev_account(i).address for i in (3, 4)])
+        for partition in (3, 4):
+            message = train_message(1, signed=False)
+            message.content["config"].update(signing_config(trail.domain))
+            reply = bcsfl_mod(message, context(partition), fake_training)
+            packets.append(
+                verifier.verify(reply.content[PACKET_RECORD_KEY], reply.content["arrays"], 1)
+            )
+        committee = [m.address for m in MINERS]
+        statement = trail.prepare_approval(
+            1, model_hash(record(1.0)), accepted_root(packets, trail.domain), committee
+        )
+        verdicts = [
+            read_verdict(
+                bcsfl_mod(
+                    Message(
+                        mine_request(statement, trail.domain, committee, record(1.0), packets),
+                        dst_node_id=100 + i,
+                        message_type=MINE_MESSAGE_TYPE,
+                    ),
+                    context(i),
+                    must_not_run,
+                )
+            )
+            for i in range(3)
+        ]
+        signatures = {v.signer: v.signature for v in verdicts if v.approved}
+        assert len(signatures) == 3
+        anchored = trail.anchor_round(
+            AnchorCertificate.build(statement, committee, signatures, trail.domain)
+        )
+        assert anchored.approval.accepted_root == accepted_root(packets, trail.domain)
+        assert trail.head() == (1, model_hash(record(1.0)))

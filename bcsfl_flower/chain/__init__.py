@@ -1,1 +1,15 @@
-"""On-chain audit trail: contract compilation, dev-chain backends, binding and model store."""
+"""On-chain audit trail of a BCS-FL run.
+
+One module per concern; import from them directly (this package imports nothing
+eagerly, so client processes that only need keys do not load web3's contract stack):
+
+- :mod:`~bcsfl_flower.chain.backends`: :func:`connect` to the ``embedded`` chain,
+  a spawned ``anvil``, or an ``http(s)://`` URL;
+- :mod:`~bcsfl_flower.chain.audit`: :class:`AuditTrail` (deploy/attach, register,
+  anchor with retries, record rollbacks, read back), :class:`AnchorCertificate`, and
+  ``chain.json`` (:class:`ChainManifest`);
+- :mod:`~bcsfl_flower.chain.model_store`: the content-addressed store of global models;
+- :mod:`~bcsfl_flower.chain.keys`: development keys (simulation only) and keystores;
+- :mod:`~bcsfl_flower.chain.compiler`: rebuilds the committed ``BCSFLAudit.json``;
+- :mod:`~bcsfl_flower.chain.errors`: ``ChainUnavailableError``, ``ChainRejectedError``.
+"""
