@@ -74,35 +74,56 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bcsfl", description="BCS-FL for Flower tools.")
     commands = parser.add_subparsers(title="commands")
-    audit = commands.add_parser("audit", help="inspect and verify a run's on-chain audit trail")
-    location = audit.add_mutually_exclusive_group()
-    location.add_argument(
-        "--run-dir",
-        type=Path,
-        default=Path("."),
-        help=f"the run's output directory, holding {MANIFEST_NAME} (default: .)",
+    audit = commands.add_parser(
+        "audit", help="inspect and verify a run's on-chain audit trail", parents=[_location()]
     )
-    location.add_argument("--manifest", type=Path, help=f"path of the run's {MANIFEST_NAME}")
     actions = audit.add_subparsers(title="audit commands", required=True)
+    # the location options are accepted after the command too (``audit verify --run-dir D``)
+    where = _location(suppress=True)
 
-    listing = actions.add_parser("list", help="list every round: anchored or rolled back")
+    listing = actions.add_parser(
+        "list", help="list every round: anchored or rolled back", parents=[where]
+    )
     listing.set_defaults(handler=_cmd_list)
 
-    show = actions.add_parser("show", help="show one round with its certificate")
+    show = actions.add_parser("show", help="show one round with its certificate", parents=[where])
     show.add_argument("round", type=int, help="round number (0 is the genesis)")
     show.set_defaults(handler=_cmd_show)
 
     verify_model = actions.add_parser(
-        "verify-model", help="check that a model file is the one anchored on chain"
+        "verify-model",
+        help="check that a model file is the one anchored on chain",
+        parents=[where],
     )
     verify_model.add_argument("file", type=Path, help="a model .npz (e.g. from the model store)")
     verify_model.add_argument("--round", type=int, help="the round it must be anchored for")
     verify_model.set_defaults(handler=_cmd_verify_model)
 
     verify = actions.add_parser(
-        "verify", help="verify hash links, certificates and every stored model"
+        "verify",
+        help="verify hash links, certificates and every stored model",
+        parents=[where],
     )
     verify.set_defaults(handler=_cmd_verify)
+    return parser
+
+
+def _location(*, suppress: bool = False) -> argparse.ArgumentParser:
+    """Options that say where the run is; ``suppress`` keeps unset ones from overriding."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--run-dir",
+        type=Path,
+        default=argparse.SUPPRESS if suppress else Path("."),
+        help=f"the run's output directory, holding {MANIFEST_NAME} (default: .)",
+    )
+    group.add_argument(
+        "--manifest",
+        type=Path,
+        default=argparse.SUPPRESS if suppress else None,
+        help=f"path of the run's {MANIFEST_NAME}",
+    )
     return parser
 
 

@@ -53,6 +53,9 @@ def test_verify_passes_on_an_untouched_run(run_dir, capsys):
     out = capsys.readouterr().out
     assert "audit trail OK: 2 anchored and 1 rolled-back rounds" in out
     assert "FAIL" not in out
+    # the location may also follow the command, or name the manifest itself
+    assert main(["audit", "verify", "--run-dir", str(run_dir)]) == 0
+    assert main(["audit", "verify", "--manifest", str(run_dir / "chain.json")]) == 0
 
 
 def test_list_and_show(run_dir, capsys):
