@@ -24,7 +24,10 @@ OUTPUT_DIR_ENV = "BCSFL_OUTPUT_DIR"
 """Environment variable that names the output directory when ``output-dir`` is empty."""
 
 DATASETS = ("mnist", "cifar10")
-ATTACKS = ("label-flip",)
+ATTACKS = ("label-flip", "sign-flip", "gaussian-noise", "scale")
+STRATEGIES = ("bcsfl", "fedavg", "krum", "multikrum", "fedmedian", "fedtrimmedavg")
+SELECTIONS = ("trusted-mean", "paper")
+INITIAL_STAKES = ("equal", "data-size")
 
 
 class ConfigError(ValueError):
@@ -50,7 +53,18 @@ class RunSettings:
     seed: int = 42
     attacker_fraction: float = 0.0
     attack: str = "label-flip"
+    attack_scale: float = 1.0
     output_dir: str = ""
+    strategy: str = "bcsfl"
+    selection: str = "trusted-mean"
+    cosine_threshold: float = 0.7
+    num_validators: int = 5
+    num_miners: int = 5
+    initial_stake: str = "equal"
+    stake_reward: float = 0.1
+    stake_slash: float = 0.5
+    vote_tolerance: float = 0.05
+    loss_metric_key: str = "eval_loss"
 
     def __post_init__(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
@@ -63,12 +77,28 @@ class RunSettings:
         _require(self.seed >= 0, "seed", "must be >= 0")
         _require(0.0 <= self.attacker_fraction < 1.0, "attacker-fraction", "must be in [0, 1)")
         _require(self.attack in ATTACKS, "attack", f"must be one of {ATTACKS}")
+        _require(self.attack_scale > 0.0, "attack-scale", "must be > 0")
         _require(
             self.output_dir == "" or Path(self.output_dir).is_absolute(),
             "output-dir",
             f"must be an absolute path (the ServerApp runs in the SuperLink's working "
             f"directory), got {self.output_dir!r}",
         )
+
+        _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}")
+        _require(self.selection in SELECTIONS, "selection", f"must be one of {SELECTIONS}")
+        _require(-1.0 <= self.cosine_threshold <= 1.0, "cosine-threshold", "must be in [-1, 1]")
+        _require(self.num_validators >= 1, "num-validators", "must be >= 1")
+        _require(self.num_miners >= 1, "num-miners", "must be >= 1")
+        _require(
+            self.initial_stake in INITIAL_STAKES,
+            "initial-stake",
+            f"must be one of {INITIAL_STAKES}",
+        )
+        _require(self.stake_reward >= 0.0, "stake-reward", "must be >= 0")
+        _require(self.stake_slash >= 0.0, "stake-slash", "must be >= 0")
+        _require(self.vote_tolerance >= 0.0, "vote-tolerance", "must be >= 0")
+        _require(bool(self.loss_metric_key), "loss-metric-key", "must not be empty")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:

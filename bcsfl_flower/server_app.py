@@ -1,20 +1,24 @@
-"""ServerApp of the example federation: BCSFL on MNIST (or CIFAR-10) with central evaluation."""
+"""ServerApp of the example federation: BCSFL (or a baseline) on MNIST or CIFAR-10."""
 
 from __future__ import annotations
 
 from logging import INFO
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
+from bcsfl_flower.baselines import build_baseline
 from bcsfl_flower.config import RunSettings
 from bcsfl_flower.results import RunRecorder
 from bcsfl_flower.strategy import BCSFL
+from bcsfl_flower.task.attacks import choose_attackers, rejection_scores
 from bcsfl_flower.task.data import load_test_data
 from bcsfl_flower.task.models import build_model
-from bcsfl_flower.task.training import test
+from bcsfl_flower.task.training import evaluate_confusion
 
 app = ServerApp()
 
@@ -39,18 +43,25 @@ def _run(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> None:
     model = build_model(settings.dataset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     test_loader = load_test_data(settings.dataset, settings.resolved_data_dir())
+    num_partitions = len(list(grid.get_node_ids()))
+    attackers = choose_attackers(num_partitions, settings.attacker_fraction, settings.seed)
+    recorder.set("attacker_partitions", sorted(attackers))
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = test(model, test_loader, device)
-        recorder.record(server_round, {"test_loss": loss, "test_accuracy": accuracy})
+        loss, confusion = evaluate_confusion(model, test_loader, device)
+        accuracy = float(confusion.trace() / confusion.sum())
+        recorder.record(
+            server_round,
+            {"test_loss": loss, "test_accuracy": accuracy, "confusion": confusion.tolist()},
+        )
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
 
-    strategy = BCSFL(
-        fraction_train=settings.fraction_train,
-        fraction_evaluate=0.0,
-        round_sink=recorder.record,
-    )
+    def record_round(server_round: int, record: dict[str, Any]) -> None:
+        record.update(_attack_scores(record, set(attackers)))
+        recorder.record(server_round, record)
+
+    strategy = build_strategy(settings, record_round, num_partitions)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
@@ -63,3 +74,45 @@ def _run(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> None:
     final = result.evaluate_metrics_serverapp.get(settings.num_server_rounds)
     if final is not None:
         recorder.set("final_test_accuracy", final["test_accuracy"])
+
+
+def build_strategy(settings: RunSettings, round_sink: Any, num_nodes: int) -> Strategy:
+    """Return the strategy named by run config ``strategy``, configured from ``settings``.
+
+    Federated evaluation is off (``fraction_evaluate=0``): the global model is
+    evaluated centrally, and BCSFL's validators already evaluate every candidate.
+    """
+    if settings.strategy != "bcsfl":
+        return build_baseline(
+            settings.strategy,
+            num_nodes=num_nodes,
+            attacker_fraction=settings.attacker_fraction,
+            fraction_train=settings.fraction_train,
+        )
+    return BCSFL(
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=0.0,
+        selection=settings.selection,  # type: ignore[arg-type]
+        cosine_threshold=settings.cosine_threshold,
+        num_validators=settings.num_validators,
+        num_miners=settings.num_miners,
+        initial_stake=settings.initial_stake,  # type: ignore[arg-type]
+        stake_reward=settings.stake_reward,
+        stake_slash=settings.stake_slash,
+        vote_tolerance=settings.vote_tolerance,
+        loss_metric_key=settings.loss_metric_key,
+        round_sink=round_sink,
+    )
+
+
+def _attack_scores(record: dict[str, Any], attackers: set[int]) -> dict[str, Any]:
+    """Score the round's rejections against the simulated attackers, by partition id."""
+    partition_of = {
+        node: int(metrics["partition-id"])
+        for node, metrics in record.get("clients", {}).items()
+        if "partition-id" in metrics
+    }
+    rejected = {partition_of[n] for n in record.get("rejected", {}) if n in partition_of}
+    scores = rejection_scores(rejected, attackers, set(partition_of.values()))
+    scores["rejected_partitions"] = sorted(rejected)
+    return scores

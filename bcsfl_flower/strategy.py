@@ -1,118 +1,404 @@
-"""The BCSFL strategy: a drop-in replacement for Flower's ``FedAvg``."""
+"""The BCSFL strategy: a drop-in replacement for Flower's ``FedAvg``.
+
+One round (``aggregate_train``), after Flower has collected the training replies:
+
+1. **Check** every reply on its own (:mod:`bcsfl_flower.replies`); a bad one is
+   rejected with a reason and the round goes on.
+2. **Screen** the updates ``d_k = w_k - w_t``: one Gram matrix gives all cosine
+   similarities, and the largest cluster of the ``tau``-graph is trusted
+   (:mod:`bcsfl_flower.screening`).
+3. **Committee**: validators and miners are drawn by stake among the trusted
+   clients, seeded by (hash of ``w_t``, round) so anyone can replay the draw
+   (:mod:`bcsfl_flower.committee`).
+4. **Validate**: the candidate(s) go to the validators as ordinary ``evaluate``
+   messages (:mod:`bcsfl_flower.validation`); their loss deltas are votes.
+5. **Consensus**: ``ceil(2M/3)`` votes commit the candidate, anything less rolls back
+   to ``w_t`` (:mod:`bcsfl_flower.consensus`).
+6. **Stakes**: trusted clients are rewarded, rejected ones slashed.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from bcsfl_flower.replies import AcceptedReply, RejectedReply, ReplyChecker
+from bcsfl_flower.committee import Committee, StakeLedger, draw_committee
+from bcsfl_flower.consensus import ConsensusDecision, tally_accepts, tally_votes
+from bcsfl_flower.packets import model_hash
+from bcsfl_flower.replies import AcceptedReply, ReplyChecker
+from bcsfl_flower.screening import (
+    accept_vote,
+    best_candidate_vote,
+    cosine_similarity_matrix,
+    flatten_updates,
+    screen_updates,
+)
+from bcsfl_flower.validation import CommitteeValidation, ValidatorReport
 
+Selection = Literal["trusted-mean", "paper"]
+InitialStake = Literal["equal", "data-size", "explicit"]
 RoundSink = Callable[[int, dict[str, Any]], None]
 """Receives ``(server_round, record)`` once per round, e.g. :meth:`RunRecorder.record`."""
 
+TRUSTED_MEAN = "trusted-mean"
+IDENTITY_METRIC_KEYS = frozenset({"partition-id"})
+"""Reply metrics that identify a client rather than measure it: recorded per client,
+never averaged."""
+SELECTIONS = ("trusted-mean", "paper")
+INITIAL_STAKES = ("equal", "data-size", "explicit")
 
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a round decided: the next global model and everything behind it."""
+
+    arrays: ArrayRecord
+    committed: bool
+    decision: ConsensusDecision
+    committee: Committee | None
+    trusted: tuple[int, ...]
+    record: dict[str, Any]
+
+
+# pylint: disable=too-many-instance-attributes
 class BCSFL(FedAvg):
-    """Poisoning-resistant federated averaging with per-reply validation.
+    """BCS-FL: stake-drawn committees, cosine screening and 2/3-quorum consensus.
 
-    Unlike ``FedAvg``, which stops the ServerApp when any reply is inconsistent,
-    BCSFL checks every training reply on its own against the global model it sent
-    (error replies, missing or extra keys, shapes, dtypes, non-finite values, a
-    missing or non-positive example count) and rejects a bad one with a logged
-    reason; the round then aggregates the replies that passed.
+    A drop-in replacement for ``FedAvg``: it takes every ``FedAvg`` argument, works with
+    any ClientApp that implements ``train`` and ``evaluate``, and is started the same
+    way (``strategy.start(grid, initial_arrays, num_rounds, ...)``).
 
     Parameters
     ----------
+    selection : {"trusted-mean", "paper"} (default: "trusted-mean")
+        ``"paper"``: every trusted local model is a candidate and each validator votes
+        for the one with the largest loss delta; ``ceil(2M/3)`` identical votes commit
+        it. ``"trusted-mean"``: the sample-weighted mean of the trusted cluster is the
+        single candidate and a validator accepts it when ``dE >= -vote_tolerance``.
+        The default uses every honest client's work; the paper's mode keeps one.
+    cosine_threshold : float (default: 0.7)
+        ``tau`` of the screening graph (the paper uses 0.7 on MNIST, 0.5 on CIFAR-10).
+    num_validators, num_miners : int (default: 5, 5)
+        Committee seats, clamped to the number of trusted clients.
+    initial_stake : {"equal", "data-size", "explicit"} (default: "equal")
+        Stake a client gets when first seen: 1.0, its ``num-examples``, or its entry in
+        ``initial_stakes`` (keyed by node id; clients not listed get 1.0).
+    initial_stakes : Mapping[str, float], optional
+        Explicit stakes for ``initial_stake="explicit"``.
+    stake_reward, stake_slash : float (default: 0.1, 0.5)
+        Added to each trusted client's stake / removed from each rejected client's
+        stake after a round (floored at 0; a zero-stake client is never drawn).
+    vote_tolerance : float (default: 0.05)
+        Loss increase a validator tolerates in trusted-mean mode (absorbs evaluation
+        noise on non-IID data).
+    loss_metric_key : str (default: "eval_loss")
+        Key of the loss in the validators' evaluate replies.
+    committee_timeout : float (default: 600)
+        Seconds to wait for the validators.
     round_sink : RoundSink, optional
-        Called once per round with a JSON-serialisable record of the round (the
-        accepted and rejected clients with reasons). The example ServerApp passes
-        :meth:`bcsfl_flower.results.RunRecorder.record` to write ``results.json``.
+        Called once per round with a JSON-serialisable record (committee, trusted and
+        rejected clients with reasons, votes, outcome, stakes).
     **fedavg_kwargs
-        Every ``FedAvg`` argument (``fraction_train``, ``min_train_nodes``,
-        ``weighted_by_key``, ...), with the same meaning.
+        Every ``FedAvg`` argument (``fraction_train``, ``min_train_nodes``, ...).
     """
 
-    def __init__(self, *, round_sink: RoundSink | None = None, **fedavg_kwargs: Any) -> None:
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        *,
+        selection: Selection = "trusted-mean",
+        cosine_threshold: float = 0.7,
+        num_validators: int = 5,
+        num_miners: int = 5,
+        initial_stake: InitialStake = "equal",
+        initial_stakes: Mapping[str, float] | None = None,
+        stake_reward: float = 0.1,
+        stake_slash: float = 0.5,
+        vote_tolerance: float = 0.05,
+        loss_metric_key: str = "eval_loss",
+        committee_timeout: float = 600.0,
+        round_sink: RoundSink | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
         super().__init__(**fedavg_kwargs)
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if initial_stake not in INITIAL_STAKES:
+            raise ValueError(
+                f"initial_stake must be one of {INITIAL_STAKES}, got {initial_stake!r}"
+            )
+        if not -1.0 <= cosine_threshold <= 1.0:
+            raise ValueError(f"cosine_threshold must be in [-1, 1], got {cosine_threshold}")
+        if num_validators < 1 or num_miners < 1:
+            raise ValueError("num_validators and num_miners must be >= 1")
+        if stake_reward < 0 or stake_slash < 0 or vote_tolerance < 0:
+            raise ValueError("stake_reward, stake_slash and vote_tolerance must be >= 0")
+        self.selection = selection
+        self.cosine_threshold = cosine_threshold
+        self.num_validators = num_validators
+        self.num_miners = num_miners
+        self.initial_stake = initial_stake
+        self.initial_stakes = dict(initial_stakes or {})
+        self.stake_reward = stake_reward
+        self.stake_slash = stake_slash
+        self.vote_tolerance = vote_tolerance
         self.round_sink = round_sink
+        self.validation = CommitteeValidation(loss_metric_key, committee_timeout)
+        self.ledger = StakeLedger()
         self._global_arrays: ArrayRecord | None = None
+        self._grid: Grid | None = None
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
         super().summary()
-        log(INFO, "\t└──> Replies are validated one by one; bad ones are rejected, not fatal")
+        log(INFO, "\t└──> BCSFL:")
+        log(
+            INFO, "\t\t├── Selection: %s (vote tolerance %.3f)", self.selection, self.vote_tolerance
+        )
+        log(INFO, "\t\t├── Cosine threshold tau: %.2f", self.cosine_threshold)
+        log(
+            INFO,
+            "\t\t├── Committee: %d validators, %d miners",
+            self.num_validators,
+            self.num_miners,
+        )
+        log(
+            INFO,
+            "\t\t└── Stakes: %s initial, reward %.3f, slash %.3f",
+            self.initial_stake,
+            self.stake_reward,
+            self.stake_slash,
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model (replies are checked against it), then sample as FedAvg."""
+        """Sample clients as FedAvg does, remembering ``w_t`` and the grid.
+
+        ``aggregate_train`` receives no Grid in Flower's Strategy API, but validation
+        must message the committee before the round's model is decided, so the grid
+        is kept from here.
+        """
         self._global_arrays = arrays
+        self._grid = grid
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the replies that pass validation, sample-weighted as in FedAvg."""
-        if self._global_arrays is None:
+        """Run checks, screening, committee validation and consensus on the replies.
+
+        Returns the committed candidate, or ``w_t`` itself on rollback, and a
+        MetricRecord with the round's numeric outcome.
+        """
+        if self._global_arrays is None or self._grid is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        accepted, rejected = ReplyChecker(self._global_arrays, self.weighted_by_key).split(replies)
+        outcome = self.decide_round(server_round, self._grid, self._global_arrays, replies)
+        self._emit(server_round, outcome.record)
+        return outcome.arrays, self._round_metrics(outcome)
+
+    def decide_round(
+        self,
+        server_round: int,
+        grid: Grid,
+        global_arrays: ArrayRecord,
+        replies: Iterable[Message],
+    ) -> RoundOutcome:
+        """Decide the next global model from one round's training replies."""
+        accepted, rejected = ReplyChecker(global_arrays, self.weighted_by_key).split(replies)
+        record: dict[str, Any] = {
+            "clients": {str(r.node_id): _scalar_metrics(r.metrics) for r in accepted},
+            "rejected": {str(r.node_id): r.reason for r in rejected},
+        }
+        for reply in accepted:
+            self._register(reply)
+        previous_hash = model_hash(global_arrays)
+        record["previous_hash"] = "0x" + previous_hash.hex()
+
+        if not accepted:
+            decision = ConsensusDecision(False, None, 0, 0, 0, "rollback: no valid reply")
+            return self._finish(server_round, global_arrays, decision, None, (), accepted, record)
+
+        screening = screen_updates(
+            cosine_similarity_matrix(
+                flatten_updates(
+                    [list(_numpy(r.arrays).values()) for r in accepted],
+                    list(_numpy(global_arrays).values()),
+                )
+            ),
+            self.cosine_threshold,
+            self.ledger.stakes_for([str(r.node_id) for r in accepted]),
+        )
+        for index in screening.rejected:
+            record["rejected"][str(accepted[index].node_id)] = screening.reasons[index]
+        trusted = [accepted[i] for i in screening.trusted]
+        record["trusted"] = sorted(str(r.node_id) for r in trusted)
         log(
             INFO,
-            "aggregate_train: %d replies accepted, %d rejected",
-            len(accepted),
+            "screening: %d trusted, %d rejected by cosine (tau=%.2f), %d by checks",
+            len(trusted),
+            len(screening.rejected),
+            self.cosine_threshold,
             len(rejected),
         )
-        self._emit(server_round, self._reply_record(accepted, rejected))
-        if not accepted:
-            log(WARNING, "aggregate_train: no valid reply; keeping the previous global model")
-            return None, None
-        arrays = aggregate_arrayrecords(
-            [RecordDict({"arrays": reply.arrays, "metrics": reply.metrics}) for reply in accepted],
+
+        committee = draw_committee(
+            self.ledger,
+            [str(r.node_id) for r in trusted],
+            self.num_validators,
+            self.num_miners,
+            previous_hash,
+            server_round,
+        )
+        record["committee"] = committee.to_dict()
+        candidates = self._candidates(trusted)
+        reports = self.validation.evaluate(
+            grid, server_round, committee.validators, global_arrays, candidates
+        )
+        decision, votes = self._vote(reports, list(candidates), len(committee.validators))
+        record["votes"] = votes
+        record["validator_problems"] = {
+            r.validator: list(r.problems) for r in reports if r.problems
+        }
+        log(INFO, "consensus: %s", decision.reason)
+        new_arrays = candidates[decision.candidate] if decision.committed else global_arrays
+        return self._finish(
+            server_round,
+            new_arrays,
+            decision,
+            committee,
+            tuple(r.node_id for r in trusted),
+            accepted,
+            record,
+        )
+
+    def _candidates(self, trusted: list[AcceptedReply]) -> dict[str, ArrayRecord]:
+        if self.selection == "paper":
+            return {str(r.node_id): r.arrays for r in trusted}
+        merged = aggregate_arrayrecords(
+            [RecordDict({"arrays": r.arrays, "metrics": r.metrics}) for r in trusted],
             self.weighted_by_key,
         )
-        return arrays, weighted_metrics(accepted, self.weighted_by_key)
+        return {TRUSTED_MEAN: merged}
 
-    def _reply_record(
-        self, accepted: list[AcceptedReply], rejected: list[RejectedReply]
-    ) -> dict[str, Any]:
-        return {
-            "accepted": sorted(reply.node_id for reply in accepted),
-            "rejected": {str(reply.node_id): reply.reason for reply in rejected},
+    def _vote(
+        self, reports: list[ValidatorReport], candidate_ids: list[str], num_validators: int
+    ) -> tuple[ConsensusDecision, dict[str, Any]]:
+        if self.selection == "paper":
+            ballots = {
+                r.validator: best_candidate_vote(candidate_ids, r.deltas(candidate_ids))
+                for r in reports
+            }
+            return tally_votes(ballots, num_validators), ballots
+        accepts = {}
+        for report in reports:
+            delta = float(report.deltas(candidate_ids)[0])
+            if not math.isnan(delta):  # a validator that could not evaluate abstains
+                accepts[report.validator] = accept_vote(delta, self.vote_tolerance)
+        votes = {
+            r.validator: {
+                "accept": accepts.get(r.validator),
+                "delta": _finite_or_none(float(r.deltas(candidate_ids)[0])),
+            }
+            for r in reports
         }
+        return tally_accepts(accepts, num_validators, candidate=TRUSTED_MEAN), votes
+
+    # pylint: disable=too-many-arguments
+    def _finish(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        decision: ConsensusDecision,
+        committee: Committee | None,
+        trusted: tuple[int, ...],
+        accepted: list[AcceptedReply],
+        record: dict[str, Any],
+    ) -> RoundOutcome:
+        trusted_ids = [str(n) for n in trusted]
+        rejected_ids = [n for n in record["rejected"] if n in self.ledger]
+        self.ledger.reward(trusted_ids, self.stake_reward)
+        self.ledger.slash(rejected_ids, self.stake_slash)
+        if not decision.committed:
+            log(
+                WARNING,
+                "round %d rolled back to the previous global model: %s",
+                server_round,
+                decision.reason,
+            )
+        record.update(
+            {
+                "outcome": "commit" if decision.committed else "rollback",
+                "reason": decision.reason,
+                "candidate": decision.candidate,
+                "votes_for": decision.votes_for,
+                "quorum": decision.quorum,
+                "model_hash": "0x" + model_hash(arrays).hex(),
+                "stakes": self.ledger.as_dict(),
+            }
+        )
+        return RoundOutcome(arrays, decision.committed, decision, committee, trusted, record)
+
+    def _round_metrics(self, outcome: RoundOutcome) -> MetricRecord:
+        record = outcome.record
+        metrics = MetricRecord(
+            {
+                "committed": int(outcome.committed),
+                "num-trusted": len(outcome.trusted),
+                "num-rejected": len(record["rejected"]),
+                "votes-for": outcome.decision.votes_for,
+                "quorum": outcome.decision.quorum,
+            }
+        )
+        trusted = [str(n) for n in outcome.trusted]
+        numeric = [record["clients"][n] for n in trusted if n in record["clients"]]
+        weights = [float(m.get(self.weighted_by_key, 0.0)) for m in numeric]
+        if numeric and sum(weights) > 0:
+            common = set.intersection(*(set(m) for m in numeric))
+            for key in sorted(common - {self.weighted_by_key} - IDENTITY_METRIC_KEYS):
+                values = [m[key] for m in numeric]
+                metrics[key] = float(np.average(values, weights=weights))
+        return metrics
+
+    def _register(self, reply: AcceptedReply) -> None:
+        node = str(reply.node_id)
+        if node in self.ledger:
+            return
+        if self.initial_stake == "data-size":
+            stake = reply.num_examples
+        elif self.initial_stake == "explicit":
+            stake = float(self.initial_stakes.get(node, 1.0))
+        else:
+            stake = 1.0
+        self.ledger.register(node, stake)
 
     def _emit(self, server_round: int, record: dict[str, Any]) -> None:
         if self.round_sink is not None:
             self.round_sink(server_round, record)
 
 
-def weighted_metrics(accepted: list[AcceptedReply], weighted_by_key: str) -> MetricRecord:
-    """Sample-weighted mean of the scalar metrics that every accepted reply reports.
+def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """Arrays of a record in sorted key order (the order updates are flattened in)."""
+    return {key: arrays[key].numpy() for key in sorted(arrays.keys())}
 
-    Flower's ``aggregate_metricrecords`` assumes identical records and fails on a
-    client that sends a list where others send a number; here only finite scalar
-    keys common to all replies are averaged, so one odd client cannot break it.
-    """
-    total = sum(reply.num_examples for reply in accepted)
-    common = set.intersection(*(set(reply.metrics.keys()) for reply in accepted))
-    common.discard(weighted_by_key)
-    merged = MetricRecord()
-    for key in sorted(common):
-        values = [reply.metrics[key] for reply in accepted]
-        if all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in values
-        ):
-            merged[key] = (
-                sum(
-                    float(v) * reply.num_examples for v, reply in zip(values, accepted, strict=True)
-                )
-                / total
-            )
-    return merged
+
+def _scalar_metrics(metrics: MetricRecord) -> dict[str, float]:
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

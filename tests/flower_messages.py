@@ -43,3 +43,41 @@ def train_reply(
 
 def error_reply(node_id: int, reason: str) -> Message:
     return make_message(metadata=metadata(node_id), error=Error(code=1, reason=reason))
+
+
+def reply_to(instruction: Message, content: RecordDict | None = None, error: Error | None = None):
+    meta = metadata(instruction.metadata.dst_node_id, instruction.metadata.message_type)
+    meta.__dict__["_reply_to_message_id"] = instruction.metadata.message_id
+    return make_message(metadata=meta, content=content, error=error)
+
+
+class FakeGrid:
+    """Answers evaluate messages in-process with a caller-supplied loss function.
+
+    ``loss_fn(node_id, arrays) -> float | None``: None makes that node send an error
+    reply; nodes in ``silent`` do not answer at all (a timeout).
+    """
+
+    def __init__(self, loss_fn, silent=()):
+        self.loss_fn = loss_fn
+        self.silent = set(silent)
+        self.sent: list[Message] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for number, message in enumerate(messages):
+            message.metadata.__dict__["_message_id"] = f"ins-{len(self.sent)}-{number}"
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            loss = self.loss_fn(node, message.content["arrays"])
+            if loss is None:
+                replies.append(reply_to(message, error=Error(code=1, reason="crashed")))
+            else:
+                metrics = MetricRecord({"eval_loss": loss, "num-examples": 10})
+                replies.append(reply_to(message, RecordDict({"metrics": metrics})))
+        return replies
+
+    def get_node_ids(self):
+        return []

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flower_messages import error_reply, train_reply
+from flower_messages import FakeGrid, error_reply, train_reply
 from flwr.app import Array, ArrayRecord
 
 from bcsfl_flower.replies import AcceptedReply, RejectedReply, ReplyChecker
@@ -79,8 +79,9 @@ def test_missing_num_examples_is_rejected():
 
 def test_round_with_one_bad_reply_completes_with_the_good_ones():
     records = []
-    strategy = BCSFL(round_sink=lambda rnd, rec: records.append((rnd, rec)))
+    strategy = BCSFL(num_validators=2, round_sink=lambda rnd, rec: records.append((rnd, rec)))
     strategy._global_arrays = reference()  # what configure_train stores
+    strategy._grid = FakeGrid(lambda node, arrays: 0.0)  # every validator accepts
     replies = [
         good(1, value=1.0, num_examples=10),
         good(2, value=3.0, num_examples=30),
@@ -92,9 +93,10 @@ def test_round_with_one_bad_reply_completes_with_the_good_ones():
     # Sample-weighted mean of the two good replies: (1*10 + 3*30) / 40 = 2.5
     np.testing.assert_allclose(arrays["conv.weight"].numpy(), np.full((2, 3), 2.5))
     assert metrics["train_loss"] == pytest.approx(0.5)
+    assert metrics["committed"] == 1
     ((rnd, record),) = records
     assert rnd == 1
-    assert record["accepted"] == [1, 2]
+    assert record["trusted"] == ["1", "2"]
     assert set(record["rejected"]) == {"3", "4"}
     assert "NaN" in record["rejected"]["3"]
 
@@ -102,4 +104,7 @@ def test_round_with_one_bad_reply_completes_with_the_good_ones():
 def test_round_with_only_bad_replies_keeps_the_previous_model():
     strategy = BCSFL()
     strategy._global_arrays = reference()
-    assert strategy.aggregate_train(1, [error_reply(1, "x")]) == (None, None)
+    strategy._grid = FakeGrid(lambda node, arrays: 0.0)
+    arrays, metrics = strategy.aggregate_train(1, [error_reply(1, "x")])
+    assert arrays is strategy._global_arrays
+    assert metrics["committed"] == 0

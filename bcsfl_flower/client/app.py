@@ -1,22 +1,26 @@
 """Example ClientApp: trains and evaluates the task model on one data partition.
 
-It is an ordinary Flower PyTorch ClientApp; nothing in it is specific to BCSFL. The
-strategy's validators reach it through the standard ``evaluate`` handler, which
-reports the loss on the client's own held-out data.
+Its handlers are an ordinary Flower PyTorch ClientApp's; the strategy's validators
+reach it through the standard ``evaluate`` handler, which reports the loss on the
+client's own held-out data. The one BCS-FL line is ``bcsfl_client_app()`` in place of
+``ClientApp()``: it adds the bcsfl mod, which signs train replies and serves the
+miners' duty.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from bcsfl_flower.client.mod import bcsfl_client_app
 from bcsfl_flower.config import RunSettings
+from bcsfl_flower.task.attacks import UPDATE_ATTACKS, choose_attackers, poison_update
 from bcsfl_flower.task.data import ClientData, load_client_data
 from bcsfl_flower.task.models import build_model
 from bcsfl_flower.task.training import test, train
 
-app = ClientApp()
+app = bcsfl_client_app()
 
 
 def _client_data(context: Context, settings: RunSettings) -> ClientData:
@@ -28,7 +32,8 @@ def _client_data(context: Context, settings: RunSettings) -> ClientData:
         alpha=settings.dirichlet_alpha,
         seed=settings.seed,
         batch_size=settings.batch_size,
-        attacker_fraction=settings.attacker_fraction,
+        # Only the label-flip attack poisons the data; update attacks act after training.
+        attacker_fraction=settings.attacker_fraction if settings.attack == "label-flip" else 0.0,
     )
 
 
@@ -51,9 +56,40 @@ def train_handler(msg: Message, context: Context) -> Message:
         learning_rate=float(config.get("learning-rate", settings.learning_rate)),
         device=_device(),
     )
-    metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(data.train.dataset)})
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    metrics = MetricRecord(
+        {
+            "train_loss": train_loss,
+            "num-examples": len(data.train.dataset),
+            # Lets the simulation score attacker detection; the strategy never averages it.
+            "partition-id": int(context.node_config["partition-id"]),
+        }
+    )
+    arrays = ArrayRecord(model.state_dict())
+    if _runs_update_attack(context, settings):
+        arrays = _poisoned(msg.content["arrays"], arrays, settings, int(config["server-round"]))
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+def _runs_update_attack(context: Context, settings: RunSettings) -> bool:
+    if settings.attack not in UPDATE_ATTACKS:
+        return False
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    return partition_id in choose_attackers(
+        num_partitions, settings.attacker_fraction, settings.seed
+    )
+
+
+def _poisoned(
+    global_arrays: ArrayRecord, trained: ArrayRecord, settings: RunSettings, server_round: int
+) -> ArrayRecord:
+    """Rewrite the update ``w_k - w_t`` with the configured attack (simulation only)."""
+    before = {key: global_arrays[key].numpy() for key in trained}
+    update = {key: trained[key].numpy() - before[key] for key in trained}
+    rng = np.random.default_rng([settings.seed, server_round])
+    poisoned = poison_update(update, settings.attack, settings.attack_scale, rng)
+    return ArrayRecord({key: Array(before[key] + poisoned[key]) for key in trained})
 
 
 @app.evaluate()

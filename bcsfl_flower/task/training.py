@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -44,19 +45,34 @@ def train(
     return total_loss / max(total_batches, 1)
 
 
-@torch.no_grad()
 def test(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
     """Return ``(mean cross-entropy loss, accuracy)`` of ``model`` over ``loader``."""
+    loss, confusion = evaluate_confusion(model, loader, device)
+    return loss, float(np.trace(confusion) / confusion.sum())
+
+
+@torch.no_grad()
+def evaluate_confusion(
+    model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int = 10
+) -> tuple[float, np.ndarray]:
+    """Return the mean cross-entropy loss and the confusion matrix (rows: true class).
+
+    The confusion matrix is what per-class attack metrics need: source-class accuracy
+    is a row's diagonal share, and a label-flip's attack success rate is the share of a
+    source class predicted as its target class.
+    """
     model.to(device)
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss = 0.0
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         logits = model(images)
         total_loss += criterion(logits, labels).item()
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-        count += len(labels)
+        pairs = labels.cpu().numpy() * num_classes + logits.argmax(dim=1).cpu().numpy()
+        confusion += np.bincount(pairs, minlength=num_classes**2).reshape(num_classes, -1)
+    count = int(confusion.sum())
     if count == 0:
         raise ValueError("cannot evaluate on an empty data loader")
-    return total_loss / count, correct / count
+    return total_loss / count, confusion
