@@ -80,8 +80,8 @@ def flatten_updates(
 
 
 def cosine_similarity_matrix(
-    updates: np.ndarray, *, block_bytes: int = _DEFAULT_BLOCK_BYTES
-) -> np.ndarray:
+    updates: np.ndarray, *, block_bytes: int = _DEFAULT_BLOCK_BYTES, return_norms: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Return all pairwise cosine similarities of the rows of ``updates``.
 
     One Gram matrix ``G = U U^T`` gives every dot product at once; dividing by the
@@ -103,11 +103,15 @@ def cosine_similarity_matrix(
         Floating array of shape ``(k, d)``: one flattened update per row.
     block_bytes : int (default: 64 MiB)
         Memory budget for one float64 block of columns.
+    return_norms : bool (default: False)
+        Also return the updates' Euclidean norms, read off the Gram matrix's diagonal
+        at no extra cost (for the norm check of :func:`screen_updates`).
 
     Returns
     -------
-    np.ndarray
-        float64 array of shape ``(k, k)``.
+    np.ndarray | tuple[np.ndarray, np.ndarray]
+        float64 array of shape ``(k, k)``; with ``return_norms``, also the float64
+        norms of shape ``(k,)``.
 
     Raises
     ------
@@ -142,6 +146,8 @@ def cosine_similarity_matrix(
     np.divide(gram, denominator, out=similarity, where=denominator > 0)
     np.clip(similarity, -1.0, 1.0, out=similarity)
     np.fill_diagonal(similarity, 1.0)
+    if return_norms:
+        return similarity, norms
     return similarity
 
 
@@ -159,7 +165,8 @@ class ScreeningResult:
         One human-readable reason per client, in row order, for the results record.
     labels : tuple[int, ...]
         Connected component of each client in the ``tau``-graph, numbered 0, 1, ... in
-        order of each component's lowest row index.
+        order of each component's lowest row index; -1 for clients rejected by the norm
+        check before clustering.
     trusted_label : int
         Label of the component the trusted clients come from (-1 if there are no
         clients).
@@ -167,7 +174,10 @@ class ScreeningResult:
         Each client's cosine similarity to the mean direction of its own cluster (the
         quantity the chain guard checks), in row order: for a client the guard removed,
         the value at the moment of removal; for everyone else, the value for the final
-        cluster.
+        cluster (0 for clients rejected by the norm check).
+    tau_used : float
+        The threshold the graph was built with: ``tau``, or lower when
+        ``majority_fallback`` had to lower it (NaN if there are no clients).
     """
 
     trusted: tuple[int, ...]
@@ -176,6 +186,7 @@ class ScreeningResult:
     labels: tuple[int, ...]
     trusted_label: int
     mean_similarity: tuple[float, ...]
+    tau_used: float
 
 
 def _components(adjacency: np.ndarray) -> np.ndarray:
@@ -239,21 +250,64 @@ def _cosines_to_mean(row_sums: np.ndarray, total: float) -> np.ndarray:
     return np.clip(row_sums / math.sqrt(total), -1.0, 1.0)
 
 
+def _majority_threshold(similarity: np.ndarray, need: int) -> float:
+    """Return the highest ``t`` at which the ``t``-graph has a component of ``need`` nodes.
+
+    This is the level at which single-linkage clustering first forms a cluster of
+    ``need`` members. Lowering ``t`` only adds edges, so "a component of ``need`` nodes
+    exists" is monotone in ``t`` and a binary search over the distinct off-diagonal
+    similarities finds it with O(log k) component labellings.
+    """
+    size = similarity.shape[0]
+    if need <= 1 or size < 2:
+        return 1.0
+    levels = np.unique(similarity[np.triu_indices(size, 1)])  # ascending
+    low, high = 0, levels.size - 1  # the lowest level links everyone: always feasible
+
+    def has_cluster(level: float) -> bool:
+        adjacency = similarity >= level
+        np.fill_diagonal(adjacency, False)
+        return int(np.bincount(_components(adjacency)).max()) >= need
+
+    while low < high:  # find the largest feasible index
+        middle = (low + high + 1) // 2
+        if has_cluster(float(levels[middle])):
+            low = middle
+        else:
+            high = middle - 1
+    return float(levels[low])
+
+
 def screen_updates(
     similarity: np.ndarray,
     tau: float,
     stakes: Sequence[float] | np.ndarray | None = None,
     *,
     min_mean_similarity: float | None = 0.0,
+    majority_fallback: bool = False,
+    norms: Sequence[float] | np.ndarray | None = None,
+    max_norm_ratio: float | None = None,
 ) -> ScreeningResult:
     """Split clients into a trusted cluster and rejected outliers.
 
     Steps:
 
-    1. Build the ``tau``-graph: an edge between clients ``i != j`` when
-       ``similarity[i, j] >= tau``. Its connected components are the clusters, as in
-       the paper.
-    2. Chain guard (skipped when ``min_mean_similarity`` is None). Connected components
+    1. Norm check (only with ``max_norm_ratio``): an update longer than
+       ``max_norm_ratio`` times the median update norm is rejected before clustering.
+       Cosine similarity ignores length, so it cannot see an attacker whose update is
+       many times larger than everyone else's; the median is unaffected by a minority
+       of such updates. Skipped when the median norm is 0.
+    2. Build the ``tau``-graph over the remaining clients: an edge between ``i != j``
+       when ``similarity[i, j] >= tau``. Its connected components are the clusters, as
+       in the paper.
+    3. Majority fallback (only with ``majority_fallback``): the paper assumes the
+       trusted cluster is a majority. When no cluster at ``tau`` holds a majority of all
+       clients (``k // 2 + 1``, or every remaining client if fewer remain), ``tau`` is
+       lowered to the highest value at which one does. With non-IID data honest updates
+       can be nearly orthogonal while colluding attackers agree with each other, and
+       then the largest cluster at a fixed ``tau`` is the attackers'. ``tau`` is never
+       raised, so where the paper's ``tau`` already yields a majority nothing changes.
+    4. Chain guard (skipped when ``min_mean_similarity`` is None). Connected components
        are transitive: an attacker that is similar enough to one honest client, or a
        chain of attackers each similar to the next, joins the honest cluster while
        pointing away from it. So within each cluster, members whose cosine to the
@@ -261,9 +315,9 @@ def screen_updates(
        first, recomputing the mean each time. The default, 0, removes only members that
        point against the cluster's consensus direction; heterogeneous honest clients,
        whose updates still share the majority's direction, keep a positive cosine to
-       the mean and stay. A stricter value (e.g. ``tau``) also removes weakly
-       linked members.
-    3. The largest refined cluster is trusted. Ties in size go to the larger total
+       the mean and stay. A stricter value (e.g. ``tau``) also removes weakly linked
+       members.
+    5. The largest refined cluster is trusted. Ties in size go to the larger total
        stake, then to the cluster holding the lowest row index, so the result is
        deterministic. Everyone else is rejected.
 
@@ -279,8 +333,15 @@ def screen_updates(
     stakes : Sequence[float] | np.ndarray | None (default: None)
         Stake of each client, for tie-breaking; None means equal stakes.
     min_mean_similarity : float | None (default: 0.0)
-        Minimum cosine to the cluster's mean direction (see step 2), or None for the
+        Minimum cosine to the cluster's mean direction (step 4), or None for the
         paper's plain connected components.
+    majority_fallback : bool (default: False)
+        Lower ``tau`` until a majority clusters (step 3).
+    norms : Sequence[float] | np.ndarray | None (default: None)
+        Update norms, e.g. from ``cosine_similarity_matrix(..., return_norms=True)``;
+        required with ``max_norm_ratio``.
+    max_norm_ratio : float | None (default: None)
+        Reject updates longer than this multiple of the median norm (step 1), > 0.
 
     Returns
     -------
@@ -301,32 +362,46 @@ def screen_updates(
             f"min_mean_similarity must be in [-1, 1] or None, got {min_mean_similarity}"
         )
     num_clients = matrix.shape[0]
-    weights = (
-        np.ones(num_clients) if stakes is None else np.asarray(stakes, dtype=np.float64).ravel()
-    )
-    if weights.shape != (num_clients,):
-        raise ValueError(f"stakes must have {num_clients} entries, got {weights.size}")
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
-        raise ValueError(f"stakes must be finite and >= 0, got {weights.tolist()}")
+    weights = _per_client("stakes", stakes, num_clients, default=1.0)
+    lengths = _per_client("norms", norms, num_clients, default=0.0)
+    if max_norm_ratio is not None:
+        if not math.isfinite(max_norm_ratio) or max_norm_ratio <= 0:
+            raise ValueError(f"max_norm_ratio must be finite and > 0, got {max_norm_ratio}")
+        if norms is None:
+            raise ValueError("max_norm_ratio needs the update norms (pass norms=...)")
     if num_clients == 0:
-        return ScreeningResult((), (), (), (), -1, ())
+        return ScreeningResult((), (), (), (), -1, (), math.nan)
 
-    adjacency = matrix >= tau
+    # Step 1: norm check.
+    median_norm = float(np.median(lengths))
+    too_long = np.zeros(num_clients, dtype=bool)
+    if max_norm_ratio is not None and median_norm > 0:
+        too_long = lengths > max_norm_ratio * median_norm
+    candidates = np.flatnonzero(~too_long)
+    sub = matrix[np.ix_(candidates, candidates)]
+
+    # Steps 2 and 3: the tau-graph, with tau lowered if no majority clusters.
+    tau_used = float(tau)
+    if majority_fallback:
+        need = min(num_clients // 2 + 1, candidates.size)
+        tau_used = min(tau_used, _majority_threshold(sub, need))
+    adjacency = sub >= tau_used
     np.fill_diagonal(adjacency, False)
-    labels = _components(adjacency)
-    num_labels = int(labels.max()) + 1
+    sub_labels = _components(adjacency)
+    num_labels = int(sub_labels.max()) + 1
 
+    # Step 4: chain guard inside every cluster.
     kept: list[np.ndarray] = []
-    mean_similarity = np.ones(num_clients)
+    mean_similarity = np.zeros(num_clients)
     for label in range(num_labels):
-        members = np.flatnonzero(labels == label)
+        members = np.flatnonzero(sub_labels == label)
         keep, cosines = _refine_by_mean_direction(
-            matrix[np.ix_(members, members)], min_mean_similarity
+            sub[np.ix_(members, members)], min_mean_similarity
         )
-        mean_similarity[members] = cosines
-        kept.append(members[keep])
+        mean_similarity[candidates[members]] = cosines
+        kept.append(candidates[members[keep]])
 
-    # Largest, then most stake, then lowest index (members are ascending, so [0] is min).
+    # Step 5: largest, then most stake, then lowest index (kept[lab] is ascending).
     best = min(
         range(num_labels),
         key=lambda lab: (-kept[lab].size, -math.fsum(weights[kept[lab]]), int(kept[lab][0])),
@@ -334,24 +409,34 @@ def screen_updates(
     trusted_mask = np.zeros(num_clients, dtype=bool)
     trusted_mask[kept[best]] = True
     trusted = np.flatnonzero(trusted_mask)
+    labels = np.full(num_clients, -1, dtype=np.int64)
+    labels[candidates] = sub_labels
 
+    threshold = f"tau={tau_used:.2f}"
+    if tau_used < tau:
+        threshold += f" (lowered from {tau:.2f} so that a majority clusters)"
     reasons: list[str] = []
     for i in range(num_clients):
         if trusted_mask[i]:
             reasons.append(
-                f"trusted: in the largest cluster at tau={tau:.2f} "
+                f"trusted: in the largest cluster at {threshold} "
                 f"({trusted.size} of {num_clients} clients)"
+            )
+        elif too_long[i]:
+            reasons.append(
+                f"update norm {lengths[i] / median_norm:.2f}x the median, "
+                f"above max_norm_ratio={max_norm_ratio:.2f}"
             )
         elif labels[i] == best:
             reasons.append(
                 f"cosine similarity to the trusted cluster's mean direction "
                 f"{mean_similarity[i]:.2f} below {min_mean_similarity:.2f} "
-                f"(linked into the cluster at tau={tau:.2f} only through a chain)"
+                f"(linked into the cluster at {threshold} only through a chain)"
             )
         else:
             closest = float(matrix[i, trusted].max())
             reasons.append(
-                f"cosine similarity to trusted cluster below tau={tau:.2f} (max {closest:.2f})"
+                f"cosine similarity to trusted cluster below {threshold} (max {closest:.2f})"
             )
     return ScreeningResult(
         trusted=tuple(int(i) for i in trusted),
@@ -360,7 +445,22 @@ def screen_updates(
         labels=tuple(int(label) for label in labels),
         trusted_label=int(best),
         mean_similarity=tuple(float(x) for x in mean_similarity),
+        tau_used=tau_used,
     )
+
+
+def _per_client(
+    name: str, values: Sequence[float] | np.ndarray | None, num_clients: int, default: float
+) -> np.ndarray:
+    """Return one finite, non-negative float per client (``default`` when None)."""
+    if values is None:
+        return np.full(num_clients, default)
+    array = np.asarray(values, dtype=np.float64)
+    if array.shape != (num_clients,):
+        raise ValueError(f"{name} must have {num_clients} entries, got shape {array.shape}")
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {array.tolist()}")
+    return array
 
 
 def loss_deltas(baseline_loss: float, candidate_losses: Sequence[float] | np.ndarray) -> np.ndarray:
