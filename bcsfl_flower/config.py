@@ -57,7 +57,9 @@ class RunSettings:
     output_dir: str = ""
     strategy: str = "bcsfl"
     selection: str = "trusted-mean"
-    cosine_threshold: float = 0.7
+    cosine_threshold: float = 0.0
+    screening_centering: str = "median"
+    majority_fallback: bool = True
     num_validators: int = 5
     num_miners: int = 5
     initial_stake: str = "equal"
@@ -65,6 +67,11 @@ class RunSettings:
     stake_slash: float = 0.5
     vote_tolerance: float = 0.05
     loss_metric_key: str = "eval_loss"
+    chain: str = "embedded"
+    chain_retry_attempts: int = 5
+    chain_retry_base_delay: float = 0.5
+    packet_window_s: float = 300.0
+    client_registry: str = ""
 
     def __post_init__(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
@@ -88,6 +95,11 @@ class RunSettings:
         _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}")
         _require(self.selection in SELECTIONS, "selection", f"must be one of {SELECTIONS}")
         _require(-1.0 <= self.cosine_threshold <= 1.0, "cosine-threshold", "must be in [-1, 1]")
+        _require(
+            self.screening_centering in ("median", "none"),
+            "screening-centering",
+            "must be 'median' or 'none'",
+        )
         _require(self.num_validators >= 1, "num-validators", "must be >= 1")
         _require(self.num_miners >= 1, "num-miners", "must be >= 1")
         _require(
@@ -99,6 +111,20 @@ class RunSettings:
         _require(self.stake_slash >= 0.0, "stake-slash", "must be >= 0")
         _require(self.vote_tolerance >= 0.0, "vote-tolerance", "must be >= 0")
         _require(bool(self.loss_metric_key), "loss-metric-key", "must not be empty")
+        _require(
+            self.chain in ("embedded", "anvil", "none")
+            or self.chain.startswith(("http://", "https://")),
+            "chain",
+            f"must be 'embedded', 'anvil', 'none' or an http(s):// URL, got {self.chain!r}",
+        )
+        _require(self.chain_retry_attempts >= 1, "chain-retry-attempts", "must be >= 1")
+        _require(self.chain_retry_base_delay >= 0, "chain-retry-base-delay", "must be >= 0")
+        _require(self.packet_window_s > 0, "packet-window-s", "must be > 0")
+        _require(
+            self.client_registry == "" or Path(self.client_registry).is_absolute(),
+            "client-registry",
+            "must be an absolute path to a JSON list of client addresses",
+        )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:

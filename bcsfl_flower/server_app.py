@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +14,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from bcsfl_flower.baselines import build_baseline
+from bcsfl_flower.chain.audit import RetryPolicy
 from bcsfl_flower.config import RunSettings
+from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.results import RunRecorder
 from bcsfl_flower.strategy import BCSFL
 from bcsfl_flower.task.attacks import choose_attackers, rejection_scores
@@ -61,22 +65,60 @@ def _run(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> None:
         record.update(_attack_scores(record, set(attackers)))
         recorder.record(server_round, record)
 
-    strategy = build_strategy(settings, record_round, num_partitions)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=settings.num_server_rounds,
-        train_config=ConfigRecord(
-            {"learning-rate": settings.learning_rate, "local-epochs": settings.local_epochs}
-        ),
-        evaluate_fn=evaluate,
-    )
+    initial_arrays = ArrayRecord(model.state_dict())
+    notary = open_notary(settings, recorder.output_dir, initial_arrays, num_partitions)
+    try:
+        strategy = build_strategy(settings, record_round, num_partitions, notary)
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=settings.num_server_rounds,
+            train_config=ConfigRecord(
+                {"learning-rate": settings.learning_rate, "local-epochs": settings.local_epochs}
+            ),
+            evaluate_fn=evaluate,
+        )
+    finally:
+        if notary is not None:
+            notary.close()
     final = result.evaluate_metrics_serverapp.get(settings.num_server_rounds)
     if final is not None:
         recorder.set("final_test_accuracy", final["test_accuracy"])
 
 
-def build_strategy(settings: RunSettings, round_sink: Any, num_nodes: int) -> Strategy:
+def open_notary(
+    settings: RunSettings, output_dir: Path, initial_arrays: ArrayRecord, num_partitions: int
+) -> RoundNotary | None:
+    """Open the audit trail named by run config ``chain`` (None for ``"none"`` or baselines).
+
+    In simulation the development accounts of every partition are registered (the keys
+    the bcsfl mod signs with); ``client-registry`` adds a deployment's client addresses.
+    """
+    if settings.chain == "none" or settings.strategy != "bcsfl":
+        return None
+    registered: list[str] = []
+    if settings.client_registry:
+        registered = list(json.loads(Path(settings.client_registry).read_text()))
+    return RoundNotary.open(
+        settings.chain,
+        output_dir,
+        initial_arrays,
+        num_simulated_clients=0 if registered else num_partitions,
+        registered=registered,
+        retry=RetryPolicy(
+            attempts=settings.chain_retry_attempts,
+            base_delay_s=settings.chain_retry_base_delay,
+        ),
+        packet_window_s=settings.packet_window_s,
+    )
+
+
+def build_strategy(
+    settings: RunSettings,
+    round_sink: Any,
+    num_nodes: int,
+    notary: RoundNotary | None = None,
+) -> Strategy:
     """Return the strategy named by run config ``strategy``, configured from ``settings``.
 
     Federated evaluation is off (``fraction_evaluate=0``): the global model is
@@ -94,6 +136,8 @@ def build_strategy(settings: RunSettings, round_sink: Any, num_nodes: int) -> St
         fraction_evaluate=0.0,
         selection=settings.selection,  # type: ignore[arg-type]
         cosine_threshold=settings.cosine_threshold,
+        screening_centering=settings.screening_centering,
+        majority_fallback=settings.majority_fallback,
         num_validators=settings.num_validators,
         num_miners=settings.num_miners,
         initial_stake=settings.initial_stake,  # type: ignore[arg-type]
@@ -101,6 +145,7 @@ def build_strategy(settings: RunSettings, round_sink: Any, num_nodes: int) -> St
         stake_slash=settings.stake_slash,
         vote_tolerance=settings.vote_tolerance,
         loss_metric_key=settings.loss_metric_key,
+        notary=notary,
         round_sink=round_sink,
     )
 

@@ -14,14 +14,17 @@ One round (``aggregate_train``), after Flower has collected the training replies
    messages (:mod:`bcsfl_flower.validation`); their loss deltas are votes.
 5. **Consensus**: ``ceil(2M/3)`` votes commit the candidate, anything less rolls back
    to ``w_t`` (:mod:`bcsfl_flower.consensus`).
-6. **Stakes**: trusted clients are rewarded, rejected ones slashed.
+6. **Mine and anchor** (with a :class:`~bcsfl_flower.notary.RoundNotary`): miners sign
+   the committed candidate, ``ceil(2N/3)`` approvals form the quorum certificate, and
+   the round is anchored on chain; without a certificate the round rolls back.
+7. **Stakes**: trusted clients are rewarded, rejected ones slashed.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 from typing import Any, Literal
 
@@ -34,11 +37,14 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from bcsfl_flower.committee import Committee, StakeLedger, draw_committee
 from bcsfl_flower.consensus import ConsensusDecision, tally_accepts, tally_votes
-from bcsfl_flower.packets import model_hash
+from bcsfl_flower.notary import RoundNotary
+from bcsfl_flower.packets import SignedModelPacket, model_hash
 from bcsfl_flower.replies import AcceptedReply, ReplyChecker
 from bcsfl_flower.screening import (
+    CENTERINGS,
     accept_vote,
     best_candidate_vote,
+    center_updates,
     cosine_similarity_matrix,
     flatten_updates,
     screen_updates,
@@ -86,8 +92,20 @@ class BCSFL(FedAvg):
         it. ``"trusted-mean"``: the sample-weighted mean of the trusted cluster is the
         single candidate and a validator accepts it when ``dE >= -vote_tolerance``.
         The default uses every honest client's work; the paper's mode keeps one.
-    cosine_threshold : float (default: 0.7)
-        ``tau`` of the screening graph (the paper uses 0.7 on MNIST, 0.5 on CIFAR-10).
+    cosine_threshold : float (default: 0.0)
+        ``tau`` of the screening graph, applied to the similarities of the centred
+        updates (see ``screening_centering``).
+    screening_centering : {"median", "none"} (default: "median")
+        ``"median"`` compares updates after subtracting their coordinate-wise median,
+        which separates a coherent attacking minority from heterogeneous honest
+        clients; ``"none"`` is the paper's raw cosine (use it with the paper's
+        ``cosine_threshold=0.7`` on MNIST or 0.5 on CIFAR-10). See
+        :func:`bcsfl_flower.screening.center_updates`.
+    majority_fallback : bool (default: True)
+        When no cluster at ``cosine_threshold`` holds a majority of the clients, lower
+        the threshold to the highest value at which one does (never raise it), so the
+        trusted cluster is always a majority when the updates allow one. ``False`` is
+        the paper's fixed threshold.
     num_validators, num_miners : int (default: 5, 5)
         Committee seats, clamped to the number of trusted clients.
     initial_stake : {"equal", "data-size", "explicit"} (default: "equal")
@@ -105,9 +123,13 @@ class BCSFL(FedAvg):
         Key of the loss in the validators' evaluate replies.
     committee_timeout : float (default: 600)
         Seconds to wait for the validators.
+    notary : RoundNotary, optional
+        Audit trail: verifies the clients' signed packets, gathers the miners' quorum
+        certificate, stores every committed model and anchors every round on chain.
+        Without it the round logic is the same but nothing is anchored.
     round_sink : RoundSink, optional
         Called once per round with a JSON-serialisable record (committee, trusted and
-        rejected clients with reasons, votes, outcome, stakes).
+        rejected clients with reasons, votes, outcome, stakes, anchoring).
     **fedavg_kwargs
         Every ``FedAvg`` argument (``fraction_train``, ``min_train_nodes``, ...).
     """
@@ -117,7 +139,9 @@ class BCSFL(FedAvg):
         self,
         *,
         selection: Selection = "trusted-mean",
-        cosine_threshold: float = 0.7,
+        cosine_threshold: float = 0.0,
+        screening_centering: str = "median",
+        majority_fallback: bool = True,
         num_validators: int = 5,
         num_miners: int = 5,
         initial_stake: InitialStake = "equal",
@@ -127,6 +151,7 @@ class BCSFL(FedAvg):
         vote_tolerance: float = 0.05,
         loss_metric_key: str = "eval_loss",
         committee_timeout: float = 600.0,
+        notary: RoundNotary | None = None,
         round_sink: RoundSink | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
@@ -137,6 +162,10 @@ class BCSFL(FedAvg):
             raise ValueError(
                 f"initial_stake must be one of {INITIAL_STAKES}, got {initial_stake!r}"
             )
+        if screening_centering not in CENTERINGS:
+            raise ValueError(
+                f"screening_centering must be one of {CENTERINGS}, got {screening_centering!r}"
+            )
         if not -1.0 <= cosine_threshold <= 1.0:
             raise ValueError(f"cosine_threshold must be in [-1, 1], got {cosine_threshold}")
         if num_validators < 1 or num_miners < 1:
@@ -145,6 +174,8 @@ class BCSFL(FedAvg):
             raise ValueError("stake_reward, stake_slash and vote_tolerance must be >= 0")
         self.selection = selection
         self.cosine_threshold = cosine_threshold
+        self.screening_centering = screening_centering
+        self.majority_fallback = majority_fallback
         self.num_validators = num_validators
         self.num_miners = num_miners
         self.initial_stake = initial_stake
@@ -152,6 +183,7 @@ class BCSFL(FedAvg):
         self.stake_reward = stake_reward
         self.stake_slash = stake_slash
         self.vote_tolerance = vote_tolerance
+        self.notary = notary
         self.round_sink = round_sink
         self.validation = CommitteeValidation(loss_metric_key, committee_timeout)
         self.ledger = StakeLedger()
@@ -165,7 +197,12 @@ class BCSFL(FedAvg):
         log(
             INFO, "\t\t├── Selection: %s (vote tolerance %.3f)", self.selection, self.vote_tolerance
         )
-        log(INFO, "\t\t├── Cosine threshold tau: %.2f", self.cosine_threshold)
+        log(
+            INFO,
+            "\t\t├── Screening: tau %.2f on %s-centred updates",
+            self.cosine_threshold,
+            self.screening_centering,
+        )
         log(
             INFO,
             "\t\t├── Committee: %d validators, %d miners",
@@ -191,6 +228,9 @@ class BCSFL(FedAvg):
         """
         self._global_arrays = arrays
         self._grid = grid
+        if self.notary is not None:
+            for key, value in self.notary.signing_config().items():
+                config[key] = value
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -220,6 +260,8 @@ class BCSFL(FedAvg):
             "clients": {str(r.node_id): _scalar_metrics(r.metrics) for r in accepted},
             "rejected": {str(r.node_id): r.reason for r in rejected},
         }
+        packets = self._check_packets(server_round, accepted, record)
+        accepted = [r for r in accepted if str(r.node_id) not in record["rejected"]]
         for reply in accepted:
             self._register(reply)
         previous_hash = model_hash(global_arrays)
@@ -231,13 +273,17 @@ class BCSFL(FedAvg):
 
         screening = screen_updates(
             cosine_similarity_matrix(
-                flatten_updates(
-                    [list(_numpy(r.arrays).values()) for r in accepted],
-                    list(_numpy(global_arrays).values()),
+                center_updates(
+                    flatten_updates(
+                        [list(_numpy(r.arrays).values()) for r in accepted],
+                        list(_numpy(global_arrays).values()),
+                    ),
+                    self.screening_centering,
                 )
             ),
             self.cosine_threshold,
             self.ledger.stakes_for([str(r.node_id) for r in accepted]),
+            majority_fallback=self.majority_fallback,
         )
         for index in screening.rejected:
             record["rejected"][str(accepted[index].node_id)] = screening.reasons[index]
@@ -271,6 +317,28 @@ class BCSFL(FedAvg):
             r.validator: list(r.problems) for r in reports if r.problems
         }
         log(INFO, "consensus: %s", decision.reason)
+        if decision.committed and self.notary is not None:
+            certification = self.notary.certify(
+                grid,
+                server_round,
+                candidates[decision.candidate],
+                [packets[str(r.node_id)] for r in trusted if str(r.node_id) in packets],
+                committee.miners,
+            )
+            record["mining"] = {
+                "certified_by": certification.certified_by,
+                "refusals": certification.refusals,
+            }
+            if certification.certificate is None:
+                decision = replace(
+                    decision,
+                    committed=False,
+                    candidate=None,
+                    reason=f"rollback: validators committed but the miners' quorum "
+                    f"certificate failed ({len(certification.refusals)} refused)",
+                )
+            else:
+                record["chain"] = self.notary.anchor(candidates[decision.candidate], certification)
         new_arrays = candidates[decision.candidate] if decision.committed else global_arrays
         return self._finish(
             server_round,
@@ -281,6 +349,23 @@ class BCSFL(FedAvg):
             accepted,
             record,
         )
+
+    def _check_packets(
+        self, server_round: int, accepted: list[AcceptedReply], record: dict[str, Any]
+    ) -> dict[str, SignedModelPacket]:
+        """Verify signed packets; a reply with a bad packet joins the rejected."""
+        if self.notary is None:
+            return {}
+        packets = {}
+        for reply in accepted:
+            check = self.notary.check_packet(reply.node_id, reply.message.content, server_round)
+            if check.rejection is not None:
+                log(WARNING, "Rejected reply from node %s: %s", reply.node_id, check.rejection)
+                record["rejected"][str(reply.node_id)] = check.rejection
+            elif check.packet is not None:
+                packets[str(reply.node_id)] = check.packet
+        record["signed"] = sorted(packets)
+        return packets
 
     def _candidates(self, trusted: list[AcceptedReply]) -> dict[str, ArrayRecord]:
         if self.selection == "paper":
@@ -329,6 +414,8 @@ class BCSFL(FedAvg):
         rejected_ids = [n for n in record["rejected"] if n in self.ledger]
         self.ledger.reward(trusted_ids, self.stake_reward)
         self.ledger.slash(rejected_ids, self.stake_slash)
+        if not decision.committed and self.notary is not None:
+            record["chain"] = self.notary.rollback(server_round, decision.reason)
         if not decision.committed:
             log(
                 WARNING,

@@ -444,3 +444,43 @@ def test_accept_vote_boundary():
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="tolerance"):
             accept_vote(0.0, bad)
+
+
+def _heterogeneous_federation(rng, num_honest=7, num_attackers=3, dim=5000):
+    """Honest updates: a weak shared direction under strong independent noise (nearly
+    orthogonal in raw form, as on non-IID MNIST); attackers share a deviation."""
+    shared = rng.normal(size=dim)
+    deviation = rng.normal(size=dim)
+    honest = [0.3 * shared + rng.normal(size=dim) for _ in range(num_honest)]
+    attackers = [
+        0.3 * shared + 0.6 * deviation + rng.normal(size=dim) for _ in range(num_attackers)
+    ]
+    return np.stack(honest + attackers)
+
+
+def test_median_centering_exposes_a_coherent_minority_that_raw_cosine_misses():
+    from bcsfl_flower.screening import center_updates
+
+    rng = np.random.default_rng(11)
+    updates = _heterogeneous_federation(rng)
+    attackers = {7, 8, 9}
+    raw = screen_updates(cosine_similarity_matrix(updates), tau=0.7)
+    assert set(raw.rejected) != attackers  # the paper's raw rule cannot tell them apart
+    centred_similarity = cosine_similarity_matrix(center_updates(updates, "median"))
+    centred = screen_updates(centred_similarity, tau=0.0, majority_fallback=True)
+    # Every attacker goes; the majority fallback stops at the smallest majority, so at
+    # most one heterogeneous honest client may be left out with them.
+    assert attackers <= set(centred.rejected)
+    assert len(set(centred.rejected) - attackers) <= 1
+
+
+def test_centering_leaves_small_federations_and_none_unchanged():
+    from bcsfl_flower.screening import MIN_CENTERED_UPDATES, center_updates
+
+    updates = np.arange(12.0).reshape(MIN_CENTERED_UPDATES - 1, 3)
+    assert center_updates(updates, "median") is updates
+    big = np.arange(30.0).reshape(10, 3)
+    assert center_updates(big, "none") is big
+    np.testing.assert_allclose(np.median(center_updates(big, "median"), axis=0), 0.0)
+    with pytest.raises(ValueError, match="centering"):
+        center_updates(big, "mean")
