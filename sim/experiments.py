@@ -1,0 +1,171 @@
+"""Run the robustness grid as real Flower simulations and write its table and figures.
+
+Every run is ``flwr run`` of this app (via :func:`bcsfl_flower.launch.run_federation`),
+so the experiments exercise exactly the strategy code a user deploys. The grid is
+resumable: finished runs are kept and skipped when the command is run again, so an
+interrupted grid picks up where it stopped, and ``--report-only`` rebuilds the outputs
+from the runs on disk.
+
+Usage::
+
+    python -m sim.experiments --preset fast --out sim/results/fast    # 4 runs, minutes
+    python -m sim.experiments --preset full --out sim/results/full    # 49 runs, hours
+    python -m sim.experiments --preset full --out sim/results/full --list
+    python -m sim.experiments --preset full --dataset cifar10 --out sim/results/cifar10
+
+Outputs in ``--out``: ``runs/<run_id>/`` (each run's ``results.json``, ``run.log``,
+``spec.json``), ``rounds.csv``, ``summary.csv``, ``table.md`` and ``figures/*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from logging import ERROR, INFO
+from pathlib import Path
+
+from flwr.common.logger import log
+
+from bcsfl_flower.config import DATA_DIR_ENV
+from sim.figures import plot_grid
+from sim.grid import PRESETS, STRATEGIES, ExperimentSpec, Preset
+from sim.records import RunResult
+from sim.report import markdown_report, write_rounds_csv, write_summary_csv
+from sim.runner import RUNS_DIR, GridRunner
+
+EXIT_OK = 0
+EXIT_FAILED_RUNS = 1
+EXIT_USAGE = 2
+
+
+def check_data(dataset: str, data_dir: Path) -> int:
+    """Load ``dataset``'s test split from ``data_dir`` once, before any run starts.
+
+    A missing dataset would otherwise fail every run of the grid, one ServerApp start
+    at a time; this fails at once with the loader's message (which files, where).
+
+    Returns
+    -------
+    int
+        Number of test samples found.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the dataset is not in ``data_dir``.
+    """
+    from bcsfl_flower.task.data import load_split  # torch: only when runs are due
+
+    return len(load_split(dataset, Path(data_dir).resolve(), train=False))
+
+
+def write_outputs(
+    out_dir: Path,
+    specs: Sequence[ExperimentSpec],
+    runner: GridRunner,
+    *,
+    preset: Preset,
+    command: str,
+    failed: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Write ``rounds.csv``, ``summary.csv``, ``table.md`` and the figures for ``specs``.
+
+    Only runs that :meth:`GridRunner.is_complete` accepts are reported.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [RunResult.load(s, runner.run_dir(s)) for s in specs if runner.is_complete(s)]
+    dataset = specs[0].dataset if specs else "mnist"
+    seeds = ", ".join(str(seed) for seed in preset.seeds)
+    setup = (
+        f"{dataset.upper()}, {preset.num_clients} clients with Dirichlet(alpha="
+        f"{preset.dirichlet_alpha}) label-skewed partitions, {preset.num_rounds} rounds, "
+        f"seed(s) {seeds}; other settings are the app defaults of pyproject.toml."
+    )
+    table = out_dir / "table.md"
+    table.write_text(
+        markdown_report(
+            runs,
+            title=f"Robustness grid `{preset.name}` on {dataset.upper()}",
+            command=command,
+            setup=setup,
+            planned=len(specs),
+            failed=failed,
+        )
+    )
+    return [
+        write_rounds_csv(out_dir / "rounds.csv", runs),
+        write_summary_csv(out_dir / "summary.csv", runs),
+        table,
+        *plot_grid(runs, out_dir / "figures"),
+    ]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sim.experiments", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="fast")
+    parser.add_argument("--out", type=Path, help="output directory (default sim/results/<preset>)")
+    parser.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get(DATA_DIR_ENV, "data")),
+        help=f"dataset root (default: ${DATA_DIR_ENV} or ./data)",
+    )
+    parser.add_argument(
+        "--strategies", nargs="+", choices=list(STRATEGIES), help="run only these strategies"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=7200.0, help="seconds before one run is stopped"
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="show the plan and its status, run nothing"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild CSV/table/figures from finished runs"
+    )
+    parser.add_argument("--stream", action="store_true", help="echo each run's log")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (1 if any run failed)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    out_dir = args.out if args.out is not None else Path("sim") / "results" / preset.name
+    specs = preset.specs(args.dataset, tuple(args.strategies) if args.strategies else None)
+    runner = GridRunner(out_dir, data_dir=args.data_dir, timeout=args.timeout, stream=args.stream)
+
+    if args.list:
+        for spec in specs:
+            state = "done" if runner.is_complete(spec) else "to run"
+            print(f"{state:>7}  {spec.run_id}")
+        return EXIT_OK
+
+    failed: dict[str, str] = {}
+    if not args.report_only:
+        if not all(runner.is_complete(spec) for spec in specs):
+            try:
+                check_data(args.dataset, args.data_dir)
+            except FileNotFoundError as err:
+                log(ERROR, "%s", err)
+                return EXIT_USAGE
+        failed = runner.run(specs).failed
+    command = shlex.join(["python", "-m", "sim.experiments", *argv])
+    written = write_outputs(out_dir, specs, runner, preset=preset, command=command, failed=failed)
+    log(
+        INFO,
+        "grid outputs: %s (runs in %s)",
+        ", ".join(str(p) for p in written),
+        out_dir / RUNS_DIR,
+    )
+    return EXIT_FAILED_RUNS if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

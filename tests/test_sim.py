@@ -1,0 +1,430 @@
+"""The experiment machinery of sim/: metrics, grid, resumable runner, outputs, CIFAR-10 path.
+
+The end-to-end test runs the `fast` preset for real (4 `flwr run` federations on
+MNIST through the launcher) and then runs it again to show nothing is recomputed.
+"""
+
+import dataclasses
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA_DIR, REPO
+
+if str(REPO) not in sys.path:  # `sim` is a top-level package of the repository
+    sys.path.insert(0, str(REPO))
+
+from bcsfl_flower.launch import FederationFailedError, FederationRun  # noqa: E402
+from bcsfl_flower.task.attacks import choose_attackers  # noqa: E402
+from bcsfl_flower.task.data import load_client_data, load_split, load_test_data  # noqa: E402
+from bcsfl_flower.task.models import build_model  # noqa: E402
+from bcsfl_flower.task.training import evaluate_confusion  # noqa: E402
+from sim.experiments import EXIT_OK, EXIT_USAGE, check_data, main  # noqa: E402
+from sim.grid import PRESETS, STRATEGIES, ExperimentSpec  # noqa: E402
+from sim.metrics import (  # noqa: E402
+    FLIP_ALL,
+    attack_success_rate,
+    count_rollbacks,
+    mean_defined,
+    min_source_class_accuracy,
+    source_class_accuracy,
+)
+from sim.records import ROUND_COLUMNS, RunResult  # noqa: E402
+from sim.report import accuracy_pivot  # noqa: E402
+from sim.runner import SPEC_FILE, GridRunner  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- metrics on hand-made confusion matrices ---------------------------------------------
+
+
+def test_a_perfect_model_has_full_source_accuracy_and_no_attack_success():
+    confusion = np.diag(np.arange(1, 11)) * 10
+    assert source_class_accuracy(confusion) == 1.0
+    assert attack_success_rate(confusion) == 0.0
+    assert min_source_class_accuracy(confusion) == 1.0
+
+
+def test_a_fully_flipped_model_has_attack_success_one():
+    confusion = np.zeros((10, 10), dtype=int)
+    for c in range(10):
+        confusion[c, 9 - c] = 7
+    assert attack_success_rate(confusion) == 1.0
+    assert source_class_accuracy(confusion) == 0.0
+
+
+def test_targeted_mapping_counts_only_source_rows_and_target_column():
+    confusion = np.zeros((10, 10), dtype=int)
+    confusion[0, 0], confusion[0, 9], confusion[0, 5] = 6, 3, 1  # source class 0 -> 9
+    confusion[1, 1], confusion[1, 8] = 2, 8  # class 1 is not a source here
+    confusion[9, 9] = 50  # target class row: not counted
+    assert source_class_accuracy(confusion, {0: 9}) == pytest.approx(0.6)
+    assert attack_success_rate(confusion, {0: 9}) == pytest.approx(0.3)
+    # two sources pooled: (6 + 2) / 20 correct, (3 + 8) / 20 to their targets
+    assert source_class_accuracy(confusion, {0: 9, 1: 8}) == pytest.approx(0.4)
+    assert attack_success_rate(confusion, {0: 9, 1: 8}) == pytest.approx(0.55)
+    assert min_source_class_accuracy(confusion, {0: 9, 1: 8}) == pytest.approx(0.2)
+
+
+def test_flip_all_source_accuracy_is_test_accuracy_and_asr_reads_anti_diagonal():
+    rng = np.random.default_rng(0)
+    confusion = rng.integers(0, 20, size=(10, 10))
+    assert source_class_accuracy(confusion, FLIP_ALL) == pytest.approx(
+        np.trace(confusion) / confusion.sum()
+    )
+    anti = sum(confusion[c, 9 - c] for c in range(10))
+    assert attack_success_rate(confusion, FLIP_ALL) == pytest.approx(anti / confusion.sum())
+
+
+def test_source_classes_without_samples_give_none():
+    confusion = np.zeros((10, 10), dtype=int)
+    confusion[3, 3] = 4
+    assert attack_success_rate(confusion, {0: 9}) is None
+    assert source_class_accuracy(confusion, {0: 9}) is None
+    assert min_source_class_accuracy(confusion, {0: 9, 3: 6}) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("confusion", "mapping", "message"),
+    [
+        (np.zeros((10, 9)), FLIP_ALL, "square"),
+        (-np.ones((10, 10)), FLIP_ALL, "negative"),
+        (np.zeros((10, 10)), {0: 10}, "outside"),
+        (np.zeros((10, 10)), {4: 4}, "its own target"),
+        (np.zeros((10, 10)), {}, "at least one"),
+    ],
+)
+def test_bad_confusion_or_mapping_is_named(confusion, mapping, message):
+    with pytest.raises(ValueError, match=message):
+        attack_success_rate(confusion, mapping)
+
+
+def test_mean_defined_skips_undefined_rounds():
+    assert mean_defined([None, 0.5, 1.0, None]) == pytest.approx(0.75)
+    assert mean_defined([0.0, 0.0]) == 0.0
+    assert mean_defined([None, None]) is None
+    assert mean_defined([]) is None
+
+
+def test_rollbacks_are_counted_only_where_rounds_record_an_outcome():
+    rounds = {"0": {}, "1": {"outcome": "commit"}, "2": {"outcome": "rollback"}}
+    rounds["3"] = {"outcome": "rollback"}
+    assert count_rollbacks(rounds) == 2
+    assert count_rollbacks({"0": {}, "1": {"test_accuracy": 0.9}}) is None
+
+
+def _confusion(accuracy_per_class):
+    confusion = np.zeros((10, 10), dtype=int)
+    for c, correct in enumerate(accuracy_per_class):
+        confusion[c, c] = correct
+        confusion[c, 9 - c] += 10 - correct
+    return confusion.tolist()
+
+
+def test_run_summary_aggregates_precision_recall_rejections_and_rollbacks():
+    spec = ExperimentSpec("bcsfl", "label-flip", 0.3, num_clients=4, num_rounds=3)
+    results = {
+        "status": "completed",
+        "final_test_accuracy": 0.8,
+        "rounds": {
+            "0": {"round": 0, "test_accuracy": 0.1, "confusion": _confusion([1] * 10)},
+            "1": {
+                "round": 1,
+                "rejected": {"11": "cosine", "12": "cosine"},
+                "rejected_partitions": [1, 2],
+                "attacker_precision": 0.5,
+                "attacker_recall": 1.0,
+                "outcome": "commit",
+                "test_accuracy": 0.7,
+                "confusion": _confusion([7] * 10),
+            },
+            "2": {
+                "round": 2,
+                "rejected": {},
+                "rejected_partitions": [],
+                "attacker_precision": None,
+                "attacker_recall": 0.0,
+                "outcome": "rollback",
+                "test_accuracy": 0.7,
+                "confusion": _confusion([7] * 10),
+            },
+            "3": {
+                "round": 3,
+                "rejected": {"11": "cosine"},
+                "rejected_partitions": [1],
+                "attacker_precision": 1.0,
+                "attacker_recall": 1.0,
+                "outcome": "commit",
+                "test_accuracy": 0.8,
+                "confusion": _confusion([9, 9, 9, 9, 9, 9, 9, 9, 9, 0]),
+            },
+        },
+    }
+    run = RunResult(spec, results, wall_s=12.5)
+    rows = run.round_rows()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert set(rows[0]) == set(ROUND_COLUMNS)
+    assert rows[1]["num_rejected"] == 2 and rows[1]["rejected_partitions"] == "1;2"
+    assert rows[0]["num_rejected"] is None
+    assert rows[1]["attack_success_rate"] == pytest.approx(0.3)
+    summary = run.summary()
+    assert summary["mean_attacker_precision"] == pytest.approx(0.75)  # round 2 undefined
+    assert summary["mean_attacker_recall"] == pytest.approx(2 / 3)
+    assert summary["mean_rejected"] == pytest.approx(1.0)
+    assert summary["rollbacks"] == 1
+    assert summary["final_accuracy"] == 0.8
+    assert summary["final_min_source_class_accuracy"] == 0.0
+    assert summary["final_attack_success_rate"] == pytest.approx(0.19)
+    assert summary["wall_s"] == 12.5
+
+
+def test_baseline_runs_have_no_rejections_and_no_asr_outside_label_flipping():
+    spec = ExperimentSpec("krum", "sign-flip", 0.3, num_clients=4, num_rounds=1)
+    results = {
+        "status": "completed",
+        "rounds": {
+            "0": {"round": 0, "test_accuracy": 0.1, "confusion": _confusion([1] * 10)},
+            "1": {"round": 1, "test_accuracy": 0.5, "confusion": _confusion([5] * 10)},
+        },
+    }
+    summary = RunResult(spec, results).summary()
+    assert summary["final_accuracy"] == 0.5  # falls back to the last round
+    assert summary["final_attack_success_rate"] is None
+    assert summary["rollbacks"] is None
+    assert summary["mean_rejected"] is None
+    assert summary["mean_attacker_precision"] is None
+
+
+# -- the grid -------------------------------------------------------------------------------
+
+
+def test_full_preset_is_the_paper_grid():
+    specs = PRESETS["full"].specs()
+    assert len(specs) == 7 * (4 + 3)
+    assert len({s.run_id for s in specs}) == len(specs)
+    assert {s.strategy for s in specs} == set(STRATEGIES)
+    cells = {(s.attack, s.attacker_fraction) for s in specs}
+    assert cells == {("label-flip", f) for f in (0.0, 0.1, 0.3, 0.5)} | {
+        (a, 0.3) for a in ("sign-flip", "gaussian-noise", "scale")
+    }
+    assert {(s.num_clients, s.num_rounds, s.dirichlet_alpha, s.dataset) for s in specs} == {
+        (20, 20, 0.5, "mnist")
+    }
+
+
+def test_spec_run_config_selects_strategy_attack_and_scale():
+    config = ExperimentSpec("bcsfl-paper", "scale", 0.3, dataset="cifar10").run_config()
+    assert config["strategy"] == "bcsfl" and config["selection"] == "paper"
+    assert config["attack"] == "scale" and config["attack-scale"] == 10.0
+    assert config["dataset"] == "cifar10" and config["attacker-fraction"] == 0.3
+    assert ExperimentSpec("krum", "label-flip", 0.0).run_config()["strategy"] == "krum"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"strategy": "fedprox"}, "unknown strategy"),
+        ({"attack": "backdoor"}, "unknown attack"),
+        ({"attacker_fraction": 1.0}, "attacker_fraction"),
+        ({"dataset": "svhn"}, "unknown dataset"),
+    ],
+)
+def test_bad_specs_are_rejected_by_name(kwargs, message):
+    values = {"strategy": "fedavg", "attack": "label-flip", "attacker_fraction": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        ExperimentSpec(**values)
+
+
+# -- the runner, with a stand-in federation (the real one runs in the end-to-end test) --------
+
+
+class CountingLaunch:
+    """Stands in for run_federation: writes a completed results.json and counts calls."""
+
+    def __init__(self, fail_on=()):
+        self.calls = []
+        self.fail_on = set(fail_on)
+
+    def __call__(self, output_dir, *, num_supernodes, run_config, data_dir, timeout, stream):
+        self.calls.append((output_dir.name, num_supernodes, dict(run_config)))
+        if output_dir.name in self.fail_on:
+            raise FederationFailedError("boom")
+        results = {"status": "completed", "final_test_accuracy": 0.5, "rounds": {}}
+        (output_dir / "results.json").write_text(json.dumps(results))
+        return FederationRun(output_dir, results, output_dir / "run.log")
+
+
+def test_runner_skips_complete_runs_redoes_outdated_ones_and_survives_failures(tmp_path):
+    specs = [
+        ExperimentSpec("fedavg", "label-flip", 0.0, num_clients=3, num_rounds=1),
+        ExperimentSpec("bcsfl", "label-flip", 0.0, num_clients=3, num_rounds=1),
+    ]
+    launch = CountingLaunch(fail_on={specs[1].run_id})
+    runner = GridRunner(tmp_path, data_dir=DATA_DIR, launch=launch)
+    first = runner.run(specs)
+    assert first.ran == [specs[0].run_id] and list(first.failed) == [specs[1].run_id]
+    assert launch.calls[0][1] == 3 and launch.calls[0][2]["strategy"] == "fedavg"
+    assert runner.is_complete(specs[0]) and not runner.is_complete(specs[1])
+
+    launch.fail_on.clear()
+    second = runner.run(specs)
+    assert second.reused == [specs[0].run_id] and second.ran == [specs[1].run_id]
+    assert len(launch.calls) == 3
+
+    assert runner.run(specs).ran == [] and len(launch.calls) == 3  # nothing left to do
+
+    # a run made with other settings is not this run: it is redone
+    spec_file = runner.run_dir(specs[0]) / SPEC_FILE
+    recorded = json.loads(spec_file.read_text())
+    spec_file.write_text(json.dumps({**recorded, "num_rounds": 5}))
+    assert not runner.is_complete(specs[0])
+    assert runner.run(specs).ran == [specs[0].run_id]
+    assert json.loads(spec_file.read_text()) == dataclasses.asdict(specs[0])
+
+
+# -- the CIFAR-10 path, on generated data in torchvision's layout ----------------------------
+
+
+def write_fake_cifar10(root, per_batch=60, test=40, seed=0):
+    """Write a tiny CIFAR-10 in torchvision's `cifar-10-batches-py` pickle layout."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    labels = {}
+    for name, count in [
+        *((f"data_batch_{i}", per_batch) for i in range(1, 6)),
+        ("test_batch", test),
+    ]:
+        batch_labels = rng.integers(0, 10, size=count).tolist()
+        data = rng.integers(0, 256, size=(count, 3 * 32 * 32), dtype=np.uint8)
+        with (folder / name).open("wb") as handle:
+            pickle.dump({"data": data, "labels": batch_labels}, handle)
+        labels[name] = batch_labels
+    names = ["airplane", "automobile", "bird", "cat", "deer"]
+    names += ["dog", "frog", "horse", "ship", "truck"]
+    with (folder / "batches.meta").open("wb") as handle:
+        pickle.dump({"label_names": names}, handle)
+    return labels
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path, monkeypatch):
+    # torchvision checks each file's md5 against the real CIFAR-10; generated files pass
+    # that check by existing, and everything else is torchvision's own reader.
+    monkeypatch.setattr(
+        "torchvision.datasets.cifar.check_integrity",
+        lambda fpath, md5=None: os.path.isfile(fpath),
+    )
+    root = tmp_path / "cifar-data"
+    return root, write_fake_cifar10(root)
+
+
+def test_cifar10_loads_through_the_task_loaders(fake_cifar10):
+    root, labels = fake_cifar10
+    assert check_data("cifar10", root) == 40
+    train = load_split("cifar10", root.resolve(), train=True)
+    assert train.images.shape == (300, 3, 32, 32)
+    expected = np.concatenate([labels[f"data_batch_{i}"] for i in range(1, 6)])
+    assert np.array_equal(train.labels, expected)
+    assert abs(float(train.images.mean())) < 0.5  # normalised, not raw 0..255
+
+    (attacker,) = choose_attackers(2, 0.5, seed=3)
+    for partition in (0, 1):
+        client = load_client_data(
+            "cifar10",
+            root.resolve(),
+            partition,
+            2,
+            alpha=0.5,
+            seed=3,
+            batch_size=16,
+            attacker_fraction=0.5,
+        )
+        images, _ = next(iter(client.train))
+        assert images.shape[1:] == (3, 32, 32)
+        assert client.is_attacker == (partition == attacker)
+
+    model = build_model("cifar10")
+    loss, confusion = evaluate_confusion(
+        model, load_test_data("cifar10", root.resolve()), torch.device("cpu")
+    )
+    assert confusion.sum() == 40 and np.isfinite(loss)
+    assert attack_success_rate(confusion) is not None
+
+
+def test_cifar10_grid_goes_through_the_same_runner(fake_cifar10, tmp_path, capsys):
+    root, _ = fake_cifar10
+    out = tmp_path / "cifar-grid"
+    specs = PRESETS["full"].specs("cifar10")
+    assert {s.run_config()["dataset"] for s in specs} == {"cifar10"}
+    assert main(["--preset", "full", "--dataset", "cifar10", "--out", str(out), "--list"]) == 0
+    listed = capsys.readouterr().out.split("\n")
+    assert sum(line.strip().startswith("to run  cifar10-") for line in listed) == len(specs)
+
+    # without the data, the grid stops before starting any federation
+    missing = tmp_path / "no-cifar-here"
+    argv = ["--preset", "fast", "--dataset", "cifar10", "--data-dir", str(missing)]
+    assert main([*argv, "--out", str(out)]) == EXIT_USAGE
+    assert not (out / "runs").exists()
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        check_data("cifar10", missing)
+
+
+# -- end to end: the fast preset, real federations -------------------------------------------
+
+
+def test_fast_preset_runs_end_to_end_and_resumes_without_recomputing(tmp_path):
+    out = tmp_path / "fast"
+    argv = ["--preset", "fast", "--out", str(out), "--data-dir", str(DATA_DIR)]
+    assert main(argv) == EXIT_OK
+    specs = PRESETS["fast"].specs()
+    results = {s.run_id: out / "runs" / s.run_id / "results.json" for s in specs}
+    assert all(path.is_file() for path in results.values())
+
+    rounds_csv = (out / "rounds.csv").read_text().splitlines()
+    assert rounds_csv[0].split(",") == list(ROUND_COLUMNS)
+    assert len(rounds_csv) - 1 == len(specs) * (PRESETS["fast"].num_rounds + 1)
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert len(summary) - 1 == len(specs)
+    table = (out / "table.md").read_text()
+    assert f"Runs: {len(specs)} of {len(specs)} complete" in table
+    for title in ("FedAvg", "BCSFL"):
+        assert f"| {title} |" in table
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["accuracy_label-flip.png", "asr_label-flip.png"]
+    assert all((out / "figures" / f).read_bytes().startswith(PNG_MAGIC) for f in figures)
+
+    # the BCSFL runs record screening; FedAvg's do not; clean runs learn
+    runs = {s.run_id: RunResult.load(s, out / "runs" / s.run_id) for s in specs}
+    for run in runs.values():
+        summary_row = run.summary()
+        if run.spec.strategy == "bcsfl":
+            assert summary_row["mean_rejected"] is not None
+            assert summary_row["rollbacks"] is not None
+        else:
+            assert summary_row["mean_rejected"] is None
+        if run.spec.attacker_fraction == 0:
+            assert summary_row["final_accuracy"] > 0.5
+        assert summary_row["wall_s"] > 0
+    attacked = [r for r in runs.values() if r.spec.attacker_fraction > 0]
+    assert all(r.results["attacker_partitions"] for r in attacked)
+    assert "| BCSFL |" in accuracy_pivot(list(runs.values()))
+
+    # second invocation: every run is reused, no results file is rewritten
+    stamps = {run_id: path.stat().st_mtime_ns for run_id, path in results.items()}
+    logs = {
+        run_id: (path.parent / "run.log").stat().st_mtime_ns for run_id, path in results.items()
+    }
+    assert main(argv) == EXIT_OK
+    assert {run_id: path.stat().st_mtime_ns for run_id, path in results.items()} == stamps
+    assert {
+        run_id: (path.parent / "run.log").stat().st_mtime_ns for run_id, path in results.items()
+    } == logs
+    runner = GridRunner(out, data_dir=DATA_DIR, launch=CountingLaunch())
+    assert runner.run(specs).reused == [s.run_id for s in specs]
+    assert runner.launch.calls == []
