@@ -72,6 +72,10 @@ class RunSettings:
     chain_retry_base_delay: float = 0.5
     packet_window_s: float = 300.0
     client_registry: str = ""
+    dp: bool = False
+    dp_noise_multiplier: float = 1.0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
@@ -120,6 +124,9 @@ class RunSettings:
         _require(self.chain_retry_attempts >= 1, "chain-retry-attempts", "must be >= 1")
         _require(self.chain_retry_base_delay >= 0, "chain-retry-base-delay", "must be >= 0")
         _require(self.packet_window_s > 0, "packet-window-s", "must be > 0")
+        _require(self.dp_noise_multiplier >= 0, "dp-noise-multiplier", "must be >= 0")
+        _require(self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")
+        _require(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
         _require(
             self.client_registry == "" or Path(self.client_registry).is_absolute(),
             "client-registry",

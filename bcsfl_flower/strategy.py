@@ -60,6 +60,9 @@ TRUSTED_MEAN = "trusted-mean"
 IDENTITY_METRIC_KEYS = frozenset({"partition-id"})
 """Reply metrics that identify a client rather than measure it: recorded per client,
 never averaged."""
+MAX_METRIC_KEYS = frozenset({"dp-epsilon"})
+"""Reply metrics aggregated by their maximum: a federation's privacy guarantee is the
+weakest client's, so the round reports the largest epsilon, not a mean."""
 SELECTIONS = ("trusted-mean", "paper")
 INITIAL_STAKES = ("equal", "data-size", "explicit")
 
@@ -423,6 +426,10 @@ class BCSFL(FedAvg):
                 server_round,
                 decision.reason,
             )
+        for key in MAX_METRIC_KEYS:
+            values = [c[key] for c in record["clients"].values() if key in c]
+            if values:
+                record[f"max_{key.replace('-', '_')}"] = max(values)
         record.update(
             {
                 "outcome": "commit" if decision.committed else "rollback",
@@ -454,7 +461,10 @@ class BCSFL(FedAvg):
             common = set.intersection(*(set(m) for m in numeric))
             for key in sorted(common - {self.weighted_by_key} - IDENTITY_METRIC_KEYS):
                 values = [m[key] for m in numeric]
-                metrics[key] = float(np.average(values, weights=weights))
+                if key in MAX_METRIC_KEYS:
+                    metrics[f"max-{key}"] = float(max(values))
+                else:
+                    metrics[key] = float(np.average(values, weights=weights))
         return metrics
 
     def _register(self, reply: AcceptedReply) -> None:

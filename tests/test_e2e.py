@@ -5,6 +5,9 @@ reads the run's own results.json, because `flwr run --stream` exits 0 even when 
 ServerApp fails; the second test proves that a broken federation is reported.
 """
 
+import subprocess
+import sys
+
 import pytest
 from conftest import DATA_DIR
 
@@ -39,3 +42,61 @@ def test_a_failing_federation_is_reported_as_failed(tmp_path):
             timeout=600,
             stream=False,
         )
+
+
+ATTACK_CONFIG = {"num-server-rounds": 4, "attacker-fraction": 0.3, "seed": 42}
+
+
+@pytest.fixture(scope="module")
+def attacked_runs(tmp_path_factory):
+    """BCSFL and FedAvg on the same 10 clients, partitions and 30% label flippers."""
+    root = tmp_path_factory.mktemp("attacked")
+    runs = {}
+    for strategy in ("bcsfl", "fedavg"):
+        runs[strategy] = run_federation(
+            root / strategy,
+            num_supernodes=10,
+            run_config={**ATTACK_CONFIG, "strategy": strategy},
+            data_dir=DATA_DIR,
+            timeout=1200,
+            stream=False,
+        )
+    return runs
+
+
+def test_bcsfl_rejects_label_flippers_and_beats_fedavg(attacked_runs):
+    bcsfl = attacked_runs["bcsfl"].results
+    fedavg = attacked_runs["fedavg"].results
+    assert len(bcsfl["attacker_partitions"]) == 3
+    rounds = [bcsfl["rounds"][str(r)] for r in range(1, 5)]
+    recalls = [r["attacker_recall"] for r in rounds]
+    precisions = [r["attacker_precision"] for r in rounds if r["attacker_precision"] is not None]
+    # Most attacker updates are rejected, and rejections are mostly attackers.
+    assert sum(recalls) / len(recalls) >= 0.75
+    assert sum(precisions) / len(precisions) >= 0.6
+    assert bcsfl["final_test_accuracy"] > fedavg["final_test_accuracy"]
+
+
+def test_every_committed_round_is_anchored_and_verifiable(attacked_runs):
+    run = attacked_runs["bcsfl"]
+    rounds = [run.results["rounds"][str(r)] for r in range(1, 5)]
+    for record in rounds:
+        if record["outcome"] == "commit":
+            assert record["chain"]["anchored"] is True
+            assert record["chain"]["certified_by"] == "miners"  # the example app mines
+            stored = run.output_dir / "models" / (record["model_hash"][2:] + ".npz")
+            assert stored.is_file()
+        else:
+            assert record["chain"]["anchored"] is False
+    audit = [sys.executable, "-m", "bcsfl_flower.cli", "audit", "--run-dir", str(run.output_dir)]
+    ok = subprocess.run([*audit, "verify"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    # Change one byte of one stored model: verification must now fail.
+    victim = sorted((run.output_dir / "models").glob("*.npz"))[-1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    broken = subprocess.run([*audit, "verify"], capture_output=True, text=True)
+    assert broken.returncode != 0
+    assert victim.stem[:16] in broken.stdout + broken.stderr

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from bcsfl_flower.client.mod import bcsfl_client_app
 from bcsfl_flower.config import RunSettings
+from bcsfl_flower.privacy.dp import DPConfig, make_private
 from bcsfl_flower.task.attacks import UPDATE_ATTACKS, choose_attackers, poison_update
 from bcsfl_flower.task.data import ClientData, load_client_data
 from bcsfl_flower.task.models import build_model
 from bcsfl_flower.task.training import test, train
 
 app = bcsfl_client_app()
+
+DP_STATE_KEY = "bcsfl.dp-accountant"
+"""Key in ``context.state`` of the DP accountant's history."""
 
 
 def _client_data(context: Context, settings: RunSettings) -> ClientData:
@@ -49,19 +53,24 @@ def train_handler(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     data = _client_data(context, settings)
     config = msg.content["config"]
-    train_loss = train(
-        model,
-        data.train,
-        epochs=int(config.get("local-epochs", settings.local_epochs)),
-        learning_rate=float(config.get("learning-rate", settings.learning_rate)),
-        device=_device(),
-    )
+    epochs = int(config.get("local-epochs", settings.local_epochs))
+    learning_rate = float(config.get("learning-rate", settings.learning_rate))
+    extra_metrics: dict[str, float] = {}
+    if settings.dp:
+        train_loss, extra_metrics["dp-epsilon"] = _train_private(
+            model, data, context, settings, epochs, learning_rate
+        )
+    else:
+        train_loss = train(
+            model, data.train, epochs=epochs, learning_rate=learning_rate, device=_device()
+        )
     metrics = MetricRecord(
         {
             "train_loss": train_loss,
             "num-examples": len(data.train.dataset),
             # Lets the simulation score attacker detection; the strategy never averages it.
             "partition-id": int(context.node_config["partition-id"]),
+            **extra_metrics,
         }
     )
     arrays = ArrayRecord(model.state_dict())
@@ -69,6 +78,45 @@ def train_handler(msg: Message, context: Context) -> Message:
         arrays = _poisoned(msg.content["arrays"], arrays, settings, int(config["server-round"]))
     content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+def _train_private(
+    model: torch.nn.Module,
+    data: ClientData,
+    context: Context,
+    settings: RunSettings,
+    epochs: int,
+    learning_rate: float,
+) -> tuple[float, float]:
+    """Train with Opacus DP-SGD; return the loss and the cumulative epsilon.
+
+    The accountant's history lives in ``context.state`` between rounds (the ClientApp
+    itself is rebuilt for every message), so epsilon accumulates over the run.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    dp_config = DPConfig(
+        noise_multiplier=settings.dp_noise_multiplier,
+        max_grad_norm=settings.dp_max_grad_norm,
+        delta=settings.dp_delta,
+    )
+    state = context.state.config_records.get(DP_STATE_KEY)
+    with make_private(
+        model,
+        optimizer,
+        data.train,
+        dp_config,
+        accountant_state=dict(state) if state is not None else None,
+    ) as private:
+        loss = train(
+            private.model,
+            private.data_loader,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            device=_device(),
+            optimizer=private.optimizer,
+        )
+        context.state[DP_STATE_KEY] = ConfigRecord(private.accountant_state())
+        return loss, float(private.epsilon())
 
 
 def _runs_update_attack(context: Context, settings: RunSettings) -> bool:
