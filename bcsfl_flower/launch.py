@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -49,8 +50,9 @@ class FederationRun:
     """Outcome of a finished federation."""
 
     output_dir: Path
-    results: dict[str, Any]
+    results: dict[str, Any] | None
     log_path: Path
+    flower_status: str | None
 
     @property
     def results_path(self) -> Path:
@@ -67,6 +69,7 @@ def run_federation(
     data_dir: Path | None = None,
     timeout: float = 3600.0,
     stream: bool = True,
+    require_results: bool = True,
 ) -> FederationRun:
     """Run ``flwr run`` on ``app_dir`` and return its results, or raise if it failed.
 
@@ -85,6 +88,10 @@ def run_federation(
         Seconds after which the run is stopped and counted as failed.
     stream : bool
         Echo the run's log to stdout while it runs (it is always saved to ``run.log``).
+    require_results : bool
+        Whether the app writes bcsfl's ``results.json`` (this package's ServerApp
+        does). For any other Flower app, success is the SuperLink's own run status
+        (``flwr ls``), which must be ``finished:completed``.
 
     Raises
     ------
@@ -94,7 +101,8 @@ def run_federation(
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = dict(run_config or {})
-    overrides["output-dir"] = str(output_dir)
+    if require_results:
+        overrides["output-dir"] = str(output_dir)
     if data_dir is not None:
         overrides["data-dir"] = str(Path(data_dir).resolve())
 
@@ -112,8 +120,11 @@ def run_federation(
     ]
     log_path = output_dir / "run.log"
     started = time.monotonic()
+    flower_status = None
     try:
         returncode = _stream(command, env, log_path, timeout, stream)
+        if returncode == 0:
+            flower_status = _flower_status(env)
     finally:
         _stop_superlink(control_port)
     elapsed = time.monotonic() - started
@@ -122,6 +133,20 @@ def run_federation(
         raise FederationFailedError(
             f"`flwr run` exited with {returncode} after {elapsed:.0f}s; see {log_path}"
         )
+    if (
+        flower_status is not None
+        and flower_status.startswith("finished:")
+        and (flower_status != "finished:completed")
+    ):
+        raise FederationFailedError(
+            f"the SuperLink reports the run {flower_status}; see {log_path}"
+        )
+    if not require_results:
+        if flower_status != "finished:completed":
+            raise FederationFailedError(
+                f"the SuperLink reports the run as {flower_status!r}; see {log_path}"
+            )
+        return FederationRun(output_dir, None, log_path, flower_status)
     try:
         results = load_results(output_dir)
     except (OSError, ValueError) as err:
@@ -133,7 +158,27 @@ def run_federation(
             f"the run did not complete: status {results.get('status')!r}, "
             f"error {results.get('error')!r}; see {log_path}"
         )
-    return FederationRun(output_dir=output_dir, results=results, log_path=log_path)
+    return FederationRun(output_dir, results, log_path, flower_status)
+
+
+def _flower_status(env: Mapping[str, str]) -> str | None:
+    """Return the run's status as the SuperLink reports it (e.g. ``finished:completed``).
+
+    The run's Flower home holds exactly this one run, so the newest entry is it.
+    """
+    listing = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "ls", "--format", "json"],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        runs = json.loads(listing.stdout).get("runs", [])
+    except ValueError:
+        return None
+    return str(runs[-1].get("status")) if runs else None
 
 
 def _run_environment(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
@@ -249,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FederationFailedError as err:
         print(f"bcsfl: federation FAILED: {err}", file=sys.stderr)
         return 1
-    accuracy = run.results.get("final_test_accuracy")
+    accuracy = (run.results or {}).get("final_test_accuracy")
     print(f"bcsfl: federation completed; final test accuracy {accuracy}")
     print(f"bcsfl: results in {run.results_path}")
     return 0

@@ -7,6 +7,7 @@ ServerApp fails; the second test proves that a broken federation is reported.
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import DATA_DIR
@@ -100,3 +101,24 @@ def test_every_committed_round_is_anchored_and_verifiable(attacked_runs):
     broken = subprocess.run([*audit, "verify"], capture_output=True, text=True)
     assert broken.returncode != 0
     assert victim.stem[:16] in broken.stdout + broken.stderr
+
+
+def test_a_users_pytorch_app_runs_with_only_the_strategy_line_changed(tmp_path):
+    app_dir = Path(__file__).parent / "dropin_app"
+    server = (app_dir / "dropin_app" / "server_app.py").read_text()
+    assert "strategy = BCSFL(fraction_train=fraction_train)" in server
+    run = run_federation(
+        tmp_path / "run",
+        num_supernodes=5,
+        app_dir=app_dir,
+        run_config={"num-server-rounds": 2},
+        data_dir=DATA_DIR,
+        timeout=900,
+        stream=False,
+        require_results=False,
+    )
+    assert run.flower_status == "finished:completed"
+    log = run.log_path.read_text()
+    assert "Starting BCSFL strategy" in log
+    # Its plain evaluate handler served as validator: both rounds reached consensus.
+    assert log.count("consensus: commit") == 2

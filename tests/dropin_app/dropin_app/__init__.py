@@ -1,0 +1,1 @@
+"""dropin-app: a Flower / PyTorch app."""
