@@ -4,6 +4,7 @@ The end-to-end test runs the `fast` preset for real (4 `flwr run` federations on
 MNIST through the launcher) and then runs it again to show nothing is recomputed.
 """
 
+import csv
 import dataclasses
 import json
 import os
@@ -428,3 +429,37 @@ def test_fast_preset_runs_end_to_end_and_resumes_without_recomputing(tmp_path):
     runner = GridRunner(out, data_dir=DATA_DIR, launch=CountingLaunch())
     assert runner.run(specs).reused == [s.run_id for s in specs]
     assert runner.launch.calls == []
+
+
+# -- the consensus / anchoring experiment, on a real anvil ------------------------------------
+
+
+def test_consensus_experiment_compares_committee_and_all_node_quorums(tmp_path):
+    from sim.consensus import run as run_consensus
+
+    out = tmp_path / "consensus"
+    written = run_consensus(out, [5, 8], rounds=2, backend="anvil", command="test")
+    assert {p.name for p in written} >= {"rounds.csv", "summary.csv", "figure5_latency.png"}
+    assert all(p.is_file() for p in written)
+    assert (out / "figure6_throughput.png").read_bytes().startswith(PNG_MAGIC)
+
+    with (out / "rounds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 2 * 2  # modes x node counts x rounds
+    for row in rows:
+        nodes, miners, signatures = int(row["nodes"]), int(row["miners"]), int(row["signatures"])
+        if row["mode"] == "committee":
+            assert (miners, signatures) == (5, 4)
+        else:
+            assert miners == nodes and signatures == -(-2 * nodes // 3)
+        assert float(row["latency_ms"]) >= float(row["parallel_latency_ms"]) > 0
+        assert float(row["latency_ms"]) >= float(row["anchor_ms"]) > 0
+    with (out / "summary.csv").open() as handle:
+        summary = {(r["mode"], int(r["nodes"])): r for r in csv.DictReader(handle)}
+    assert set(summary) == {(m, n) for m in ("committee", "all-nodes") for n in (5, 8)}
+    # more signatures to check on chain cost more gas; the committee's does not grow
+    assert int(summary[("all-nodes", 8)]["gas_per_round"]) > int(
+        summary[("committee", 8)]["gas_per_round"]
+    )
+    committee_gas = [int(summary[("committee", n)]["gas_per_round"]) for n in (5, 8)]
+    assert abs(committee_gas[0] - committee_gas[1]) < 0.01 * committee_gas[0]
