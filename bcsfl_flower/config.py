@@ -76,6 +76,8 @@ class RunSettings:
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
+    ckks: bool = False
+    ckks_key_seed: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
@@ -127,6 +129,25 @@ class RunSettings:
         _require(self.dp_noise_multiplier >= 0, "dp-noise-multiplier", "must be >= 0")
         _require(self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")
         _require(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
+        _require(self.ckks_key_seed >= 0, "ckks-key-seed", "must be >= 0")
+        if self.ckks:
+            _require(
+                self.strategy == "bcsfl",
+                "ckks",
+                f"needs strategy 'bcsfl' (Flower's {self.strategy!r} cannot add ciphertexts)",
+            )
+            _require(
+                self.selection == "trusted-mean",
+                "ckks",
+                "cannot run with selection 'paper': validators would have to decrypt "
+                "individual clients' models; use selection 'trusted-mean'",
+            )
+            _require(
+                self.screening_centering == "none",
+                "ckks",
+                "needs screening-centering 'none': median centring needs the plaintext "
+                "updates, while CKKS screening works on the decrypted Gram matrix only",
+            )
         _require(
             self.client_registry == "" or Path(self.client_registry).is_absolute(),
             "client-registry",

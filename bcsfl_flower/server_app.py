@@ -76,7 +76,8 @@ def _run(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> None:
             train_config=ConfigRecord(
                 {"learning-rate": settings.learning_rate, "local-epochs": settings.local_epochs}
             ),
-            evaluate_fn=evaluate,
+            # The server cannot decrypt a CKKS model, so it cannot evaluate it.
+            evaluate_fn=None if settings.ckks else evaluate,
         )
     finally:
         if notary is not None:
@@ -145,6 +146,7 @@ def build_strategy(
         stake_slash=settings.stake_slash,
         vote_tolerance=settings.vote_tolerance,
         loss_metric_key=settings.loss_metric_key,
+        ckks=settings.ckks,
         notary=notary,
         round_sink=round_sink,
     )

@@ -35,10 +35,21 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from bcsfl_flower.client.ckks_mod import CKKS_CONFIG_KEY
 from bcsfl_flower.committee import Committee, StakeLedger, draw_committee
 from bcsfl_flower.consensus import ConsensusDecision, tally_accepts, tally_votes
+from bcsfl_flower.encrypted_round import (
+    EncryptedReplyChecker,
+    decrypt_gram_by_committee,
+    encrypted_global,
+    fetch_public_context,
+    global_specs,
+    screen_encrypted,
+)
 from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.packets import SignedModelPacket, model_hash
+from bcsfl_flower.privacy.ckks import from_array_record, is_encrypted_record, to_array_record
+from bcsfl_flower.privacy.encrypted_screening import encrypted_gram
 from bcsfl_flower.replies import AcceptedReply, ReplyChecker
 from bcsfl_flower.screening import (
     CENTERINGS,
@@ -126,6 +137,13 @@ class BCSFL(FedAvg):
         Key of the loss in the validators' evaluate replies.
     committee_timeout : float (default: 600)
         Seconds to wait for the validators.
+    ckks : bool (default: False)
+        CKKS mode: clients running ``bcsfl_ckks_client_app`` send ``Enc(w_k - w_t)``
+        and receive the encrypted global model; the server holds only the public
+        context (fetched from a client at start), screens on the Gram matrix that a
+        committee of key holders decrypts (2/3 identical answers), and aggregates
+        ciphertexts. Needs ``selection="trusted-mean"`` and a centring the Gram can
+        express (``"none"``); no central evaluation is possible.
     notary : RoundNotary, optional
         Audit trail: verifies the clients' signed packets, gathers the miners' quorum
         certificate, stores every committed model and anchors every round on chain.
@@ -154,6 +172,7 @@ class BCSFL(FedAvg):
         vote_tolerance: float = 0.05,
         loss_metric_key: str = "eval_loss",
         committee_timeout: float = 600.0,
+        ckks: bool = False,
         notary: RoundNotary | None = None,
         round_sink: RoundSink | None = None,
         **fedavg_kwargs: Any,
@@ -164,6 +183,16 @@ class BCSFL(FedAvg):
         if initial_stake not in INITIAL_STAKES:
             raise ValueError(
                 f"initial_stake must be one of {INITIAL_STAKES}, got {initial_stake!r}"
+            )
+        if ckks and selection == "paper":
+            raise ValueError(
+                "selection='paper' cannot run with CKKS: validators would have to decrypt "
+                "individual clients' models; use selection='trusted-mean'"
+            )
+        if ckks and screening_centering == "median":
+            raise ValueError(
+                "screening_centering='median' cannot run with CKKS: the median needs the "
+                "plaintext updates; use 'none' (screening then works on the Gram matrix)"
             )
         if screening_centering not in CENTERINGS:
             raise ValueError(
@@ -186,6 +215,10 @@ class BCSFL(FedAvg):
         self.stake_reward = stake_reward
         self.stake_slash = stake_slash
         self.vote_tolerance = vote_tolerance
+        self.ckks = ckks
+        self.committee_timeout = committee_timeout
+        self._public_context: Any = None
+        self._specs: Any = None
         self.notary = notary
         self.round_sink = round_sink
         self.validation = CommitteeValidation(loss_metric_key, committee_timeout)
@@ -234,7 +267,30 @@ class BCSFL(FedAvg):
         if self.notary is not None:
             for key, value in self.notary.signing_config().items():
                 config[key] = value
+        if self.ckks:
+            config[CKKS_CONFIG_KEY] = True
+            if self._public_context is None:
+                self._start_ckks(arrays, grid)
         return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample clients as FedAvg does; in CKKS mode, tell their mod to decrypt."""
+        if self.ckks:
+            config[CKKS_CONFIG_KEY] = True
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def _start_ckks(self, initial_arrays: ArrayRecord, grid: Grid) -> None:
+        """Fetch the public context from a client and fix the model's layout."""
+        if is_encrypted_record(initial_arrays):
+            raise ValueError("CKKS mode starts from a plaintext initial model")
+        node_ids = sorted(grid.get_node_ids())
+        if not node_ids:
+            raise RuntimeError("CKKS mode: no node to fetch the public context from")
+        self._public_context = fetch_public_context(grid, node_ids[0], self.committee_timeout)
+        self._specs = global_specs(initial_arrays)
+        log(INFO, "CKKS: public context fetched from node %s (no secret key)", node_ids[0])
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -258,7 +314,13 @@ class BCSFL(FedAvg):
         replies: Iterable[Message],
     ) -> RoundOutcome:
         """Decide the next global model from one round's training replies."""
-        accepted, rejected = ReplyChecker(global_arrays, self.weighted_by_key).split(replies)
+        if self.ckks:
+            checker: Any = EncryptedReplyChecker(
+                self._specs, self._public_context, self.weighted_by_key
+            )
+        else:
+            checker = ReplyChecker(global_arrays, self.weighted_by_key)
+        accepted, rejected = checker.split(replies)
         record: dict[str, Any] = {
             "clients": {str(r.node_id): _scalar_metrics(r.metrics) for r in accepted},
             "rejected": {str(r.node_id): r.reason for r in rejected},
@@ -274,8 +336,19 @@ class BCSFL(FedAvg):
             decision = ConsensusDecision(False, None, 0, 0, 0, "rollback: no valid reply")
             return self._finish(server_round, global_arrays, decision, None, (), accepted, record)
 
-        screening = screen_updates(
-            cosine_similarity_matrix(
+        if self.ckks:
+            similarity = self._encrypted_similarity(
+                grid, server_round, accepted, previous_hash, record
+            )
+            if similarity is None:
+                decision = ConsensusDecision(
+                    False, None, 0, 0, 0, f"rollback: {record['gram']['reason']}"
+                )
+                return self._finish(
+                    server_round, global_arrays, decision, None, (), accepted, record
+                )
+        else:
+            similarity = cosine_similarity_matrix(
                 center_updates(
                     flatten_updates(
                         [list(_numpy(r.arrays).values()) for r in accepted],
@@ -283,7 +356,9 @@ class BCSFL(FedAvg):
                     ),
                     self.screening_centering,
                 )
-            ),
+            )
+        screening = screen_updates(
+            similarity,
             self.cosine_threshold,
             self.ledger.stakes_for([str(r.node_id) for r in accepted]),
             majority_fallback=self.majority_fallback,
@@ -310,9 +385,14 @@ class BCSFL(FedAvg):
             server_round,
         )
         record["committee"] = committee.to_dict()
-        candidates = self._candidates(trusted)
+        candidates = self._candidates(trusted, global_arrays)
         reports = self.validation.evaluate(
-            grid, server_round, committee.validators, global_arrays, candidates
+            grid,
+            server_round,
+            committee.validators,
+            global_arrays,
+            candidates,
+            {CKKS_CONFIG_KEY: True} if self.ckks else None,
         )
         decision, votes = self._vote(reports, list(candidates), len(committee.validators))
         record["votes"] = votes
@@ -370,7 +450,54 @@ class BCSFL(FedAvg):
         record["signed"] = sorted(packets)
         return packets
 
-    def _candidates(self, trusted: list[AcceptedReply]) -> dict[str, ArrayRecord]:
+    def _encrypted_similarity(
+        self,
+        grid: Grid,
+        server_round: int,
+        accepted: list[Any],
+        previous_hash: bytes,
+        record: dict[str, Any],
+    ) -> np.ndarray | None:
+        """Cosine matrix of encrypted updates, from a Gram that key holders decrypt.
+
+        The server computes all inner products homomorphically; a committee drawn by
+        stake among this round's accepted clients decrypts only that packed Gram, and
+        the matrix that ``ceil(2m/3)`` of them return identically is used.
+        """
+        gram_committee = draw_committee(
+            self.ledger,
+            [str(r.node_id) for r in accepted],
+            self.num_validators,
+            0,
+            previous_hash,
+            server_round,
+        )
+        gram, gram_record = decrypt_gram_by_committee(
+            grid,
+            [int(n) for n in gram_committee.validators],
+            encrypted_gram([r.model for r in accepted]),
+            self.committee_timeout,
+            server_round=server_round,
+        )
+        record["gram"] = gram_record
+        if gram is None:
+            return None
+        cosine, _ = screen_encrypted(gram, "none")
+        return cosine
+
+    def _candidates(
+        self, trusted: list[AcceptedReply], global_arrays: ArrayRecord
+    ) -> dict[str, ArrayRecord]:
+        if self.ckks:
+            previous: Any = (
+                from_array_record(global_arrays, self._public_context)
+                if is_encrypted_record(global_arrays)
+                else global_arrays
+            )
+            aggregate = encrypted_global(
+                previous, [r.model for r in trusted], [r.num_examples for r in trusted]
+            )
+            return {TRUSTED_MEAN: to_array_record(aggregate)}
         if self.selection == "paper":
             return {str(r.node_id): r.arrays for r in trusted}
         merged = aggregate_arrayrecords(

@@ -81,10 +81,13 @@ class CommitteeValidation:
         validators: Sequence[str],
         baseline: ArrayRecord,
         candidates: Mapping[str, ArrayRecord],
+        extra_config: Mapping[str, bool | int | float | str] | None = None,
     ) -> list[ValidatorReport]:
         """Have every validator evaluate ``baseline`` and all ``candidates``.
 
-        Returns one report per validator, in the order of ``validators``.
+        ``extra_config`` is added to every evaluate message's config (CKKS mode uses it
+        to tell the validators' mod to decrypt the models). Returns one report per
+        validator, in the order of ``validators``.
         """
         models = {BASELINE: baseline, **candidates}
         sent: dict[str, tuple[str, str]] = {}
@@ -92,7 +95,11 @@ class CommitteeValidation:
         for validator in validators:
             for candidate_id, arrays in models.items():
                 config = ConfigRecord(
-                    {"server-round": server_round, CANDIDATE_CONFIG_KEY: candidate_id}
+                    {
+                        **(extra_config or {}),
+                        "server-round": server_round,
+                        CANDIDATE_CONFIG_KEY: candidate_id,
+                    }
                 )
                 messages.append(
                     Message(

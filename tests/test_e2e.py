@@ -122,3 +122,64 @@ def test_a_users_pytorch_app_runs_with_only_the_strategy_line_changed(tmp_path):
     assert "Starting BCSFL strategy" in log
     # Its plain evaluate handler served as validator: both rounds reached consensus.
     assert log.count("consensus: commit") == 2
+
+
+CKKS_CONFIG = {
+    "num-server-rounds": 3,
+    "seed": 42,
+    # CKKS screens on the decrypted Gram, where median centring is impossible; the
+    # plaintext run uses the same rule so that both make the same decisions.
+    "screening-centering": "none",
+    "cosine-threshold": 0.7,
+}
+
+
+def _decrypt_and_test(run, key_seed: int) -> float:
+    """Act as a key holder after the run: decrypt the last anchored model, test it."""
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from bcsfl_flower.chain.model_store import ModelStore
+    from bcsfl_flower.client.ckks_mod import key_seed_bytes
+    from bcsfl_flower.privacy.ckks import decrypt_arrays, from_array_record
+    from bcsfl_flower.privacy.ckks_keys import create_secret_context
+    from bcsfl_flower.task.data import load_test_data
+    from bcsfl_flower.task.models import MnistCNN
+    from bcsfl_flower.task.training import test
+
+    rounds = run.results["rounds"]
+    final = rounds[str(max(int(r) for r in rounds))]["model_hash"]
+    stored = ModelStore(run.output_dir / "models").load(final)
+    record = ArrayRecord({key: Array(value) for key, value in stored.items()})
+    secret = create_secret_context(seed=key_seed_bytes(key_seed))
+    arrays = decrypt_arrays(from_array_record(record, secret), secret)
+    model = MnistCNN()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+    return test(model, load_test_data("mnist", DATA_DIR), torch.device("cpu"))[1]
+
+
+def test_ckks_federation_matches_plaintext_within_one_point(tmp_path):
+    plain = run_federation(
+        tmp_path / "plain",
+        num_supernodes=5,
+        run_config=CKKS_CONFIG,
+        data_dir=DATA_DIR,
+        timeout=900,
+        stream=False,
+    )
+    encrypted = run_federation(
+        tmp_path / "ckks",
+        num_supernodes=5,
+        run_config={**CKKS_CONFIG, "ckks": True},
+        data_dir=DATA_DIR,
+        timeout=900,
+        stream=False,
+    )
+    for record in encrypted.results["rounds"].values():
+        assert record["outcome"] == "commit"
+        assert record["gram"]["digest"]  # the committee agreed on one Gram matrix
+    # The server never evaluated: it cannot decrypt.
+    assert "test_accuracy" not in encrypted.results["rounds"]["3"]
+    accuracy = _decrypt_and_test(encrypted, key_seed=0)
+    assert accuracy > 0.5
+    assert abs(accuracy - plain.results["final_test_accuracy"]) <= 0.01

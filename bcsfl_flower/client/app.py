@@ -2,9 +2,11 @@
 
 Its handlers are an ordinary Flower PyTorch ClientApp's; the strategy's validators
 reach it through the standard ``evaluate`` handler, which reports the loss on the
-client's own held-out data. The one BCS-FL line is ``bcsfl_client_app()`` in place of
-``ClientApp()``: it adds the bcsfl mod, which signs train replies and serves the
-miners' duty.
+client's own held-out data. The one BCS-FL line is ``bcsfl_ckks_client_app()`` in
+place of ``ClientApp()``: it adds the bcsfl mod, which signs train replies and serves
+the miners' duty, and the CKKS mod, which (only when the run is in CKKS mode) decrypts
+incoming models and encrypts the outgoing update, so the handlers below only ever see
+plaintext.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from bcsfl_flower.client.mod import bcsfl_client_app
+from bcsfl_flower.client.ckks_mod import bcsfl_ckks_client_app
 from bcsfl_flower.config import RunSettings
 from bcsfl_flower.privacy.dp import DPConfig, make_private
 from bcsfl_flower.task.attacks import UPDATE_ATTACKS, choose_attackers, poison_update
@@ -21,7 +23,7 @@ from bcsfl_flower.task.data import ClientData, load_client_data
 from bcsfl_flower.task.models import build_model
 from bcsfl_flower.task.training import test, train
 
-app = bcsfl_client_app()
+app = bcsfl_ckks_client_app()
 
 DP_STATE_KEY = "bcsfl.dp-accountant"
 """Key in ``context.state`` of the DP accountant's history."""
