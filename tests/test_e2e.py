@@ -125,7 +125,9 @@ def test_a_users_pytorch_app_runs_with_only_the_strategy_line_changed(tmp_path):
 
 
 CKKS_CONFIG = {
-    "num-server-rounds": 3,
+    # Four rounds: by then both runs sit near 97%, where SGD's sensitivity to CKKS's
+    # 1e-7 decryption noise moves accuracy far less than one point.
+    "num-server-rounds": 4,
     "seed": 42,
     # CKKS screens on the decrypted Gram, where median centring is impossible; the
     # plaintext run uses the same rule so that both make the same decisions.
@@ -179,7 +181,7 @@ def test_ckks_federation_matches_plaintext_within_one_point(tmp_path):
         assert record["outcome"] == "commit"
         assert record["gram"]["digest"]  # the committee agreed on one Gram matrix
     # The server never evaluated: it cannot decrypt.
-    assert "test_accuracy" not in encrypted.results["rounds"]["3"]
+    assert "test_accuracy" not in encrypted.results["rounds"]["4"]
     accuracy = _decrypt_and_test(encrypted, key_seed=0)
     assert accuracy > 0.5
     assert abs(accuracy - plain.results["final_test_accuracy"]) <= 0.01
