@@ -39,6 +39,7 @@ from web3.types import TxReceipt
 from bcsfl_flower.chain.backends import ChainConnection
 from bcsfl_flower.chain.compiler import load_artifact
 from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError, rejected_error
+from bcsfl_flower.consensus import quorum_size
 from bcsfl_flower.packets import (
     HASH_BYTES,
     SIGNATURE_BYTES,
@@ -80,13 +81,9 @@ def _rejection_errors() -> tuple[type[BaseException], ...]:
 _REJECTION_ERRORS = _rejection_errors()
 
 
-def quorum(committee_size: int) -> int:
-    """Return ``ceil(2N/3)``, the contract's quorum for a committee of ``N`` miners."""
-    if isinstance(committee_size, bool) or not isinstance(committee_size, int):
-        raise TypeError(f"committee_size must be an int, got {committee_size!r}")
-    if committee_size < 1:
-        raise ValueError(f"committee_size must be >= 1, got {committee_size}")
-    return (2 * committee_size + 2) // 3
+quorum = quorum_size
+"""The contract's quorum for a committee of ``N`` miners, ``ceil(2N/3)``: the same rule
+as the validators' vote (:func:`bcsfl_flower.consensus.quorum_size`)."""
 
 
 @dataclass(frozen=True)
