@@ -68,7 +68,7 @@ from bcsfl_flower.privacy.ckks import (
 )
 from bcsfl_flower.privacy.ckks_keys import load_public_context, slot_count
 from bcsfl_flower.privacy.encrypted_screening import EncryptedGram, gram_to_cosine
-from bcsfl_flower.replies import RejectedReply
+from bcsfl_flower.replies import RejectedReply, split_replies
 from bcsfl_flower.screening import MIN_CENTERED_UPDATES
 
 GRAM_CENTERINGS = ("none", "mean")
@@ -251,16 +251,7 @@ class EncryptedReplyChecker:
 
     def split(self, replies: Iterable[Message]) -> tuple[list[EncryptedReply], list[RejectedReply]]:
         """Check every reply and log each rejection; return ``(accepted, rejected)``."""
-        accepted: list[EncryptedReply] = []
-        rejected: list[RejectedReply] = []
-        for message in replies:
-            outcome = self.check(message)
-            if isinstance(outcome, RejectedReply):
-                log(WARNING, "Rejected reply from node %s: %s", outcome.node_id, outcome.reason)
-                rejected.append(outcome)
-            else:
-                accepted.append(outcome)
-        return accepted, rejected
+        return split_replies(self.check, replies)
 
 
 def decrypt_gram_by_committee(

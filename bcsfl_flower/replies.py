@@ -10,13 +10,16 @@ with a reason that is logged and recorded, and the round goes on with the rest.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import WARNING
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,13 +117,20 @@ class ReplyChecker:
 
     def split(self, replies: Iterable[Message]) -> tuple[list[AcceptedReply], list[RejectedReply]]:
         """Check every reply and log each rejection; return ``(accepted, rejected)``."""
-        accepted: list[AcceptedReply] = []
-        rejected: list[RejectedReply] = []
-        for message in replies:
-            outcome = self.check(message)
-            if isinstance(outcome, RejectedReply):
-                log(WARNING, "Rejected reply from node %s: %s", outcome.node_id, outcome.reason)
-                rejected.append(outcome)
-            else:
-                accepted.append(outcome)
-        return accepted, rejected
+        return split_replies(self.check, replies)
+
+
+def split_replies(
+    check: Callable[[Message], T | RejectedReply], replies: Iterable[Message]
+) -> tuple[list[T], list[RejectedReply]]:
+    """Apply ``check`` to every reply, log each rejection; return ``(accepted, rejected)``."""
+    accepted: list[T] = []
+    rejected: list[RejectedReply] = []
+    for message in replies:
+        outcome = check(message)
+        if isinstance(outcome, RejectedReply):
+            log(WARNING, "Rejected reply from node %s: %s", outcome.node_id, outcome.reason)
+            rejected.append(outcome)
+        else:
+            accepted.append(outcome)
+    return accepted, rejected
