@@ -228,7 +228,7 @@ PRESETS: Mapping[str, Preset] = {
     "fast": Preset(
         name="fast",
         strategies=("fedavg", "bcsfl"),
-        label_flip_fractions=(0.0, 0.5),
+        label_flip_fractions=(0.0, 0.3),
         update_attacks=(),
         update_attack_fraction=0.3,
         num_clients=4,
