@@ -20,6 +20,7 @@ Outputs in ``--out``: ``runs/<run_id>/`` (each run's ``results.json``, ``run.log
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -108,7 +109,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m sim.experiments", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="fast")
-    parser.add_argument("--out", type=Path, help="output directory (default sim/results/<preset>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output directory (default sim/results/<preset>, or <preset>-<dataset> off MNIST)",
+    )
     parser.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
     parser.add_argument(
         "--data-dir",
@@ -118,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--strategies", nargs="+", choices=list(STRATEGIES), help="run only these strategies"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="run every cell once per seed (default: 42)"
     )
     parser.add_argument(
         "--timeout", type=float, default=7200.0, help="seconds before one run is stopped"
@@ -137,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     preset = PRESETS[args.preset]
-    out_dir = args.out if args.out is not None else Path("sim") / "results" / preset.name
+    if args.seeds:
+        preset = dataclasses.replace(preset, seeds=tuple(args.seeds))
+    default_name = preset.name if args.dataset == "mnist" else f"{preset.name}-{args.dataset}"
+    out_dir = args.out if args.out is not None else Path("sim") / "results" / default_name
     specs = preset.specs(args.dataset, tuple(args.strategies) if args.strategies else None)
     runner = GridRunner(out_dir, data_dir=args.data_dir, timeout=args.timeout, stream=args.stream)
 

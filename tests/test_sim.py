@@ -463,3 +463,11 @@ def test_consensus_experiment_compares_committee_and_all_node_quorums(tmp_path):
     )
     committee_gas = [int(summary[("committee", n)]["gas_per_round"]) for n in (5, 8)]
     assert abs(committee_gas[0] - committee_gas[1]) < 0.01 * committee_gas[0]
+
+
+def test_seeds_option_repeats_every_cell_per_seed(tmp_path, capsys):
+    argv = ["--preset", "full", "--seeds", "1", "2", "--out", str(tmp_path), "--list"]
+    assert main(argv) == EXIT_OK
+    listed = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(listed) == 2 * 49 == len(set(listed))
+    assert {run_id.rsplit("-", 1)[1] for run_id in listed} == {"s1", "s2"}
