@@ -133,30 +133,28 @@ def run_federation(
         raise FederationFailedError(
             f"`flwr run` exited with {returncode} after {elapsed:.0f}s; see {log_path}"
         )
-    if (
-        flower_status is not None
-        and flower_status.startswith("finished:")
-        and (flower_status != "finished:completed")
-    ):
-        raise FederationFailedError(
-            f"the SuperLink reports the run {flower_status}; see {log_path}"
-        )
     if not require_results:
         if flower_status != "finished:completed":
             raise FederationFailedError(
                 f"the SuperLink reports the run as {flower_status!r}; see {log_path}"
             )
         return FederationRun(output_dir, None, log_path, flower_status)
+    # The app's own record says more than the SuperLink's status (it keeps the error).
     try:
         results = load_results(output_dir)
     except (OSError, ValueError) as err:
         raise FederationFailedError(
-            f"the run wrote no readable {RESULTS_FILE} in {output_dir} ({err}); see {log_path}"
+            f"the run wrote no readable {RESULTS_FILE} in {output_dir} ({err}); "
+            f"SuperLink status {flower_status!r}; see {log_path}"
         ) from err
     if results.get("status") != "completed":
         raise FederationFailedError(
             f"the run did not complete: status {results.get('status')!r}, "
             f"error {results.get('error')!r}; see {log_path}"
+        )
+    if flower_status in ("finished:failed", "finished:stopped"):
+        raise FederationFailedError(
+            f"the SuperLink reports the run {flower_status}; see {log_path}"
         )
     return FederationRun(output_dir, results, log_path, flower_status)
 
