@@ -17,7 +17,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from bcsfl_flower.client.ckks_mod import bcsfl_ckks_client_app
 from bcsfl_flower.config import RunSettings
-from bcsfl_flower.privacy.dp import DPConfig, make_private
 from bcsfl_flower.task.attacks import UPDATE_ATTACKS, choose_attackers, poison_update
 from bcsfl_flower.task.data import ClientData, load_client_data
 from bcsfl_flower.task.models import build_model
@@ -95,6 +94,10 @@ def _train_private(
     The accountant's history lives in ``context.state`` between rounds (the ClientApp
     itself is rebuilt for every message), so epsilon accumulates over the run.
     """
+    # Imported here: importing Opacus configures the root logger, which would double
+    # every log line of clients that do not train with DP.
+    from bcsfl_flower.privacy.dp import DPConfig, make_private
+
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
     dp_config = DPConfig(
         noise_multiplier=settings.dp_noise_multiplier,

@@ -36,22 +36,41 @@ from bcsfl_flower.privacy.ckks_keys import (
     save_secret_context,
     slot_count,
 )
-from bcsfl_flower.privacy.dp import (
-    AccountantState,
-    DPConfig,
-    PrivateTraining,
-    check_opacus_compatible,
-    epsilon_from_state,
-    load_accountant_state,
-    make_private,
-    save_accountant_state,
-)
 from bcsfl_flower.privacy.encrypted_screening import (
     EncryptedGram,
     decrypt_gram,
     encrypted_gram,
     gram_to_cosine,
 )
+
+_DP_NAMES = frozenset(
+    {
+        "AccountantState",
+        "DPConfig",
+        "PrivateTraining",
+        "check_opacus_compatible",
+        "epsilon_from_state",
+        "load_accountant_state",
+        "make_private",
+        "save_accountant_state",
+    }
+)
+
+
+def __getattr__(name: str) -> object:
+    """Import the DP helpers on first use.
+
+    Opacus configures the root logger when it is imported (``logging.basicConfig`` in
+    ``opacus.utils.module_utils``), which doubles every Flower log line of the process.
+    The ServerApp needs the CKKS half of this package but never DP-SGD, so the DP names
+    are resolved lazily and Opacus is only imported where DP training runs.
+    """
+    if name in _DP_NAMES:
+        from bcsfl_flower.privacy import dp
+
+        return getattr(dp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ENCRYPTED_ARRAY_KEY",
