@@ -135,6 +135,11 @@ CKKS_CONFIG = {
     # plaintext run uses the same rule so that both make the same decisions.
     "screening-centering": "none",
     "cosine-threshold": 0.7,
+    # The two runs draw different committees (the seed hashes the global model, a
+    # ciphertext in one run); a lenient vote and no slashing keep one noisy validator
+    # from rolling back a round in one run only, which is not what this test is about.
+    "vote-tolerance": 0.5,
+    "stake-slash": 0.0,
 }
 
 
