@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -167,28 +168,28 @@ def anchor_one(
 def measure(
     connection: ChainConnection, node_counts: Sequence[int], rounds: int
 ) -> list[RoundTiming]:
-    """Anchor ``rounds`` rounds per mode and node count, each on a fresh contract."""
+    """Anchor ``rounds`` rounds per mode and node count, each point on its own contract.
+
+    The points take turns round by round (round 1 of every point, then round 2, ...),
+    so a burst of load from elsewhere on the machine hits all points alike instead of
+    skewing whichever point happened to run during it.
+    """
     if rounds < 2:
         raise ValueError(f"rounds must be >= 2 (the first one is warm-up), got {rounds}")
-    timings = []
     for nodes in node_counts:
         if nodes < COMMITTEE:
             raise ValueError(f"node counts must be >= {COMMITTEE} (the committee), got {nodes}")
+    points = []
+    for nodes in node_counts:
         accounts = [client_dev_account(i) for i in range(nodes)]
         for mode in MODES:
             trail, _ = setup(connection, nodes)  # deploys and registers the N nodes
-            for round_number in range(1, rounds + 1):
-                timings.append(anchor_one(trail, mode, accounts, round_number))
-            last = timings[-1]
-            log(
-                INFO,
-                "consensus: %-9s N=%2d: %d signatures, %.1f ms per anchor, %d gas",
-                mode,
-                nodes,
-                last.signatures,
-                statistics.median(t.latency_ms for t in timings[-rounds + 1 :]),
-                last.gas_used,
-            )
+            points.append((mode, accounts, trail))
+    timings = []
+    for round_number in range(1, rounds + 1):
+        for mode, accounts, trail in points:
+            timings.append(anchor_one(trail, mode, accounts, round_number))
+        log(INFO, "consensus: round %d/%d anchored at %d points", round_number, rounds, len(points))
     return timings
 
 
@@ -263,14 +264,17 @@ def plot(summaries: Sequence[PointSummary], out_dir: Path) -> list[Path]:
     return written
 
 
-def markdown(summaries: Sequence[PointSummary], command: str, backend: str) -> str:
-    """Return the summary as Markdown, with the command that made it."""
+def markdown(
+    summaries: Sequence[PointSummary], command: str, backend: str, machine: str = ""
+) -> str:
+    """Return the summary as Markdown, with the command that made it and the machine."""
     lines = [
         "# Anchoring cost vs number of nodes",
         "",
-        f"Made by `{command}` on {backend}. Medians over the steady-state rounds "
+        f"Made by `{command}` on {backend}{machine}. Medians over the steady-state rounds "
         "(the first round of each contract is warm-up). See `sim/consensus.py` for "
-        "what is timed.",
+        "what is timed. Absolute times depend on the machine; the ratios between the "
+        "two quorums are what carry over.",
         "",
         "| mode | nodes | miners | signatures | latency ms (sequential) | "
         "latency ms (parallel signing) | anchors/s (sequential) | anchors/s (parallel) | "
@@ -291,11 +295,16 @@ def run(
 ) -> list[Path]:
     """Measure on a fresh chain of ``backend`` and write CSV, Markdown and figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]  # other jobs on the machine skew absolute times
     with tempfile.TemporaryDirectory() as scratch, connect(backend, Path(scratch)) as connection:
         timings = measure(connection, node_counts, rounds)
+    machine = (
+        f" ({os.cpu_count()} cores; 1-minute load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after)"
+    )
     summaries = summarise(timings)
     table = out_dir / "summary.md"
-    table.write_text(markdown(summaries, command, backend))
+    table.write_text(markdown(summaries, command, backend, machine))
     return [
         write_csv(
             out_dir / "rounds.csv", [f.name for f in fields(RoundTiming)], map(asdict, timings)
