@@ -52,7 +52,7 @@ class FederationRun:
     output_dir: Path
     results: dict[str, Any] | None
     log_path: Path
-    flower_status: str | None
+    flower_status: str | None = None
 
     @property
     def results_path(self) -> Path:
