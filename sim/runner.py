@@ -185,7 +185,7 @@ class GridRunner:
         )
         wall_s = round(time.monotonic() - started, 1)
         (run_dir / TIMING_FILE).write_text(json.dumps({"wall_s": wall_s}) + "\n")
-        return run.results.get("final_test_accuracy")
+        return (run.results or {}).get("final_test_accuracy")
 
 
 def _clock(seconds: float) -> str:
