@@ -68,7 +68,7 @@ from bcsfl_flower.privacy.ckks import (
 )
 from bcsfl_flower.privacy.ckks_keys import load_public_context, slot_count
 from bcsfl_flower.privacy.encrypted_screening import EncryptedGram, gram_to_cosine
-from bcsfl_flower.replies import RejectedReply, split_replies
+from bcsfl_flower.replies import RejectedReply, example_weight, split_replies
 from bcsfl_flower.screening import MIN_CENTERED_UPDATES
 
 GRAM_CENTERINGS = ("none", "mean")
@@ -236,18 +236,13 @@ class EncryptedReplyChecker:
             )
         arrays = next(iter(content.array_records.values()))
         metrics = next(iter(content.metric_records.values()))
-        weight = metrics.get(self.weighted_by_key)
-        if weight is None:
-            return RejectedReply(node_id, f"metric '{self.weighted_by_key}' is missing")
-        if isinstance(weight, list | bool) or not math.isfinite(weight) or weight <= 0:
-            return RejectedReply(
-                node_id,
-                f"metric '{self.weighted_by_key}' must be a finite number > 0, got {weight!r}",
-            )
+        weight = example_weight(metrics, self.weighted_by_key)
+        if isinstance(weight, str):
+            return RejectedReply(node_id, weight)
         model = check_encrypted_reply(arrays, self.specs, self.public_ctx)
         if isinstance(model, str):
             return RejectedReply(node_id, model)
-        return EncryptedReply(node_id, arrays, model, metrics, float(weight), message)
+        return EncryptedReply(node_id, arrays, model, metrics, weight, message)
 
     def split(self, replies: Iterable[Message]) -> tuple[list[EncryptedReply], list[RejectedReply]]:
         """Check every reply and log each rejection; return ``(accepted, rejected)``."""

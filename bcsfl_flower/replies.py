@@ -79,15 +79,10 @@ class ReplyChecker:
         if fault is not None:
             return RejectedReply(node_id, fault)
 
-        weight = metrics.get(self.weighted_by_key)
-        if weight is None:
-            return RejectedReply(node_id, f"metric '{self.weighted_by_key}' is missing")
-        if isinstance(weight, list | bool) or not math.isfinite(weight) or weight <= 0:
-            return RejectedReply(
-                node_id,
-                f"metric '{self.weighted_by_key}' must be a finite number > 0, got {weight!r}",
-            )
-        return AcceptedReply(node_id, arrays, metrics, float(weight), message)
+        weight = example_weight(metrics, self.weighted_by_key)
+        if isinstance(weight, str):
+            return RejectedReply(node_id, weight)
+        return AcceptedReply(node_id, arrays, metrics, weight, message)
 
     def _array_fault(self, arrays: ArrayRecord) -> str | None:
         keys = set(arrays.keys())
@@ -118,6 +113,20 @@ class ReplyChecker:
     def split(self, replies: Iterable[Message]) -> tuple[list[AcceptedReply], list[RejectedReply]]:
         """Check every reply and log each rejection; return ``(accepted, rejected)``."""
         return split_replies(self.check, replies)
+
+
+def example_weight(metrics: MetricRecord, weighted_by_key: str) -> float | str:
+    """Return a reply's aggregation weight, or the reason it cannot weigh anything.
+
+    The weight must be a finite number > 0: it scales the reply in the aggregate, so a
+    zero, negative, NaN or list value would silently distort or break the mean.
+    """
+    weight = metrics.get(weighted_by_key)
+    if weight is None:
+        return f"metric '{weighted_by_key}' is missing"
+    if isinstance(weight, list | bool) or not math.isfinite(weight) or weight <= 0:
+        return f"metric '{weighted_by_key}' must be a finite number > 0, got {weight!r}"
+    return float(weight)
 
 
 def split_replies(
