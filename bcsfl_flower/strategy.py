@@ -32,7 +32,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from bcsfl_flower.client.ckks_mod import CKKS_CONFIG_KEY
@@ -50,6 +50,7 @@ from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.packets import SignedModelPacket, model_hash
 from bcsfl_flower.privacy.ckks import from_array_record, is_encrypted_record, to_array_record
 from bcsfl_flower.privacy.encrypted_screening import encrypted_gram
+from bcsfl_flower.prompt_grid import PromptGrid
 from bcsfl_flower.replies import AcceptedReply, ReplyChecker
 from bcsfl_flower.screening import (
     CENTERINGS,
@@ -251,6 +252,35 @@ class BCSFL(FedAvg):
             self.initial_stake,
             self.stake_reward,
             self.stake_slash,
+        )
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run the rounds as ``FedAvg.start`` does, collecting replies promptly.
+
+        A BCSFL round exchanges messages three times (training, validation, mining),
+        and Flower's ``send_and_receive`` waits 3 s between pulls, so the grid is
+        wrapped in a :class:`~bcsfl_flower.prompt_grid.PromptGrid` that polls with a
+        short, growing interval instead.
+        """
+        if not isinstance(grid, PromptGrid):
+            grid = PromptGrid(grid)
+        return super().start(
+            grid,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
         )
 
     def configure_train(
