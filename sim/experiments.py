@@ -140,6 +140,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reproducing(argv: Sequence[str]) -> list[str]:
+    """Return ``argv`` without the flags that only change how outputs are made.
+
+    The table says which command made its runs; a ``--report-only`` rebuild or a
+    ``--stream`` echo made none, so they are left out and the command shown re-runs
+    (or resumes) the grid.
+    """
+    return [arg for arg in argv if arg not in ("--report-only", "--stream")]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (1 if any run failed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -167,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(ERROR, "%s", err)
                 return EXIT_USAGE
         failed = runner.run(specs).failed
-    command = shlex.join(["python", "-m", "sim.experiments", *argv])
+    command = shlex.join(["python", "-m", "sim.experiments", *_reproducing(argv)])
     written = write_outputs(out_dir, specs, runner, preset=preset, command=command, failed=failed)
     log(
         INFO,

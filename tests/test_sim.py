@@ -24,7 +24,7 @@ from bcsfl_flower.task.attacks import choose_attackers  # noqa: E402
 from bcsfl_flower.task.data import load_client_data, load_split, load_test_data  # noqa: E402
 from bcsfl_flower.task.models import build_model  # noqa: E402
 from bcsfl_flower.task.training import evaluate_confusion  # noqa: E402
-from sim.experiments import EXIT_OK, EXIT_USAGE, check_data, main  # noqa: E402
+from sim.experiments import EXIT_OK, EXIT_USAGE, _reproducing, check_data, main  # noqa: E402
 from sim.grid import PRESETS, STRATEGIES, ExperimentSpec  # noqa: E402
 from sim.metrics import (  # noqa: E402
     FLIP_ALL,
@@ -374,6 +374,11 @@ def test_cifar10_grid_goes_through_the_same_runner(fake_cifar10, tmp_path, capsy
     assert not (out / "runs").exists()
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         check_data("cifar10", missing)
+
+
+def test_the_table_names_the_command_that_makes_the_runs():
+    argv = ["--preset", "full", "--out", "sim/results/full", "--report-only", "--stream"]
+    assert _reproducing(argv) == ["--preset", "full", "--out", "sim/results/full"]
 
 
 # -- end to end: the fast preset, real federations -------------------------------------------
