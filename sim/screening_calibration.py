@@ -111,6 +111,38 @@ def score(history, clients: int, seed: int, rule: dict) -> list[tuple[int, int, 
     return rows
 
 
+def group_similarity(history, clients: int, seed: int, fraction: float) -> list[tuple]:
+    """Return, per round, the mean cosine of median-centred updates within and across groups.
+
+    Each entry is (attacker-attacker, honest-honest, honest-attacker), off-diagonal pairs
+    only: what a screening rule would have to separate.
+    """
+    attackers = sorted(choose_attackers(clients, fraction, seed))
+    honest = [i for i in range(clients) if i not in attackers]
+    rows = []
+    for honest_updates, flipped in history:
+        updates = np.stack(
+            [flipped[i] if i in attackers else honest_updates[i] for i in range(clients)]
+        )
+        similarity = cosine_similarity_matrix(center_updates(updates, "median"))
+        rows.append(
+            (
+                _mean_pairs(similarity, attackers, attackers),
+                _mean_pairs(similarity, honest, honest),
+                _mean_pairs(similarity, honest, attackers),
+            )
+        )
+    return rows
+
+
+def _mean_pairs(similarity: np.ndarray, rows: list[int], cols: list[int]) -> float:
+    """Mean of ``similarity[rows, cols]``, leaving out the diagonal when rows is cols."""
+    block = similarity[np.ix_(rows, cols)]
+    if rows is cols:
+        block = block[~np.eye(len(rows), dtype=bool)]
+    return float(block.mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
@@ -132,6 +164,14 @@ def main() -> None:
             f"{tp}/{fp}/{fn}" for tp, fp, fn in score(history, args.clients, args.seed, rule)
         )
         print(f"| {name} | {cells} |")
+    print(
+        "\nmean cosine of median-centred updates at 30% attackers "
+        "(attacker-attacker / honest-honest / across):"
+    )
+    for number, (aa, hh, ha) in enumerate(
+        group_similarity(history, args.clients, args.seed, 0.3), start=1
+    ):
+        print(f"round {number}: {aa:+.2f} / {hh:+.2f} / {ha:+.2f}")
 
 
 if __name__ == "__main__":
