@@ -4,7 +4,7 @@ Flower's ``Grid.send_and_receive`` pushes the messages and then pulls replies ev
 3 seconds. A FedAvg round exchanges messages once, so that costs it at most 3 s; a
 BCSFL round exchanges them three times (training, the validators' evaluation, the
 miners' approvals), and the validators and miners answer in milliseconds. With a
-fixed 3 s poll, two thirds of a 20-client MNIST round on a CPU were spent waiting.
+fixed 3 s poll, about half of a 20-client MNIST round on a CPU was spent waiting.
 
 :class:`PromptGrid` wraps any :class:`~flwr.serverapp.Grid` and keeps everything
 but ``send_and_receive``, which polls with an interval that starts short and backs
