@@ -89,6 +89,12 @@ def local_updates(
     return history
 
 
+def _mixed_updates(honest: np.ndarray, flipped: np.ndarray, attackers) -> np.ndarray:
+    """Return the round's updates with the attackers' rows taken from the flipped run."""
+    rows = np.array([i in attackers for i in range(len(honest))])
+    return np.where(rows[:, None], flipped, honest)
+
+
 def score(history, clients: int, seed: int, rule: dict) -> list[tuple[int, int, int]]:
     """Return (tp, fp, fn) per attacker fraction for one screening rule."""
     rows = []
@@ -96,9 +102,7 @@ def score(history, clients: int, seed: int, rule: dict) -> list[tuple[int, int, 
         attackers = choose_attackers(clients, fraction, seed)
         tp = fp = fn = 0
         for honest, flipped in history:
-            updates = np.stack(
-                [flipped[i] if i in attackers else honest[i] for i in range(clients)]
-            )
+            updates = _mixed_updates(honest, flipped, attackers)
             similarity = cosine_similarity_matrix(center_updates(updates, rule["centering"]))
             result = screen_updates(
                 similarity, rule["tau"], majority_fallback=rule["majority_fallback"]
@@ -121,9 +125,7 @@ def group_similarity(history, clients: int, seed: int, fraction: float) -> list[
     honest = [i for i in range(clients) if i not in attackers]
     rows = []
     for honest_updates, flipped in history:
-        updates = np.stack(
-            [flipped[i] if i in attackers else honest_updates[i] for i in range(clients)]
-        )
+        updates = _mixed_updates(honest_updates, flipped, attackers)
         similarity = cosine_similarity_matrix(center_updates(updates, "median"))
         rows.append(
             (
