@@ -1,10 +1,10 @@
-"""Proof-of-Stake committees: a stake ledger and stake-weighted committee draws.
+"""Proof-of-Stake committees: stake-weighted, publicly replayable committee draws.
 
 Every BCS-FL round draws a committee of validators (who score candidate models) and
 miners (who sign the round's quorum certificate) from the participants that are alive
-in that round. A participant's chance of being drawn is proportional to its stake, so
-participants that keep contributing accepted updates gain influence, and those that are
-slashed lose it.
+in that round. A participant's chance of being drawn is proportional to its stake (kept by
+:class:`~bcsfl_flower.round.stakes.StakeLedger`), so participants that keep contributing
+accepted updates gain influence, and those that are slashed lose it.
 
 The draw is seeded from the previous round's anchored model hash and the round number
 (see :func:`committee_seed`), so anyone who reads the chain can recompute who was on the
@@ -14,8 +14,7 @@ committee and check that the server did not pick its favourites.
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import WARNING
 
@@ -43,184 +42,6 @@ def _check_id(participant_id: object, name: str = "participant_id") -> str:
     if not participant_id:
         raise ValueError(f"{name} must be a non-empty string")
     return participant_id
-
-
-def _check_amount(value: float, name: str) -> float:
-    """Return ``value`` as a float if it is finite and non-negative, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    result = float(value)
-    if not math.isfinite(result) or result < 0.0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return result
-
-
-class StakeLedger:
-    """Stakes of the federation's participants.
-
-    Parameters
-    ----------
-    stakes : Mapping[str, float] | None (default: None)
-        Initial stake of each participant, keyed by participant id (a Flower node id as
-        a string, or an Ethereum address). Every stake must be finite and >= ``floor``.
-    floor : float (default: 0.0)
-        Lowest stake that :meth:`slash` can leave a participant with. With the default
-        of 0, a participant can be slashed to zero stake, and a participant with zero
-        stake can never be drawn for a committee (its selection probability
-        ``S_i / sum S_j`` is zero); it still trains, and :meth:`reward` can bring it
-        back. A positive floor keeps every participant eligible.
-
-    Notes
-    -----
-    The ledger is deliberately a plain in-memory mapping: the strategy owns one,
-    updates it after every round and writes :meth:`as_dict` into the round's record,
-    which makes the stake history auditable without putting it on chain.
-    """
-
-    def __init__(self, stakes: Mapping[str, float] | None = None, *, floor: float = 0.0) -> None:
-        self._floor = _check_amount(floor, "floor")
-        self._stakes: dict[str, float] = {}
-        for participant_id, stake in (stakes or {}).items():
-            self.register(participant_id, stake)
-
-    # ----- constructors for the three initial-stake modes ---------------------------
-    @classmethod
-    def equal(cls, ids: Iterable[str], stake: float = 1.0, *, floor: float = 0.0) -> StakeLedger:
-        """Give every participant the same initial stake (``initial-stake = "equal"``).
-
-        Parameters
-        ----------
-        ids : Iterable[str]
-            Participant ids.
-        stake : float (default: 1.0)
-            The stake each participant starts with; must be > 0 so everyone can be drawn.
-        floor : float (default: 0.0)
-            See :class:`StakeLedger`.
-        """
-        if _check_amount(stake, "stake") == 0.0:
-            raise ValueError("stake must be > 0 for equal initial stakes, got 0")
-        return cls(dict.fromkeys(_unique_ids(ids), stake), floor=floor)
-
-    @classmethod
-    def from_data_sizes(cls, num_examples: Mapping[str, int], *, floor: float = 0.0) -> StakeLedger:
-        """Stake each participant with its number of training examples.
-
-        This is the ``initial-stake = "data-size"`` mode: a participant that holds more
-        data is, a priori, more valuable to the federation and gets proportionally more
-        say in the committee.
-
-        Parameters
-        ----------
-        num_examples : Mapping[str, int]
-            Number of training examples per participant (the ``num-examples`` a Flower
-            client reports). Each must be an integer >= 0; zero means "never drawn".
-        floor : float (default: 0.0)
-            See :class:`StakeLedger`.
-        """
-        stakes: dict[str, float] = {}
-        for participant_id, count in num_examples.items():
-            if isinstance(count, bool) or not isinstance(count, int | np.integer):
-                raise TypeError(f"num_examples[{participant_id!r}] must be an int, got {count!r}")
-            if count < 0:
-                raise ValueError(f"num_examples[{participant_id!r}] must be >= 0, got {count}")
-            stakes[participant_id] = float(count)
-        return cls(stakes, floor=floor)
-
-    @classmethod
-    def from_mapping(cls, stakes: Mapping[str, float], *, floor: float = 0.0) -> StakeLedger:
-        """Use explicitly configured stakes (``initial-stake = "explicit"``)."""
-        return cls(stakes, floor=floor)
-
-    # ----- queries -------------------------------------------------------------------
-    @property
-    def floor(self) -> float:
-        """Lowest stake :meth:`slash` can leave a participant with."""
-        return self._floor
-
-    def __contains__(self, participant_id: object) -> bool:
-        return participant_id in self._stakes
-
-    def __len__(self) -> int:
-        return len(self._stakes)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._stakes)
-
-    def __repr__(self) -> str:
-        return f"StakeLedger({self._stakes!r}, floor={self._floor!r})"
-
-    def stake(self, participant_id: str) -> float:
-        """Return the stake of one participant (``KeyError`` if unknown)."""
-        return self._stakes[self._known(participant_id)]
-
-    def stakes_for(self, ids: Sequence[str]) -> np.ndarray:
-        """Return the stakes of ``ids`` as a float64 array, in the order given."""
-        return np.array([self._stakes[self._known(i)] for i in ids], dtype=np.float64)
-
-    def total(self) -> float:
-        """Return the sum of all stakes."""
-        return math.fsum(self._stakes.values())
-
-    def as_dict(self) -> dict[str, float]:
-        """Return a snapshot ``{participant id: stake}``, sorted by id, for the results record.
-
-        The snapshot is a copy: later rewards or slashes do not change it.
-        """
-        return {participant_id: self._stakes[participant_id] for participant_id in sorted(self)}
-
-    # ----- updates -------------------------------------------------------------------
-    def register(self, participant_id: str, stake: float) -> None:
-        """Add a new participant with an initial stake.
-
-        Raises
-        ------
-        ValueError
-            If the participant is already registered (re-registering would let a
-            participant reset a slashed stake), or the stake is negative, non-finite or
-            below the ledger's floor.
-        """
-        _check_id(participant_id)
-        value = _check_amount(stake, f"stake of {participant_id!r}")
-        if participant_id in self._stakes:
-            raise ValueError(f"participant {participant_id!r} is already registered")
-        if value < self._floor:
-            raise ValueError(
-                f"stake of {participant_id!r} ({value}) is below the ledger's floor ({self._floor})"
-            )
-        self._stakes[participant_id] = value
-
-    def reward(self, ids: Iterable[str], amount: float) -> None:
-        """Add ``amount`` to the stake of each participant in ``ids``.
-
-        Called for clients whose update was accepted, so useful work buys influence on
-        future committees. An amount of 0 is allowed (rewards switched off).
-        """
-        value = _check_amount(amount, "amount")
-        for participant_id in self._checked_unique(ids):
-            self._stakes[participant_id] += value
-
-    def slash(self, ids: Iterable[str], amount: float) -> None:
-        """Subtract ``amount`` from the stake of each participant in ``ids``.
-
-        Called for clients whose update was rejected. The stake never drops below the
-        ledger's floor; a participant at zero stake cannot be drawn for a committee.
-        """
-        value = _check_amount(amount, "amount")
-        for participant_id in self._checked_unique(ids):
-            self._stakes[participant_id] = max(self._stakes[participant_id] - value, self._floor)
-
-    def _known(self, participant_id: str) -> str:
-        _check_id(participant_id)
-        if participant_id not in self._stakes:
-            raise KeyError(f"participant {participant_id!r} is not registered in the stake ledger")
-        return participant_id
-
-    def _checked_unique(self, ids: Iterable[str]) -> list[str]:
-        # Validate everything before changing anything, so a bad id leaves the ledger as it was.
-        unique = _unique_ids(ids)
-        for participant_id in unique:
-            self._known(participant_id)
-        return unique
 
 
 def _unique_ids(ids: Iterable[str]) -> list[str]:
@@ -399,7 +220,7 @@ class Committee:
 
 
 def draw_committee(
-    ledger: StakeLedger,
+    stakes: Mapping[str, float],
     candidates: Iterable[str],
     num_validators: int,
     num_miners: int,
@@ -413,12 +234,13 @@ def draw_committee(
     ``numpy.random.default_rng(committee_seed(previous_model_hash, server_round))``
     (PCG64) then draws the validators with :func:`draw_weighted_without_replacement`,
     and the miners from all candidates again with the same generator. Replaying these
-    steps with the same ledger snapshot reproduces the committee exactly.
+    steps with the same stake table (the round record's ``stakes_before``) reproduces
+    the committee exactly.
 
     Parameters
     ----------
-    ledger : StakeLedger
-        Current stakes. Every candidate must be registered.
+    stakes : Mapping[str, float]
+        Current stakes (e.g. ``StakeLedger.as_dict()``). Every candidate must have one.
     candidates : Iterable[str]
         Ids of the participants that are alive this round.
     num_validators : int
@@ -437,11 +259,14 @@ def draw_committee(
         The drawn committee.
     """
     ordered = sorted(_unique_ids(candidates))
-    stakes = ledger.stakes_for(ordered)
+    missing = [c for c in ordered if c not in stakes]
+    if missing:
+        raise KeyError(f"no stake for committee candidates {missing}")
+    weights = np.array([float(stakes[c]) for c in ordered], dtype=np.float64)
     seed = committee_seed(previous_model_hash, server_round)
     rng = np.random.default_rng(seed)
-    validators = draw_weighted_without_replacement(ordered, stakes, num_validators, rng)
-    miners = draw_weighted_without_replacement(ordered, stakes, num_miners, rng)
+    validators = draw_weighted_without_replacement(ordered, weights, num_validators, rng)
+    miners = draw_weighted_without_replacement(ordered, weights, num_miners, rng)
     return Committee(
         server_round=int(server_round),
         seed=seed,

@@ -17,6 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bcsfl_flower.baselines import BASELINES
+from bcsfl_flower.round.screening import OUTLIER_NORM_RATIO, SPLIT_MARGIN
+from bcsfl_flower.round.selection import selection_rule
+from bcsfl_flower.round.settings import (
+    DEFAULT_REWARD,
+    DEFAULT_SLASH_FRACTION,
+    RoundSettings,
+    SettingError,
+    StakePolicy,
+    ValidationSettings,
+)
+from bcsfl_flower.round.stakes import INITIAL_STAKES
+
 DATA_DIR_ENV = "BCSFL_DATA_DIR"
 """Environment variable that names the data directory when ``data-dir`` is empty."""
 
@@ -25,9 +38,7 @@ OUTPUT_DIR_ENV = "BCSFL_OUTPUT_DIR"
 
 DATASETS = ("mnist", "cifar10")
 ATTACKS = ("label-flip", "sign-flip", "gaussian-noise", "scale")
-STRATEGIES = ("bcsfl", "fedavg", "krum", "multikrum", "fedmedian", "fedtrimmedavg")
-SELECTIONS = ("trusted-mean", "paper")
-INITIAL_STAKES = ("equal", "data-size")
+STRATEGIES = ("bcsfl", *BASELINES)
 
 
 class ConfigError(ValueError):
@@ -57,15 +68,15 @@ class RunSettings:
     output_dir: str = ""
     strategy: str = "bcsfl"
     selection: str = "trusted-mean"
-    cosine_threshold: float = 0.0
-    screening_centering: str = "median"
-    majority_fallback: bool = True
     num_validators: int = 5
     num_miners: int = 5
     initial_stake: str = "equal"
-    stake_reward: float = 0.1
-    stake_slash: float = 0.5
+    attacker_stake: float = 1.0
+    stake_reward: float = DEFAULT_REWARD
+    stake_slash: float = DEFAULT_SLASH_FRACTION
     vote_tolerance: float = 0.05
+    outlier_norm_ratio: float = OUTLIER_NORM_RATIO
+    split_margin: float = SPLIT_MARGIN
     loss_metric_key: str = "eval_loss"
     chain: str = "embedded"
     chain_retry_attempts: int = 5
@@ -99,24 +110,14 @@ class RunSettings:
         )
 
         _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}")
-        _require(self.selection in SELECTIONS, "selection", f"must be one of {SELECTIONS}")
-        _require(-1.0 <= self.cosine_threshold <= 1.0, "cosine-threshold", "must be in [-1, 1]")
-        _require(
-            self.screening_centering in ("median", "none"),
-            "screening-centering",
-            "must be 'median' or 'none'",
-        )
-        _require(self.num_validators >= 1, "num-validators", "must be >= 1")
-        _require(self.num_miners >= 1, "num-miners", "must be >= 1")
-        _require(
-            self.initial_stake in INITIAL_STAKES,
-            "initial-stake",
-            f"must be one of {INITIAL_STAKES}",
-        )
-        _require(self.stake_reward >= 0.0, "stake-reward", "must be >= 0")
-        _require(self.stake_slash >= 0.0, "stake-slash", "must be >= 0")
-        _require(self.vote_tolerance >= 0.0, "vote-tolerance", "must be >= 0")
-        _require(bool(self.loss_metric_key), "loss-metric-key", "must not be empty")
+        _require(self.attacker_stake >= 0.0, "attacker-stake", "must be >= 0")
+        try:
+            self.round_settings()
+            selection_rule(self.selection, encrypted=self.ckks)
+            if self.initial_stake not in INITIAL_STAKES:
+                raise SettingError("initial_stake", f"must be one of {sorted(INITIAL_STAKES)}")
+        except SettingError as err:
+            raise ConfigError(f"run config '{err.setting.replace('_', '-')}' {err.detail}") from err
         _require(
             self.chain in ("embedded", "anvil", "none")
             or self.chain.startswith(("http://", "https://")),
@@ -136,22 +137,22 @@ class RunSettings:
                 "ckks",
                 f"needs strategy 'bcsfl' (Flower's {self.strategy!r} cannot add ciphertexts)",
             )
-            _require(
-                self.selection == "trusted-mean",
-                "ckks",
-                "cannot run with selection 'paper': validators would have to decrypt "
-                "individual clients' models; use selection 'trusted-mean'",
-            )
-            _require(
-                self.screening_centering == "none",
-                "ckks",
-                "needs screening-centering 'none': median centring needs the plaintext "
-                "updates, while CKKS screening works on the decrypted Gram matrix only",
-            )
         _require(
             self.client_registry == "" or Path(self.client_registry).is_absolute(),
             "client-registry",
             "must be an absolute path to a JSON list of client addresses",
+        )
+
+    def round_settings(self) -> RoundSettings:
+        """Return the BCSFL round settings these keys describe (validating them)."""
+        return RoundSettings(
+            num_validators=self.num_validators,
+            num_miners=self.num_miners,
+            vote_tolerance=self.vote_tolerance,
+            outlier_norm_ratio=self.outlier_norm_ratio,
+            split_margin=self.split_margin,
+            stake_policy=StakePolicy(self.stake_reward, self.stake_slash),
+            validation=ValidationSettings(loss_metric_key=self.loss_metric_key),
         )
 
     @classmethod

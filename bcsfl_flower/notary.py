@@ -16,7 +16,6 @@ The strategy decides a round; the notary makes that decision verifiable afterwar
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -29,20 +28,23 @@ from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail, RetryPolicy
 from bcsfl_flower.chain.backends import ChainConnection, connect
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.chain.model_store import ModelStore
-from bcsfl_flower.client.mod import (
-    MINE_MESSAGE_TYPE,
-    mine_request,
-    read_verdict,
-    signing_config,
-)
 from bcsfl_flower.packets import (
-    PACKET_RECORD_KEY,
     PacketRejectedError,
     PacketVerifier,
     SignedModelPacket,
     accepted_root,
     model_hash,
 )
+from bcsfl_flower.protocol import (
+    MINE_MESSAGE_TYPE,
+    ConfigValue,
+    mine_request,
+    packet_record,
+    read_verdict,
+    signing_config,
+)
+from bcsfl_flower.round.checks import PacketCheck
+from bcsfl_flower.round.state import Certification
 
 MANIFEST_FILE = "chain.json"
 MODELS_DIR = "models"
@@ -51,23 +53,6 @@ REGISTRATION_STAKE = 1
 """Stake each client is registered with on chain. The live stake ledger is kept off
 chain (it changes every round and writing it would make gas grow with the clients);
 the results file records it per round."""
-
-
-@dataclass
-class PacketCheck:
-    """Outcome of checking one reply's packet."""
-
-    packet: SignedModelPacket | None = None
-    rejection: str | None = None
-
-
-@dataclass
-class Certification:
-    """How a committed candidate was certified, or why it could not be."""
-
-    certificate: AnchorCertificate | None
-    certified_by: str
-    refusals: dict[str, str] = field(default_factory=dict)
 
 
 class RoundNotary:
@@ -159,13 +144,13 @@ class RoundNotary:
             raise
         return notary
 
-    def signing_config(self) -> dict[str, int | str]:
+    def signing_config(self) -> dict[str, ConfigValue]:
         """Train-config entries that make clients running the bcsfl mod sign their replies."""
         return signing_config(self.trail.domain)
 
     def check_packet(self, node_id: int, content: RecordDict, server_round: int) -> PacketCheck:
         """Verify a train reply's packet; an unsigned reply passes as unsigned."""
-        record = content.config_records.get(PACKET_RECORD_KEY)
+        record = packet_record(content)
         if record is None:
             return PacketCheck()
         arrays = next(iter(content.array_records.values()))
@@ -209,7 +194,7 @@ class RoundNotary:
             certificate = AnchorCertificate.operator_signed(
                 approval, self.connection.operator, self.trail.domain
             )
-            return Certification(certificate, "operator")
+            return Certification(True, "operator", certificate=certificate)
         committee = list(signing.values())
         approval = self.trail.prepare_approval(server_round, digest, root, committee)
         content = mine_request(approval, self.trail.domain, committee, arrays, packets)
@@ -236,7 +221,7 @@ class RoundNotary:
             )
         except ValueError as err:
             log(WARNING, "mining: round %d has no quorum certificate: %s", server_round, err)
-            return Certification(None, "none", refusals)
+            return Certification(False, "none", refusals)
         log(
             INFO,
             "mining: %d/%d miners approved round %d",
@@ -244,11 +229,11 @@ class RoundNotary:
             len(committee),
             server_round,
         )
-        return Certification(certificate, "miners", refusals)
+        return Certification(True, "miners", refusals, certificate)
 
     def anchor(self, arrays: ArrayRecord, certification: Certification) -> dict[str, Any]:
         """Store the committed model and anchor its round; return the record to keep."""
-        if certification.certificate is None:
+        if not certification.certified:
             raise ValueError("cannot anchor a round without a certificate")
         self.store.save(arrays)
         anchored = self.trail.anchor_round(certification.certificate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from flwr.serverapp.strategy import Strategy
 
 from bcsfl_flower.baselines import build_baseline
 from bcsfl_flower.chain.audit import RetryPolicy
+from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.config import RunSettings
 from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.results import RunRecorder
@@ -68,7 +70,9 @@ def _run(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> None:
     initial_arrays = ArrayRecord(model.state_dict())
     notary = open_notary(settings, recorder.output_dir, initial_arrays, num_partitions)
     try:
-        strategy = build_strategy(settings, record_round, num_partitions, notary)
+        strategy = build_strategy(
+            settings, record_round, num_partitions, notary, attacker_stakes(settings, attackers)
+        )
         result = strategy.start(
             grid=grid,
             initial_arrays=initial_arrays,
@@ -114,11 +118,25 @@ def open_notary(
     )
 
 
+def attacker_stakes(settings: RunSettings, attackers: Iterable[int]) -> dict[str, float]:
+    """Return the simulated attackers' initial stakes, keyed by their development address.
+
+    Run config ``attacker-stake`` is each attacker's initial stake relative to an honest
+    client's 1.0 (simulation only: the threat model where attackers bought less stake).
+    A client proves its address with its signed packet, so the stake follows the key,
+    not the node id.
+    """
+    if settings.attacker_stake == 1.0:
+        return {}
+    return {client_dev_account(p).address: settings.attacker_stake for p in attackers}
+
+
 def build_strategy(
     settings: RunSettings,
     round_sink: Any,
     num_nodes: int,
     notary: RoundNotary | None = None,
+    initial_stakes: dict[str, float] | None = None,
 ) -> Strategy:
     """Return the strategy named by run config ``strategy``, configured from ``settings``.
 
@@ -135,16 +153,16 @@ def build_strategy(
     return BCSFL(
         fraction_train=settings.fraction_train,
         fraction_evaluate=0.0,
-        selection=settings.selection,  # type: ignore[arg-type]
-        cosine_threshold=settings.cosine_threshold,
-        screening_centering=settings.screening_centering,
-        majority_fallback=settings.majority_fallback,
+        selection=settings.selection,
         num_validators=settings.num_validators,
         num_miners=settings.num_miners,
-        initial_stake=settings.initial_stake,  # type: ignore[arg-type]
+        initial_stake=settings.initial_stake,
+        initial_stakes=initial_stakes,
         stake_reward=settings.stake_reward,
         stake_slash=settings.stake_slash,
         vote_tolerance=settings.vote_tolerance,
+        outlier_norm_ratio=settings.outlier_norm_ratio,
+        split_margin=settings.split_margin,
         loss_metric_key=settings.loss_metric_key,
         ckks=settings.ckks,
         notary=notary,

@@ -39,7 +39,6 @@ from web3.types import TxReceipt
 from bcsfl_flower.chain.backends import ChainConnection
 from bcsfl_flower.chain.compiler import load_artifact
 from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError, rejected_error
-from bcsfl_flower.consensus import quorum_size
 from bcsfl_flower.packets import (
     HASH_BYTES,
     SIGNATURE_BYTES,
@@ -48,6 +47,7 @@ from bcsfl_flower.packets import (
     committee_root,
     sort_committee,
 )
+from bcsfl_flower.round.consensus import quorum_size
 
 DEPLOYMENT_FILE = "deployment.json"
 """Record of the deployed contract, in the connection's state directory."""
@@ -83,7 +83,7 @@ _REJECTION_ERRORS = _rejection_errors()
 
 quorum = quorum_size
 """The contract's quorum for a committee of ``N`` miners, ``ceil(2N/3)``: the same rule
-as the validators' vote (:func:`bcsfl_flower.consensus.quorum_size`)."""
+as the validators' vote (:func:`bcsfl_flower.round.consensus.quorum_size`)."""
 
 
 @dataclass(frozen=True)

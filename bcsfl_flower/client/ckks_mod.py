@@ -66,7 +66,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from bcsfl_flower.client.mod import ARRAYS_RECORD_KEY, ROUND_KEY, bcsfl_client_app
+from bcsfl_flower.client.mod import bcsfl_client_app
 from bcsfl_flower.privacy.ckks import (
     EncryptedModel,
     array_specs,
@@ -82,9 +82,18 @@ from bcsfl_flower.privacy.ckks_keys import (
     public_context,
 )
 from bcsfl_flower.privacy.encrypted_screening import EncryptedGram, decrypt_gram
-
-CKKS_CONFIG_KEY = "bcsfl-ckks"
-"""Config key (train and evaluate messages) that switches the mod on: ``True``."""
+from bcsfl_flower.protocol import (
+    CKKS_CONFIG_KEY,
+    GRAM_ACTION,
+    GRAM_MESSAGE_TYPE,
+    PUBLIC_ACTION,
+    PUBLIC_MESSAGE_TYPE,
+    config_value,
+    gram_reply_content,
+    model_record,
+    public_context_content,
+    read_gram_request,
+)
 
 SECRET_CONTEXT_NODE_KEY = "bcsfl-ckks-secret-context"
 """Node-config key naming this node's secret context file (deployment)."""
@@ -92,34 +101,8 @@ SECRET_CONTEXT_NODE_KEY = "bcsfl-ckks-secret-context"
 KEY_SEED_RUN_KEY = "ckks-key-seed"
 """Run-config key with the int that seeds the shared secret key (simulation only)."""
 
-GRAM_ACTION = "bcsfl_ckks_gram"
-"""Action of the Gram decryption query (a Python identifier, as Flower requires)."""
-
-GRAM_MESSAGE_TYPE = f"{MessageType.QUERY}.{GRAM_ACTION}"
-"""Message type of the Gram decryption query: ``"query.bcsfl_ckks_gram"``."""
-
-PUBLIC_ACTION = "bcsfl_ckks_public"
-"""Action of the public context query."""
-
-PUBLIC_MESSAGE_TYPE = f"{MessageType.QUERY}.{PUBLIC_ACTION}"
-"""Message type of the public context query: ``"query.bcsfl_ckks_public"``."""
-
-GRAM_REQUEST_RECORD_KEY = "bcsfl.ckks-gram-request"
-"""Gram query: ConfigRecord with ``gram`` (EncryptedGram bytes) and ``server-round``."""
-
-GRAM_RECORD_KEY = "bcsfl.ckks-gram"
-"""Gram reply: ArrayRecord with the decrypted ``(n, n)`` float64 matrix under ``gram``."""
-
-GRAM_DIGEST_RECORD_KEY = "bcsfl.ckks-gram-digest"
-"""Gram reply: ConfigRecord with ``sha256``, the hex :func:`gram_digest` of the matrix."""
-
 GRAM_LOG_RECORD_KEY = "bcsfl.ckks-gram-log"
 """Node state: the latest round a Gram was decrypted for and the request's SHA-256."""
-
-PUBLIC_RECORD_KEY = "bcsfl.ckks-public"
-"""Public context reply: ArrayRecord with the serialised context as ``uint8`` under
-``context``. An ArrayRecord rather than ConfigRecord bytes, because Flower transfers
-arrays in chunks and the context is about 9.5 MB."""
 
 _SEED_PREFIX = "bcsfl-flower/ckks-key-seed/"
 _RESCALINGS_IN_A_GRAM = 2  # update x update, then the packing mask
@@ -174,14 +157,14 @@ def ckks_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         return call_next(msg, context)
 
     try:
-        global_arrays = _numpy(_model_record(msg.content, "train")[1])
+        global_arrays = _numpy(model_record(msg.content)[1])
     except ValueError as err:
         return _error_reply(msg, f"ckks_mod found no global model: {err}")
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
     try:
-        name, trained = _model_record(reply.content, "reply")
+        name, trained = model_record(reply.content)
         update = _encrypted_update(global_arrays, _numpy(trained), secret)
     except (ValueError, TypeError) as err:
         return _error_reply(msg, f"ckks_mod cannot encrypt the update: {err}")
@@ -192,7 +175,7 @@ def ckks_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
 def ckks_gram(msg: Message, context: Context) -> Message:
     """Decrypt a packed encrypted Gram matrix for the server (committee duty).
 
-    The request (:func:`gram_request`) carries the serialised
+    The request (:func:`~bcsfl_flower.protocol.gram_request`) carries the serialised
     :class:`~bcsfl_flower.privacy.encrypted_screening.EncryptedGram` and the round.
     Before decrypting, the node checks what it can, to bound what a curious server
     learns (see :mod:`bcsfl_flower.privacy.encrypted_screening`): every ciphertext
@@ -204,29 +187,22 @@ def ckks_gram(msg: Message, context: Context) -> Message:
     Returns
     -------
     Message
-        :data:`GRAM_RECORD_KEY` (ArrayRecord, the ``(n, n)`` float64 matrix under
-        ``gram``) and :data:`GRAM_DIGEST_RECORD_KEY` (ConfigRecord, ``sha256`` hex of
-        :func:`gram_digest`); or an error reply naming the reason.
+        The matrix and its digest (:func:`~bcsfl_flower.protocol.gram_reply_content`), or
+        an error reply naming the reason.
     """
     try:
         secret = node_secret_context(context)
     except (MissingCKKSKeyError, ValueError) as err:
         return _error_reply(msg, f"ckks_gram has no key: {err}")
     try:
-        data, server_round = _parse_gram_request(msg.content)
+        data, server_round = read_gram_request(msg.content)
         gram = EncryptedGram.deserialize(data, secret)
         _check_gram_levels(gram, secret)
         _log_gram_request(context, server_round, hashlib.sha256(data).hexdigest())
         matrix = decrypt_gram(gram, secret)
     except (KeyError, TypeError, ValueError) as err:
         return _error_reply(msg, f"ckks_gram refuses to decrypt: {err}")
-    content = RecordDict(
-        {
-            GRAM_RECORD_KEY: ArrayRecord({"gram": Array(matrix)}),
-            GRAM_DIGEST_RECORD_KEY: ConfigRecord({"sha256": gram_digest(matrix)}),
-        }
-    )
-    return Message(content, reply_to=msg)
+    return Message(gram_reply_content(matrix), reply_to=msg)
 
 
 def ckks_public(msg: Message, context: Context) -> Message:
@@ -239,8 +215,7 @@ def ckks_public(msg: Message, context: Context) -> Message:
         data = _public_context_bytes(context)
     except (MissingCKKSKeyError, ValueError) as err:
         return _error_reply(msg, f"ckks_public has no key: {err}")
-    record = ArrayRecord({"context": Array(np.frombuffer(data, dtype=np.uint8))})
-    return Message(RecordDict({PUBLIC_RECORD_KEY: record}), reply_to=msg)
+    return Message(public_context_content(data), reply_to=msg)
 
 
 def bcsfl_ckks_client_app(mods: Iterable[Mod] = (), **kwargs: Any) -> ClientApp:
@@ -340,103 +315,12 @@ def _public_context_bytes(context: Context) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------
-# What the server uses to talk to the mod
-# ------------------------------------------------------------------------------------------
-
-
-def gram_request(gram: EncryptedGram | bytes, server_round: int) -> RecordDict:
-    """Return the content of a Gram query (send it as :data:`GRAM_MESSAGE_TYPE`).
-
-    Parameters
-    ----------
-    gram : EncryptedGram | bytes
-        The packed encrypted Gram matrix, or its :meth:`EncryptedGram.serialize` bytes.
-    server_round : int
-        The round it screens; a node decrypts one Gram per round.
-    """
-    data = gram.serialize() if isinstance(gram, EncryptedGram) else gram
-    if not isinstance(data, bytes):
-        raise TypeError(f"gram must be an EncryptedGram or bytes, got {type(gram).__name__}")
-    if isinstance(server_round, bool) or not isinstance(server_round, int):
-        raise TypeError(f"server_round must be an int, got {server_round!r}")
-    record = ConfigRecord({"gram": data, ROUND_KEY: server_round})
-    return RecordDict({GRAM_REQUEST_RECORD_KEY: record})
-
-
-def gram_digest(matrix: np.ndarray) -> str:
-    """Return the SHA-256 hex digest of a decrypted Gram matrix.
-
-    Hashes the ASCII shape ``"<n>x<n>"`` then the values as little-endian float64 in C
-    order. Decryption is deterministic, so honest committee members holding the same
-    key return the same digest for the same ciphertext.
-    """
-    values = np.ascontiguousarray(matrix, dtype="<f8")
-    shape = "x".join(str(size) for size in values.shape).encode()
-    return hashlib.sha256(shape + values.tobytes()).hexdigest()
-
-
-def read_gram_reply(reply: Message, num_models: int) -> tuple[np.ndarray, str] | str:
-    """Parse a committee member's Gram reply; never raises (a member may lie or fail).
-
-    Returns
-    -------
-    tuple[np.ndarray, str] | str
-        The ``(num_models, num_models)`` matrix and its digest (recomputed here, and
-        required to equal the one the member reported), or the reason the reply is
-        unusable.
-    """
-    if reply.has_error():
-        return f"error reply: {reply.error.reason}"
-    record = reply.content.array_records.get(GRAM_RECORD_KEY)
-    digest_record = reply.content.config_records.get(GRAM_DIGEST_RECORD_KEY)
-    if record is None or "gram" not in record or digest_record is None:
-        return f"reply lacks {GRAM_RECORD_KEY!r} or {GRAM_DIGEST_RECORD_KEY!r}"
-    try:
-        matrix = record["gram"].numpy()
-    except (ValueError, TypeError) as err:
-        return f"Gram matrix cannot be decoded: {err}"
-    if matrix.dtype != np.float64 or matrix.shape != (num_models, num_models):
-        return (
-            f"Gram matrix is {matrix.dtype}{list(matrix.shape)}, expected "
-            f"float64[{num_models}, {num_models}]"
-        )
-    if not np.all(np.isfinite(matrix)):
-        return "Gram matrix contains NaN or infinite values"
-    digest = gram_digest(matrix)
-    if digest_record.get("sha256") != digest:
-        return "reported sha256 does not match the returned matrix"
-    return matrix, digest
-
-
-def public_context_bytes(reply: Message) -> bytes:
-    """Return the serialised public context from a :data:`PUBLIC_MESSAGE_TYPE` reply.
-
-    Raises
-    ------
-    ValueError
-        If the reply is an error or lacks the context.
-    """
-    if reply.has_error():
-        raise ValueError(f"error reply: {reply.error.reason}")
-    record = reply.content.array_records.get(PUBLIC_RECORD_KEY)
-    if record is None or "context" not in record:
-        raise ValueError(f"reply has no {PUBLIC_RECORD_KEY!r} ArrayRecord with 'context'")
-    payload = record["context"].numpy()
-    if payload.dtype != np.uint8 or payload.ndim != 1:
-        raise ValueError("the public context must be a 1-D uint8 array")
-    return payload.tobytes()
-
-
-# ------------------------------------------------------------------------------------------
 # Internals
 # ------------------------------------------------------------------------------------------
 
 
 def _ckks_on(msg: Message) -> bool:
-    if not msg.has_content():
-        return False
-    config = msg.content.config_records.get("config")
-    return config is not None and config.get(CKKS_CONFIG_KEY) is True
+    return msg.has_content() and config_value(msg.content, CKKS_CONFIG_KEY) is True
 
 
 def _decrypted_content(content: RecordDict, secret: ts.Context) -> RecordDict:
@@ -449,19 +333,6 @@ def _decrypted_content(content: RecordDict, secret: ts.Context) -> RecordDict:
             record = ArrayRecord({key: Array(np.asarray(value)) for key, value in arrays.items()})
         records[name] = record
     return RecordDict(records)
-
-
-def _model_record(content: RecordDict, which: str) -> tuple[str, ArrayRecord]:
-    """Return the model's ArrayRecord and its name: ``"arrays"`` or the only one."""
-    records = content.array_records
-    if ARRAYS_RECORD_KEY in records:
-        return ARRAYS_RECORD_KEY, records[ARRAYS_RECORD_KEY]
-    if len(records) == 1:
-        return next(iter(records.items()))
-    raise ValueError(
-        f"the {which} message has {len(records)} ArrayRecords and none named "
-        f"{ARRAYS_RECORD_KEY!r}; cannot tell which holds the model"
-    )
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -497,18 +368,6 @@ def _encrypted_update(
         update[key] = after.astype(np.float64) - before.astype(np.float64)
     encrypted = encrypt_arrays(update, secret)
     return EncryptedModel(array_specs(global_arrays), encrypted.chunks, encrypted.slots)
-
-
-def _parse_gram_request(content: RecordDict) -> tuple[bytes, int]:
-    record = content.config_records.get(GRAM_REQUEST_RECORD_KEY)
-    if record is None:
-        raise ValueError(f"no {GRAM_REQUEST_RECORD_KEY!r} record")
-    data, server_round = record.get("gram"), record.get(ROUND_KEY)
-    if not isinstance(data, bytes):
-        raise ValueError("the request's 'gram' is not bytes")
-    if isinstance(server_round, bool) or not isinstance(server_round, int):
-        raise ValueError(f"the request's {ROUND_KEY!r} must be an int, got {server_round!r}")
-    return data, server_round
 
 
 def _check_gram_levels(gram: EncryptedGram, secret: ts.Context) -> None:

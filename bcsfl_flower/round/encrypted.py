@@ -1,61 +1,48 @@
-"""The server's half of a CKKS round, with a public context only.
+"""Encrypted updates: the server's half of a CKKS round, with a public context only.
 
 In CKKS mode the clients (through :mod:`bcsfl_flower.client.ckks_mod`) send encrypted
-updates ``D_k = Enc(w_k - w_t)``. This module does what the strategy needs with them,
-in this order, and never holds a secret key: every function that receives a TenSEAL
-context refuses one that :meth:`~tenseal.Context.is_private`.
+updates ``D_k = Enc(w_k - w_t)``. :class:`EncryptedSpace` gives the round pipeline the
+same two things :class:`~bcsfl_flower.round.plain.PlainSpace` gives it, and never holds
+a secret key (every function that receives a TenSEAL context refuses one that
+:meth:`~tenseal.Context.is_private`):
 
-1. :func:`fetch_public_context` once at start: ask one client for the public context
-   (public key, relinearisation and Galois keys). In a deployment the ServerApp can
-   load the key ceremony's public file with
-   :func:`~bcsfl_flower.privacy.ckks_keys.load_public_context` instead.
-2. :class:`EncryptedReplyChecker` checks each train reply on its own, like
-   :class:`~bcsfl_flower.replies.ReplyChecker` does for plaintext ones: one
-   ciphertext record of the global model's layout (:func:`check_encrypted_reply`), and
-   a finite, positive ``num-examples``.
-3. :func:`~bcsfl_flower.privacy.encrypted_screening.encrypted_gram` of the accepted
-   updates, then :func:`decrypt_gram_by_committee`: key holders decrypt only that
-   packed Gram matrix, and the matrix that ``ceil(2m/3)`` of the ``m`` members return
-   identically is used.
-4. :func:`screen_encrypted` turns it into cosine similarities and norms for
-   :func:`~bcsfl_flower.screening.screen_updates`.
-5. :func:`encrypted_global` computes ``W_{t+1} = W_t + sum_k (n_k / N) D_k`` over the
-   trusted updates; :func:`~bcsfl_flower.privacy.ckks.to_array_record` is the
-   candidate to validate, mine and anchor.
+* the **Gram matrix**: computed homomorphically
+  (:func:`~bcsfl_flower.privacy.encrypted_screening.encrypted_gram`), then decrypted by a
+  stake-drawn committee of key holders (:func:`decrypt_gram_by_committee`); the matrix
+  that ``ceil(2m/3)`` of the ``m`` members return identically is used. Bounds,
+  screening and every candidate are computed from it exactly as in plaintext;
+* **candidates**: ``W_t + sum_k a_k D_k`` on ciphertexts, one plaintext-scalar product
+  per update (:func:`~bcsfl_flower.privacy.ckks.weighted_sum`).
+
+Before the first round the space fetches the public context from one client
+(:func:`fetch_public_context`); in a deployment the ServerApp can load the key
+ceremony's public file with :func:`~bcsfl_flower.privacy.ckks_keys.load_public_context`.
 
 Levels
     A fresh update has three moduli (for the default
-    :class:`~bcsfl_flower.privacy.ckks_keys.CKKSParams`). The weighted mean multiplies
-    each ciphertext by a plaintext scalar and rescales once, to two moduli at scale
-    ``2**80 / q`` for the dropped prime ``q``; every round drops the *same* prime, so
-    every aggregate has the same level and scale. Adding ciphertexts consumes no level,
-    so ``W_t`` stays at two moduli however many rounds it accumulates, and its noise
-    grows only additively (measured: decryption error below ``2e-7`` after 20 rounds).
+    :class:`~bcsfl_flower.privacy.ckks_keys.CKKSParams`). A candidate multiplies each
+    ciphertext by a plaintext scalar and rescales once, to two moduli; every round drops
+    the *same* prime, so every aggregate has the same level and scale. Adding
+    ciphertexts consumes no level, so ``W_t`` stays at two moduli however many rounds it
+    accumulates, and its noise grows only additively (measured: decryption error below
+    ``2e-7`` after 20 rounds).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 import tenseal as ts
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from bcsfl_flower.client.ckks_mod import (
-    GRAM_MESSAGE_TYPE,
-    PUBLIC_MESSAGE_TYPE,
-    gram_request,
-    public_context_bytes,
-    read_gram_reply,
-)
-from bcsfl_flower.consensus import quorum_size
 from bcsfl_flower.privacy.ckks import (
     ENCRYPTED_ARRAY_KEY,
     ArraySpec,
@@ -64,16 +51,24 @@ from bcsfl_flower.privacy.ckks import (
     add_plain,
     array_specs,
     from_array_record,
-    weighted_mean,
+    is_encrypted_record,
+    to_array_record,
+    weighted_sum,
 )
 from bcsfl_flower.privacy.ckks_keys import load_public_context, slot_count
-from bcsfl_flower.privacy.encrypted_screening import EncryptedGram, gram_to_cosine
-from bcsfl_flower.replies import RejectedReply, example_weight, split_replies
-from bcsfl_flower.screening import MIN_CENTERED_UPDATES
-
-GRAM_CENTERINGS = ("none", "mean")
-"""Centrings :func:`screen_encrypted` can apply to a Gram matrix alone. The plaintext
-path's ``"median"`` needs the updates themselves, which the server never sees."""
+from bcsfl_flower.privacy.encrypted_screening import EncryptedGram, encrypted_gram
+from bcsfl_flower.protocol import (
+    CKKS_CONFIG_KEY,
+    GRAM_MESSAGE_TYPE,
+    PUBLIC_MESSAGE_TYPE,
+    ConfigValue,
+    gram_request,
+    read_gram_reply,
+    read_public_context,
+)
+from bcsfl_flower.round.consensus import quorum_size
+from bcsfl_flower.round.space import GramExchange, UpdateCollector, UpdateSpace
+from bcsfl_flower.round.state import GramResult, UpdateBatch
 
 
 def fetch_public_context(grid: Grid, node_id: int, timeout: float) -> ts.Context:
@@ -107,7 +102,7 @@ def fetch_public_context(grid: Grid, node_id: int, timeout: float) -> ts.Context
     if not replies:
         raise RuntimeError(f"node {node_id} sent no CKKS public context within {timeout} s")
     try:
-        context = load_public_context(public_context_bytes(replies[0]))
+        context = load_public_context(read_public_context(replies[0]))
     except ValueError as err:
         raise RuntimeError(f"node {node_id} sent no usable CKKS public context: {err}") from err
     log(INFO, "ckks: loaded the public context from node %s", node_id)
@@ -187,66 +182,135 @@ def check_encrypted_reply(
 
 
 @dataclass(frozen=True)
-class EncryptedReply:
-    """An encrypted train reply that passed every check."""
+class EncryptedBatch(UpdateBatch):
+    """A round's accepted encrypted updates, in row order."""
 
-    node_id: int
-    arrays: ArrayRecord
-    model: EncryptedModel
-    metrics: MetricRecord
-    num_examples: float
-    message: Message
+    models: tuple[EncryptedModel, ...]
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        """Number of updates."""
+        return len(self.models)
 
 
-class EncryptedReplyChecker:
-    """Validate encrypted train replies one by one (CKKS mode's ``ReplyChecker``).
+class EncryptedCollector(UpdateCollector):
+    """Check encrypted replies against the global model's layout (:func:`check_encrypted_reply`)."""
+
+    def __init__(self, specs: Sequence[ArraySpec], public_ctx: ts.Context) -> None:
+        self.specs = tuple(specs)
+        self.public_ctx = public_ctx
+        self._models: list[EncryptedModel] = []
+
+    def add(self, arrays: ArrayRecord) -> str | None:
+        """Deserialise and check one encrypted update; return a fault or None."""
+        model = check_encrypted_reply(arrays, self.specs, self.public_ctx)
+        if isinstance(model, str):
+            return model
+        self._models.append(model)
+        return None
+
+    def finish(self) -> EncryptedBatch:
+        """Return every update kept."""
+        return EncryptedBatch(tuple(self._models))
+
+
+class EncryptedSpace(UpdateSpace):
+    """CKKS-encrypted updates: the server sees ciphertexts and one decrypted Gram matrix."""
+
+    name = "ckks"
+    server_can_evaluate = False
+
+    def __init__(self) -> None:
+        self.public_ctx: ts.Context | None = None
+        self.specs: tuple[ArraySpec, ...] = ()
+
+    def prepare(self, grid: Grid, initial_arrays: ArrayRecord, timeout: float) -> None:
+        """Fetch the public context from a client and fix the model's layout (once)."""
+        if self.public_ctx is not None:
+            return
+        if is_encrypted_record(initial_arrays):
+            raise ValueError("CKKS mode starts from a plaintext initial model")
+        node_ids = sorted(grid.get_node_ids())
+        if not node_ids:
+            raise RuntimeError("CKKS mode: no node to fetch the public context from")
+        self.public_ctx = fetch_public_context(grid, node_ids[0], timeout)
+        self.specs = global_specs(initial_arrays)
+
+    def message_config(self) -> Mapping[str, ConfigValue]:
+        """Tell the clients' CKKS mod to decrypt models and encrypt updates."""
+        return {CKKS_CONFIG_KEY: True}
+
+    def collector(self, global_arrays: ArrayRecord, capacity: int) -> EncryptedCollector:
+        """Return a collector for this round's encrypted replies."""
+        return EncryptedCollector(self.specs, self._context())
+
+    def gram(self, batch: EncryptedBatch, exchange: GramExchange) -> GramResult:  # type: ignore[override]
+        """Compute the Gram homomorphically and have stake-drawn key holders decrypt it."""
+        keyholders = exchange.draw_keyholders()
+        matrix, record = decrypt_gram_by_committee(
+            exchange.grid,
+            [int(node) for node in keyholders],
+            encrypted_gram(list(batch.models)),
+            exchange.timeout,
+            server_round=exchange.server_round,
+        )
+        return GramResult(matrix, record["reason"], record)
+
+    def combine(  # type: ignore[override]
+        self, global_arrays: ArrayRecord, batch: EncryptedBatch, coefficients: np.ndarray
+    ) -> tuple[ArrayRecord, ...]:
+        """Return ``W_t + sum_k a_k D_k`` on ciphertexts, for every row ``a``."""
+        context = self._context()
+        previous: Any = (
+            from_array_record(global_arrays, context)
+            if is_encrypted_record(global_arrays)
+            else global_arrays
+        )
+        return tuple(
+            to_array_record(encrypted_step(previous, list(batch.models), row))
+            for row in np.atleast_2d(coefficients)
+        )
+
+    def _context(self) -> ts.Context:
+        if self.public_ctx is None:
+            raise RuntimeError("the CKKS space has no public context; prepare() it first")
+        return self.public_ctx
+
+
+def encrypted_step(
+    previous: EncryptedModel | ArrayRecord | Mapping[str, np.ndarray],
+    updates: Sequence[EncryptedModel],
+    coefficients: Sequence[float],
+) -> EncryptedModel:
+    """Return ``W_t + sum_k coefficients[k] D_k``, computed on ciphertexts.
 
     Parameters
     ----------
-    specs : Sequence[ArraySpec]
-        The global model's specs (:func:`global_specs` of the initial model).
-    public_ctx : ts.Context
-        The server's public context.
-    weighted_by_key : str (default: "num-examples")
-        MetricRecord key with the number of training examples: a finite number > 0.
+    previous : EncryptedModel | ArrayRecord | Mapping[str, np.ndarray]
+        ``W_t``: the encrypted global model, or the plaintext initial model ``w_0``
+        while no encrypted round has committed yet (then ``add_plain`` is used).
+    updates : Sequence[EncryptedModel]
+        The round's encrypted updates.
+    coefficients : Sequence[float]
+        Their weights (clipping included); updates with weight 0 are left out.
+
+    Raises
+    ------
+    ValueError
+        If there are no updates, every weight is 0, a plaintext ``previous`` has other
+        specs than the updates, or the layouts differ.
     """
-
-    def __init__(
-        self,
-        specs: Sequence[ArraySpec],
-        public_ctx: ts.Context,
-        weighted_by_key: str = "num-examples",
-    ) -> None:
-        _require_public(public_ctx)
-        self.specs = tuple(specs)
-        self.public_ctx = public_ctx
-        self.weighted_by_key = weighted_by_key
-
-    def check(self, message: Message) -> EncryptedReply | RejectedReply:
-        """Return an :class:`EncryptedReply`, or a ``RejectedReply`` naming the fault."""
-        node_id = message.metadata.src_node_id
-        if message.has_error():
-            return RejectedReply(node_id, f"error reply: {message.error.reason}")
-        content = message.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return RejectedReply(
-                node_id,
-                f"expected one ArrayRecord and one MetricRecord, got "
-                f"{len(content.array_records)} and {len(content.metric_records)}",
-            )
-        arrays = next(iter(content.array_records.values()))
-        metrics = next(iter(content.metric_records.values()))
-        weight = example_weight(metrics, self.weighted_by_key)
-        if isinstance(weight, str):
-            return RejectedReply(node_id, weight)
-        model = check_encrypted_reply(arrays, self.specs, self.public_ctx)
-        if isinstance(model, str):
-            return RejectedReply(node_id, model)
-        return EncryptedReply(node_id, arrays, model, metrics, weight, message)
-
-    def split(self, replies: Iterable[Message]) -> tuple[list[EncryptedReply], list[RejectedReply]]:
-        """Check every reply and log each rejection; return ``(accepted, rejected)``."""
-        return split_replies(self.check, replies)
+    if not updates:
+        raise ValueError("encrypted_step needs at least one update")
+    step = weighted_sum(updates, coefficients)
+    if isinstance(previous, EncryptedModel):
+        return add(previous, step)
+    plain = _plain(previous)
+    if array_specs(plain) != step.specs:
+        raise ValueError(
+            "the plaintext global model's keys, shapes or dtypes differ from the updates'"
+        )
+    return add_plain(step, plain)
 
 
 def decrypt_gram_by_committee(
@@ -264,7 +328,7 @@ def decrypt_gram_by_committee(
     bit-identical matrices; a matrix is accepted when at least
     ``quorum_size(len(committee))`` members returned it (same SHA-256). Members that
     are silent, fail, or send a malformed answer count against every matrix, as in
-    :mod:`bcsfl_flower.consensus`.
+    :mod:`bcsfl_flower.round.consensus`.
 
     Parameters
     ----------
@@ -348,81 +412,6 @@ def decrypt_gram_by_committee(
         "reason": reason,
     }
     return (matrices[leader] if accepted else None), record
-
-
-def screen_encrypted(
-    gram: np.ndarray, centering: str = "none", zero_tolerance: float = 1e-6
-) -> tuple[np.ndarray, np.ndarray]:
-    """Turn a decrypted Gram matrix into the inputs of ``screen_updates``.
-
-    Parameters
-    ----------
-    gram : np.ndarray
-        ``(n, n)`` inner products of the updates.
-    centering : {"none", "mean"} (default: "none")
-        ``"mean"`` compares the updates after subtracting their mean, computed from
-        the Gram matrix alone: ``G_c = J G J`` with ``J = I - 11^T/n`` (skipped below
-        :data:`~bcsfl_flower.screening.MIN_CENTERED_UPDATES` updates, as the plaintext
-        median centring is). The mean is not robust like the plaintext path's median:
-        a large attacking minority pulls it towards itself.
-    zero_tolerance : float (default: 1e-6)
-        Passed to :func:`~bcsfl_flower.privacy.encrypted_screening.gram_to_cosine`.
-
-    Returns
-    -------
-    tuple[np.ndarray, np.ndarray]
-        Cosine similarities (of the centred updates) and the norms of the raw updates,
-        for ``screen_updates(similarity, tau, norms=..., max_norm_ratio=...)``.
-    """
-    if centering not in GRAM_CENTERINGS:
-        raise ValueError(f"centering must be one of {GRAM_CENTERINGS}, got {centering!r}")
-    matrix = np.asarray(gram, dtype=np.float64)
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"gram must be a square (n, n) matrix, got shape {matrix.shape}")
-    norms = np.sqrt(np.clip(np.diag(matrix), 0.0, None))
-    compared = matrix
-    size = matrix.shape[0]
-    if centering == "mean" and size >= MIN_CENTERED_UPDATES:
-        centre = np.eye(size) - np.full((size, size), 1.0 / size)
-        compared = centre @ matrix @ centre
-    return gram_to_cosine(compared, zero_tolerance), norms
-
-
-def encrypted_global(
-    previous: EncryptedModel | ArrayRecord | Mapping[str, np.ndarray],
-    trusted_updates: Sequence[EncryptedModel],
-    num_examples: Sequence[int | float],
-) -> EncryptedModel:
-    """Return ``W_{t+1} = W_t + sum_k (n_k / N) D_k``, computed on ciphertexts.
-
-    Parameters
-    ----------
-    previous : EncryptedModel | ArrayRecord | Mapping[str, np.ndarray]
-        ``W_t``: the encrypted global model, or the plaintext initial model ``w_0``
-        while no encrypted round has committed yet (then ``add_plain`` is used).
-    trusted_updates : Sequence[EncryptedModel]
-        The trusted clients' encrypted updates.
-    num_examples : Sequence[int | float]
-        Their training-set sizes, the weights of FedAvg's mean.
-
-    Raises
-    ------
-    ValueError
-        If there are no updates, a plaintext ``previous`` has other specs than the
-        updates, or the layouts differ.
-    """
-    updates = list(trusted_updates)
-    if not updates:
-        raise ValueError("encrypted_global needs at least one trusted update")
-    aggregate = weighted_mean(updates, num_examples)
-    if isinstance(previous, EncryptedModel):
-        return add(previous, aggregate)
-    plain = _plain(previous)
-    if array_specs(plain) != aggregate.specs:
-        raise ValueError(
-            "the plaintext global model's keys, shapes or dtypes differ from the updates'"
-        )
-    return add_plain(aggregate, plain)
 
 
 def _plain(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

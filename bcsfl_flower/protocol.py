@@ -1,0 +1,523 @@
+"""Every message format that crosses the wire between the BCSFL strategy and its clients.
+
+Server side (the strategy, the notary, the CKKS update space) and client side (the
+bcsfl and CKKS mods) both import this module, so a record key or a message type is
+defined exactly once and the server never imports ``bcsfl_flower.client``.
+
+Four exchanges use it:
+
+* **train** (Flower's own ``train`` message): the strategy adds
+  :func:`signing_config` (and the CKKS flag) to the train config; a client running the
+  bcsfl mod answers with a signed packet under :data:`PACKET_RECORD_KEY`.
+* **validation** (Flower's own ``evaluate`` message): :func:`validation_requests`
+  sends every validator the current model and each candidate, named under
+  :data:`CANDIDATE_CONFIG_KEY`; :func:`read_loss` reads the loss each reply reports.
+* **mining** (``query.bcsfl_mine``): :func:`mine_request` /
+  :func:`read_mine_request`, and :func:`verdict_content` / :func:`read_verdict`.
+* **CKKS** (``query.bcsfl_ckks_gram`` and ``query.bcsfl_ckks_public``): the server
+  asks key holders to decrypt a packed Gram matrix and one client for the public
+  context.
+
+Readers never raise on what a client sent: a malformed reply becomes a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from eth_utils import is_address, to_checksum_address
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from bcsfl_flower.packets import (
+    Eip712Domain,
+    ModelPacket,
+    RoundApproval,
+    SignedModelPacket,
+)
+
+ConfigValue = bool | int | float | str | bytes
+"""A scalar value a ConfigRecord can carry."""
+
+# ------------------------------------------------------------------------------------------
+# Train and evaluate configs
+# ------------------------------------------------------------------------------------------
+
+ROUND_KEY = "server-round"
+"""Config key with the current round (Flower's strategies set it)."""
+
+CHAIN_ID_KEY = "bcsfl-chain-id"
+"""Train-config key with the chain id of the EIP-712 domain clients sign under."""
+
+CONTRACT_KEY = "bcsfl-contract"
+"""Train-config key with the audit contract address of the EIP-712 domain."""
+
+CKKS_CONFIG_KEY = "bcsfl-ckks"
+"""Train- and evaluate-config key that switches the CKKS mod on: ``True``."""
+
+CANDIDATE_CONFIG_KEY = "bcsfl-candidate"
+"""Evaluate-config key naming the model a validator scores (it also makes every message
+to the same validator distinct)."""
+
+BASELINE_CANDIDATE = "w_t"
+"""Name under which validators score the current global model."""
+
+PACKET_RECORD_KEY = "bcsfl.packet"
+"""Train reply: the ConfigRecord with the client's signed model packet."""
+
+
+def config_value(content: RecordDict, key: str) -> ConfigValue | list[Any] | None:
+    """Return ``key`` from the first ConfigRecord of ``content`` that holds it.
+
+    Strategies may send their config under any record name (FedAvg's
+    ``configrecord_key``), so clients look the key up in every ConfigRecord.
+    """
+    for record in content.config_records.values():
+        if key in record:
+            return record[key]
+    return None
+
+
+def signing_config(domain: Eip712Domain) -> dict[str, ConfigValue]:
+    """Return the train-config entries that make clients sign under ``domain``."""
+    return {CHAIN_ID_KEY: domain.chain_id, CONTRACT_KEY: domain.verifying_contract}
+
+
+def signing_domain(content: RecordDict) -> Eip712Domain | None:
+    """Return the domain a train message asks its reply to be signed under, if any."""
+    chain_id, contract = config_value(content, CHAIN_ID_KEY), config_value(content, CONTRACT_KEY)
+    if chain_id is None or contract is None:
+        return None
+    return Eip712Domain(int(chain_id), str(contract))
+
+
+def packet_record(content: RecordDict) -> ConfigRecord | None:
+    """Return a train reply's packet record, or None for an unsigned reply."""
+    return content.config_records.get(PACKET_RECORD_KEY)
+
+
+def model_record(content: RecordDict, preferred: str = "arrays") -> tuple[str, ArrayRecord]:
+    """Return the name and ArrayRecord of the model in ``content``.
+
+    The record named ``preferred`` wins; otherwise the only ArrayRecord.
+
+    Raises
+    ------
+    ValueError
+        If there is no such record, or several and none is named ``preferred``.
+    """
+    records = content.array_records
+    if preferred in records:
+        return preferred, records[preferred]
+    if len(records) == 1:
+        return next(iter(records.items()))
+    raise ValueError(
+        f"the message has {len(records)} ArrayRecords and none named {preferred!r}; "
+        "cannot tell which holds the model"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Validation: candidates as ordinary evaluate messages
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValidationRequest:
+    """One evaluate message of the validation exchange and what it asks."""
+
+    message: Message
+    validator: str
+    candidate: str
+
+
+def validation_requests(
+    validators: Sequence[str],
+    models: Mapping[str, ArrayRecord],
+    server_round: int,
+    *,
+    arrayrecord_key: str = "arrays",
+    configrecord_key: str = "config",
+    extra_config: Mapping[str, ConfigValue] | None = None,
+) -> list[ValidationRequest]:
+    """Build one ``evaluate`` message per validator and model.
+
+    Parameters
+    ----------
+    validators : Sequence[str]
+        Node ids of the validators.
+    models : Mapping[str, ArrayRecord]
+        Model name (:data:`BASELINE_CANDIDATE` for ``w_t``) -> arrays to score.
+    server_round : int
+        The current round, under :data:`ROUND_KEY`.
+    arrayrecord_key, configrecord_key : str
+        Record names, as the strategy's ``FedAvg`` arguments set them.
+    extra_config : Mapping[str, ConfigValue], optional
+        Further config entries (CKKS mode's flag).
+    """
+    requests = []
+    for validator in validators:
+        for name, arrays in models.items():
+            config = ConfigRecord(
+                {**(extra_config or {}), ROUND_KEY: server_round, CANDIDATE_CONFIG_KEY: name}
+            )
+            message = Message(
+                content=RecordDict({arrayrecord_key: arrays, configrecord_key: config}),
+                dst_node_id=int(validator),
+                message_type=MessageType.EVALUATE,
+            )
+            requests.append(ValidationRequest(message, str(validator), name))
+    return requests
+
+
+def read_loss(reply: Message, loss_key: str) -> tuple[float, str | None]:
+    """Return the loss an evaluate reply reports, or NaN and the reason it is unusable."""
+    if reply.has_error():
+        return math.nan, f"error reply: {reply.error.reason}"
+    for record in reply.content.metric_records.values():
+        value = record.get(loss_key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return math.nan, f"'{loss_key}' is not a number: {value!r}"
+        if not math.isfinite(value):
+            return math.nan, f"'{loss_key}' is not finite: {value!r}"
+        return float(value), None
+    return math.nan, f"metric '{loss_key}' missing"
+
+
+# ------------------------------------------------------------------------------------------
+# Mining: the miners' approval of a committed candidate
+# ------------------------------------------------------------------------------------------
+
+MINE_ACTION = "bcsfl_mine"
+"""Action of the miner duty query (a Python identifier, as Flower requires)."""
+
+MINE_MESSAGE_TYPE = f"{MessageType.QUERY}.{MINE_ACTION}"
+"""Message type of the miner duty: ``"query.bcsfl_mine"``."""
+
+APPROVAL_RECORD_KEY = "bcsfl.approval"
+"""Duty request: the approval to sign, plus ``chain-id`` and ``contract``."""
+
+COMMITTEE_RECORD_KEY = "bcsfl.committee"
+"""Duty request: ``{"miners": [address, ...]}``, the round's whole committee."""
+
+PACKETS_RECORD_KEY = "bcsfl.packets"
+"""Duty request (optional): the accepted packets, one list per field."""
+
+CANDIDATE_RECORD_KEY = "arrays"
+"""Duty request: the candidate global model."""
+
+VERDICT_RECORD_KEY = "bcsfl.verdict"
+"""Duty reply: ``approved``, ``signer``, and ``signature`` or ``reason``."""
+
+_PACKET_FIELDS = ("model-hash", "timestamp", "round", "client", "signature")
+
+
+def mine_request(
+    approval: RoundApproval,
+    domain: Eip712Domain,
+    committee: Iterable[str],
+    arrays: ArrayRecord,
+    packets: Iterable[SignedModelPacket] = (),
+) -> RecordDict:
+    """Return the content of a miner duty message (send it as :data:`MINE_MESSAGE_TYPE`).
+
+    Parameters
+    ----------
+    approval : RoundApproval
+        The statement to approve (``AuditTrail.prepare_approval``).
+    domain : Eip712Domain
+        The trail's domain.
+    committee : Iterable[str]
+        The round's miners (addresses).
+    arrays : ArrayRecord
+        The candidate global model.
+    packets : Iterable[SignedModelPacket], optional
+        The accepted packets, so miners can check ``accepted_root``.
+    """
+    approval_record = approval.to_config_record()
+    approval_record["chain-id"] = domain.chain_id
+    approval_record["contract"] = domain.verifying_contract
+    content = RecordDict(
+        {
+            APPROVAL_RECORD_KEY: approval_record,
+            COMMITTEE_RECORD_KEY: ConfigRecord({"miners": [str(m) for m in committee]}),
+            CANDIDATE_RECORD_KEY: arrays,
+        }
+    )
+    packet_list = list(packets)
+    if packet_list:
+        content[PACKETS_RECORD_KEY] = ConfigRecord(
+            {
+                "model-hash": [p.packet.model_hash for p in packet_list],
+                "timestamp": [p.packet.timestamp for p in packet_list],
+                "round": [p.packet.round for p in packet_list],
+                "client": [p.packet.client for p in packet_list],
+                "signature": [p.signature for p in packet_list],
+            }
+        )
+    return content
+
+
+@dataclass(frozen=True)
+class MineRequest:
+    """A parsed miner duty request.
+
+    Attributes
+    ----------
+    approval : RoundApproval
+        What the miner is asked to sign.
+    domain : Eip712Domain
+        The domain to sign under.
+    miners : tuple[str, ...]
+        The round's miners, as sent.
+    arrays : ArrayRecord | None
+        The candidate model, if the request carries it.
+    packets : tuple[SignedModelPacket, ...] | None
+        The accepted packets, if the request carries them.
+    """
+
+    approval: RoundApproval
+    domain: Eip712Domain
+    miners: tuple[str, ...] | None
+    arrays: ArrayRecord | None
+    packets: tuple[SignedModelPacket, ...] | None
+
+
+def read_mine_request(content: RecordDict) -> MineRequest:
+    """Parse a miner duty request.
+
+    Raises
+    ------
+    ValueError, KeyError, TypeError
+        If the approval record is missing or malformed, or the packet lists are.
+    """
+    record = content.config_records.get(APPROVAL_RECORD_KEY)
+    if record is None:
+        raise ValueError(f"no {APPROVAL_RECORD_KEY!r} record")
+    approval = RoundApproval.from_config_record(record)
+    domain = Eip712Domain(int(record["chain-id"]), str(record["contract"]))
+    committee = content.config_records.get(COMMITTEE_RECORD_KEY)
+    miners = None
+    if committee is not None and "miners" in committee:
+        miners = tuple(str(m) for m in committee["miners"])
+    return MineRequest(
+        approval=approval,
+        domain=domain,
+        miners=miners,
+        arrays=content.array_records.get(CANDIDATE_RECORD_KEY),
+        packets=_read_packets(content.config_records.get(PACKETS_RECORD_KEY)),
+    )
+
+
+def _read_packets(record: ConfigRecord | None) -> tuple[SignedModelPacket, ...] | None:
+    if record is None:
+        return None
+    columns = [list(record[name]) for name in _PACKET_FIELDS]  # type: ignore[arg-type]
+    if len({len(column) for column in columns}) != 1:
+        raise ValueError("the packet lists have different lengths")
+    return tuple(
+        SignedModelPacket(ModelPacket(model, timestamp, round_number, client), signature)
+        for model, timestamp, round_number, client, signature in zip(*columns, strict=True)
+    )
+
+
+def verdict_content(signer: str, *, signature: bytes | None = None, reason: str = "") -> RecordDict:
+    """Return a miner's reply: an approval with ``signature``, or a refusal with ``reason``."""
+    if signature is not None:
+        verdict = ConfigRecord({"approved": True, "signer": signer, "signature": signature})
+    else:
+        verdict = ConfigRecord({"approved": False, "signer": signer, "reason": reason})
+    return RecordDict({VERDICT_RECORD_KEY: verdict})
+
+
+@dataclass(frozen=True)
+class MinerVerdict:
+    """A miner's answer to the duty message.
+
+    Attributes
+    ----------
+    signer : str | None
+        The miner's address (None if the reply carried no verdict).
+    signature : bytes | None
+        Its approval signature, if it approved.
+    reason : str | None
+        Why it refused, or what was wrong with the reply.
+    """
+
+    signer: str | None
+    signature: bytes | None
+    reason: str | None
+
+    @property
+    def approved(self) -> bool:
+        """Whether the miner approved (its signature still needs checking)."""
+        return self.signature is not None
+
+
+def read_verdict(reply: Message) -> MinerVerdict:
+    """Parse a miner's reply; never raises (a faulty miner must not stop the round)."""
+    if reply.has_error():
+        return MinerVerdict(None, None, f"error reply: {reply.error.reason}")
+    record = reply.content.config_records.get(VERDICT_RECORD_KEY)
+    if record is None:
+        return MinerVerdict(None, None, f"reply has no {VERDICT_RECORD_KEY!r} record")
+    signer = record.get("signer")
+    signer = to_checksum_address(signer) if isinstance(signer, str) and is_address(signer) else None
+    signature = record.get("signature")
+    if record.get("approved") is True and isinstance(signature, bytes) and signer is not None:
+        return MinerVerdict(signer, signature, None)
+    return MinerVerdict(signer, None, str(record.get("reason", "not approved")))
+
+
+# ------------------------------------------------------------------------------------------
+# CKKS: Gram decryption and the public context
+# ------------------------------------------------------------------------------------------
+
+GRAM_ACTION = "bcsfl_ckks_gram"
+"""Action of the Gram decryption query (a Python identifier, as Flower requires)."""
+
+GRAM_MESSAGE_TYPE = f"{MessageType.QUERY}.{GRAM_ACTION}"
+"""Message type of the Gram decryption query: ``"query.bcsfl_ckks_gram"``."""
+
+PUBLIC_ACTION = "bcsfl_ckks_public"
+"""Action of the public context query."""
+
+PUBLIC_MESSAGE_TYPE = f"{MessageType.QUERY}.{PUBLIC_ACTION}"
+"""Message type of the public context query: ``"query.bcsfl_ckks_public"``."""
+
+GRAM_REQUEST_RECORD_KEY = "bcsfl.ckks-gram-request"
+"""Gram query: ConfigRecord with ``gram`` (EncryptedGram bytes) and ``server-round``."""
+
+GRAM_RECORD_KEY = "bcsfl.ckks-gram"
+"""Gram reply: ArrayRecord with the decrypted ``(n, n)`` float64 matrix under ``gram``."""
+
+GRAM_DIGEST_RECORD_KEY = "bcsfl.ckks-gram-digest"
+"""Gram reply: ConfigRecord with ``sha256``, the hex :func:`gram_digest` of the matrix."""
+
+PUBLIC_RECORD_KEY = "bcsfl.ckks-public"
+"""Public context reply: ArrayRecord with the serialised context as ``uint8`` under
+``context``. An ArrayRecord rather than ConfigRecord bytes, because Flower transfers
+arrays in chunks and the context is about 9.5 MB."""
+
+
+def gram_request(data: bytes, server_round: int) -> RecordDict:
+    """Return the content of a Gram query (send it as :data:`GRAM_MESSAGE_TYPE`).
+
+    Parameters
+    ----------
+    data : bytes
+        The serialised packed encrypted Gram matrix (``EncryptedGram.serialize()``).
+    server_round : int
+        The round it screens; a node decrypts one Gram per round.
+    """
+    if not isinstance(data, bytes):
+        raise TypeError(f"gram data must be bytes, got {type(data).__name__}")
+    if isinstance(server_round, bool) or not isinstance(server_round, int):
+        raise TypeError(f"server_round must be an int, got {server_round!r}")
+    record = ConfigRecord({"gram": data, ROUND_KEY: server_round})
+    return RecordDict({GRAM_REQUEST_RECORD_KEY: record})
+
+
+def read_gram_request(content: RecordDict) -> tuple[bytes, int]:
+    """Return the serialised Gram and the round of a Gram query.
+
+    Raises
+    ------
+    ValueError
+        If the record is missing or its fields have the wrong types.
+    """
+    record = content.config_records.get(GRAM_REQUEST_RECORD_KEY)
+    if record is None:
+        raise ValueError(f"no {GRAM_REQUEST_RECORD_KEY!r} record")
+    data, server_round = record.get("gram"), record.get(ROUND_KEY)
+    if not isinstance(data, bytes):
+        raise ValueError("the request's 'gram' is not bytes")
+    if isinstance(server_round, bool) or not isinstance(server_round, int):
+        raise ValueError(f"the request's {ROUND_KEY!r} must be an int, got {server_round!r}")
+    return data, server_round
+
+
+def gram_digest(matrix: np.ndarray) -> str:
+    """Return the SHA-256 hex digest of a decrypted Gram matrix.
+
+    Hashes the ASCII shape ``"<n>x<n>"`` then the values as little-endian float64 in C
+    order. Decryption is deterministic, so honest committee members holding the same
+    key return the same digest for the same ciphertext.
+    """
+    values = np.ascontiguousarray(matrix, dtype="<f8")
+    shape = "x".join(str(size) for size in values.shape).encode()
+    return hashlib.sha256(shape + values.tobytes()).hexdigest()
+
+
+def gram_reply_content(matrix: np.ndarray) -> RecordDict:
+    """Return a key holder's answer to a Gram query: the matrix and its digest."""
+    return RecordDict(
+        {
+            GRAM_RECORD_KEY: ArrayRecord({"gram": Array(np.asarray(matrix, dtype=np.float64))}),
+            GRAM_DIGEST_RECORD_KEY: ConfigRecord({"sha256": gram_digest(matrix)}),
+        }
+    )
+
+
+def read_gram_reply(reply: Message, num_models: int) -> tuple[np.ndarray, str] | str:
+    """Parse a committee member's Gram reply; never raises (a member may lie or fail).
+
+    Returns
+    -------
+    tuple[np.ndarray, str] | str
+        The ``(num_models, num_models)`` matrix and its digest (recomputed here, and
+        required to equal the one the member reported), or the reason the reply is
+        unusable.
+    """
+    if reply.has_error():
+        return f"error reply: {reply.error.reason}"
+    record = reply.content.array_records.get(GRAM_RECORD_KEY)
+    digest_record = reply.content.config_records.get(GRAM_DIGEST_RECORD_KEY)
+    if record is None or "gram" not in record or digest_record is None:
+        return f"reply lacks {GRAM_RECORD_KEY!r} or {GRAM_DIGEST_RECORD_KEY!r}"
+    try:
+        matrix = record["gram"].numpy()
+    except (ValueError, TypeError) as err:
+        return f"Gram matrix cannot be decoded: {err}"
+    if matrix.dtype != np.float64 or matrix.shape != (num_models, num_models):
+        return (
+            f"Gram matrix is {matrix.dtype}{list(matrix.shape)}, expected "
+            f"float64[{num_models}, {num_models}]"
+        )
+    if not np.all(np.isfinite(matrix)):
+        return "Gram matrix contains NaN or infinite values"
+    digest = gram_digest(matrix)
+    if digest_record.get("sha256") != digest:
+        return "reported sha256 does not match the returned matrix"
+    return matrix, digest
+
+
+def public_context_content(data: bytes) -> RecordDict:
+    """Return a client's answer to the public context query."""
+    record = ArrayRecord({"context": Array(np.frombuffer(data, dtype=np.uint8))})
+    return RecordDict({PUBLIC_RECORD_KEY: record})
+
+
+def read_public_context(reply: Message) -> bytes:
+    """Return the serialised public context from a :data:`PUBLIC_MESSAGE_TYPE` reply.
+
+    Raises
+    ------
+    ValueError
+        If the reply is an error or lacks the context.
+    """
+    if reply.has_error():
+        raise ValueError(f"error reply: {reply.error.reason}")
+    record = reply.content.array_records.get(PUBLIC_RECORD_KEY)
+    if record is None or "context" not in record:
+        raise ValueError(f"reply has no {PUBLIC_RECORD_KEY!r} ArrayRecord with 'context'")
+    payload = record["context"].numpy()
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise ValueError("the public context must be a 1-D uint8 array")
+    return payload.tobytes()

@@ -1,0 +1,65 @@
+"""Two-thirds quorums and the validators' accept votes.
+
+A BCS-FL round commits a new global model only when at least two thirds of the
+committee agree; otherwise it rolls back to the previous model. Two thirds is the
+classic Byzantine fault-tolerance bound: with ``n`` members of which fewer than ``n/3``
+are faulty, any two quorums of ``ceil(2n/3)`` overlap in at least one honest member, so
+two conflicting decisions cannot both gather a quorum.
+
+The quorum is always measured against the members that were *drawn*, not against
+those that happened to reply. A validator that drops out therefore counts against the
+candidate, exactly like an explicit "no": otherwise an attacker could shrink the quorum
+by keeping honest validators from replying.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from bcsfl_flower.round.state import ValidatorReport
+
+
+def quorum_size(n: int) -> int:
+    """Return the number of approvals a committee of ``n`` members needs: ``ceil(2n/3)``.
+
+    Computed as ``(2n + 2) // 3`` in integer arithmetic, so no float rounding can move
+    the boundary (n=3 needs 2, n=4 needs 3, n=5 needs 4, n=6 needs 4, n=7 needs 5).
+
+    Raises
+    ------
+    ValueError
+        If ``n < 1``: an empty committee cannot approve anything, and ``ceil(0) = 0``
+        would approve everything.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}: {n!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (committee size), got {n}")
+    return (2 * n + 2) // 3
+
+
+def accepts(delta: float, tolerance: float) -> bool | None:
+    """Return a validator's vote on a candidate from its loss delta.
+
+    The validator accepts when the candidate does not raise its loss by more than
+    ``tolerance`` (``dE >= -tolerance``): an honest aggregate may raise the loss a
+    little on one validator's non-IID data while improving it for the federation. A
+    NaN delta (no loss reported) is an abstention, None, which counts against the
+    candidate like a "no".
+    """
+    if math.isnan(delta):
+        return None
+    return delta >= -tolerance
+
+
+def accept_votes(
+    reports: Sequence[ValidatorReport], candidate: str, tolerance: float
+) -> dict[str, bool | None]:
+    """Return every validator's vote on ``candidate`` (None: abstained or silent)."""
+    return {report.validator: accepts(report.delta(candidate), tolerance) for report in reports}
+
+
+def count_accepts(votes: dict[str, bool | None]) -> int:
+    """Return how many validators accepted."""
+    return sum(vote is True for vote in votes.values())

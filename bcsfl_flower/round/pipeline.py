@@ -1,0 +1,314 @@
+"""One BCS-FL round as a straight pipeline of stages.
+
+::
+
+    replies -> check -> bound -> screen -> draw committee -> validate -> decide
+            -> certify -> anchor or record the rollback -> settle stakes -> RoundRecord
+
+Each stage is a pure function or a small object in its own module and returns a frozen
+result (:mod:`bcsfl_flower.round.state`) that the next stage takes. The round has one
+exit, :meth:`RoundPipeline._finish`, which anchors or records the rollback, settles the
+stakes and writes the :class:`~bcsfl_flower.round.state.RoundRecord` once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from bcsfl_flower.committee import Committee, draw_committee
+from bcsfl_flower.notary import RoundNotary
+from bcsfl_flower.packets import model_hash
+from bcsfl_flower.round.bounds import bound_updates, weighted_median
+from bcsfl_flower.round.checks import check_replies
+from bcsfl_flower.round.metrics import MetricsAggregation, aggregate_client_metrics
+from bcsfl_flower.round.screening import screen_updates
+from bcsfl_flower.round.selection import SelectionRule
+from bcsfl_flower.round.settings import RoundSettings
+from bcsfl_flower.round.space import GramExchange, UpdateSpace
+from bcsfl_flower.round.stakes import InitialStake, StakeLedger, settle
+from bcsfl_flower.round.state import (
+    Bounds,
+    CandidateSet,
+    Certification,
+    CheckedReplies,
+    Decision,
+    GramResult,
+    RoundRecord,
+    Screening,
+    ValidatorReport,
+)
+from bcsfl_flower.round.validation import validate
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """The results of the stages between check and decide (None where a stage did not run)."""
+
+    decision: Decision
+    gram: GramResult | None = None
+    bounds: Bounds | None = None
+    screening: Screening | None = None
+    committee: Committee | None = None
+    candidates: CandidateSet | None = None
+    reports: tuple[ValidatorReport, ...] = ()
+
+
+class RoundPipeline:
+    """Decide one round from its training replies.
+
+    Parameters
+    ----------
+    settings : RoundSettings
+        The round's configuration.
+    space : UpdateSpace
+        Plaintext or CKKS updates.
+    selection : SelectionRule
+        Which candidates are scored and how votes decide.
+    initial_stake : InitialStake
+        Stake of a client the ledger has not seen.
+    metrics_aggregation : MetricsAggregation
+        The strategy's ``train_metrics_aggr_fn``.
+    notary : RoundNotary, optional
+        Audit trail: packet checks, mining, anchoring.
+    ledger : StakeLedger, optional
+        The stake table (a new, empty one by default).
+    """
+
+    def __init__(
+        self,
+        settings: RoundSettings,
+        space: UpdateSpace,
+        selection: SelectionRule,
+        initial_stake: InitialStake,
+        metrics_aggregation: MetricsAggregation,
+        notary: RoundNotary | None = None,
+        ledger: StakeLedger | None = None,
+    ) -> None:
+        self.settings = settings
+        self.space = space
+        self.selection = selection
+        self.initial_stake = initial_stake
+        self.metrics_aggregation = metrics_aggregation
+        self.notary = notary
+        self.ledger = ledger if ledger is not None else StakeLedger()
+
+    def run(
+        self, server_round: int, grid: Grid, global_arrays: ArrayRecord, replies: Iterable[Message]
+    ) -> RoundRecord:
+        """Check, bound, screen, validate, decide, certify and settle one round."""
+        replies = list(replies)
+        checked = check_replies(
+            replies,
+            self.space.collector(global_arrays, len(replies)),
+            self.settings.weighted_by_key,
+            server_round,
+            None if self.notary is None else self.notary.check_packet,
+        )
+        previous_hash = model_hash(global_arrays)
+        if checked.accepted:
+            self._register(checked)
+            stages = self._decide(server_round, grid, global_arrays, checked, previous_hash)
+        else:
+            stages = _Stages(_rollback("rollback: no valid reply"))
+        return self._finish(server_round, grid, global_arrays, checked, stages, previous_hash)
+
+    def _decide(
+        self,
+        server_round: int,
+        grid: Grid,
+        global_arrays: ArrayRecord,
+        checked: CheckedReplies,
+        previous_hash: bytes,
+    ) -> _Stages:
+        """Run the stages from the Gram matrix to the validators' decision."""
+        names = checked.names
+        stakes = self.ledger.as_dict()
+        exchange = GramExchange(
+            grid,
+            server_round,
+            lambda: (
+                draw_committee(
+                    stakes, names, self.settings.num_validators, 0, previous_hash, server_round
+                ).validators
+            ),
+            self.settings.validation.timeout,
+        )
+        gram = self.space.gram(checked.batch, exchange)
+        if gram.matrix is None:
+            return _Stages(_rollback(f"rollback: {gram.reason}"), gram)
+        bounds = bound_updates(
+            np.sqrt(np.clip(np.diag(gram.matrix), 0.0, None)),
+            np.array([c.num_examples for c in checked.accepted]),
+            self.ledger.stakes_for(names),
+            example_cap_ratio=self.settings.example_cap_ratio,
+        )
+        screening = screen_updates(
+            gram.matrix,
+            bounds,
+            outlier_ratio=self.settings.outlier_norm_ratio,
+            split_margin=self.settings.split_margin,
+        )
+        log(
+            INFO,
+            "screening: %d trusted, %d rejected by screening, %d by checks",
+            len(screening.trusted),
+            len(screening.rejected),
+            len(checked.rejected),
+        )
+        committee = draw_committee(
+            stakes,
+            [names[row] for row in screening.trusted],
+            self.settings.num_validators,
+            self.settings.num_miners,
+            previous_hash,
+            server_round,
+        )
+        plan = self.selection.plan(gram.matrix, bounds, screening, names)
+        candidates = CandidateSet(
+            plan, self.space.combine(global_arrays, checked.batch, plan.coefficients)
+        )
+        reports = validate(
+            grid,
+            server_round,
+            committee.validators,
+            global_arrays,
+            candidates.by_name(),
+            self.settings.validation,
+            self.space.message_config(),
+        )
+        decision = self.selection.decide(
+            plan, reports, committee.validators, self.settings.vote_tolerance
+        )
+        log(INFO, "consensus: %s", decision.reason)
+        return _Stages(decision, gram, bounds, screening, committee, candidates, reports)
+
+    def _finish(
+        self,
+        server_round: int,
+        grid: Grid,
+        global_arrays: ArrayRecord,
+        checked: CheckedReplies,
+        stages: _Stages,
+        previous_hash: bytes,
+    ) -> RoundRecord:
+        """Certify, anchor or record the rollback, settle the stakes: the round's one exit."""
+        decision, certification = stages.decision, None
+        arrays = global_arrays
+        if decision.committed and stages.candidates is not None:
+            arrays = stages.candidates.by_name()[decision.candidate]  # type: ignore[index]
+            certification = self._certify(server_round, grid, arrays, checked, stages)
+            if certification is not None and not certification.certified:
+                decision = replace(
+                    decision,
+                    committed=False,
+                    candidate=None,
+                    reason="rollback: validators committed but the miners' quorum certificate "
+                    f"failed ({len(certification.refusals)} refused)",
+                    support=(),
+                )
+                arrays = global_arrays
+        anchoring = self._anchor(server_round, arrays, decision, certification)
+        if not decision.committed:
+            log(WARNING, "round %d rolled back: %s", server_round, decision.reason)
+        settlement = settle(
+            self.ledger.as_dict(),
+            [checked.names[row] for row in decision.support] if decision.committed else (),
+            self._slashed(checked, stages.screening, decision),
+            self.settings.stake_policy,
+        )
+        self.ledger.apply(settlement)
+        return RoundRecord(
+            server_round=server_round,
+            previous_hash=previous_hash,
+            model_hash=model_hash(arrays),
+            arrays=arrays,
+            checked=checked,
+            decision=decision,
+            settlement=settlement,
+            bounds=stages.bounds,
+            gram=stages.gram,
+            screening=stages.screening,
+            committee=stages.committee,
+            candidates=stages.candidates,
+            reports=stages.reports,
+            certification=certification,
+            anchoring=anchoring,
+            client_metrics=self._client_metrics(checked, stages.bounds, decision),
+        )
+
+    def _register(self, checked: CheckedReplies) -> None:
+        """Give every client the ledger has not seen its initial stake."""
+        counts = np.array([c.num_examples for c in checked.accepted])
+        typical = weighted_median(counts, np.ones(counts.size))
+        for contribution in checked.accepted:
+            if contribution.name not in self.ledger:
+                self.ledger.register(contribution.name, self.initial_stake(contribution, typical))
+
+    def _certify(
+        self,
+        server_round: int,
+        grid: Grid,
+        arrays: ArrayRecord,
+        checked: CheckedReplies,
+        stages: _Stages,
+    ) -> Certification | None:
+        """Have the round's miners sign the committed model (None without a notary)."""
+        if self.notary is None or stages.committee is None:
+            return None
+        support = set(stages.decision.support)
+        packets = [
+            c.packet for row, c in enumerate(checked.accepted) if row in support and c.packet
+        ]
+        return self.notary.certify(grid, server_round, arrays, packets, stages.committee.miners)
+
+    def _anchor(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        decision: Decision,
+        certification: Certification | None,
+    ) -> dict[str, Any] | None:
+        """Anchor a committed round, or record a rollback, on chain (None without a notary)."""
+        if self.notary is None:
+            return None
+        if decision.committed and certification is not None:
+            return self.notary.anchor(arrays, certification)
+        return self.notary.rollback(server_round, decision.reason)
+
+    def _slashed(
+        self, checked: CheckedReplies, screening: Screening | None, decision: Decision
+    ) -> list[str]:
+        """Clients rejected by a check or by screening, and a rolled-back round's suspects."""
+        slashed = list(checked.rejected)
+        rows = list(screening.rejected) if screening is not None else []
+        if not decision.committed:
+            rows += decision.suspects
+        return slashed + [checked.names[row] for row in rows]
+
+    def _client_metrics(
+        self, checked: CheckedReplies, bounds: Bounds | None, decision: Decision
+    ) -> MetricRecord | None:
+        """Aggregate the supporting clients' metrics with their credited example counts."""
+        if bounds is None or not decision.support:
+            return None
+        rows = list(decision.support)
+        return aggregate_client_metrics(
+            [checked.accepted[row].content for row in rows],
+            [min(checked.accepted[row].num_examples, bounds.example_cap) for row in rows],
+            self.settings.weighted_by_key,
+            self.metrics_aggregation,
+        )
+
+
+def _rollback(reason: str) -> Decision:
+    return Decision(
+        committed=False, candidate=None, votes_for=0, quorum=0, num_validators=0, reason=reason
+    )

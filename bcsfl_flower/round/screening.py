@@ -1,0 +1,183 @@
+"""Screening: find the stake-majority cluster of a round's updates from their Gram matrix.
+
+Two tests, both computed from the inner products alone (so CKKS rounds screen exactly
+as plaintext rounds do):
+
+1. **Length.** An update longer than :data:`OUTLIER_NORM_RATIO` times the stake-weighted
+   median norm is rejected. Label flippers' updates grow to 3-4x the honest length
+   once the model has learnt the true labels; scaled, sign-flipped and noise updates
+   are longer from the start. Cosine similarity alone cannot see any of this.
+2. **Direction.** The remaining (clipped) updates are centred on their mean, which
+   turns a coherent attacking group and the honest majority into two opposed
+   directions while unstructured honest differences stay near-orthogonal. Average
+   linkage (:func:`scipy.cluster.hierarchy.linkage`) on the cosine distances of the
+   centred updates gives a tree; starting from its root, the screen descends into the
+   child holding a strict majority of the stake for as long as the split is
+   significant. The node it stops at is the trusted cluster.
+
+A split is significant when its average-linkage distance exceeds
+:func:`split_threshold`: ``1 + 1/(m-1)`` is what ``m`` centred updates with no group
+structure average (their residuals sum to zero), and :data:`SPLIT_MARGIN` is the
+separation a real group adds. Both constants were chosen with
+``sim/screening_calibration.py`` on real MNIST updates (0 of 480 honest updates
+rejected at 0% attackers at 20 clients; see the README).
+
+Why stake decides and not head count: when no child holds a stake majority (half the
+clients attack and hold half the stake) the screen trusts both and the aggregate is a
+bounded mean; once the honest side holds more stake, it is trusted even as half the
+clients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.cluster.hierarchy import ClusterNode, linkage, to_tree
+from scipy.spatial.distance import squareform
+
+from bcsfl_flower.round.state import Bounds, Screening
+
+OUTLIER_NORM_RATIO = 2.5
+"""Updates longer than this multiple of the stake-weighted median norm are rejected."""
+
+SPLIT_MARGIN = 0.05
+"""How far above the structureless average distance a split must lie to count."""
+
+MIN_CLUSTERED = 4
+"""Fewest updates the direction test runs on; fewer have no majority to compare to."""
+
+
+def split_threshold(num_updates: int, margin: float = SPLIT_MARGIN) -> float:
+    """Return the average-linkage distance that makes a split of centred updates significant.
+
+    ``m`` mean-centred vectors of equal length with no group structure have average
+    pairwise cosine ``-1/(m-1)``, i.e. cosine distance ``1 + 1/(m-1)``; a split is
+    trusted as two groups only ``margin`` beyond that.
+    """
+    if num_updates < 2:
+        return float("inf")
+    return 1.0 + 1.0 / (num_updates - 1) + margin
+
+
+def centred_cosines(gram: np.ndarray) -> np.ndarray:
+    """Return the cosine similarities of the updates after subtracting their mean.
+
+    With ``J = I - 11^T/m``, the centred Gram is ``J G J``. A centred update of length
+    zero (an update equal to the mean) has cosine 0 with everyone and 1 with itself.
+    """
+    size = gram.shape[0]
+    centre = np.eye(size) - np.full((size, size), 1.0 / size)
+    centred = centre @ gram @ centre
+    lengths = np.sqrt(np.clip(np.diag(centred), 0.0, None))
+    scale = np.outer(lengths, lengths)
+    cosines = np.zeros_like(centred)
+    np.divide(centred, scale, out=cosines, where=scale > 0)
+    np.fill_diagonal(cosines, 1.0)
+    return np.clip(0.5 * (cosines + cosines.T), -1.0, 1.0)
+
+
+def screen_updates(
+    gram: np.ndarray,
+    bounds: Bounds,
+    *,
+    outlier_ratio: float = OUTLIER_NORM_RATIO,
+    split_margin: float = SPLIT_MARGIN,
+) -> Screening:
+    """Split the round's updates into the trusted cluster and rejected clients.
+
+    Parameters
+    ----------
+    gram : np.ndarray
+        ``(n, n)`` inner products of the raw updates.
+    bounds : Bounds
+        The round's bounds (norms, clip factors, stakes).
+    outlier_ratio : float
+        Length test: reject updates longer than this multiple of the norm bound.
+    split_margin : float
+        Direction test: see :func:`split_threshold`.
+
+    Returns
+    -------
+    Screening
+        Trusted rows and a reason for every row.
+    """
+    size = gram.shape[0]
+    if size == 0:
+        return Screening((), (), float("inf"))
+    too_long = (
+        bounds.norms > outlier_ratio * bounds.norm_bound
+        if bounds.norm_bound > 0
+        else (np.zeros(size, dtype=bool))
+    )
+    rows = np.flatnonzero(~too_long)
+    threshold = split_threshold(rows.size, split_margin)
+    if rows.size >= MIN_CLUSTERED:
+        clipped = bounds.clipped_gram(gram)[np.ix_(rows, rows)]
+        cosines = centred_cosines(clipped)
+        members, path = _majority_cluster(cosines, bounds.stakes[rows], threshold)
+        trusted = rows[members]
+    else:
+        cosines, path, trusted = None, [], rows
+    reasons = _reasons(bounds, too_long, rows, trusted, cosines, path, threshold, outlier_ratio)
+    return Screening(tuple(int(i) for i in trusted), reasons, threshold)
+
+
+def _majority_cluster(
+    cosines: np.ndarray, stakes: np.ndarray, threshold: float
+) -> tuple[np.ndarray, list[float]]:
+    """Descend the average-linkage tree into the stake-majority child of each significant split.
+
+    Returns the members (indices into ``cosines``) of the node reached, and the
+    distances of the splits descended through.
+    """
+    distances = np.clip(1.0 - cosines, 0.0, 2.0)
+    np.fill_diagonal(distances, 0.0)
+    tree: ClusterNode = to_tree(linkage(squareform(distances, checks=False), method="average"))
+    total = float(stakes.sum())
+    node, path = tree, []
+    while not node.is_leaf() and node.dist > threshold:
+        heavier = max((node.get_left(), node.get_right()), key=lambda c: _stake(c, stakes))
+        if _stake(heavier, stakes) <= 0.5 * total:
+            break
+        path.append(float(node.dist))
+        node = heavier
+    return np.sort(np.asarray(node.pre_order(), dtype=np.int64)), path
+
+
+def _stake(node: ClusterNode, stakes: np.ndarray) -> float:
+    return float(stakes[node.pre_order()].sum())
+
+
+def _reasons(
+    bounds: Bounds,
+    too_long: np.ndarray,
+    rows: np.ndarray,
+    trusted: np.ndarray,
+    cosines: np.ndarray | None,
+    path: list[float],
+    threshold: float,
+    outlier_ratio: float,
+) -> tuple[str, ...]:
+    trusted_set = set(int(i) for i in trusted)
+    position = {int(row): index for index, row in enumerate(rows)}
+    inside = [position[int(i)] for i in trusted]
+    reasons = []
+    for row in range(bounds.norms.size):
+        if row in trusted_set:
+            detail = f"split at distance {path[-1]:.3f} > {threshold:.3f}" if path else "no split"
+            reasons.append(
+                f"trusted: in the stake-majority cluster ({len(trusted_set)} clients, {detail})"
+            )
+        elif too_long[row]:
+            reasons.append(
+                f"update norm {bounds.norms[row] / bounds.norm_bound:.2f}x the stake-weighted "
+                f"median, above {outlier_ratio:.2f}x"
+            )
+        else:
+            mean_cosine = (
+                float(np.mean(cosines[position[row], inside])) if cosines is not None else 0
+            )
+            reasons.append(
+                f"outside the stake-majority cluster: mean centred cosine {mean_cosine:+.2f} to "
+                f"its members, split at distance > {threshold:.3f}"
+            )
+    return tuple(reasons)

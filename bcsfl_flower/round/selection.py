@@ -1,0 +1,290 @@
+"""Selection rules: which candidates the validators score and how their votes decide.
+
+A rule has two halves, one on each side of the validation exchange:
+:meth:`SelectionRule.plan` turns the screened updates into candidates, and
+:meth:`SelectionRule.decide` turns the validators' loss deltas into a
+:class:`~bcsfl_flower.round.state.Decision`. Rules are chosen by name from
+:data:`SELECTION_RULES`, the way Opacus maps mechanism names to accountants.
+
+``trusted-mean`` (the default)
+    Three candidates: the trusted cluster's mean, the mean of its core, and its
+    geometric median. Each validator accepts a candidate that does not raise its loss
+    by more than the tolerance; among the candidates that reach the 2/3 quorum, the one
+    with the highest median loss delta commits. When poison slips into the trusted
+    cluster, the mean is voted down but its robust fallbacks still carry the round,
+    so a round does not stall while a safe step exists.
+
+``paper``
+    BCS-FL's own selection as a PBFT step: every trusted local model is a candidate,
+    the primary (the first validator drawn) proposes the one that lowers its loss
+    most, and the committee accepts or rejects that proposal; ``ceil(2M/3)`` accepts
+    commit it. A rejected proposal triggers a view change to the next validator in
+    draw order, as PBFT changes primary. All of this uses the losses of one exchange.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from bcsfl_flower.round.candidates import core_rows, geometric_median_weights, mean_coefficients
+from bcsfl_flower.round.consensus import accept_votes, count_accepts, quorum_size
+from bcsfl_flower.round.settings import SettingError
+from bcsfl_flower.round.state import (
+    Bounds,
+    CandidatePlan,
+    Decision,
+    Screening,
+    ValidatorReport,
+)
+
+
+class SelectionRule(ABC):
+    """How a round's candidates are built and decided."""
+
+    name: ClassVar[str]
+    shows_single_updates: ClassVar[bool] = False
+    """Whether validators see individual clients' models (refused with CKKS)."""
+
+    @abstractmethod
+    def plan(
+        self, gram: np.ndarray, bounds: Bounds, screening: Screening, names: Sequence[str]
+    ) -> CandidatePlan:
+        """Return the candidates for the validators."""
+
+    @abstractmethod
+    def decide(
+        self,
+        plan: CandidatePlan,
+        reports: Sequence[ValidatorReport],
+        validators: Sequence[str],
+        tolerance: float,
+    ) -> Decision:
+        """Return the decision the validators' reports support."""
+
+
+def no_validators(plan: CandidatePlan) -> Decision:
+    """Return the decision of a round whose committee has no validator."""
+    return Decision(
+        committed=False,
+        candidate=None,
+        votes_for=0,
+        quorum=0,
+        num_validators=0,
+        reason="rollback: no validators in the committee",
+        suspects=plan.fallback_suspects,
+    )
+
+
+class TrustedMeanSelection(SelectionRule):
+    """The trusted cluster's mean, with its core and geometric median as fallbacks."""
+
+    name = "trusted-mean"
+    MEAN, CORE, MEDIAN = "trusted-mean", "core-mean", "geometric-median"
+
+    def plan(
+        self, gram: np.ndarray, bounds: Bounds, screening: Screening, names: Sequence[str]
+    ) -> CandidatePlan:
+        """Return the mean, core mean and geometric median of the trusted cluster."""
+        trusted = np.asarray(screening.trusted, dtype=np.int64)
+        inner = bounds.clipped_gram(gram)[np.ix_(trusted, trusted)]
+        weights = bounds.weights[trusted]
+        median = geometric_median_weights(inner, weights)
+        core = trusted[core_rows(inner, median, weights)]
+        median_coefficients = np.zeros(gram.shape[0])
+        median_coefficients[trusted] = median * bounds.clip[trusted]
+        options = [
+            (self.MEAN, mean_coefficients(trusted, bounds.weights, bounds.clip), trusted),
+            (self.CORE, mean_coefficients(core, bounds.weights, bounds.clip), core),
+            (self.MEDIAN, median_coefficients, trusted),
+        ]
+        kept: list[tuple[str, np.ndarray, np.ndarray]] = []
+        for option in options:  # a small cluster can make two candidates identical
+            if not any(np.allclose(option[1], other[1]) for other in kept):
+                kept.append(option)
+        return CandidatePlan(
+            names=tuple(name for name, _, _ in kept),
+            coefficients=np.stack([coefficients for _, coefficients, _ in kept]),
+            supports=tuple(tuple(int(i) for i in rows) for _, _, rows in kept),
+            fallback_suspects=tuple(int(i) for i in np.setdiff1d(trusted, core)),
+        )
+
+    def decide(
+        self,
+        plan: CandidatePlan,
+        reports: Sequence[ValidatorReport],
+        validators: Sequence[str],
+        tolerance: float,
+    ) -> Decision:
+        """Commit the quorum-reaching candidate with the highest median loss delta."""
+        if not validators:
+            return no_validators(plan)
+        quorum = quorum_size(len(validators))
+        votes = {name: accept_votes(reports, name, tolerance) for name in plan.names}
+        counts = {name: count_accepts(votes[name]) for name in plan.names}
+        scores = {name: _median_delta(reports, name) for name in plan.names}
+        ballots = _ballots(reports, plan.names, votes)
+        eligible = [name for name in plan.names if counts[name] >= quorum]
+        tally = ", ".join(f"{name} {counts[name]}" for name in plan.names)
+        if not eligible:
+            best = max(plan.names, key=lambda name: counts[name])
+            return Decision(
+                committed=False,
+                candidate=None,
+                votes_for=counts[best],
+                quorum=quorum,
+                num_validators=len(validators),
+                reason=f"rollback: no candidate reached quorum {quorum} of {len(validators)} "
+                f"validators (accept votes: {tally})",
+                ballots=ballots,
+                suspects=plan.fallback_suspects,
+            )
+        chosen = max(eligible, key=lambda name: (scores[name], -plan.names.index(name)))
+        return Decision(
+            committed=True,
+            candidate=chosen,
+            votes_for=counts[chosen],
+            quorum=quorum,
+            num_validators=len(validators),
+            reason=f"commit: {chosen!r} with {counts[chosen]}/{len(validators)} accept votes, "
+            f"quorum {quorum}, median loss delta {scores[chosen]:+.4f} (accept votes: {tally})",
+            ballots=ballots,
+            support=plan.supports[plan.names.index(chosen)],
+        )
+
+
+class PaperSelection(SelectionRule):
+    """BCS-FL's single best local model, decided as a PBFT proposal with view changes."""
+
+    name = "paper"
+    shows_single_updates = True
+
+    def plan(
+        self, gram: np.ndarray, bounds: Bounds, screening: Screening, names: Sequence[str]
+    ) -> CandidatePlan:
+        """Return every trusted client's (clipped) local model as a candidate."""
+        trusted = list(screening.trusted)
+        coefficients = np.zeros((len(trusted), gram.shape[0]))
+        for position, row in enumerate(trusted):
+            coefficients[position, row] = bounds.clip[row]
+        return CandidatePlan(
+            names=tuple(f"client-{names[row]}" for row in trusted),
+            coefficients=coefficients,
+            supports=tuple((row,) for row in trusted),
+        )
+
+    def decide(
+        self,
+        plan: CandidatePlan,
+        reports: Sequence[ValidatorReport],
+        validators: Sequence[str],
+        tolerance: float,
+    ) -> Decision:
+        """Let each validator in draw order propose until a proposal gathers the quorum."""
+        if not validators:
+            return no_validators(plan)
+        quorum = quorum_size(len(validators))
+        by_validator = {report.validator: report for report in reports}
+        views: list[dict[str, Any]] = []
+        for primary in validators:
+            report = by_validator.get(primary)
+            proposal = None if report is None else _best_candidate(report, plan.names)
+            if proposal is None:
+                views.append({"primary": primary, "proposal": None})
+                continue
+            votes = accept_votes(reports, proposal, tolerance)
+            count = count_accepts(votes)
+            views.append({"primary": primary, "proposal": proposal, "votes": votes})
+            if count >= quorum:
+                return Decision(
+                    committed=True,
+                    candidate=proposal,
+                    votes_for=count,
+                    quorum=quorum,
+                    num_validators=len(validators),
+                    reason=f"commit: {proposal!r} proposed by validator {primary} (view "
+                    f"{len(views)}), {count}/{len(validators)} accept votes, quorum {quorum}",
+                    ballots={"views": views},
+                    support=plan.supports[plan.names.index(proposal)],
+                )
+        rejected = {view["proposal"] for view in views if view["proposal"] is not None}
+        suspects = tuple(
+            row
+            for name, support in zip(plan.names, plan.supports, strict=True)
+            if name in rejected
+            for row in support
+        )
+        return Decision(
+            committed=False,
+            candidate=None,
+            votes_for=0,
+            quorum=quorum,
+            num_validators=len(validators),
+            reason=f"rollback: none of {len(views)} proposals reached quorum {quorum} of "
+            f"{len(validators)} validators",
+            ballots={"views": views},
+            suspects=suspects,
+        )
+
+
+SELECTION_RULES: Mapping[str, type[SelectionRule]] = {
+    rule.name: rule for rule in (TrustedMeanSelection, PaperSelection)
+}
+"""Selection rules by name (run config ``selection``)."""
+
+
+def selection_rule(name: str, *, encrypted: bool = False) -> SelectionRule:
+    """Return the selection rule called ``name``.
+
+    Raises
+    ------
+    SettingError
+        If no rule has that name, or it would show single clients' models to the
+        validators of an encrypted (CKKS) federation.
+    """
+    if name not in SELECTION_RULES:
+        raise SettingError("selection", f"must be one of {sorted(SELECTION_RULES)}, got {name!r}")
+    rule = SELECTION_RULES[name]
+    if encrypted and rule.shows_single_updates:
+        raise SettingError(
+            "selection",
+            f"{name!r} cannot run with CKKS: validators would decrypt single clients' models",
+        )
+    return rule()
+
+
+def _median_delta(reports: Sequence[ValidatorReport], candidate: str) -> float:
+    deltas = [report.delta(candidate) for report in reports]
+    finite = [delta for delta in deltas if math.isfinite(delta)]
+    return float(np.median(finite)) if finite else -math.inf
+
+
+def _best_candidate(report: ValidatorReport, names: Sequence[str]) -> str | None:
+    """Return the candidate that lowers this validator's loss most (ties: the first)."""
+    deltas = [report.delta(name) for name in names]
+    usable = [(delta, -index) for index, delta in enumerate(deltas) if math.isfinite(delta)]
+    if not usable:
+        return None
+    return names[-max(usable)[1]]
+
+
+def _ballots(
+    reports: Sequence[ValidatorReport],
+    names: Sequence[str],
+    votes: Mapping[str, Mapping[str, bool | None]],
+) -> dict[str, dict[str, Any]]:
+    return {
+        report.validator: {
+            name: {"accept": votes[name][report.validator], "delta": _finite(report.delta(name))}
+            for name in names
+        }
+        for report in reports
+    }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None

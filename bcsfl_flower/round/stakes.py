@@ -1,0 +1,183 @@
+"""Stake: the federation's memory of who helped and who poisoned.
+
+Stake weighs three things every round: the committee draw
+(:mod:`bcsfl_flower.committee`), the aggregate (:mod:`bcsfl_flower.round.bounds`) and
+which cluster the screen trusts (:mod:`bcsfl_flower.round.screening`). A round settles
+it once, at the end (:func:`settle`):
+
+* **Slash hard**: every client rejected by a check or by screening loses
+  ``slash_fraction`` of its stake (half, by default), so two rejections cut a client to
+  a quarter. When a round rolls back, the trusted clients its most robust candidate
+  left out are slashed too, so the next round differs from the one that failed.
+* **Reward slowly**: in a committed round, each client whose update the committed
+  model draws on gains ``reward`` (0.05 of an initial stake, by default); a slashed
+  client needs many honest rounds to recover. A rolled-back round rewards nobody.
+
+This asymmetry is what lets BCSFL hold where no stateless aggregator can: once
+attackers have been caught a few times, the honest clients hold most of the stake
+even if they are only half of the clients. The stake table before and after every
+round is part of the round record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import ClassVar
+
+import numpy as np
+
+from bcsfl_flower.round.bounds import EXAMPLE_CAP_RATIO
+from bcsfl_flower.round.settings import StakePolicy
+from bcsfl_flower.round.state import Contribution, Settlement
+
+
+class StakeLedger:
+    """Stakes of the federation's participants, keyed by node id (as ``str``).
+
+    Parameters
+    ----------
+    stakes : Mapping[str, float], optional
+        Initial stakes (finite, >= 0).
+    """
+
+    def __init__(self, stakes: Mapping[str, float] | None = None) -> None:
+        self._stakes: dict[str, float] = {}
+        for participant, stake in (stakes or {}).items():
+            self.register(participant, stake)
+
+    def __contains__(self, participant: object) -> bool:
+        return participant in self._stakes
+
+    def __len__(self) -> int:
+        return len(self._stakes)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stakes)
+
+    def __repr__(self) -> str:
+        return f"StakeLedger({self._stakes!r})"
+
+    def stake(self, participant: str) -> float:
+        """Return one participant's stake (``KeyError`` if unknown)."""
+        return self._stakes[self._known(participant)]
+
+    def stakes_for(self, participants: Iterable[str]) -> np.ndarray:
+        """Return the stakes of ``participants`` as a float64 array, in the order given."""
+        return np.array([self.stake(p) for p in participants], dtype=np.float64)
+
+    def total(self) -> float:
+        """Return the sum of all stakes."""
+        return math.fsum(self._stakes.values())
+
+    def as_dict(self) -> dict[str, float]:
+        """Return a snapshot ``{participant: stake}``, sorted by id."""
+        return {participant: self._stakes[participant] for participant in sorted(self._stakes)}
+
+    def register(self, participant: str, stake: float) -> None:
+        """Add a new participant.
+
+        Raises
+        ------
+        ValueError
+            If it is already registered (re-registering would reset a slashed stake), or
+            the stake is negative or not finite.
+        """
+        if not isinstance(participant, str) or not participant:
+            raise TypeError(f"participant ids must be non-empty str, got {participant!r}")
+        value = float(stake)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"stake of {participant!r} must be finite and >= 0, got {stake!r}")
+        if participant in self._stakes:
+            raise ValueError(f"participant {participant!r} is already registered")
+        self._stakes[participant] = value
+
+    def apply(self, settlement: Settlement) -> None:
+        """Set every stake a round's settlement changed."""
+        for participant, stake in settlement.after.items():
+            self._stakes[self._known(participant)] = stake
+
+    def _known(self, participant: str) -> str:
+        if participant not in self._stakes:
+            raise KeyError(f"participant {participant!r} is not registered in the stake ledger")
+        return participant
+
+
+def settle(
+    before: Mapping[str, float],
+    rewarded: Iterable[str],
+    slashed: Iterable[str],
+    policy: StakePolicy,
+) -> Settlement:
+    """Return the stake table after a round.
+
+    Slashing wins over rewarding: a client in both lists (it cannot be, in a round the
+    pipeline settles) is only slashed. Unknown ids are ignored: a reply rejected before
+    its sender was ever registered has no stake to lose.
+    """
+    slashed_ids = sorted({p for p in slashed if p in before})
+    rewarded_ids = sorted({p for p in rewarded if p in before} - set(slashed_ids))
+    after = dict(before)
+    for participant in rewarded_ids:
+        after[participant] = before[participant] + policy.reward
+    for participant in slashed_ids:
+        after[participant] = before[participant] * (1.0 - policy.slash_fraction)
+    return Settlement(
+        before=dict(before), after=after, rewarded=tuple(rewarded_ids), slashed=tuple(slashed_ids)
+    )
+
+
+class InitialStake:
+    """The stake a client gets when the ledger first sees it (``initial-stake``)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, table: Mapping[str, float] | None = None) -> None:
+        self.table = dict(table or {})
+
+    def __call__(self, contribution: Contribution, typical_examples: float) -> float:
+        """Return ``contribution``'s initial stake; ``table`` entries win.
+
+        The table is keyed by client address (proved by a signed packet) or by node id.
+        """
+        for key in (contribution.address, contribution.name):
+            if key is not None and key in self.table:
+                return float(self.table[key])
+        return self.default(contribution, typical_examples)
+
+    def default(self, contribution: Contribution, typical_examples: float) -> float:
+        """Return the stake of a client the table does not name."""
+        return 1.0
+
+
+class EqualStake(InitialStake):
+    """Every client starts with stake 1."""
+
+    name = "equal"
+
+
+class DataSizeStake(InitialStake):
+    """A client starts with its example count, capped like its aggregation weight.
+
+    The count is the client's own claim, so it is capped at
+    :data:`~bcsfl_flower.round.bounds.EXAMPLE_CAP_RATIO` times the round's median count:
+    claiming 1e300 examples buys no more stake than twice an ordinary client's.
+    """
+
+    name = "data-size"
+
+    def default(self, contribution: Contribution, typical_examples: float) -> float:
+        """Return the capped example count."""
+        return float(min(contribution.num_examples, EXAMPLE_CAP_RATIO * typical_examples))
+
+
+class ExplicitStake(InitialStake):
+    """Stakes from the table (clients it does not name start with 1)."""
+
+    name = "explicit"
+
+
+INITIAL_STAKES: Mapping[str, type[InitialStake]] = {
+    rule.name: rule for rule in (EqualStake, DataSizeStake, ExplicitStake)
+}
+"""Initial-stake rules by name (run config ``initial-stake``)."""
