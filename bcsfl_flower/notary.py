@@ -177,11 +177,17 @@ class RoundNotary:
         """Ask the miners to approve the candidate and build the quorum certificate.
 
         Miners are the committee's node ids; only those whose address is known from a
-        verified packet can sign. If none can, the operator signs alone.
+        verified packet can sign. If none can, the operator signs alone. An address
+        known from several node ids (a restarted node with the same key) is asked once,
+        through the first of them in draw order: the committee may not list it twice.
         """
         digest = model_hash(arrays)
         root = accepted_root(packets, self.trail.domain)
-        signing = {m: self.addresses[m] for m in miners if m in self.addresses}
+        signing: dict[str, str] = {}
+        for miner in miners:
+            address = self.addresses.get(miner)
+            if address is not None and address not in signing.values():
+                signing[miner] = address
         if not signing:
             approval = self.trail.prepare_approval(
                 server_round, digest, root, [self.connection.operator.address]

@@ -301,11 +301,15 @@ def read_mine_request(content: RecordDict) -> MineRequest:
     if record is None:
         raise ValueError(f"no {APPROVAL_RECORD_KEY!r} record")
     approval = RoundApproval.from_config_record(record)
-    domain = Eip712Domain(int(record["chain-id"]), str(record["contract"]))
+    # Eip712Domain checks the types itself (int() of a float inf would raise OverflowError)
+    domain = Eip712Domain(record["chain-id"], record["contract"])  # type: ignore[arg-type]
     committee = content.config_records.get(COMMITTEE_RECORD_KEY)
     miners = None
     if committee is not None and "miners" in committee:
-        miners = tuple(str(m) for m in committee["miners"])
+        listed = committee["miners"]
+        if not isinstance(listed, list):  # a single str would be read as its characters
+            raise TypeError(f"'miners' must be a list of addresses, got {listed!r}")
+        miners = tuple(str(m) for m in listed)
     return MineRequest(
         approval=approval,
         domain=domain,
@@ -483,7 +487,7 @@ def read_gram_reply(reply: Message, num_models: int) -> tuple[np.ndarray, str] |
         return f"reply lacks {GRAM_RECORD_KEY!r} or {GRAM_DIGEST_RECORD_KEY!r}"
     try:
         matrix = record["gram"].numpy()
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, EOFError) as err:  # np.load raises EOFError on no bytes
         return f"Gram matrix cannot be decoded: {err}"
     if matrix.dtype != np.float64 or matrix.shape != (num_models, num_models):
         return (
@@ -517,7 +521,10 @@ def read_public_context(reply: Message) -> bytes:
     record = reply.content.array_records.get(PUBLIC_RECORD_KEY)
     if record is None or "context" not in record:
         raise ValueError(f"reply has no {PUBLIC_RECORD_KEY!r} ArrayRecord with 'context'")
-    payload = record["context"].numpy()
+    try:
+        payload = record["context"].numpy()
+    except (ValueError, TypeError, EOFError) as err:  # np.load raises EOFError on no bytes
+        raise ValueError(f"the public context cannot be decoded: {err}") from err
     if payload.dtype != np.uint8 or payload.ndim != 1:
         raise ValueError("the public context must be a 1-D uint8 array")
     return payload.tobytes()

@@ -1,21 +1,20 @@
-"""The BCSFL round: screening, committee validation, 2/3 consensus and rollback.
+"""The BCSFL strategy through Flower's Strategy API: rounds, rollbacks, stake, FedAvg arguments.
 
-The grid is a fake that answers the validators' evaluate messages in-process; the
-loss of a model on a validator is its squared distance to a target model, so a
-candidate that moves toward the target lowers the loss.
+The grid is a fake that answers the validators' evaluate messages in-process; the loss
+of a model on a validator is its squared distance to a target model, so a candidate
+that moves toward the target lowers the loss.
 """
 
 import numpy as np
 import pytest
-from flower_messages import FakeGrid, train_reply
-from flwr.app import Array, ArrayRecord
+from flower_messages import FakeGrid, error_reply, reply_to, train_reply
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from bcsfl_flower.round.settings import SettingError
 from bcsfl_flower.strategy import BCSFL
 
 DIM = 200
-# Synthetic updates separate cleanly in raw cosine, so these tests screen with the
-# paper's raw mode; the median-centred default is calibrated on real MNIST updates.
-RAW = {"screening_centering": "none", "cosine_threshold": 0.3}
 TARGET = np.random.default_rng(0).normal(size=DIM).astype(np.float32)
 GLOBAL = ArrayRecord({"w": Array(np.zeros(DIM, np.float32))})
 
@@ -24,7 +23,7 @@ def squared_distance(node, arrays):
     return float(np.sum((arrays["w"].numpy() - TARGET) ** 2))
 
 
-def federation(num_honest=7, num_attackers=3, seed=1):
+def federation(num_honest=7, num_attackers=3, seed=1, num_examples=100):
     """Honest updates point at TARGET with heterogeneity; attackers point away."""
     rng = np.random.default_rng(seed)
     replies, attackers = [], set()
@@ -34,48 +33,71 @@ def federation(num_honest=7, num_attackers=3, seed=1):
             attackers.add(str(node))
             update = -0.5 * TARGET + noise
         else:
-            update = 0.5 * TARGET * rng.uniform(0.5, 1.5) + noise
-        replies.append(train_reply(node, {"w": update.astype(np.float32)}, num_examples=100))
+            update = 0.5 * TARGET * rng.uniform(0.8, 1.2) + noise
+        replies.append(
+            train_reply(node, {"w": update.astype(np.float32)}, num_examples, train_loss=0.1 * node)
+        )
     return replies, attackers
 
 
-def run_round(strategy, replies, grid, server_round=1):
-    strategy._global_arrays, strategy._grid = GLOBAL, grid
+def run_round(strategy, replies, grid, server_round=1, global_arrays=GLOBAL):
+    """Configure (as Flower does) and aggregate one round; return arrays, metrics, record."""
     records = []
     strategy.round_sink = lambda rnd, rec: records.append(rec)
+    grid.get_node_ids = lambda: [r.metadata.src_node_id for r in replies]
+    list(strategy.configure_train(server_round, global_arrays, ConfigRecord(), grid))
     arrays, metrics = strategy.aggregate_train(server_round, replies)
     return arrays, metrics, records[0]
 
 
-def test_trusted_mean_rejects_attackers_and_commits_the_honest_mean():
+def honest_mean(replies, attackers):
+    return np.mean(
+        [
+            r.content["arrays"]["w"].numpy()
+            for r in replies
+            if str(r.metadata.src_node_id) not in attackers
+        ],
+        axis=0,
+    )
+
+
+def test_attackers_are_rejected_and_a_candidate_of_the_honest_clients_commits():
     replies, attackers = federation()
-    arrays, metrics, record = run_round(BCSFL(**RAW), replies, FakeGrid(squared_distance))
+    arrays, metrics, record = run_round(BCSFL(), replies, FakeGrid(squared_distance))
     assert set(record["rejected"]) == attackers
-    assert record["outcome"] == "commit" and metrics["committed"] == 1
-    honest = np.mean([r.content["arrays"]["w"].numpy() for r in replies[:7]], axis=0)
-    np.testing.assert_allclose(arrays["w"].numpy(), honest, rtol=1e-5, atol=1e-6)
-    # Validators are drawn among trusted clients only, by stake.
+    assert record["outcome"] == "commit" and metrics["bcsfl-committed"] == 1
+    assert record["candidates"] == ["trusted-mean", "core-mean", "geometric-median"]
     assert set(record["committee"]["validators"]).isdisjoint(attackers)
     assert len(record["committee"]["validators"]) == 5
-    # Stakes: trusted rewarded, rejected slashed.
+    # The committed model moved towards the target, and no attacker is in its support.
+    assert squared_distance(0, arrays) < squared_distance(0, GLOBAL)
+    assert set(record["rewarded"]).isdisjoint(attackers)
+    # Stakes: slashed by half for the rejected, +0.05 for the supporting honest clients.
     assert all(record["stakes"][a] == 0.5 for a in attackers)
-    assert all(record["stakes"][str(n)] == pytest.approx(1.1) for n in range(1, 8))
+    assert all(record["stakes"][n] == pytest.approx(1.05) for n in record["rewarded"])
+    assert record["stakes_before"] == {str(n): 1.0 for n in range(1, 11)}
+    # Client metrics come from train_metrics_aggr_fn over the supporting clients.
+    assert 0.1 <= metrics["train_loss"] <= 0.7
 
 
-def test_without_quorum_the_round_rolls_back_to_the_previous_model():
-    replies, _ = federation()
+def test_without_quorum_the_round_rolls_back_rewards_nobody_and_slashes_suspects():
+    replies, attackers = federation()
 
-    # Validators 1..3 say the candidate is much worse; with 5 validators the quorum is 4.
+    # Validators 1..3 say every candidate is much worse; with 5 validators the quorum is 4.
     def loss(node, arrays):
         worse = arrays["w"].numpy().any() and node in {1, 2, 3}
         return squared_distance(node, arrays) + (1e6 if worse else 0.0)
 
-    strategy = BCSFL(num_validators=7, **RAW)
-    arrays, metrics, record = run_round(strategy, replies, FakeGrid(loss))
+    arrays, metrics, record = run_round(BCSFL(num_validators=7), replies, FakeGrid(loss))
     assert arrays is GLOBAL
-    assert record["outcome"] == "rollback" and metrics["committed"] == 0
+    assert record["outcome"] == "rollback" and metrics["bcsfl-committed"] == 0
     assert record["quorum"] == 5 and record["votes_for"] == 4
-    assert "rollback" in record["reason"]
+    assert record["rewarded"] == []
+    # The rollback changes the next round: the rejected and the trusted clients outside
+    # the core lose stake.
+    suspects = set(record["slashed"]) - attackers
+    assert suspects and suspects <= set(record["trusted"])
+    assert all(record["stakes"][n] == 0.5 for n in record["slashed"])
 
 
 def test_silent_and_failing_validators_count_against_the_quorum():
@@ -84,61 +106,182 @@ def test_silent_and_failing_validators_count_against_the_quorum():
     def loss(node, arrays):
         return None if node == 1 else squared_distance(node, arrays)
 
-    strategy = BCSFL(num_validators=6, **RAW)
-    arrays, _, record = run_round(strategy, replies, FakeGrid(loss, silent={2, 3}))
+    arrays, _, record = run_round(BCSFL(num_validators=6), replies, FakeGrid(loss, silent={2, 3}))
     # 6 validators, quorum 4: only 3 can vote (1 errors, 2 and 3 are silent).
     assert record["outcome"] == "rollback"
-    assert "1" in record["validator_problems"]
+    assert "1" in record["validator_problems"] and "2" in record["validator_problems"]
     assert arrays is GLOBAL
 
 
-def test_paper_selection_commits_the_single_best_local_model():
+def test_paper_selection_commits_a_single_trusted_local_model():
     replies, attackers = federation()
-    strategy = BCSFL(selection="paper", **RAW)
-    arrays, _, record = run_round(strategy, replies, FakeGrid(squared_distance))
+    arrays, _, record = run_round(BCSFL(selection="paper"), replies, FakeGrid(squared_distance))
     assert record["outcome"] == "commit"
-    winner = record["candidate"]
-    assert winner not in attackers
-    local = {str(r.metadata.src_node_id): r.content["arrays"]["w"].numpy() for r in replies}
-    best = min(
-        (n for n in local if n not in attackers),
-        key=lambda n: np.sum((local[n] - TARGET) ** 2),
-    )
-    assert winner == best
-    np.testing.assert_array_equal(arrays["w"].numpy(), local[best])
-
-
-def test_paper_selection_rolls_back_when_validators_disagree():
-    replies, attackers = federation()
-    honest = [str(n) for n in range(1, 8)]
-
-    # Each validator prefers a different local model: its own.
-    def loss(node, arrays):
-        own = next(r for r in replies if r.metadata.src_node_id == node)
-        return float(np.sum((arrays["w"].numpy() - own.content["arrays"]["w"].numpy()) ** 2))
-
-    strategy = BCSFL(selection="paper", **RAW)
-    arrays, _, record = run_round(strategy, replies, FakeGrid(loss))
-    assert record["outcome"] == "rollback"
-    assert arrays is GLOBAL
-    assert set(record["votes"].values()) <= set(honest)
+    winner = record["candidate"].removeprefix("client-")
+    assert winner not in attackers and record["rewarded"] == [winner]
+    local = next(r for r in replies if str(r.metadata.src_node_id) == winner)
+    update = local.content["arrays"]["w"].numpy()
+    committed = arrays["w"].numpy()
+    # One local model, clipped at most to the median norm: same direction.
+    cosine = committed @ update / (np.linalg.norm(committed) * np.linalg.norm(update))
+    assert cosine == pytest.approx(1.0, abs=1e-5)
+    assert np.linalg.norm(committed) <= np.linalg.norm(update) + 1e-4
 
 
 def test_committee_is_reproducible_from_the_previous_hash_and_round():
     replies, _ = federation()
-    _, _, first = run_round(BCSFL(**RAW), replies, FakeGrid(squared_distance))
-    _, _, again = run_round(BCSFL(**RAW), replies, FakeGrid(squared_distance))
-    _, _, later = run_round(BCSFL(**RAW), replies, FakeGrid(squared_distance), server_round=2)
+    _, _, first = run_round(BCSFL(), replies, FakeGrid(squared_distance))
+    _, _, again = run_round(BCSFL(), replies, FakeGrid(squared_distance))
+    _, _, later = run_round(BCSFL(), replies, FakeGrid(squared_distance), server_round=2)
     assert first["committee"] == again["committee"]
     assert first["committee"]["seed"] != later["committee"]["seed"]
 
 
-def test_data_size_stakes_and_validation_of_arguments():
+def test_stake_is_memory_half_the_clients_attacking_with_a_third_of_the_stake_lose():
+    replies, attackers = federation(num_honest=5, num_attackers=5)
+    equal = BCSFL()
+    _, _, record = run_round(equal, replies, FakeGrid(squared_distance))
+    assert record["rejected"] == {}  # equal stakes, equal halves: nobody can be singled out
+    minority = BCSFL(initial_stakes={a: 0.5 for a in attackers})
+    for server_round in (1, 2, 3):
+        _, _, record = run_round(minority, replies, FakeGrid(squared_distance), server_round)
+        assert set(record["rejected"]) == attackers
+        assert record["outcome"] == "commit"
+    assert all(minority.ledger.stake(a) == 0.5**4 for a in attackers)
+
+
+def test_one_bad_reply_cannot_stop_the_round_and_only_bad_replies_keep_the_model():
     replies, _ = federation(num_attackers=0)
-    strategy = BCSFL(initial_stake="data-size", stake_reward=0.0, **RAW)
-    _, _, record = run_round(strategy, replies, FakeGrid(squared_distance))
-    assert set(record["stakes"].values()) == {100.0}
-    with pytest.raises(ValueError, match="selection"):
-        BCSFL(selection="best")
-    with pytest.raises(ValueError, match="cosine_threshold"):
-        BCSFL(cosine_threshold=2.0)
+    bad = [
+        train_reply(90, {"w": np.full(DIM, np.nan, np.float32)}),
+        error_reply(91, "timeout"),
+        train_reply(92, {"v": np.zeros(DIM, np.float32)}),
+    ]
+    _, metrics, record = run_round(BCSFL(), replies + bad, FakeGrid(squared_distance))
+    assert record["outcome"] == "commit" and set(record["rejected"]) == {"90", "91", "92"}
+    assert metrics["bcsfl-num-rejected"] == 3
+    arrays, metrics, record = run_round(BCSFL(), bad, FakeGrid(squared_distance))
+    assert arrays is GLOBAL and record["reason"] == "rollback: no valid reply"
+
+
+def test_a_huge_update_or_example_count_cannot_dominate_the_aggregate():
+    replies, _ = federation(num_honest=8, num_attackers=0)
+    honest = honest_mean(replies, set())
+    poison = (-1e6 * TARGET).astype(np.float32)
+    for bad in (
+        train_reply(99, {"w": poison}, num_examples=100),
+        train_reply(99, {"w": (-0.5 * TARGET).astype(np.float32)}, num_examples=1e300),
+        train_reply(99, {"w": (0.5 * TARGET).astype(np.float32)}, num_examples=1e300),
+    ):
+        arrays, _, record = run_round(BCSFL(), [*replies, bad], FakeGrid(squared_distance))
+        assert record["outcome"] == "commit"
+        committed = arrays["w"].numpy()
+        assert np.linalg.norm(committed - honest) < 0.5 * np.linalg.norm(honest)
+
+
+class KeyedGrid(FakeGrid):
+    """Answers evaluate messages sent under other record names than FedAvg's defaults."""
+
+    def __init__(self, arrays_key, config_key):
+        super().__init__(squared_distance)
+        self.arrays_key, self.config_key = arrays_key, config_key
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for number, message in enumerate(messages):
+            message.metadata.__dict__["_message_id"] = f"keyed-{len(self.sent)}-{number}"
+            self.sent.append(message)
+            assert list(message.content.array_records) == [self.arrays_key]
+            assert list(message.content.config_records) == [self.config_key]
+            loss = squared_distance(0, message.content[self.arrays_key])
+            metrics = MetricRecord({"loss": loss, "n": 10})
+            replies.append(reply_to(message, RecordDict({"metrics": metrics})))
+        return replies
+
+
+def test_fedavg_arguments_are_honoured():
+    calls = []
+
+    def train_metrics(records, key):
+        calls.append([dict(next(iter(r.metric_records.values()))) for r in records])
+        return aggregate_metricrecords(records, key)
+
+    rng = np.random.default_rng(3)
+    replies = [
+        train_reply(n, {"w": (0.5 * TARGET + 0.1 * rng.normal(size=DIM)).astype(np.float32)})
+        for n in range(1, 7)
+    ]
+    for reply in replies:
+        metrics = reply.content["metrics"]
+        metrics["n"] = 1e300 if reply.metadata.src_node_id == 6 else 100
+        del metrics["num-examples"]
+    strategy = BCSFL(
+        weighted_by_key="n",
+        arrayrecord_key="model",
+        configrecord_key="settings",
+        train_metrics_aggr_fn=train_metrics,
+        loss_metric_key="loss",
+    )
+    grid = KeyedGrid("model", "settings")
+    _, metrics, record = run_round(strategy, replies, grid, global_arrays=GLOBAL)
+    assert record["outcome"] == "commit" and grid.sent
+    assert calls and all(max(m["n"] for m in call) <= 200 for call in calls)  # capped weights
+    assert "n" not in metrics  # Flower's aggregation leaves the weight key out
+
+
+def test_aggregate_evaluate_leaves_out_replies_that_cannot_be_weighed():
+    good = [
+        reply_to_evaluate(n, {"num-examples": 10, "eval_loss": 0.5, "eval_acc": 0.9})
+        for n in (1, 2)
+    ]
+    other_keys = reply_to_evaluate(3, {"num-examples": 10, "something": 1.0})
+    no_weight = reply_to_evaluate(4, {"eval_loss": 0.1})
+    huge = reply_to_evaluate(5, {"num-examples": 1e300, "eval_loss": 9.0, "eval_acc": 0.0})
+    metrics = BCSFL().aggregate_evaluate(
+        1, [*good, other_keys, no_weight, huge, error_reply(6, "x")]
+    )
+    # The 1e300 reply is capped at twice the median count (20 of 40 examples).
+    assert metrics["eval_loss"] == pytest.approx((0.5 * 20 + 9.0 * 20) / 40)
+    assert "something" not in metrics
+
+
+def reply_to_evaluate(node, values):
+    message = train_reply(node, {"w": np.zeros(1, np.float32)})
+    message.content = RecordDict({"metrics": MetricRecord(values)})
+    return message
+
+
+def test_configure_hooks_add_nothing_for_plain_updates_and_summary_logs(caplog):
+    strategy = BCSFL()
+    grid = FakeGrid(squared_distance)
+    grid.get_node_ids = lambda: [1, 2]
+    messages = list(strategy.configure_train(1, GLOBAL, ConfigRecord(), grid))
+    assert len(messages) == 2
+    assert set(messages[0].content["config"].keys()) == {"server-round"}
+    strategy.summary()
+    assert "BCSFL (plain updates)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [
+        ({"selection": "best"}, "selection"),
+        ({"initial_stake": "lottery"}, "initial_stake"),
+        ({"num_validators": 0}, "num_validators"),
+        ({"vote_tolerance": -1.0}, "vote_tolerance"),
+        ({"outlier_norm_ratio": 1.0}, "outlier_norm_ratio"),
+        ({"stake_slash": 1.0}, "stake_slash"),
+        ({"committee_timeout": 0.0}, "committee_timeout"),
+        ({"loss_metric_key": ""}, "loss_metric_key"),
+        ({"selection": "paper", "ckks": True}, "selection"),
+    ],
+)
+def test_invalid_arguments_fail_at_construction_naming_the_setting(kwargs, setting):
+    with pytest.raises(SettingError) as error:
+        BCSFL(**kwargs)
+    assert error.value.setting == setting
+
+
+def test_aggregate_train_before_configure_train_is_an_error():
+    with pytest.raises(RuntimeError, match="before configure_train"):
+        BCSFL().aggregate_train(1, [])

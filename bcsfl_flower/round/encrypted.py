@@ -158,8 +158,11 @@ def check_encrypted_reply(
         )
     try:
         model = from_array_record(arrays, public_ctx)
-    except (ValueError, TypeError) as err:
-        return f"encrypted update does not deserialise: {err}"
+    except Exception as err:  # untrusted bytes: whatever they make a decoder raise
+        # Besides ValueError and TypeError, a client's bytes can make the decoders raise
+        # EOFError (np.load of an empty payload), ZeroDivisionError (a header with
+        # "slots": 0) or RecursionError (a deeply nested JSON header).
+        return f"encrypted update does not deserialise: {err!r}"
     if model.specs != tuple(specs):
         return "encrypted update's keys, shapes or dtypes differ from the global model's"
     slots = slot_count(public_ctx)
@@ -197,6 +200,7 @@ class EncryptedCollector(UpdateCollector):
     """Check encrypted replies against the global model's layout (:func:`check_encrypted_reply`)."""
 
     def __init__(self, specs: Sequence[ArraySpec], public_ctx: ts.Context) -> None:
+        _require_public(public_ctx)
         self.specs = tuple(specs)
         self.public_ctx = public_ctx
         self._models: list[EncryptedModel] = []

@@ -95,13 +95,15 @@ class PlainCollector(UpdateCollector):
                 return f"array '{slot.key}' cannot be decoded: {err}"
             if values.dtype != slot.dtype or values.shape != slot.shape:
                 return f"array '{slot.key}' decodes to {values.dtype}{list(values.shape)}"
-            np.subtract(
-                np.ravel(values),
-                self._base[slot.start : slot.stop],
-                out=row[slot.start : slot.stop],
-                casting="unsafe",
-            )
-        norm = float(np.linalg.norm(row))
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below
+                np.subtract(
+                    np.ravel(values),
+                    self._base[slot.start : slot.stop],
+                    out=row[slot.start : slot.stop],
+                    casting="unsafe",
+                )
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm = float(np.linalg.norm(row))
         if not math.isfinite(norm):
             fault = self._overflow_fault(arrays, row)
             if fault is not None:

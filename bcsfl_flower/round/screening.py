@@ -7,9 +7,9 @@ as plaintext rounds do):
    median norm is rejected. Label flippers' updates grow to 3-4x the honest length
    once the model has learnt the true labels; scaled, sign-flipped and noise updates
    are longer from the start. Cosine similarity alone cannot see any of this.
-2. **Direction.** The remaining (clipped) updates are centred on their mean, which
-   turns a coherent attacking group and the honest majority into two opposed
-   directions while unstructured honest differences stay near-orthogonal. Average
+2. **Direction.** The remaining updates, scaled to unit length, are centred on their
+   mean, which turns a coherent attacking group and the honest majority into two
+   opposed directions while unstructured honest differences stay near-orthogonal. Average
    linkage (:func:`scipy.cluster.hierarchy.linkage`) on the cosine distances of the
    centred updates gives a tree; starting from its root, the screen descends into the
    child holding a strict majority of the stake for as long as the split is
@@ -56,6 +56,18 @@ def split_threshold(num_updates: int, margin: float = SPLIT_MARGIN) -> float:
     if num_updates < 2:
         return float("inf")
     return 1.0 + 1.0 / (num_updates - 1) + margin
+
+
+def unit_gram(gram: np.ndarray) -> np.ndarray:
+    """Return the inner products of the updates scaled to unit length (zero stays zero).
+
+    Screening compares directions only: lengths are judged by the norm test. Centring
+    updates of different lengths would make every short honest update look like it
+    points against the mean, i.e. towards an attacking group.
+    """
+    lengths = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    inverse = np.divide(1.0, lengths, out=np.zeros_like(lengths), where=lengths > 0)
+    return gram * np.outer(inverse, inverse)
 
 
 def centred_cosines(gram: np.ndarray) -> np.ndarray:
@@ -111,8 +123,7 @@ def screen_updates(
     rows = np.flatnonzero(~too_long)
     threshold = split_threshold(rows.size, split_margin)
     if rows.size >= MIN_CLUSTERED:
-        clipped = bounds.clipped_gram(gram)[np.ix_(rows, rows)]
-        cosines = centred_cosines(clipped)
+        cosines = centred_cosines(unit_gram(gram[np.ix_(rows, rows)]))
         members, path = _majority_cluster(cosines, bounds.stakes[rows], threshold)
         trusted = rows[members]
     else:

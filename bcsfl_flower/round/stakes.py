@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import ClassVar
 
 import numpy as np
+from eth_utils import is_address, to_checksum_address
 
 from bcsfl_flower.round.bounds import EXAMPLE_CAP_RATIO
 from bcsfl_flower.round.settings import StakePolicy
@@ -133,7 +134,10 @@ class InitialStake:
     name: ClassVar[str]
 
     def __init__(self, table: Mapping[str, float] | None = None) -> None:
-        self.table = dict(table or {})
+        self.table = {
+            to_checksum_address(key) if is_address(key) else str(key): float(stake)
+            for key, stake in (table or {}).items()
+        }
 
     def __call__(self, contribution: Contribution, typical_examples: float) -> float:
         """Return ``contribution``'s initial stake; ``table`` entries win.

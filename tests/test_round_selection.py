@@ -1,0 +1,180 @@
+"""Selection rules: candidates from the screened updates, decisions from the votes."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bcsfl_flower.round.bounds import bound_updates
+from bcsfl_flower.round.consensus import accepts, quorum_size
+from bcsfl_flower.round.screening import screen_updates
+from bcsfl_flower.round.selection import (
+    SELECTION_RULES,
+    PaperSelection,
+    TrustedMeanSelection,
+    selection_rule,
+)
+from bcsfl_flower.round.settings import SettingError
+from bcsfl_flower.round.state import CandidatePlan, ValidatorReport
+
+TOLERANCE = 0.05
+
+
+def report(validator, baseline, **losses):
+    return ValidatorReport(validator, baseline, {k.replace("_", "-"): v for k, v in losses.items()})
+
+
+def trusted_mean_plan(n_honest=7, n_attackers=3, seed=0):
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=50)
+    updates = np.vstack(
+        [direction + 0.3 * rng.normal(size=50) for _ in range(n_honest)]
+        + [-direction + 0.3 * rng.normal(size=50) for _ in range(n_attackers)]
+    )
+    gram = updates @ updates.T
+    bounds = bound_updates(
+        np.sqrt(np.diag(gram)), np.full(len(updates), 10.0), np.ones(len(updates))
+    )
+    screening = screen_updates(gram, bounds)
+    names = [str(i) for i in range(len(updates))]
+    return TrustedMeanSelection().plan(gram, bounds, screening, names), bounds, screening
+
+
+# ----- quorum and votes ------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "quorum"), [(1, 1), (2, 2), (3, 2), (4, 3), (5, 4), (6, 4), (7, 5)])
+def test_quorum_is_the_ceiling_of_two_thirds(n, quorum):
+    assert quorum_size(n) == quorum == math.ceil(2 * n / 3)
+
+
+@pytest.mark.parametrize(("n", "error"), [(0, ValueError), (-1, ValueError), (1.5, TypeError)])
+def test_quorum_rejects_bad_sizes(n, error):
+    with pytest.raises(error):
+        quorum_size(n)
+
+
+def test_accept_vote_boundary_and_abstention():
+    assert accepts(-TOLERANCE, TOLERANCE) is True
+    assert accepts(-TOLERANCE - 1e-9, TOLERANCE) is False
+    assert accepts(math.nan, TOLERANCE) is None
+
+
+# ----- trusted-mean ----------------------------------------------------------------------
+def test_trusted_mean_plan_offers_the_mean_its_core_and_the_geometric_median():
+    plan, bounds, screening = trusted_mean_plan()
+    assert plan.names == ("trusted-mean", "core-mean", "geometric-median")
+    trusted = set(screening.trusted)
+    assert trusted == set(range(7))
+    for coefficients, support in zip(plan.coefficients, plan.supports, strict=True):
+        assert set(np.flatnonzero(coefficients)) <= trusted and set(support) <= trusted
+    np.testing.assert_allclose(plan.coefficients[0][:7], bounds.clip[:7] / 7)
+    assert set(plan.fallback_suspects) == trusted - set(plan.supports[1])
+    assert len(plan.supports[1]) >= 4  # the core holds at least half
+
+
+def test_the_best_candidate_that_reaches_the_quorum_commits():
+    plan = CandidatePlan(("a", "b", "c"), np.eye(3), ((0,), (1,), (2,)), (2,))
+    validators = ["v1", "v2", "v3", "v4", "v5"]
+    # a: 5 accepts, median delta 0.1; b: 4 accepts, median delta 0.3; c: 3 accepts.
+    reports = [
+        report("v1", 1.0, a=0.9, b=0.7, c=0.5),
+        report("v2", 1.0, a=0.9, b=0.7, c=0.5),
+        report("v3", 1.0, a=0.9, b=0.7, c=0.5),
+        report("v4", 1.0, a=0.9, b=1.5, c=1.5),
+        report("v5", 1.0, a=0.9, b=0.7, c=1.5),
+    ]
+    decision = TrustedMeanSelection().decide(plan, reports, validators, TOLERANCE)
+    assert decision.committed and decision.candidate == "b"
+    assert decision.votes_for == 4 and decision.quorum == 4 and decision.support == (1,)
+    assert decision.ballots["v4"]["b"] == {"accept": False, "delta": pytest.approx(-0.5)}
+
+
+def test_no_quorum_rolls_back_and_names_the_suspects():
+    plan = CandidatePlan(("a", "b"), np.eye(2), ((0, 1), (0,)), (1,))
+    reports = [report(f"v{i}", 1.0, a=2.0, b=2.0) for i in range(3)]
+    reports += [report("v3", 1.0, a=0.5, b=0.5)]
+    decision = TrustedMeanSelection().decide(plan, reports, ["v0", "v1", "v2", "v3", "v4"], 0.05)
+    assert not decision.committed and decision.candidate is None
+    assert decision.suspects == (1,) and decision.support == ()
+    assert "no candidate reached quorum 4 of 5 validators" in decision.reason
+
+
+def test_silent_and_failing_validators_count_against_the_quorum():
+    plan = CandidatePlan(("a",), np.eye(1), ((0,),))
+    reports = [report("v1", 1.0, a=0.5), report("v2", 1.0, a=0.5), report("v3", 1.0, a=0.5)]
+    reports.append(ValidatorReport("v4", math.nan, {"a": math.nan}, ("error reply",)))
+    decision = TrustedMeanSelection().decide(plan, reports, ["v1", "v2", "v3", "v4", "v5"], 0.05)
+    assert not decision.committed and decision.votes_for == 3 and decision.quorum == 4
+
+
+def test_no_validator_rolls_back():
+    plan = CandidatePlan(("a",), np.eye(1), ((0,),), (0,))
+    decision = TrustedMeanSelection().decide(plan, [], [], 0.05)
+    assert not decision.committed and decision.suspects == (0,)
+    assert "no validators" in decision.reason
+
+
+# ----- paper -----------------------------------------------------------------------------
+def paper_plan(n=4):
+    names = [str(10 + i) for i in range(n)]
+    updates = np.eye(n)
+    gram = updates @ updates.T
+    bounds = bound_updates(np.ones(n), np.ones(n), np.ones(n))
+    screening = screen_updates(gram, bounds)
+    return PaperSelection().plan(gram, bounds, screening, names)
+
+
+def test_paper_plan_offers_each_trusted_local_model():
+    plan = paper_plan()
+    assert plan.names == ("client-10", "client-11", "client-12", "client-13")
+    np.testing.assert_allclose(plan.coefficients, np.eye(4))
+    assert plan.supports == ((0,), (1,), (2,), (3,))
+
+
+def test_the_primarys_proposal_commits_with_a_quorum_of_accepts():
+    plan = paper_plan()
+    # Each validator prefers a different model, but all accept client-11 (delta >= -0.05).
+    reports = [
+        report("v1", 1.0, client_10=0.95, client_11=0.8, client_12=1.0, client_13=1.0),
+        report("v2", 1.0, client_10=0.9, client_11=1.02, client_12=0.5, client_13=1.0),
+        report("v3", 1.0, client_10=0.9, client_11=1.0, client_12=0.9, client_13=0.1),
+    ]
+    decision = PaperSelection().decide(plan, reports, ["v1", "v2", "v3"], TOLERANCE)
+    assert decision.committed and decision.candidate == "client-11"
+    assert decision.votes_for == 3 and decision.support == (1,)
+    assert decision.ballots["views"][0]["primary"] == "v1"
+
+
+def test_a_rejected_proposal_triggers_a_view_change():
+    plan = paper_plan()
+    reports = [
+        report("v1", 1.0, client_10=0.1, client_11=1.0, client_12=1.0, client_13=1.0),
+        report("v2", 1.0, client_10=2.0, client_11=0.8, client_12=1.0, client_13=1.0),
+        report("v3", 1.0, client_10=2.0, client_11=0.9, client_12=1.0, client_13=1.0),
+    ]
+    decision = PaperSelection().decide(plan, reports, ["v1", "v2", "v3"], TOLERANCE)
+    assert decision.committed and decision.candidate == "client-11"
+    assert [view["proposal"] for view in decision.ballots["views"]] == ["client-10", "client-11"]
+
+
+def test_when_every_proposal_fails_the_proposers_are_suspects():
+    plan = paper_plan(3)
+    reports = [
+        report("v1", 1.0, client_10=0.1, client_11=2.0, client_12=2.0),
+        report("v2", 1.0, client_10=2.0, client_11=0.1, client_12=2.0),
+        report("v3", 1.0, client_10=2.0, client_11=2.0, client_12=0.1),
+    ]
+    decision = PaperSelection().decide(plan, reports, ["v1", "v2", "v3", "silent"], TOLERANCE)
+    assert not decision.committed
+    assert sorted(decision.suspects) == [0, 1, 2]
+    assert decision.ballots["views"][-1] == {"primary": "silent", "proposal": None}
+
+
+# ----- registry --------------------------------------------------------------------------
+def test_rules_come_from_a_registry_and_paper_is_refused_with_ckks():
+    assert set(SELECTION_RULES) == {"trusted-mean", "paper"}
+    assert isinstance(selection_rule("paper"), PaperSelection)
+    with pytest.raises(SettingError, match="selection must be one of"):
+        selection_rule("best")
+    with pytest.raises(SettingError, match="cannot run with CKKS"):
+        selection_rule("paper", encrypted=True)
+    assert isinstance(selection_rule("trusted-mean", encrypted=True), TrustedMeanSelection)
