@@ -6,11 +6,18 @@ resumable: finished runs are kept and skipped when the command is run again, so 
 interrupted grid picks up where it stopped, and ``--report-only`` rebuilds the outputs
 from the runs on disk.
 
+Several presets can share an output directory (``full`` and ``seeds`` do): the report
+of a directory covers the invocation's own runs and those of every other preset with
+at least one completed run there, and names the command of each (see
+:func:`report_parts`).
+
 Usage::
 
     python -m sim.experiments --preset fast --out sim/results/fast    # 4 runs, minutes
-    python -m sim.experiments --preset full --out sim/results/full    # 49 runs, hours
+    python -m sim.experiments --preset full --out sim/results/full    # 56 runs, hours
+    python -m sim.experiments --preset seeds --out sim/results/full   # 40 more: seeds 43, 44
     python -m sim.experiments --preset full --out sim/results/full --list
+    python -m sim.experiments --preset full --out sim/results/full --report-only
     python -m sim.experiments --preset full --dataset cifar10 --out sim/results/cifar10
 
 Outputs in ``--out``: ``runs/<run_id>/`` (each run's ``results.json``, ``run.log``,
@@ -25,6 +32,7 @@ import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -63,35 +71,105 @@ def check_data(dataset: str, data_dir: Path) -> int:
     return len(load_split(dataset, Path(data_dir).resolve(), train=False))
 
 
+@dataclass(frozen=True)
+class GridPart:
+    """The runs of one preset in an output directory, and the command that makes them.
+
+    Attributes
+    ----------
+    preset : Preset
+        The preset (with the seeds it was asked for).
+    specs : tuple[ExperimentSpec, ...]
+        Its runs, in execution order.
+    command : str
+        The command line that makes (or resumes) these runs in the directory.
+    """
+
+    preset: Preset
+    specs: tuple[ExperimentSpec, ...]
+    command: str
+
+
+def preset_command(name: str, out_dir: Path, dataset: str = "mnist") -> str:
+    """Return the command that runs preset ``name`` with its defaults into ``out_dir``."""
+    dataset_args = [] if dataset == "mnist" else ["--dataset", dataset]
+    return shlex.join(
+        ["python", "-m", "sim.experiments", "--preset", name, "--out", str(out_dir)] + dataset_args
+    )
+
+
+def report_parts(own: GridPart, runner: GridRunner, dataset: str = "mnist") -> list[GridPart]:
+    """Return the parts that the report of ``runner``'s output directory covers.
+
+    These are the invocation's own part and, for every preset of :data:`PRESETS`, its
+    default runs (every strategy, the preset's seeds, ``dataset``) when at least one
+    of them that ``own`` does not plan is complete in the directory. So a
+    ``--preset seeds`` grid run into ``full``'s directory reports both presets, and so
+    does ``--preset full --report-only`` there afterwards. Presets come in the order of
+    :data:`PRESETS`, the invocation's own at its preset's place.
+
+    Parameters
+    ----------
+    own : GridPart
+        The runs the invocation plans and its command.
+    runner : GridRunner
+        Runner of the output directory (it tells complete runs).
+    dataset : str
+        Dataset of the invocation.
+    """
+    planned = set(own.specs)
+    parts = []
+    for name, preset in PRESETS.items():
+        if name == own.preset.name:
+            parts.append(own)
+        others = [spec for spec in preset.specs(dataset) if spec not in planned]
+        if any(runner.is_complete(spec) for spec in others):
+            command = preset_command(name, runner.out_dir, dataset)
+            parts.append(GridPart(preset, tuple(preset.specs(dataset)), command))
+    return parts
+
+
+def describe_setup(parts: Sequence[GridPart]) -> str:
+    """Return the table's description of each part's federations (one sentence each)."""
+    sentences = []
+    for part in parts:
+        strategies = {spec.strategy for spec in part.specs}
+        cells = {spec.cell for spec in part.specs}
+        seeds = sorted({spec.seed for spec in part.specs})
+        preset = part.preset
+        sentences.append(
+            f"Preset `{preset.name}`: {len(strategies)} strategies x {len(cells)} cells,"
+            f" {preset.num_clients} clients with Dirichlet(alpha={preset.dirichlet_alpha})"
+            f" label-skewed partitions, {preset.num_rounds} rounds,"
+            f" seed{'s' if len(seeds) > 1 else ''} {', '.join(str(seed) for seed in seeds)}."
+        )
+    return " ".join([*sentences, "Other settings are the app defaults of pyproject.toml."])
+
+
 def write_outputs(
     out_dir: Path,
-    specs: Sequence[ExperimentSpec],
+    parts: Sequence[GridPart],
     runner: GridRunner,
     *,
-    preset: Preset,
-    command: str,
+    dataset: str = "mnist",
     failed: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """Write ``rounds.csv``, ``summary.csv``, ``table.md`` and the figures for ``specs``.
+    """Write ``rounds.csv``, ``summary.csv``, ``table.md`` and the figures for ``parts``.
 
-    Only runs that :meth:`GridRunner.is_complete` accepts are reported.
+    Every run of every part that :meth:`GridRunner.is_complete` accepts is reported
+    (a run planned by two parts once); the table names each part's command.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    specs = list(dict.fromkeys(spec for part in parts for spec in part.specs))
     runs = [RunResult.load(s, runner.run_dir(s)) for s in specs if runner.is_complete(s)]
-    dataset = specs[0].dataset if specs else "mnist"
-    seeds = ", ".join(str(seed) for seed in preset.seeds)
-    setup = (
-        f"{dataset.upper()}, {preset.num_clients} clients with Dirichlet(alpha="
-        f"{preset.dirichlet_alpha}) label-skewed partitions, {preset.num_rounds} rounds, "
-        f"seed(s) {seeds}; other settings are the app defaults of pyproject.toml."
-    )
+    names = " + ".join(f"`{part.preset.name}`" for part in parts)
     table = out_dir / "table.md"
     table.write_text(
         markdown_report(
             runs,
-            title=f"Robustness grid `{preset.name}` on {dataset.upper()}",
-            command=command,
-            setup=setup,
+            title=f"Robustness grid {names} on {dataset.upper()}",
+            commands=[part.command for part in parts],
+            setup=describe_setup(parts),
             planned=len(specs),
             failed=failed,
         )
@@ -108,7 +186,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sim.experiments", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="fast")
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="fast",
+        help="which runs: fast (4 tiny runs), small (tuning), full (the grid), seeds "
+        "(seeds 43 and 44 of full's decisive cells; give it full's --out)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -125,7 +209,10 @@ def _parser() -> argparse.ArgumentParser:
         "--strategies", nargs="+", choices=list(STRATEGIES), help="run only these strategies"
     )
     parser.add_argument(
-        "--seeds", type=int, nargs="+", help="run every cell once per seed (default: 42)"
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run every cell once per seed (default: the preset's, 42 or 43 44)",
     )
     parser.add_argument(
         "--timeout", type=float, default=7200.0, help="seconds before one run is stopped"
@@ -168,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{state:>7}  {spec.run_id}")
         return EXIT_OK
 
+    command = shlex.join(["python", "-m", "sim.experiments", *_reproducing(argv)])
+    own = GridPart(preset, tuple(specs), command)
     failed: dict[str, str] = {}
     if not args.report_only:
         if not all(runner.is_complete(spec) for spec in specs):
@@ -177,12 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(ERROR, "%s", err)
                 return EXIT_USAGE
         failed = runner.run(specs).failed
-    command = shlex.join(["python", "-m", "sim.experiments", *_reproducing(argv)])
-    written = write_outputs(out_dir, specs, runner, preset=preset, command=command, failed=failed)
+    parts = report_parts(own, runner, args.dataset)
+    written = write_outputs(out_dir, parts, runner, dataset=args.dataset, failed=failed)
     log(
         INFO,
-        "grid outputs: %s (runs in %s)",
+        "grid outputs: %s (runs of %s in %s)",
         ", ".join(str(p) for p in written),
+        " + ".join(part.preset.name for part in parts),
         out_dir / RUNS_DIR,
     )
     return EXIT_FAILED_RUNS if failed else EXIT_OK

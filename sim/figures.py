@@ -1,15 +1,17 @@
 """Figures of a grid, after the BCS-FL paper's Figure 4.
 
 One PNG per attack: a panel per strategy, test accuracy per round, a line per attacker
-fraction. The clean run (0% attackers) is the reference line of every attack. A
-second PNG for label flipping shows the attack success rate per round the same way.
-Cells with several seeds are drawn as the mean over seeds.
+fraction (and a dashed one per stake cell, e.g. 50% of the clients holding 1/3 of the
+stake). The clean run (0% attackers) is the reference line of every attack. A second
+PNG for label flipping shows the attack success rate per round the same way. The grid's
+figures draw one seed, the one most runs have (42 in ``sim/results/full``), and say so
+in their titles; the spread over seeds is in ``table.md``.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from sim.grid import LABEL_FLIP, STRATEGIES  # noqa: E402
+from sim.grid import LABEL_FLIP, STRATEGIES, Cell  # noqa: E402
 from sim.records import RunResult  # noqa: E402
 
 PANEL_COLUMNS = 4
@@ -45,10 +47,28 @@ def _mean_over_seeds(runs: Sequence[RunResult], metric: str) -> tuple[np.ndarray
     return rounds, np.array([np.mean(by_round[r]) for r in rounds], dtype=float)
 
 
+def figure_seed(runs: Sequence[RunResult]) -> int | None:
+    """Return the seed the grid's figures draw: the one with most runs (smallest on a tie).
+
+    In a directory with the ``full`` and ``seeds`` presets that is 42, the seed every
+    cell and strategy was run with; None when there are no runs.
+    """
+    counts = Counter(run.spec.seed for run in runs)
+    return min(counts, key=lambda seed: (-counts[seed], seed)) if counts else None
+
+
 def plot_attack(
-    runs: Sequence[RunResult], attack: str, path: Path, *, metric: str = "test_accuracy"
+    runs: Sequence[RunResult],
+    attack: str,
+    path: Path,
+    *,
+    metric: str = "test_accuracy",
+    seed: int | None = None,
 ) -> Path | None:
-    """Draw ``metric`` per round for ``attack``: a panel per strategy, a line per fraction.
+    """Draw ``metric`` per round for ``attack``: a panel per strategy, a line per cell.
+
+    A line per attacker fraction, and one more (dashed) per stake cell; the clean run
+    is the 0% line.
 
     Parameters
     ----------
@@ -61,34 +81,42 @@ def plot_attack(
     metric : str
         A column of :data:`~sim.records.ROUND_COLUMNS` (``"test_accuracy"`` or
         ``"attack_success_rate"``).
+    seed : int, optional
+        Draw only the runs of this seed; by default each line is the mean over the
+        seeds its cell was run with. The title says which.
 
     Returns
     -------
     Path | None
         ``path``, or None when no run of ``attack`` with attackers exists.
     """
-    if not any(r.spec.attack == attack and r.spec.attacker_fraction > 0 for r in runs):
+    if seed is not None:
+        runs = [run for run in runs if run.spec.seed == seed]
+    if not any(r.spec.attack == attack and not r.spec.cell.is_clean for r in runs):
         return None
-    lines: dict[str, dict[float, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
+    lines: dict[str, dict[Cell, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        clean = run.spec.attacker_fraction == 0 and run.spec.attack == LABEL_FLIP
-        if run.spec.attack == attack or clean:
-            lines[run.spec.strategy][run.spec.attacker_fraction].append(run)
+        cell = run.spec.cell
+        if cell.is_clean or cell.attack == attack:
+            lines[run.spec.strategy][cell].append(run)
     strategies = [s for s in STRATEGIES if s in lines]
     columns = min(PANEL_COLUMNS, len(strategies))
     rows = math.ceil(len(strategies) / columns)
     figure, axes = plt.subplots(
         rows, columns, figsize=(3.6 * columns, 2.9 * rows), sharex=True, sharey=True, squeeze=False
     )
-    fractions = sorted({f for by_fraction in lines.values() for f in by_fraction})
-    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(len(fractions), 2)))
-    handles: dict[float, Line2D] = {}
+    cells = sorted({cell for by_cell in lines.values() for cell in by_cell}, key=Cell.sort_key)
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(len(cells), 2)))
+    handles: dict[Cell, Line2D] = {}
     for axis, strategy in zip(axes.flat, strategies, strict=False):
-        for colour, fraction in zip(colours, fractions, strict=False):
-            if fraction not in lines[strategy]:
+        for colour, cell in zip(colours, cells, strict=False):
+            if cell not in lines[strategy]:
                 continue
-            x, y = _mean_over_seeds(lines[strategy][fraction], metric)
-            (handles[fraction],) = axis.plot(x, y, marker="o", markersize=3, color=colour)
+            x, y = _mean_over_seeds(lines[strategy][cell], metric)
+            style = "--" if cell.attacker_stake_share is not None else "-"
+            (handles[cell],) = axis.plot(
+                x, y, marker="o", markersize=3, color=colour, linestyle=style
+            )
         axis.set_title(STRATEGIES[strategy].title)
         axis.set_ylim(0.0, 1.0)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -100,15 +128,16 @@ def plot_attack(
     ylabel = "test accuracy" if metric == "test_accuracy" else metric.replace("_", " ")
     for axis in axes[:, 0]:
         axis.set_ylabel(ylabel)
-    ordered = sorted(handles)
+    ordered = [cell for cell in cells if cell in handles]
     figure.legend(
-        [handles[f] for f in ordered],
-        [f"{f:.0%}" for f in ordered],
+        [handles[cell] for cell in ordered],
+        [cell.attackers_label for cell in ordered],
         title="attackers",
         loc="lower center",
         ncol=len(ordered),
     )
-    figure.suptitle(f"{ylabel} per round under {attack}")
+    seeds = f"seed {seed}" if seed is not None else "mean over seeds"
+    figure.suptitle(f"{ylabel} per round under {attack} ({seeds})")
     figure.tight_layout(rect=(0.0, 0.1 / rows + 0.04, 1.0, 1.0))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -120,15 +149,22 @@ def plot_grid(runs: Sequence[RunResult], figures_dir: Path) -> list[Path]:
     """Write every figure of the grid into ``figures_dir`` and return their paths.
 
     ``accuracy_<attack>.png`` for each attack with attackers, and
-    ``asr_label-flip.png`` for label flipping.
+    ``asr_label-flip.png`` for label flipping, all drawn from the runs of one seed
+    (:func:`figure_seed`), so every line is one federation as in the paper's figure.
     """
-    attacks = sorted({r.spec.attack for r in runs if r.spec.attacker_fraction > 0})
+    seed = figure_seed(runs)
+    attacks = sorted({r.spec.attack for r in runs if not r.spec.cell.is_clean})
     written = [
-        plot_attack(runs, attack, figures_dir / f"accuracy_{attack}.png") for attack in attacks
+        plot_attack(runs, attack, figures_dir / f"accuracy_{attack}.png", seed=seed)
+        for attack in attacks
     ]
     written.append(
         plot_attack(
-            runs, LABEL_FLIP, figures_dir / f"asr_{LABEL_FLIP}.png", metric="attack_success_rate"
+            runs,
+            LABEL_FLIP,
+            figures_dir / f"asr_{LABEL_FLIP}.png",
+            metric="attack_success_rate",
+            seed=seed,
         )
     )
     return [path for path in written if path is not None]

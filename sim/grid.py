@@ -9,7 +9,10 @@ The grid follows the BCS-FL paper's robustness study and extends it: label flipp
 (``y -> 9 - y`` on all of an attacker's data) at 0, 10, 30 and 50% attackers, and the
 model-poisoning attacks sign-flip, Gaussian noise and scaling at 30%, for every
 strategy. The clean federation (0% attackers) is run once and is the reference line
-of every attack.
+of every attack. A stake-minority cell repeats label flipping at 50% attackers with the
+attackers holding only a share of the initial stake (run config ``attacker-stake``):
+BCSFL weighs validators by stake, Flower's built-in strategies ignore it, so for them
+the cell is the plain 50% cell again, run for comparison.
 
 Attack strengths (run config ``attack-scale``, see
 :func:`bcsfl_flower.task.attacks.poison_update`), chosen so that each attack breaks
@@ -25,8 +28,10 @@ plain FedAvg at 30% attackers rather than merely slowing it down:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 DATASETS = ("mnist", "cifar10")
@@ -79,6 +84,74 @@ STRATEGIES: Mapping[str, StrategyVariant] = {
 """Every strategy of the grid, in the order tables and figures show them."""
 
 
+def share_label(share: float) -> str:
+    """Return a stake share as people read it: ``"1/3"`` for 1/3, ``"35%"`` for 0.35.
+
+    A share that is a fraction with a small denominator (up to 12) is written as that
+    fraction, any other share in whole percent.
+    """
+    fraction = Fraction(share).limit_denominator(12)
+    if abs(float(fraction) - share) < 1e-9 and fraction.denominator > 1:
+        return f"{fraction.numerator}/{fraction.denominator}"
+    return f"{share:.0%}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One attack setting of the grid; a preset runs each of its cells for every strategy.
+
+    Attributes
+    ----------
+    attack : str
+        A key of :data:`ATTACK_SCALES`.
+    attacker_fraction : float
+        Share of clients that attack; 0.0 is the clean reference cell.
+    attacker_stake_share : float | None
+        Share of the total initial stake that the attackers hold together; None gives
+        every client the same stake.
+    """
+
+    attack: str
+    attacker_fraction: float
+    attacker_stake_share: float | None = None
+
+    @property
+    def is_clean(self) -> bool:
+        """Whether the cell has no attackers."""
+        return self.attacker_fraction == 0
+
+    @property
+    def attackers_label(self) -> str:
+        """The attackers as the per-run table and legends show them: ``"50%, 1/3 stake"``."""
+        text = f"{round(self.attacker_fraction * 100)}%"
+        if self.attacker_stake_share is not None:
+            text += f", {share_label(self.attacker_stake_share)} stake"
+        return text
+
+    @property
+    def label(self) -> str:
+        """Column title of the cell: ``"clean"``, ``"label-flip 50% (attackers 1/3 stake)"``."""
+        if self.is_clean:
+            return "clean"
+        text = f"{self.attack} {round(self.attacker_fraction * 100)}%"
+        if self.attacker_stake_share is not None:
+            text += f" (attackers {share_label(self.attacker_stake_share)} stake)"
+        return text
+
+    def sort_key(self) -> tuple[int, float, bool, float]:
+        """Order of cells in tables: clean, label flipping by fraction, then the other attacks.
+
+        Within an attack, fractions ascend and a stake cell follows its equal-stake cell.
+        """
+        group = 0 if self.is_clean else 1 + list(ATTACK_SCALES).index(self.attack)
+        share = self.attacker_stake_share
+        return (group, self.attacker_fraction, share is not None, share or 0.0)
+
+
+CLEAN = Cell(LABEL_FLIP, 0.0)
+"""The clean reference cell: no attackers (run as label flipping at 0%)."""
+
+
 @dataclass(frozen=True)
 class ExperimentSpec:
     """One federation of the grid.
@@ -101,6 +174,10 @@ class ExperimentSpec:
         Concentration of the label-skewed partitions.
     seed : int
         Seed of partitions, attacker choice, model init and shuffling.
+    attacker_stake_share : float | None
+        Share of the total initial stake the attackers hold together, in (0, 1); sets
+        run config ``attacker-stake`` (see :attr:`attacker_stake`). None (the default)
+        leaves every client at the app's equal stake.
     """
 
     strategy: str
@@ -111,6 +188,7 @@ class ExperimentSpec:
     num_rounds: int = 20
     dirichlet_alpha: float = 0.5
     seed: int = 42
+    attacker_stake_share: float | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -130,6 +208,17 @@ class ExperimentSpec:
                 f"num_clients and num_rounds must be >= 1, got {self.num_clients}, "
                 f"{self.num_rounds}"
             )
+        if self.attacker_stake_share is not None:
+            if not 0.0 < self.attacker_stake_share < 1.0:
+                raise ValueError(
+                    f"attacker_stake_share must be in (0, 1), got {self.attacker_stake_share}"
+                )
+            if not 1 <= self.num_attackers < self.num_clients:
+                raise ValueError(
+                    "attacker_stake_share needs at least one attacker and one honest client; "
+                    f"{self.attacker_fraction} of {self.num_clients} clients gives "
+                    f"{self.num_attackers} attackers"
+                )
 
     @property
     def percent(self) -> int:
@@ -137,13 +226,49 @@ class ExperimentSpec:
         return round(self.attacker_fraction * 100)
 
     @property
+    def num_attackers(self) -> int:
+        """Number of attacking clients: ``round(attacker_fraction * num_clients)``.
+
+        The app picks that many (:func:`bcsfl_flower.task.attacks.choose_attackers`).
+        """
+        return round(self.attacker_fraction * self.num_clients)
+
+    @property
+    def attacker_stake(self) -> float | None:
+        """Initial stake of each attacker relative to an honest client's 1.0 (run config).
+
+        With ``n`` clients, ``k`` attackers and share ``s``, the attackers hold
+        ``k x / (k x + n - k) = s``, so ``x = s (n - k) / (k (1 - s))``; e.g. 0.5 for 20
+        clients, 10 attackers and ``s = 1/3``. None when :attr:`attacker_stake_share` is.
+        """
+        share = self.attacker_stake_share
+        if share is None:
+            return None
+        k, n = self.num_attackers, self.num_clients
+        return round(share * (n - k) / (k * (1.0 - share)), 12)
+
+    @property
+    def cell(self) -> Cell:
+        """The spec's cell; every run without attackers is the clean cell."""
+        if self.attacker_fraction == 0:
+            return CLEAN
+        return Cell(self.attack, self.attacker_fraction, self.attacker_stake_share)
+
+    @property
     def run_id(self) -> str:
-        """Directory name of the run, unique within a grid (e.g. ``mnist-bcsfl-label-flip-30``)."""
-        return f"{self.dataset}-{self.strategy}-{self.attack}-{self.percent:02d}-s{self.seed}"
+        """Directory name of the run, unique within a grid.
+
+        E.g. ``mnist-bcsfl-label-flip-30-s42``; a stake cell adds the attackers' share in
+        percent: ``mnist-bcsfl-label-flip-50-stake33-s42``.
+        """
+        cell = f"{self.attack}-{self.percent:02d}"
+        if self.attacker_stake_share is not None:
+            cell += f"-stake{round(self.attacker_stake_share * 100):02d}"
+        return f"{self.dataset}-{self.strategy}-{cell}-s{self.seed}"
 
     def run_config(self) -> dict[str, Any]:
         """Return the run-config overrides of this federation (kebab-case keys)."""
-        return {
+        config: dict[str, Any] = {
             **dict(STRATEGIES[self.strategy].overrides),
             "num-server-rounds": self.num_rounds,
             "dataset": self.dataset,
@@ -153,6 +278,21 @@ class ExperimentSpec:
             "attack": self.attack,
             "attack-scale": ATTACK_SCALES[self.attack],
         }
+        if self.attacker_stake is not None:
+            config["attacker-stake"] = self.attacker_stake
+        return config
+
+    def to_record(self) -> dict[str, Any]:
+        """Return the spec as ``spec.json`` stores it.
+
+        The fields of :func:`dataclasses.asdict`, less ``attacker_stake_share`` when it
+        is None: a run made before the field existed recorded no such key, and the same
+        federation must still match its record.
+        """
+        record = dataclasses.asdict(self)
+        if self.attacker_stake_share is None:
+            del record["attacker_stake_share"]
+        return record
 
 
 @dataclass(frozen=True)
@@ -162,15 +302,12 @@ class Preset:
     Attributes
     ----------
     name : str
-        ``"fast"`` or ``"full"``.
+        A key of :data:`PRESETS`.
     strategies : tuple[str, ...]
         Keys of :data:`STRATEGIES`.
-    label_flip_fractions : tuple[float, ...]
-        Attacker fractions run with label flipping; 0.0 is the clean reference run.
-    update_attacks : tuple[str, ...]
-        Model-poisoning attacks, each run at ``update_attack_fraction``.
-    update_attack_fraction : float
-        Attacker fraction of the model-poisoning runs.
+    cells : tuple[Cell, ...]
+        Attack settings, each run for every strategy (the clean cell first where there
+        is one).
     num_clients, num_rounds : int
         Federation size and length.
     dirichlet_alpha : float
@@ -181,9 +318,7 @@ class Preset:
 
     name: str
     strategies: tuple[str, ...]
-    label_flip_fractions: tuple[float, ...]
-    update_attacks: tuple[str, ...]
-    update_attack_fraction: float
+    cells: tuple[Cell, ...]
     num_clients: int
     num_rounds: int
     dirichlet_alpha: float = 0.5
@@ -192,7 +327,7 @@ class Preset:
     def specs(
         self, dataset: str = "mnist", strategies: tuple[str, ...] | None = None
     ) -> list[ExperimentSpec]:
-        """Return the preset's runs in execution order (cheap cells of every strategy first).
+        """Return the preset's runs in execution order: seed by seed, cell by cell.
 
         Parameters
         ----------
@@ -205,44 +340,83 @@ class Preset:
         unknown = [s for s in chosen if s not in STRATEGIES]
         if unknown:
             raise ValueError(f"unknown strategies {unknown}; expected some of {list(STRATEGIES)}")
-        cells = [(LABEL_FLIP, fraction) for fraction in self.label_flip_fractions]
-        cells += [(attack, self.update_attack_fraction) for attack in self.update_attacks]
         return [
             ExperimentSpec(
                 strategy=strategy,
-                attack=attack,
-                attacker_fraction=fraction,
+                attack=cell.attack,
+                attacker_fraction=cell.attacker_fraction,
                 dataset=dataset,
                 num_clients=self.num_clients,
                 num_rounds=self.num_rounds,
                 dirichlet_alpha=self.dirichlet_alpha,
                 seed=seed,
+                attacker_stake_share=cell.attacker_stake_share,
             )
             for seed in self.seeds
-            for attack, fraction in cells
+            for cell in self.cells
             for strategy in chosen
         ]
 
+
+STAKE_MINORITY = Cell(LABEL_FLIP, 0.5, 1 / 3)
+"""Label flipping by half the clients holding a third of the stake."""
 
 PRESETS: Mapping[str, Preset] = {
     "fast": Preset(
         name="fast",
         strategies=("fedavg", "bcsfl"),
-        label_flip_fractions=(0.0, 0.3),
-        update_attacks=(),
-        update_attack_fraction=0.3,
+        cells=(CLEAN, Cell(LABEL_FLIP, 0.3)),
         num_clients=4,
         num_rounds=2,
+    ),
+    "small": Preset(
+        name="small",
+        strategies=("fedavg", "bcsfl", "multikrum", "fedtrimmedavg"),
+        cells=(
+            CLEAN,
+            Cell(LABEL_FLIP, 0.3),
+            STAKE_MINORITY,
+            Cell("sign-flip", 0.3),
+            Cell("scale", 0.3),
+        ),
+        num_clients=10,
+        num_rounds=8,
     ),
     "full": Preset(
         name="full",
         strategies=tuple(STRATEGIES),
-        label_flip_fractions=(0.0, 0.1, 0.3, 0.5),
-        update_attacks=UPDATE_ATTACKS,
-        update_attack_fraction=0.3,
+        cells=(
+            CLEAN,
+            *(Cell(LABEL_FLIP, fraction) for fraction in (0.1, 0.3, 0.5)),
+            STAKE_MINORITY,
+            *(Cell(attack, 0.3) for attack in UPDATE_ATTACKS),
+        ),
         num_clients=20,
         num_rounds=20,
     ),
+    "seeds": Preset(
+        name="seeds",
+        strategies=("fedavg", "bcsfl", "multikrum", "fedmedian", "fedtrimmedavg"),
+        cells=(
+            Cell(LABEL_FLIP, 0.3),
+            Cell(LABEL_FLIP, 0.5),
+            STAKE_MINORITY,
+            Cell("scale", 0.3),
+        ),
+        num_clients=20,
+        num_rounds=20,
+        seeds=(43, 44),
+    ),
 }
-"""``fast``: 4 runs of 4 clients x 2 rounds, minutes on 2 cores (run by the tests).
-``full``: the paper's grid, 7 strategies x 7 cells = 49 runs of 20 clients x 20 rounds."""
+"""The presets, smallest first.
+
+- ``fast``: FedAvg and BCSFL, clean and label-flip 30%, 4 clients x 2 rounds: 4 runs,
+  minutes on 2 cores (run by the tests);
+- ``small``: quick tuning feedback, 4 strategies x 5 cells (clean, label-flip 30%,
+  the stake-minority cell, sign-flip and scale 30%), 10 clients x 8 rounds: 20 runs;
+- ``full``: the paper's grid and the stake-minority cell, 7 strategies x 8 cells = 56
+  runs of 20 clients x 20 rounds, seed 42;
+- ``seeds``: the decisive cells of ``full`` again for 5 strategies with seeds 43 and
+  44 (40 runs), meant to share ``full``'s output directory so that its report shows
+  the spread over three seeds.
+"""

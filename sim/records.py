@@ -33,6 +33,7 @@ ROUND_COLUMNS = (
     "strategy",
     "attack",
     "attacker_fraction",
+    "attacker_stake_share",
     "seed",
     "round",
     "test_accuracy",
@@ -54,6 +55,7 @@ SUMMARY_COLUMNS = (
     "strategy",
     "attack",
     "attacker_fraction",
+    "attacker_stake_share",
     "seed",
     "num_clients",
     "num_rounds",
@@ -67,7 +69,10 @@ SUMMARY_COLUMNS = (
     "rollbacks",
     "wall_s",
 )
-"""Columns of ``summary.csv``: one row per run."""
+"""Columns of ``summary.csv``: one row per run.
+
+``attacker_stake_share`` (both files) is empty for runs where every client has the same
+stake; ``seed`` tells the repetitions of a cell apart."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,7 @@ class RunResult:
             "strategy": self.spec.strategy,
             "attack": self.spec.attack,
             "attacker_fraction": self.spec.attacker_fraction,
+            "attacker_stake_share": self.spec.attacker_stake_share,
             "seed": self.spec.seed,
         }
 

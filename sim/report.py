@@ -5,7 +5,8 @@
 - ``table.md``: final test accuracy per strategy and attack cell, then every run with
   its label-flipping damage, attacker detection and rollbacks.
 
-Cells with several seeds show the mean over seeds.
+Cells with several seeds show the mean over seeds, their range (min–max) and how many
+there are.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sim.grid import ATTACK_SCALES, LABEL_FLIP, STRATEGIES, UPDATE_ATTACKS
-from sim.metrics import mean_defined
+from sim.grid import ATTACK_SCALES, LABEL_FLIP, STRATEGIES, Cell, share_label
 from sim.records import ROUND_COLUMNS, SUMMARY_COLUMNS, RunResult
 
 MISSING = "—"
@@ -47,19 +47,20 @@ def write_summary_csv(path: Path, runs: Iterable[RunResult]) -> Path:
     return write_csv(path, SUMMARY_COLUMNS, (run.summary() for run in runs))
 
 
-def cell_label(attack: str, fraction: float) -> str:
-    """Return the column title of an attack cell (``"clean"`` for no attackers)."""
-    if fraction == 0:
-        return "clean"
-    return f"{attack} {round(fraction * 100)}%"
+def seed_spread(values: Sequence[float]) -> str:
+    """Return a pivot cell: the mean, and with several seeds the range and their number.
 
-
-def _cell_order(attack: str, fraction: float) -> tuple[int, float]:
-    if fraction == 0:
-        return (0, 0.0)
-    if attack == LABEL_FLIP:
-        return (1, fraction)
-    return (2 + UPDATE_ATTACKS.index(attack), fraction)
+    ``0.951`` for one seed, ``0.951 (0.930–0.962, 3 seeds)`` for three, and
+    :data:`MISSING` for none.
+    """
+    if not values:
+        return MISSING
+    if len(values) == 1:
+        return _fmt(values[0])
+    return (
+        f"{_fmt(float(np.mean(values)))} "
+        f"({_fmt(min(values))}–{_fmt(max(values))}, {len(values)} seeds)"
+    )
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -67,24 +68,24 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def accuracy_pivot(runs: Sequence[RunResult]) -> str:
-    """Return a Markdown table: final test accuracy, strategies x attack cells."""
-    cells = sorted(
-        {(r.spec.attack, r.spec.attacker_fraction) for r in runs if r.spec.attacker_fraction}
-        | ({(LABEL_FLIP, 0.0)} if any(r.spec.attacker_fraction == 0 for r in runs) else set()),
-        key=lambda cell: _cell_order(*cell),
-    )
-    values: dict[tuple[str, str, float], list[float | None]] = defaultdict(list)
+    """Return a Markdown table: final test accuracy, strategies x attack cells.
+
+    Each cell shows the mean over the seeds run for it, and when there is more than
+    one seed the range (min–max) and the number of seeds (:func:`seed_spread`).
+    """
+    cells = sorted({run.spec.cell for run in runs}, key=Cell.sort_key)
+    values: dict[tuple[str, Cell], list[float]] = defaultdict(list)
     for run in runs:
-        fraction = run.spec.attacker_fraction
-        attack = LABEL_FLIP if fraction == 0 else run.spec.attack
-        values[(run.spec.strategy, attack, fraction)].append(run.summary()["final_accuracy"])
+        accuracy = run.summary()["final_accuracy"]
+        if accuracy is not None:
+            values[(run.spec.strategy, run.spec.cell)].append(float(accuracy))
     strategies = [s for s in STRATEGIES if any(r.spec.strategy == s for r in runs)]
     lines = [
-        "| strategy | " + " | ".join(cell_label(*cell) for cell in cells) + " |",
+        "| strategy | " + " | ".join(cell.label for cell in cells) + " |",
         "|---|" + "---:|" * len(cells),
     ]
     for strategy in strategies:
-        row = [_fmt(mean_defined(values.get((strategy, *cell), []))) for cell in cells]
+        row = [seed_spread(values.get((strategy, cell), [])) for cell in cells]
         lines.append(f"| {STRATEGIES[strategy].title} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -99,7 +100,7 @@ def runs_table(runs: Sequence[RunResult]) -> str:
     ordered = sorted(
         runs,
         key=lambda r: (
-            _cell_order(r.spec.attack, r.spec.attacker_fraction),
+            r.spec.cell.sort_key(),
             list(STRATEGIES).index(r.spec.strategy),
             r.spec.seed,
         ),
@@ -107,9 +108,10 @@ def runs_table(runs: Sequence[RunResult]) -> str:
     for run in ordered:
         summary = run.summary()
         rollbacks = summary["rollbacks"]
+        cell = run.spec.cell
         lines.append(
-            f"| {run.spec.attack if run.spec.attacker_fraction else 'none'} "
-            f"| {run.spec.percent}% | {STRATEGIES[run.spec.strategy].title} | {run.spec.seed} "
+            f"| {'none' if cell.is_clean else cell.attack} "
+            f"| {cell.attackers_label} | {STRATEGIES[run.spec.strategy].title} | {run.spec.seed} "
             f"| {_fmt(summary['final_accuracy'])} "
             f"| {_fmt(summary['final_min_source_class_accuracy'])} "
             f"| {_fmt(summary['final_attack_success_rate'])} "
@@ -121,11 +123,34 @@ def runs_table(runs: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def stake_note(runs: Sequence[RunResult]) -> list[str]:
+    """Return the table's notes on stake cells: what share, and the run config it took.
+
+    One line per stake cell and federation size among ``runs``; none without stake cells.
+    """
+    settings = sorted(
+        {
+            (r.spec.cell, r.spec.num_clients, r.spec.num_attackers, r.spec.attacker_stake)
+            for r in runs
+            if r.spec.attacker_stake_share is not None
+        },
+        key=lambda item: (item[0].sort_key(), item[1]),
+    )
+    return [
+        f"- *{cell.label}*: the {attackers} attackers of {clients} clients hold"
+        f" {share_label(cell.attacker_stake_share or 0.0)} of the initial stake together"
+        f" (run config `attacker-stake` = {stake:g} per attacker, 1 per honest client). Only"
+        " BCSFL uses stake (it draws validators and miners by stake); Flower's baselines"
+        " ignore it, so for them this cell repeats the federation without a stake share."
+        for cell, clients, attackers, stake in settings
+    ]
+
+
 def markdown_report(
     runs: Sequence[RunResult],
     *,
     title: str,
-    command: str,
+    commands: Sequence[str],
     setup: str,
     planned: int,
     failed: Mapping[str, str] | None = None,
@@ -138,8 +163,9 @@ def markdown_report(
         Completed runs.
     title : str
         First heading.
-    command : str
-        The command line that made the results (so anyone can re-run it).
+    commands : Sequence[str]
+        The command lines that made the runs (so anyone can re-run them), one per
+        preset whose runs the report covers.
     setup : str
         One line describing the federation (clients, rounds, partitions, seeds).
     planned : int
@@ -154,7 +180,7 @@ def markdown_report(
     parts = [
         f"# {title}",
         "",
-        f"Made by `{command}`.",
+        *_made_by(commands),
         "",
         f"{setup} Attack strengths (`attack-scale`): {scales}; label flipping maps "
         "y -> 9 - y on all of an attacker's data.",
@@ -171,6 +197,10 @@ def markdown_report(
         "",
         accuracy_pivot(runs) if runs else "(no completed runs)",
         "",
+        "Each cell: the mean over the seeds run for it; with more than one seed, the range"
+        " (min–max) and the number of seeds follow in brackets. A single number is one"
+        " seed.",
+        "",
         "## Every run",
         "",
         runs_table(runs),
@@ -186,8 +216,20 @@ def markdown_report(
         " where they are defined. Flower's baselines report no rejections (" + MISSING + ").",
         "- *rejected/round*: clients rejected per round on average; *rollbacks*: rounds whose"
         " candidate missed the 2/3 validator quorum and kept the previous model.",
+        *stake_note(runs),
     ]
     if failed:
         parts += ["", "## Failed runs", ""]
         parts += [f"- `{run_id}`: {error}" for run_id, error in failed.items()]
     return "\n".join(parts) + "\n"
+
+
+def _made_by(commands: Sequence[str]) -> list[str]:
+    if len(commands) == 1:
+        return [f"Made by `{commands[0]}`."]
+    return [
+        "Made by these commands, into this one directory (each resumes its own runs;"
+        " with `--report-only` any of them rebuilds this report from all of them):",
+        "",
+        *(f"- `{command}`" for command in commands),
+    ]

@@ -2,17 +2,19 @@
 
 Each :class:`~sim.grid.ExperimentSpec` runs as a real ``flwr run`` of the app through
 :func:`bcsfl_flower.launch.run_federation`, in ``<out>/runs/<run_id>/``. Before a run
-starts, the runner writes the spec to ``spec.json`` beside the results; a run counts as
-finished when its ``results.json`` says ``completed`` and its ``spec.json`` matches the
-spec asked for, so a restarted grid skips finished runs, and a run made with other
-settings (say, fewer rounds) is redone instead of being passed off as this one.
+starts, the runner writes the spec to ``spec.json`` beside the results
+(:meth:`~sim.grid.ExperimentSpec.to_record`); a run counts as finished when its
+``results.json`` says ``completed`` and its ``spec.json`` matches the spec asked for, so
+a restarted grid skips finished runs, and a run made with other settings (say, fewer
+rounds) is redone instead of being passed off as this one. Runs recorded before a spec
+field existed still match as long as the field keeps its default, which the record
+leaves out.
 
 Runs go one at a time: each already spreads its clients over every core.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -102,7 +104,7 @@ class GridRunner:
             status = json.loads((run_dir / RESULTS_FILE).read_text()).get("status")
         except (OSError, ValueError):
             return False
-        return status == "completed" and recorded == dataclasses.asdict(spec)
+        return status == "completed" and recorded == spec.to_record()
 
     def run(self, specs: Sequence[ExperimentSpec]) -> GridOutcome:
         """Run every spec that is not complete yet, in order, logging progress.
@@ -173,7 +175,7 @@ class GridRunner:
         if run_dir.exists():  # an unfinished or outdated run: start it afresh
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
-        (run_dir / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")
+        (run_dir / SPEC_FILE).write_text(json.dumps(spec.to_record(), indent=2) + "\n")
         started = time.monotonic()
         run = self.launch(
             run_dir,

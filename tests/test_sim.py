@@ -24,8 +24,17 @@ from bcsfl_flower.task.attacks import choose_attackers  # noqa: E402
 from bcsfl_flower.task.data import load_client_data, load_split, load_test_data  # noqa: E402
 from bcsfl_flower.task.models import build_model  # noqa: E402
 from bcsfl_flower.task.training import evaluate_confusion  # noqa: E402
-from sim.experiments import EXIT_OK, EXIT_USAGE, _reproducing, check_data, main  # noqa: E402
-from sim.grid import PRESETS, STRATEGIES, ExperimentSpec  # noqa: E402
+from sim.experiments import (  # noqa: E402
+    EXIT_OK,
+    EXIT_USAGE,
+    GridPart,
+    _reproducing,
+    check_data,
+    main,
+    report_parts,
+)
+from sim.figures import figure_seed  # noqa: E402
+from sim.grid import CLEAN, PRESETS, STRATEGIES, Cell, ExperimentSpec, share_label  # noqa: E402
 from sim.metrics import (  # noqa: E402
     FLIP_ALL,
     attack_success_rate,
@@ -34,8 +43,8 @@ from sim.metrics import (  # noqa: E402
     min_source_class_accuracy,
     source_class_accuracy,
 )
-from sim.records import ROUND_COLUMNS, RunResult  # noqa: E402
-from sim.report import accuracy_pivot  # noqa: E402
+from sim.records import ROUND_COLUMNS, SUMMARY_COLUMNS, RunResult  # noqa: E402
+from sim.report import accuracy_pivot, runs_table, seed_spread  # noqa: E402
 from sim.runner import SPEC_FILE, GridRunner  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -204,18 +213,133 @@ def test_baseline_runs_have_no_rejections_and_no_asr_outside_label_flipping():
 # -- the grid -------------------------------------------------------------------------------
 
 
-def test_full_preset_is_the_paper_grid():
+def test_full_preset_is_the_paper_grid_and_the_stake_cell():
     specs = PRESETS["full"].specs()
-    assert len(specs) == 7 * (4 + 3)
+    assert len(specs) == 7 * (4 + 1 + 3) == 56
     assert len({s.run_id for s in specs}) == len(specs)
     assert {s.strategy for s in specs} == set(STRATEGIES)
-    cells = {(s.attack, s.attacker_fraction) for s in specs}
-    assert cells == {("label-flip", f) for f in (0.0, 0.1, 0.3, 0.5)} | {
-        (a, 0.3) for a in ("sign-flip", "gaussian-noise", "scale")
+    cells = {(s.attack, s.attacker_fraction, s.attacker_stake_share) for s in specs}
+    assert cells == (
+        {("label-flip", f, None) for f in (0.0, 0.1, 0.3, 0.5)}
+        | {("label-flip", 0.5, 1 / 3)}
+        | {(a, 0.3, None) for a in ("sign-flip", "gaussian-noise", "scale")}
+    )
+    assert {(s.num_clients, s.num_rounds, s.dirichlet_alpha, s.dataset, s.seed) for s in specs} == {
+        (20, 20, 0.5, "mnist", 42)
     }
-    assert {(s.num_clients, s.num_rounds, s.dirichlet_alpha, s.dataset) for s in specs} == {
-        (20, 20, 0.5, "mnist")
+    # the 49 runs of the paper's grid keep the run ids they were committed under
+    committed = [s for s in specs if s.attacker_stake_share is None]
+    assert len(committed) == 49
+    assert "mnist-krum-label-flip-30-s42" in {s.run_id for s in committed}
+    stake = [s.run_id for s in specs if s.attacker_stake_share is not None]
+    assert stake == [f"mnist-{name}-label-flip-50-stake33-s42" for name in STRATEGIES]
+
+
+def test_fast_preset_is_unchanged():
+    specs = PRESETS["fast"].specs()
+    assert [s.run_id for s in specs] == [
+        "mnist-fedavg-label-flip-00-s42",
+        "mnist-bcsfl-label-flip-00-s42",
+        "mnist-fedavg-label-flip-30-s42",
+        "mnist-bcsfl-label-flip-30-s42",
+    ]
+    assert {(s.num_clients, s.num_rounds, s.attacker_stake_share) for s in specs} == {(4, 2, None)}
+
+
+def test_small_and_seeds_presets():
+    small = PRESETS["small"].specs()
+    assert len(small) == 4 * 5
+    assert {s.strategy for s in small} == {"fedavg", "bcsfl", "multikrum", "fedtrimmedavg"}
+    assert {(s.num_clients, s.num_rounds, s.seed) for s in small} == {(10, 8, 42)}
+    assert [c.label for c in PRESETS["small"].cells] == [
+        "clean",
+        "label-flip 30%",
+        "label-flip 50% (attackers 1/3 stake)",
+        "sign-flip 30%",
+        "scale 30%",
+    ]
+    stake = next(s for s in small if s.attacker_stake_share is not None)
+    assert stake.num_attackers == 5 and stake.run_config()["attacker-stake"] == 0.5
+
+    seeds = PRESETS["seeds"].specs()
+    assert len(seeds) == 40 == len({s.run_id for s in seeds})
+    assert {s.seed for s in seeds} == {43, 44}
+    assert {s.strategy for s in seeds} == {
+        "fedavg",
+        "bcsfl",
+        "multikrum",
+        "fedmedian",
+        "fedtrimmedavg",
     }
+    assert {s.cell.label for s in seeds} == {
+        "label-flip 30%",
+        "label-flip 50%",
+        "label-flip 50% (attackers 1/3 stake)",
+        "scale 30%",
+    }
+    assert {(s.num_clients, s.num_rounds) for s in seeds} == {(20, 20)}
+    # a preset with a clean cell has it first
+    for preset in PRESETS.values():
+        if CLEAN in preset.cells:
+            assert preset.cells[0] == CLEAN
+
+
+def test_stake_share_sets_attacker_stake_and_names_the_run():
+    spec = ExperimentSpec("bcsfl", "label-flip", 0.5, attacker_stake_share=1 / 3)
+    assert spec.num_attackers == 10
+    config = spec.run_config()
+    assert config["attacker-stake"] == 0.5  # 10 x 0.5 / (10 x 0.5 + 10) = 1/3
+    assert spec.run_id == "mnist-bcsfl-label-flip-50-stake33-s42"
+    # the attackers' share of the initial stake is the share asked for, for any size
+    other = ExperimentSpec("fedavg", "scale", 0.3, num_clients=7, attacker_stake_share=0.2)
+    k, n, x = other.num_attackers, other.num_clients, other.attacker_stake
+    assert k == 2 and k * x / (k * x + n - k) == pytest.approx(0.2)
+    assert other.run_config()["attacker-stake"] == x  # Flower's strategies get it too
+
+    plain = ExperimentSpec("bcsfl", "label-flip", 0.5)
+    assert "attacker-stake" not in plain.run_config() and plain.attacker_stake is None
+    assert plain.run_id == "mnist-bcsfl-label-flip-50-s42"
+    assert spec.cell.label == "label-flip 50% (attackers 1/3 stake)"
+    assert spec.cell.attackers_label == "50%, 1/3 stake"
+    assert plain.cell.label == "label-flip 50%"
+    assert ExperimentSpec("krum", "sign-flip", 0.0).cell == CLEAN
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"attacker_stake_share": 0.0}, r"attacker_stake_share must be in \(0, 1\)"),
+        ({"attacker_stake_share": 1.0}, r"attacker_stake_share must be in \(0, 1\)"),
+        ({"attacker_fraction": 0.0, "attacker_stake_share": 0.3}, "at least one attacker"),
+        ({"attacker_fraction": 0.02, "attacker_stake_share": 0.3}, "at least one attacker"),
+        ({"attacker_fraction": 0.98, "attacker_stake_share": 0.3}, "one honest client"),
+    ],
+)
+def test_bad_stake_shares_are_rejected(kwargs, message):
+    values = {"strategy": "bcsfl", "attack": "label-flip", "attacker_fraction": 0.5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        ExperimentSpec(**values)
+
+
+def test_share_labels_and_cell_order():
+    assert share_label(1 / 3) == "1/3" and share_label(0.25) == "1/4"
+    assert share_label(0.35) == "35%"
+    cells = [
+        Cell("scale", 0.3),
+        Cell("label-flip", 0.5, 1 / 3),
+        Cell("sign-flip", 0.3),
+        Cell("label-flip", 0.5),
+        CLEAN,
+        Cell("label-flip", 0.1),
+    ]
+    assert [c.label for c in sorted(cells, key=Cell.sort_key)] == [
+        "clean",
+        "label-flip 10%",
+        "label-flip 50%",
+        "label-flip 50% (attackers 1/3 stake)",
+        "sign-flip 30%",
+        "scale 30%",
+    ]
 
 
 def test_spec_run_config_selects_strategy_attack_and_scale():
@@ -285,7 +409,189 @@ def test_runner_skips_complete_runs_redoes_outdated_ones_and_survives_failures(t
     spec_file.write_text(json.dumps({**recorded, "num_rounds": 5}))
     assert not runner.is_complete(specs[0])
     assert runner.run(specs).ran == [specs[0].run_id]
-    assert json.loads(spec_file.read_text()) == dataclasses.asdict(specs[0])
+    assert json.loads(spec_file.read_text()) == specs[0].to_record()
+
+
+def test_spec_record_leaves_out_an_unset_stake_share():
+    plain = ExperimentSpec("krum", "label-flip", 0.3)
+    record = plain.to_record()
+    assert "attacker_stake_share" not in record
+    assert record == {k: v for k, v in dataclasses.asdict(plain).items() if v is not None}
+    stake = ExperimentSpec("krum", "label-flip", 0.5, attacker_stake_share=1 / 3)
+    assert stake.to_record() == dataclasses.asdict(stake)
+    assert stake.to_record()["attacker_stake_share"] == pytest.approx(1 / 3)
+
+
+def test_runs_recorded_before_the_stake_field_are_still_complete(tmp_path):
+    # spec.json exactly as the committed runs of sim/results/full have it
+    old_style = {
+        "strategy": "krum",
+        "attack": "label-flip",
+        "attacker_fraction": 0.3,
+        "dataset": "mnist",
+        "num_clients": 20,
+        "num_rounds": 20,
+        "dirichlet_alpha": 0.5,
+        "seed": 42,
+    }
+    spec = ExperimentSpec("krum", "label-flip", 0.3)
+    run_dir = tmp_path / "runs" / spec.run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / SPEC_FILE).write_text(json.dumps(old_style, indent=2))
+    (run_dir / "results.json").write_text(json.dumps({"status": "completed", "rounds": {}}))
+    launch = CountingLaunch()
+    runner = GridRunner(tmp_path, data_dir=DATA_DIR, launch=launch)
+    assert runner.is_complete(spec)
+    assert runner.run([spec]).reused == [spec.run_id] and launch.calls == []
+    # a stake run is another run (another directory), and a record with the share set
+    # does not pass for the spec without it
+    stake = dataclasses.replace(spec, attacker_fraction=0.5, attacker_stake_share=1 / 3)
+    assert not runner.is_complete(stake)
+    (run_dir / SPEC_FILE).write_text(json.dumps({**old_style, "attacker_stake_share": 0.25}))
+    assert not runner.is_complete(spec)
+
+
+def test_committed_full_runs_without_stake_field_count_as_complete():
+    full = REPO / "sim" / "results" / "full"
+    if not (full / "runs").is_dir():
+        pytest.skip("no committed full grid")
+    runner = GridRunner(full, data_dir=DATA_DIR)
+    baselines = [
+        s
+        for s in PRESETS["full"].specs()
+        if s.attacker_stake_share is None and not s.strategy.startswith("bcsfl")
+    ]
+    assert all(runner.is_complete(s) for s in baselines)
+    stake = [s for s in PRESETS["full"].specs() if s.attacker_stake_share is not None]
+    assert not any(runner.is_complete(s) for s in stake)
+
+
+# -- several presets and seeds in one report, on fake completed runs ---------------------------
+
+
+def write_fake_run(out, spec, accuracy, *, status="completed"):
+    """Write a run directory as the runner leaves it, with a constant accuracy curve."""
+    run_dir = out / "runs" / spec.run_id
+    run_dir.mkdir(parents=True)
+    correct = round(accuracy * 10)
+    rounds = {
+        str(r): {"round": r, "test_accuracy": accuracy, "confusion": _confusion([correct] * 10)}
+        for r in range(spec.num_rounds + 1)
+    }
+    results = {"status": status, "final_test_accuracy": accuracy, "rounds": rounds}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    (run_dir / SPEC_FILE).write_text(json.dumps(spec.to_record()))
+    (run_dir / "timing.json").write_text(json.dumps({"wall_s": 60.0}))
+    return run_dir
+
+
+def test_pivot_shows_mean_range_and_number_of_seeds():
+    def run(seed, accuracy, share=None):
+        spec = ExperimentSpec(
+            "fedavg", "label-flip", 0.5, num_rounds=1, seed=seed, attacker_stake_share=share
+        )
+        return RunResult(spec, {"status": "completed", "final_test_accuracy": accuracy})
+
+    runs = [run(42, 0.5), run(43, 0.7), run(44, 0.6), run(42, 0.9, 1 / 3)]
+    assert seed_spread([]) == "—" and seed_spread([0.25]) == "0.250"
+    assert seed_spread([0.5, 0.7, 0.6]) == "0.600 (0.500–0.700, 3 seeds)"
+    pivot = accuracy_pivot(runs)
+    assert pivot.splitlines()[0] == (
+        "| strategy | label-flip 50% | label-flip 50% (attackers 1/3 stake) |"
+    )
+    assert "| FedAvg | 0.600 (0.500–0.700, 3 seeds) | 0.900 |" in pivot
+    table = runs_table(runs)
+    assert "| label-flip | 50%, 1/3 stake | FedAvg | 42 | 0.900 |" in table
+    assert [line.split("|")[4].strip() for line in table.splitlines()[2:]] == [
+        "42",
+        "43",
+        "44",
+        "42",
+    ]
+    assert figure_seed(runs) == 42 and figure_seed([]) is None
+
+
+def test_full_and_seeds_presets_report_together_from_one_directory(tmp_path, capsys):
+    out = tmp_path / "full"
+    full = [s for s in PRESETS["full"].specs() if s.strategy in ("fedavg", "bcsfl")]
+    for spec in full:
+        write_fake_run(out, spec, 0.9)
+    seeds = PRESETS["seeds"].specs(strategies=("fedavg",))
+    for spec in seeds:
+        write_fake_run(out, spec, 0.8 if spec.seed == 43 else 0.6)
+
+    assert main(["--preset", "full", "--out", str(out), "--report-only"]) == EXIT_OK
+    table = (out / "table.md").read_text()
+    assert table.startswith("# Robustness grid `full` + `seeds` on MNIST")
+    assert f"- `python -m sim.experiments --preset full --out {out}`" in table
+    assert f"- `python -m sim.experiments --preset seeds --out {out}`" in table
+    commands = [line for line in table.splitlines() if line.startswith("- `python")]
+    assert len(commands) == 2 and not any("--report-only" in line for line in commands)
+    planned = 56 + 40
+    assert f"Runs: {len(full) + len(seeds)} of {planned} complete" in table
+    assert "seed 42." in table and "seeds 43, 44." in table
+    # FedAvg, label-flip 30%: 0.9 (seed 42), 0.8, 0.6
+    header, _, *rows = table.split("## Final test accuracy")[1].strip().splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    fedavg = next(r for r in rows if r.startswith("| FedAvg |"))
+    values = dict(zip(columns, (c.strip() for c in fedavg.strip("|").split("|")), strict=True))
+    assert values["clean"] == "0.900"
+    assert values["label-flip 30%"] == "0.767 (0.600–0.900, 3 seeds)"
+    assert values["label-flip 50% (attackers 1/3 stake)"] == "0.767 (0.600–0.900, 3 seeds)"
+    assert values["sign-flip 30%"] == "0.900"
+    assert "`attacker-stake` = 0.5 per attacker" in table
+
+    with (out / "summary.csv").open() as handle:
+        summary = list(csv.DictReader(handle))
+    assert list(summary[0]) == list(SUMMARY_COLUMNS)
+    assert len(summary) == len(full) + len(seeds)
+    stake_rows = [r for r in summary if r["attacker_stake_share"]]
+    assert sorted(r["seed"] for r in stake_rows) == ["42", "42", "43", "44"]  # fedavg, bcsfl
+    assert all(float(r["attacker_stake_share"]) == pytest.approx(1 / 3) for r in stake_rows)
+    rounds_header = (out / "rounds.csv").read_text().splitlines()[0].split(",")
+    assert "attacker_stake_share" in rounds_header and "seed" in rounds_header
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == [
+        "accuracy_gaussian-noise.png",
+        "accuracy_label-flip.png",
+        "accuracy_scale.png",
+        "accuracy_sign-flip.png",
+        "asr_label-flip.png",
+    ]
+
+    # the seeds preset, run (here: reported) into the same directory, reports the same
+    first = table.split("## Final test accuracy")[1]
+    assert main(["--preset", "seeds", "--out", str(out), "--report-only"]) == EXIT_OK
+    again = (out / "table.md").read_text()
+    assert again.split("## Final test accuracy")[1] == first
+    assert again.index("--preset full") < again.index("--preset seeds")
+
+    # --list shows the invocation's own plan only
+    capsys.readouterr()
+    assert main(["--preset", "seeds", "--out", str(out), "--list"]) == EXIT_OK
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 40
+    assert sum(line.startswith("   done") for line in listed) == len(seeds)
+
+
+def test_a_single_preset_names_one_command(tmp_path):
+    out = tmp_path / "fast"
+    for spec in PRESETS["fast"].specs():
+        write_fake_run(out, spec, 0.7)
+    runner = GridRunner(out, data_dir=DATA_DIR)
+    own = GridPart(PRESETS["fast"], tuple(PRESETS["fast"].specs()), "python -m sim.experiments")
+    assert report_parts(own, runner) == [own]
+    argv = ["--preset", "fast", "--out", str(out), "--report-only"]
+    assert main(argv) == EXIT_OK
+    table = (out / "table.md").read_text()
+    assert f"Made by `python -m sim.experiments --preset fast --out {out}`." in table
+    assert "Runs: 4 of 4 complete" in table and "attacker-stake" not in table
+    # the presets of other federation sizes share run ids with fast but none of their
+    # runs is complete here; a run that did not complete is not reported
+    failed = ExperimentSpec("fedavg", "label-flip", 0.3, num_clients=4, num_rounds=2)
+    (out / "runs" / failed.run_id / "results.json").write_text(json.dumps({"status": "failed"}))
+    assert main(argv) == EXIT_OK
+    assert "Runs: 3 of 4 complete" in (out / "table.md").read_text()
 
 
 # -- the CIFAR-10 path, on generated data in torchvision's layout ----------------------------
@@ -474,5 +780,5 @@ def test_seeds_option_repeats_every_cell_per_seed(tmp_path, capsys):
     argv = ["--preset", "full", "--seeds", "1", "2", "--out", str(tmp_path), "--list"]
     assert main(argv) == EXIT_OK
     listed = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert len(listed) == 2 * 49 == len(set(listed))
+    assert len(listed) == 2 * 56 == len(set(listed))
     assert {run_id.rsplit("-", 1)[1] for run_id in listed} == {"s1", "s2"}
