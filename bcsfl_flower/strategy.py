@@ -64,7 +64,7 @@ class BCSFL(FedAvg):
     initial_stakes : Mapping[str, float], optional
         Initial stakes keyed by client address (proved by its signed packet) or node id.
     stake_reward : float (default: 0.05)
-        Stake a client gains for each committed round its update counts in.
+        Stake each trusted client gains in a committed round.
     stake_slash : float (default: 0.5)
         Share of its stake a rejected client loses.
     vote_tolerance : float (default: 0.05)

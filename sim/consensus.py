@@ -57,7 +57,7 @@ from flwr.common.logger import log  # noqa: E402
 from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail, quorum  # noqa: E402
 from bcsfl_flower.chain.backends import ChainConnection, connect  # noqa: E402
 from bcsfl_flower.chain.keys import client_dev_account  # noqa: E402
-from bcsfl_flower.committee import StakeLedger, draw_committee  # noqa: E402
+from bcsfl_flower.committee import draw_committee  # noqa: E402
 from bcsfl_flower.packets import model_hash  # noqa: E402
 from sim.bench_anchor import COMMITTEE, setup, toy_model  # noqa: E402
 from sim.report import write_csv  # noqa: E402
@@ -115,7 +115,8 @@ def _miners(mode: str, accounts: list[LocalAccount], head: bytes, round_number: 
     if mode == ALL_NODES_MODE:
         return list(accounts)
     ids = [str(i) for i in range(len(accounts))]
-    committee = draw_committee(StakeLedger.equal(ids), ids, 0, COMMITTEE, head, round_number)
+    stakes = dict.fromkeys(ids, 1.0)  # equal stakes, as every client starts
+    committee = draw_committee(stakes, ids, 0, COMMITTEE, head, round_number)
     return [accounts[int(i)] for i in committee.miners]
 
 

@@ -38,7 +38,8 @@ from bcsfl_flower.privacy.encrypted_screening import (
     encrypted_gram,
     gram_to_cosine,
 )
-from bcsfl_flower.screening import cosine_similarity_matrix, screen_updates
+from bcsfl_flower.round.bounds import bound_updates
+from bcsfl_flower.round.screening import screen_updates
 
 SEED = b"bcsfl-test-seed-0123456789"
 
@@ -328,6 +329,20 @@ def test_secret_context_file_round_trip(tmp_path, secret, shapes):
         load_secret_context(tmp_path / "public.ctx")
 
 
+def _cosines(matrix: np.ndarray) -> np.ndarray:
+    unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    return unit @ unit.T
+
+
+def _screen(gram: np.ndarray):
+    """Screen a round of equally weighted clients from its Gram matrix, as the pipeline does."""
+    size = gram.shape[0]
+    bounds = bound_updates(
+        np.sqrt(np.clip(np.diag(gram), 0, None)), np.full(size, 10.0), np.ones(size)
+    )
+    return screen_updates(gram, bounds)
+
+
 def _updates_with_a_flipped_client(rng, shapes, n=5, flipped=3):
     direction = _random_model(rng, shapes, scale=0.02)
     updates = []
@@ -351,9 +366,7 @@ def test_encrypted_gram_matches_plaintext_gram(secret, server, shapes):
     matrix = np.stack([_flat(u) for u in updates])
     expected = matrix @ matrix.T
     np.testing.assert_allclose(gram, expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(
-        gram_to_cosine(gram), cosine_similarity_matrix(matrix), atol=1e-4, rtol=0
-    )
+    np.testing.assert_allclose(gram_to_cosine(gram), _cosines(matrix), atol=1e-4, rtol=0)
     assert EncryptedGram.deserialize(data, server).serialize() == data
 
 
@@ -361,15 +374,18 @@ def test_encrypted_screening_rejects_the_flipped_update_like_plaintext(secret, s
     rng = np.random.default_rng(10)
     updates = _updates_with_a_flipped_client(rng, shapes, n=5, flipped=3)
     matrix = np.stack([_flat(u) for u in updates])
-    plain = screen_updates(cosine_similarity_matrix(matrix), tau=0.5)
+    plain = _screen(matrix @ matrix.T)
 
     received = [_to_server(encrypt_arrays(u, secret), server) for u in updates]
     gram = decrypt_gram(encrypted_gram(received), secret)
-    encrypted = screen_updates(gram_to_cosine(gram), tau=0.5)
+    encrypted = _screen(gram)
 
     assert plain.rejected == (3,)
+    # the flipped update is as long as the others: the direction test rejects it
+    assert "outside the stake-majority cluster" in plain.reasons[3]
     assert encrypted.rejected == plain.rejected
     assert encrypted.trusted == plain.trusted
+    assert encrypted.split_threshold == plain.split_threshold
 
 
 def test_gram_can_be_split_over_several_packed_ciphertexts(secret, server):

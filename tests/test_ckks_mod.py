@@ -6,26 +6,19 @@ import numpy as np
 import pytest
 import tenseal as ts
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.client.ckks_mod import (
-    CKKS_CONFIG_KEY,
-    GRAM_MESSAGE_TYPE,
     KEY_SEED_RUN_KEY,
-    PUBLIC_MESSAGE_TYPE,
     SECRET_CONTEXT_NODE_KEY,
     bcsfl_ckks_client_app,
     ckks_gram,
     ckks_mod,
-    gram_digest,
-    gram_request,
     key_seed_bytes,
     node_secret_context,
-    public_context_bytes,
-    read_gram_reply,
 )
-from bcsfl_flower.client.mod import signing_config
-from bcsfl_flower.packets import PACKET_RECORD_KEY, Eip712Domain, PacketVerifier, model_hash
+from bcsfl_flower.packets import Eip712Domain, PacketVerifier, model_hash
 from bcsfl_flower.privacy.ckks import (
     ENCRYPTED_ARRAY_KEY,
     EncryptedModel,
@@ -45,6 +38,20 @@ from bcsfl_flower.privacy.ckks_keys import (
     save_secret_context,
 )
 from bcsfl_flower.privacy.encrypted_screening import EncryptedGram, encrypted_gram
+from bcsfl_flower.protocol import (
+    CKKS_CONFIG_KEY,
+    GRAM_DIGEST_RECORD_KEY,
+    GRAM_MESSAGE_TYPE,
+    GRAM_REQUEST_RECORD_KEY,
+    PACKET_RECORD_KEY,
+    PUBLIC_MESSAGE_TYPE,
+    gram_digest,
+    gram_request,
+    read_gram_reply,
+    read_public_context,
+    signing_config,
+    validation_requests,
+)
 
 SEED = 7
 DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
@@ -301,7 +308,7 @@ def test_client_app_signs_the_ciphertext_it_sends(secret, public):
 def test_client_app_answers_the_public_context_query(secret):
     app = toy_client_app()
     msg = Message(RecordDict(), dst_node_id=1, message_type=PUBLIC_MESSAGE_TYPE)
-    context = load_public_context(public_context_bytes(app(msg, node_context())))
+    context = load_public_context(read_public_context(app(msg, node_context())))
     assert not context.is_private()
     update = EncryptedModel.deserialize(encrypt_arrays(delta_of(1), secret).serialize(), context)
     with pytest.raises(ValueError, match="no secret key"):
@@ -325,7 +332,7 @@ def gram_of(secret, public, nodes=(1, 2, 3)):
 def test_gram_query_returns_the_matrix_and_its_digest(secret, public):
     enc, expected = gram_of(secret, public)
     app = toy_client_app()
-    msg = Message(gram_request(enc, 4), dst_node_id=1, message_type=GRAM_MESSAGE_TYPE)
+    msg = Message(gram_request(enc.serialize(), 4), dst_node_id=1, message_type=GRAM_MESSAGE_TYPE)
     reply = app(msg, node_context())
     outcome = read_gram_reply(reply, 3)
     assert not isinstance(outcome, str), outcome
@@ -342,7 +349,9 @@ def test_gram_query_decrypts_one_gram_per_round(secret, public):
 
     def ask(gram, server_round):
         msg = Message(
-            gram_request(gram, server_round), dst_node_id=1, message_type=GRAM_MESSAGE_TYPE
+            gram_request(gram.serialize(), server_round),
+            dst_node_id=1,
+            message_type=GRAM_MESSAGE_TYPE,
         )
         return ckks_gram(msg, ctx)
 
@@ -358,7 +367,7 @@ def test_gram_query_decrypts_one_gram_per_round(secret, public):
 def test_gram_query_refuses_a_fresh_ciphertext(secret):
     # A curious server disguises six fresh encrypted values as a 3-model Gram matrix.
     fake = EncryptedGram(3, [ts.ckks_vector(secret, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0])])
-    msg = Message(gram_request(fake, 1), dst_node_id=1, message_type=GRAM_MESSAGE_TYPE)
+    msg = Message(gram_request(fake.serialize(), 1), dst_node_id=1, message_type=GRAM_MESSAGE_TYPE)
     reply = ckks_gram(msg, node_context())
     assert reply.has_error()
     assert "3 moduli left" in reply.error.reason
@@ -366,7 +375,75 @@ def test_gram_query_refuses_a_fresh_ciphertext(secret):
 
 def test_gram_reply_with_a_lying_digest_is_unusable(secret, public):
     enc, _ = gram_of(secret, public)
-    msg = Message(gram_request(enc, 1), dst_node_id=1, message_type=GRAM_MESSAGE_TYPE)
+    msg = Message(gram_request(enc.serialize(), 1), dst_node_id=1, message_type=GRAM_MESSAGE_TYPE)
     reply = ckks_gram(msg, node_context())
-    reply.content["bcsfl.ckks-gram-digest"] = ConfigRecord({"sha256": "00" * 32})
+    reply.content[GRAM_DIGEST_RECORD_KEY] = ConfigRecord({"sha256": "00" * 32})
     assert read_gram_reply(reply, 3) == "reported sha256 does not match the returned matrix"
+
+
+def test_gram_query_without_a_usable_request_is_an_error_reply():
+    ctx = node_context()
+    missing = Message(RecordDict(), dst_node_id=1, message_type=GRAM_MESSAGE_TYPE)
+    reply = ckks_gram(missing, ctx)
+    assert reply.has_error() and GRAM_REQUEST_RECORD_KEY in reply.error.reason
+    bool_round = RecordDict(
+        {GRAM_REQUEST_RECORD_KEY: ConfigRecord({"gram": b"x", "server-round": True})}
+    )
+    reply = ckks_gram(Message(bool_round, dst_node_id=1, message_type=GRAM_MESSAGE_TYPE), ctx)
+    assert reply.has_error() and "must be an int" in reply.error.reason
+    garbage = Message(gram_request(b"garbage", 1), dst_node_id=1, message_type=GRAM_MESSAGE_TYPE)
+    reply = ckks_gram(garbage, ctx)
+    assert reply.has_error() and "refuses to decrypt" in reply.error.reason
+    # none of these consumed the node's one Gram of round 1
+    assert "bcsfl.ckks-gram-log" not in ctx.state.config_records
+
+
+# --------------------------------------------------------------------------------------
+# Config under another record name (FedAvg's ``configrecord_key``)
+# --------------------------------------------------------------------------------------
+
+
+class OneNodeGrid:
+    def get_node_ids(self):
+        return [1]
+
+
+def test_train_config_under_another_record_name_switches_ckks_on(secret, public):
+    strategy = FedAvg(configrecord_key="fit-settings", min_available_nodes=1, min_train_nodes=1)
+    config = ConfigRecord({CKKS_CONFIG_KEY: True, **signing_config(DOMAIN)})
+    incoming = encrypted_global_record(secret, public)
+    (msg,) = strategy.configure_train(2, incoming, config, OneNodeGrid())
+    assert list(msg.content.config_records) == ["fit-settings"]
+    app = ToyApp()
+    toy = bcsfl_ckks_client_app()
+    toy.train()(app.train)
+    reply = toy(msg, node_context(3))
+
+    assert not is_encrypted_record(app.seen[0])  # decrypted for the app
+    sent = reply.content["arrays"]
+    decrypted = decrypt_arrays(from_array_record(sent, public), secret)
+    for key, value in delta_of(3).items():
+        assert np.max(np.abs(decrypted[key].astype(np.float64) - value)) < 1e-3, key
+    verifier = PacketVerifier(DOMAIN, [client_dev_account(3).address])
+    assert verifier.verify(reply.content[PACKET_RECORD_KEY], sent, server_round=2)
+
+
+def test_validation_requests_under_another_record_name_are_decrypted(secret, public):
+    (request,) = validation_requests(
+        ["1"],
+        {"candidate": encrypted_global_record(secret, public)},
+        3,
+        arrayrecord_key="weights",
+        configrecord_key="evaluate-settings",
+        extra_config={CKKS_CONFIG_KEY: True},
+    )
+
+    def evaluate(msg, ctx):
+        received = msg.content["weights"]
+        assert not is_encrypted_record(received)
+        total = float(sum(np.sum(received[k].numpy()) for k in received))
+        return Message(RecordDict({"metrics": MetricRecord({"sum": total})}), reply_to=msg)
+
+    reply = ckks_mod(request.message, node_context(), evaluate)
+    expected = float(sum(np.sum(v) for v in expected_global().values()))
+    assert reply.content["metrics"]["sum"] == pytest.approx(expected, abs=1e-2)

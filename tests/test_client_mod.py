@@ -19,19 +19,12 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from bcsfl_flower.chain.keys import client_dev_account
-from bcsfl_flower.client.mod import (
-    MINE_MESSAGE_TYPE,
-    bcsfl_client_app,
-    bcsfl_mod,
-    mine_request,
-    read_verdict,
-    signing_config,
-)
+from bcsfl_flower.client.mod import bcsfl_client_app, bcsfl_mod
 from bcsfl_flower.packets import (
-    PACKET_RECORD_KEY,
     Eip712Domain,
     ModelPacket,
     PacketVerifier,
@@ -40,6 +33,15 @@ from bcsfl_flower.packets import (
     accepted_root,
     committee_root,
     model_hash,
+)
+from bcsfl_flower.protocol import (
+    APPROVAL_RECORD_KEY,
+    COMMITTEE_RECORD_KEY,
+    MINE_MESSAGE_TYPE,
+    PACKET_RECORD_KEY,
+    mine_request,
+    read_verdict,
+    signing_config,
 )
 
 DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
@@ -105,6 +107,53 @@ def test_train_reply_stays_unsigned_without_an_audit_domain():
     reply = bcsfl_mod(train_message(signed=False), context(), fake_training)
     assert PACKET_RECORD_KEY not in reply.content
     assert model_hash(reply.content["arrays"]) == model_hash(record(1.0))
+
+
+class OneNodeGrid:
+    def get_node_ids(self):
+        return [100]
+
+
+@pytest.mark.parametrize("configrecord_key", ["config", "train-settings"])
+def test_train_config_under_any_record_name_is_signed(configrecord_key):
+    """A strategy may send its config under another record (FedAvg's ``configrecord_key``)."""
+    strategy = FedAvg(configrecord_key=configrecord_key, min_available_nodes=1, min_train_nodes=1)
+    (message,) = strategy.configure_train(
+        7, record(0.0), ConfigRecord(signing_config(DOMAIN)), OneNodeGrid()
+    )
+    assert list(message.content.config_records) == [configrecord_key]
+    reply = bcsfl_mod(message, context(2), fake_training)
+    verifier = PacketVerifier(DOMAIN, [client_dev_account(2).address])
+    accepted = verifier.verify(reply.content[PACKET_RECORD_KEY], reply.content["arrays"], 7)
+    assert accepted.packet.round == 7
+
+
+def reply_with(**records):
+    def handler(msg, ctx):
+        content = RecordDict({**records, "metrics": MetricRecord({"num-examples": 1})})
+        return Message(content, reply_to=msg)
+
+    return handler
+
+
+def signed_hash(reply: Message) -> bytes | None:
+    if PACKET_RECORD_KEY not in reply.content:
+        return None
+    return SignedModelPacket.from_config_record(reply.content[PACKET_RECORD_KEY]).packet.model_hash
+
+
+def test_train_reply_signing_needs_a_round_and_one_identifiable_model():
+    without_round = train_message()
+    del without_round.content["config"]["server-round"]
+    assert signed_hash(bcsfl_mod(without_round, context(), fake_training)) is None
+    # several models: the one named "arrays" is signed; with none so named, nothing is
+    two = reply_with(arrays=record(1.0), extra=record(2.0))
+    assert signed_hash(bcsfl_mod(train_message(), context(), two)) == model_hash(record(1.0))
+    ambiguous = reply_with(first=record(1.0), second=record(2.0))
+    assert signed_hash(bcsfl_mod(train_message(), context(), ambiguous)) is None
+    # a single model under another name is signed
+    renamed = reply_with(weights=record(3.0))
+    assert signed_hash(bcsfl_mod(train_message(), context(), renamed)) == model_hash(record(3.0))
 
 
 def test_error_replies_and_other_messages_pass_through():
@@ -223,12 +272,41 @@ def test_miner_refuses_a_bad_package(case, reason):
 
 
 def test_malformed_duty_is_refused_not_raised():
-    content = RecordDict({"bcsfl.approval": ConfigRecord({"round": 1})})
+    content = RecordDict({APPROVAL_RECORD_KEY: ConfigRecord({"round": 1})})
     reply = bcsfl_mod(
         Message(content, dst_node_id=100, message_type=MINE_MESSAGE_TYPE), context(), must_not_run
     )
     verdict = read_verdict(reply)
     assert not verdict.approved and "malformed" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("record_key", "field", "value", "reason"),
+    [
+        (APPROVAL_RECORD_KEY, "chain-id", float("inf"), "chain_id must be an int"),
+        (APPROVAL_RECORD_KEY, "chain-id", "31337", "chain_id must be an int"),
+        (APPROVAL_RECORD_KEY, "contract", "not-an-address", "verifying_contract"),
+        (COMMITTEE_RECORD_KEY, "miners", MINERS[1].address, "must be a list"),
+    ],
+)
+def test_duty_fields_of_the_wrong_type_are_refused_not_raised(record_key, field, value, reason):
+    message = duty(approval(), record(1.0))
+    message.content[record_key][field] = value
+    verdict = read_verdict(bcsfl_mod(message, context(1), must_not_run))
+    assert not verdict.approved
+    assert verdict.signer == MINERS[1].address
+    assert "malformed" in verdict.reason and reason in verdict.reason
+
+
+def test_duty_without_a_committee_or_a_candidate_is_refused():
+    without_committee = duty(approval(), record(1.0))
+    del without_committee.content[COMMITTEE_RECORD_KEY]
+    verdict = read_verdict(bcsfl_mod(without_committee, context(1), must_not_run))
+    assert not verdict.approved and "names no committee" in verdict.reason
+    without_candidate = duty(approval(), record(1.0))
+    del without_candidate.content["arrays"]
+    verdict = read_verdict(bcsfl_mod(without_candidate, context(1), must_not_run))
+    assert not verdict.approved and "no candidate model" in verdict.reason
 
 
 def test_client_app_routes_train_and_the_miner_duty_through_the_mod():

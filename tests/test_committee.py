@@ -1,4 +1,4 @@
-"""Tests for stake ledgers and stake-weighted committee draws."""
+"""Tests for stake-weighted committee draws (the stake ledger lives in round/stakes)."""
 
 import hashlib
 import itertools
@@ -12,7 +12,6 @@ from scipy import stats
 from bcsfl_flower.committee import (
     COMMITTEE_SEED_DOMAIN,
     Committee,
-    StakeLedger,
     committee_seed,
     draw_committee,
     draw_weighted_without_replacement,
@@ -178,41 +177,81 @@ def test_draw_requires_a_generator():
 
 
 # ----- draw_committee -------------------------------------------------------------------
-def make_ledger(n=10):
-    return StakeLedger.from_mapping({str(i): float(i + 1) for i in range(n)})
+def make_stakes(n=10):
+    return {str(i): float(i + 1) for i in range(n)}
+
+
+def equal_stakes(ids, stake=1.0):
+    return dict.fromkeys(ids, stake)
 
 
 def test_same_seed_same_committee_regardless_of_candidate_order():
-    ledger = make_ledger()
+    stakes = make_stakes()
     candidates = [str(i) for i in range(10)]
-    first = draw_committee(ledger, candidates, 4, 3, HASH, 5)
-    second = draw_committee(ledger, list(reversed(candidates)), 4, 3, HASH.hex(), 5)
+    first = draw_committee(stakes, candidates, 4, 3, HASH, 5)
+    second = draw_committee(stakes, list(reversed(candidates)), 4, 3, HASH.hex(), 5)
     assert first == second
     assert len(set(first.validators)) == 4
     assert len(set(first.miners)) == 3
     assert first.seed == committee_seed(HASH, 5)
 
 
+def test_stake_mapping_order_does_not_matter():
+    stakes = make_stakes()
+    shuffled = dict(reversed(list(stakes.items())))
+    candidates = [str(i) for i in range(10)]
+    assert draw_committee(stakes, candidates, 4, 3, HASH, 2) == draw_committee(
+        shuffled, candidates, 4, 3, HASH, 2
+    )
+
+
+def test_a_stake_ledger_snapshot_draws_like_its_mapping():
+    from bcsfl_flower.round.stakes import StakeLedger
+
+    stakes = make_stakes()
+    ledger = StakeLedger(stakes)
+    candidates = ["3", "1", "7", "0"]
+    assert draw_committee(ledger.as_dict(), candidates, 2, 2, HASH, 4) == draw_committee(
+        stakes, candidates, 2, 2, HASH, 4
+    )
+
+
+def test_candidates_without_a_stake_entry_are_an_error_even_if_others_have_one():
+    with pytest.raises(KeyError, match="'42'"):
+        draw_committee(make_stakes(), ["1", "42"], 1, 1, HASH, 1)
+
+
 def test_committee_can_be_replayed_from_chain_data():
-    ledger = make_ledger()
+    stakes = make_stakes()
     candidates = ["3", "1", "7", "0", "9", "4"]
-    committee = draw_committee(ledger, candidates, 3, 2, HASH, 9)
+    committee = draw_committee(stakes, candidates, 3, 2, HASH, 9)
     # An auditor's replay, following the documented steps.
     ordered = sorted(candidates)
     rng = np.random.default_rng(committee_seed(HASH, 9))
-    stakes = [ledger.stake(i) for i in ordered]
-    assert committee.validators == tuple(draw_weighted_without_replacement(ordered, stakes, 3, rng))
-    assert committee.miners == tuple(draw_weighted_without_replacement(ordered, stakes, 2, rng))
+    weights = [stakes[i] for i in ordered]
+    assert committee.validators == tuple(
+        draw_weighted_without_replacement(ordered, weights, 3, rng)
+    )
+    assert committee.miners == tuple(draw_weighted_without_replacement(ordered, weights, 2, rng))
+
+
+def test_only_the_candidates_stakes_matter():
+    stakes = make_stakes()
+    candidates = ["2", "5", "8"]
+    richer = {**stakes, "0": 1e9, "1": 1e9}  # stakes of non-candidates change nothing
+    assert draw_committee(stakes, candidates, 2, 2, HASH, 3) == draw_committee(
+        richer, candidates, 2, 2, HASH, 3
+    )
 
 
 def test_different_rounds_and_hashes_give_different_committees():
-    ledger = StakeLedger.equal([str(i) for i in range(20)])
     candidates = [str(i) for i in range(20)]
-    by_round = {draw_committee(ledger, candidates, 3, 3, HASH, r).validators for r in range(30)}
+    stakes = equal_stakes(candidates)
+    by_round = {draw_committee(stakes, candidates, 3, 3, HASH, r).validators for r in range(30)}
     assert len(by_round) > 20  # 1140 possible sets; collisions are rare
     other = hashlib.sha256(b"another model").digest()
     by_hash = {
-        draw_committee(ledger, candidates, 3, 3, h, 1).validators
+        draw_committee(stakes, candidates, 3, 3, h, 1).validators
         for h in (HASH, other, bytes(32), b"\x01" * 32)
     }
     assert len(by_hash) > 1
@@ -220,11 +259,10 @@ def test_different_rounds_and_hashes_give_different_committees():
 
 def test_first_validator_over_rounds_follows_stake():
     stakes = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 6.0}
-    ledger = StakeLedger.from_mapping(stakes)
     rounds = 4_000
     counts = dict.fromkeys(stakes, 0)
     for server_round in range(1, rounds + 1):
-        committee = draw_committee(ledger, list(stakes), 1, 1, HASH, server_round)
+        committee = draw_committee(stakes, list(stakes), 1, 1, HASH, server_round)
         counts[committee.validators[0]] += 1
     expected = rounds * np.array(list(stakes.values())) / sum(stakes.values())
     observed = np.array([counts[i] for i in stakes])
@@ -233,26 +271,30 @@ def test_first_validator_over_rounds_follows_stake():
 
 
 def test_roles_are_drawn_independently_and_may_overlap():
-    ledger = make_ledger(3)
-    committee = draw_committee(ledger, ["0", "1", "2"], 3, 3, HASH, 1)
+    committee = draw_committee(make_stakes(3), ["0", "1", "2"], 3, 3, HASH, 1)
     assert sorted(committee.validators) == ["0", "1", "2"]
     assert sorted(committee.miners) == ["0", "1", "2"]
     assert sorted(committee.members) == ["0", "1", "2"]
 
 
 def test_committee_is_clamped_to_live_candidates(caplog):
-    ledger = make_ledger(10)
     with caplog.at_level(logging.WARNING):
-        committee = draw_committee(ledger, ["2", "5"], 4, 1, HASH, 1)
+        committee = draw_committee(make_stakes(10), ["2", "5"], 4, 1, HASH, 1)
     assert sorted(committee.validators) == ["2", "5"]
     assert len(committee.miners) == 1
     assert committee.miners[0] in {"2", "5"}
     assert "clamped" in caplog.text
 
 
-def test_unregistered_candidate_is_an_error():
-    with pytest.raises(KeyError, match="'42'"):
-        draw_committee(make_ledger(), ["1", "42"], 1, 1, HASH, 1)
+def test_zero_stake_is_never_drawn_but_positive_stake_is():
+    slashed = {"a": 0.0, "b": 1.0, "c": 1.0}
+    for server_round in range(1, 50):
+        committee = draw_committee(slashed, ["a", "b", "c"], 2, 2, HASH, server_round)
+        assert "a" not in committee.members
+    recovered = {**slashed, "a": 1.0}
+    assert any(
+        "a" in draw_committee(recovered, ["a", "b", "c"], 1, 1, HASH, r).members for r in range(50)
+    )
 
 
 def test_committee_to_dict():
@@ -265,94 +307,3 @@ def test_committee_to_dict():
         "miners": ["b"],
     }
     assert committee.members == ("a", "b")
-
-
-# ----- StakeLedger ----------------------------------------------------------------------
-def test_equal_stakes():
-    ledger = StakeLedger.equal(["x", "y"], stake=2.5)
-    assert ledger.as_dict() == {"x": 2.5, "y": 2.5}
-    assert ledger.total() == 5.0
-    with pytest.raises(ValueError, match="> 0"):
-        StakeLedger.equal(["x"], stake=0.0)
-
-
-def test_stakes_from_data_sizes():
-    ledger = StakeLedger.from_data_sizes({"b": 300, "a": 100, "c": 0})
-    assert ledger.as_dict() == {"a": 100.0, "b": 300.0, "c": 0.0}
-    np.testing.assert_array_equal(ledger.stakes_for(["b", "a"]), [300.0, 100.0])
-    with pytest.raises(ValueError, match="'a'"):
-        StakeLedger.from_data_sizes({"a": -1})
-    with pytest.raises(TypeError, match="'a'"):
-        StakeLedger.from_data_sizes({"a": 1.5})
-
-
-def test_explicit_stakes_are_validated():
-    assert StakeLedger.from_mapping({"a": 1.0, "b": 0.5}).stake("b") == 0.5
-    for bad in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="'a'"):
-            StakeLedger.from_mapping({"a": bad})
-    with pytest.raises(TypeError):
-        StakeLedger.from_mapping({1: 1.0})
-    with pytest.raises(TypeError):
-        StakeLedger.from_mapping({"a": "1.0"})
-
-
-def test_reward_and_slash():
-    ledger = StakeLedger.equal(["a", "b", "c"], stake=1.0)
-    ledger.reward(["a", "b"], 0.5)
-    ledger.slash(["c"], 0.25)
-    assert ledger.as_dict() == {"a": 1.5, "b": 1.5, "c": 0.75}
-    ledger.slash(["c"], 10.0)
-    assert ledger.stake("c") == 0.0
-    ledger.reward(["a"], 0.0)
-    assert ledger.stake("a") == 1.5
-
-
-def test_slash_respects_floor_and_zero_stake_cannot_be_drawn():
-    floored = StakeLedger.equal(["a", "b"], floor=0.1)
-    floored.slash(["a"], 5.0)
-    assert floored.stake("a") == 0.1
-
-    ledger = StakeLedger.equal(["a", "b", "c"])
-    ledger.slash(["a"], 1.0)
-    for server_round in range(1, 50):
-        committee = draw_committee(ledger, ["a", "b", "c"], 2, 2, HASH, server_round)
-        assert "a" not in committee.members
-    ledger.reward(["a"], 1.0)
-    assert any(
-        "a" in draw_committee(ledger, ["a", "b", "c"], 1, 1, HASH, r).members for r in range(50)
-    )
-
-
-def test_register_and_snapshot():
-    ledger = StakeLedger(floor=0.5)
-    ledger.register("b", 2.0)
-    ledger.register("a", 1.0)
-    snapshot = ledger.as_dict()
-    assert list(snapshot) == ["a", "b"]
-    ledger.reward(["a"], 1.0)
-    assert snapshot["a"] == 1.0  # a snapshot does not change afterwards
-    assert "a" in ledger and "z" not in ledger and len(ledger) == 2
-    with pytest.raises(ValueError, match="already registered"):
-        ledger.register("a", 5.0)
-    with pytest.raises(ValueError, match="floor"):
-        ledger.register("c", 0.1)
-    with pytest.raises(ValueError):
-        ledger.register("c", float("nan"))
-    with pytest.raises(ValueError):
-        StakeLedger(floor=-1.0)
-
-
-def test_updates_validate_before_changing_anything():
-    ledger = StakeLedger.equal(["a", "b"])
-    with pytest.raises(KeyError, match="'zz'"):
-        ledger.reward(["a", "zz"], 1.0)
-    with pytest.raises(ValueError, match="duplicates"):
-        ledger.slash(["a", "a"], 1.0)
-    with pytest.raises(ValueError, match="amount"):
-        ledger.reward(["a"], -1.0)
-    with pytest.raises(ValueError, match="amount"):
-        ledger.slash(["a"], float("nan"))
-    with pytest.raises(TypeError):
-        ledger.reward("a", 1.0)
-    assert ledger.as_dict() == {"a": 1.0, "b": 1.0}

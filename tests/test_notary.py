@@ -5,19 +5,24 @@ duty message to the real bcsfl mod's ``mine`` handler, signing with each simulat
 client's development key; the chain, contract, certificates and model store are real.
 """
 
+import dataclasses
 import time
 
 import numpy as np
+import pytest
 from flower_messages import FakeGrid, reply_to, train_reply
 from flwr.app import Array, ArrayRecord, Context, RecordDict
 
 from bcsfl_flower.chain.keys import client_dev_account
-from bcsfl_flower.client.mod import MINE_MESSAGE_TYPE, mine
+from bcsfl_flower.client.mod import mine
 from bcsfl_flower.notary import RoundNotary
-from bcsfl_flower.packets import PACKET_RECORD_KEY, ModelPacket, model_hash
+from bcsfl_flower.packets import ModelPacket, model_hash
+from bcsfl_flower.protocol import MINE_MESSAGE_TYPE, PACKET_RECORD_KEY
+from bcsfl_flower.round.checks import PacketCheck
+from bcsfl_flower.round.state import Certification
 from bcsfl_flower.strategy import BCSFL
 
-DIM = 50
+DIM = 1000  # with far fewer parameters, screening splits honest noise
 GLOBAL = ArrayRecord({"w": Array(np.zeros(DIM, np.float32))})
 TARGET = np.ones(DIM, np.float32)
 
@@ -25,10 +30,11 @@ TARGET = np.ones(DIM, np.float32)
 class MiningGrid(FakeGrid):
     """Evaluate: squared distance to TARGET. Mining: the real mod, unless silent."""
 
-    def __init__(self, partition_of, silent_miners=()):
+    def __init__(self, partition_of, silent_miners=(), refusing_miners=()):
         super().__init__(lambda node, arrays: float(np.sum((arrays["w"].numpy() - TARGET) ** 2)))
         self.partition_of = partition_of
         self.silent_miners = set(silent_miners)
+        self.refusing_miners = set(refusing_miners)
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -41,10 +47,13 @@ class MiningGrid(FakeGrid):
             node = message.metadata.dst_node_id
             if node in self.silent_miners:
                 continue
+            node_config = {"partition-id": self.partition_of[node]}
+            if node in self.refusing_miners:  # no package is fresh enough for this miner
+                node_config["bcsfl-freshness-s"] = -1.0
             context = Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": self.partition_of[node]},
+                node_config=node_config,
                 state=RecordDict(),
                 run_config={},
             )
@@ -91,11 +100,14 @@ def test_miners_certify_and_every_round_is_anchored_or_rolled_back(tmp_path):
     notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
     try:
         partition_of = {node: node - 1 for node in range(1, 7)}
-        strategy = BCSFL(notary=notary, screening_centering="none", num_miners=4)
+        strategy = BCSFL(notary=notary, num_miners=4)
 
         arrays, record = run(strategy, MiningGrid(partition_of), 1, federation(notary, 1))
         assert record["outcome"] == "commit"
-        assert record["mining"]["certified_by"] == "miners"
+        assert record["signed"] == ["1", "2", "3", "4", "5", "6"]
+        assert record["model_hash"] == "0x" + model_hash(arrays).hex()
+        assert len(record["committee"]["miners"]) == 4
+        assert record["mining"] == {"certified_by": "miners", "refusals": {}}
         assert record["chain"]["anchored"] is True
         assert len(record["chain"]["signers"]) >= 3  # ceil(2*4/3) of 4 miners
         assert notary.trail.get_round(1) == model_hash(arrays)
@@ -105,7 +117,11 @@ def test_miners_certify_and_every_round_is_anchored_or_rolled_back(tmp_path):
         silent = MiningGrid(partition_of, silent_miners=set(range(1, 7)))
         kept, record = run(strategy, silent, 2, federation(notary, 2), arrays)
         assert record["outcome"] == "rollback"
-        assert "quorum certificate failed" in record["reason"]
+        assert "quorum certificate failed (4 refused)" in record["reason"]
+        assert record["mining"]["certified_by"] == "none"
+        assert set(record["mining"]["refusals"]) == set(record["committee"]["miners"])
+        assert set(record["mining"]["refusals"].values()) == {"no reply"}
+        assert record["chain"]["anchored"] is False
         assert kept is arrays
         assert [r.round for r in notary.trail.rollbacks()] == [2]
         assert notary.trail.latest_round() == 2
@@ -116,7 +132,7 @@ def test_miners_certify_and_every_round_is_anchored_or_rolled_back(tmp_path):
 def test_clients_without_the_mod_leave_the_operator_to_sign(tmp_path):
     notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
     try:
-        strategy = BCSFL(notary=notary, screening_centering="none")
+        strategy = BCSFL(notary=notary)
         grid = MiningGrid({node: node - 1 for node in range(1, 7)})
         arrays, record = run(strategy, grid, 1, federation(notary, 1, signed=False))
         assert record["signed"] == []
@@ -130,7 +146,7 @@ def test_clients_without_the_mod_leave_the_operator_to_sign(tmp_path):
 def test_a_forged_packet_is_rejected_and_the_round_goes_on(tmp_path):
     notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
     try:
-        strategy = BCSFL(notary=notary, screening_centering="none")
+        strategy = BCSFL(notary=notary)
         replies = federation(notary, 1)
         # Node 6 claims node 1's packet: the hash no longer matches its arrays.
         replies[5].content[PACKET_RECORD_KEY] = replies[0].content[PACKET_RECORD_KEY]
@@ -138,5 +154,93 @@ def test_a_forged_packet_is_rejected_and_the_round_goes_on(tmp_path):
         _, record = run(strategy, grid, 1, replies)
         assert "packet rejected" in record["rejected"]["6"]
         assert record["outcome"] == "commit"
+    finally:
+        notary.close()
+
+
+def test_two_nodes_signing_with_one_key_do_not_stop_mining(tmp_path):
+    """A key seen on two node ids (a restarted SuperNode) is asked to sign only once."""
+    notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
+    try:
+        strategy = BCSFL(notary=notary, num_miners=7, num_validators=3)
+        partition_of = {node: node - 1 for node in range(1, 7)} | {7: 0}
+        arrays, record = run(strategy, MiningGrid(partition_of), 1, federation(notary, 1))
+        assert record["outcome"] == "commit"
+        # Round 2: node 7 signs with partition 0's key, node 1 (same key) sends unsigned.
+        replies = federation(notary, 2)
+        replies[0] = train_reply(1, replies[0].content["arrays"], num_examples=100)
+        update = 0.5 * TARGET + np.random.default_rng(77).normal(scale=0.05, size=DIM)
+        replies.append(signed_reply(7, 0, update, notary, 2))
+        arrays, record = run(strategy, MiningGrid(partition_of), 2, replies, arrays)
+        assert record["signed"] == ["2", "3", "4", "5", "6", "7"]
+        assert record["trusted"] == ["1", "2", "3", "4", "5", "6", "7"]
+        assert {"1", "7"} <= set(record["committee"]["miners"])
+        assert record["outcome"] == "commit", record["reason"]
+        assert record["mining"]["certified_by"] == "miners"
+        signers = record["chain"]["signers"]
+        assert len(signers) == len(set(signers)) == 6  # six distinct keys among seven miners
+        assert notary.trail.get_round(2) == model_hash(arrays)
+    finally:
+        notary.close()
+
+
+@pytest.mark.parametrize(("refusing", "outcome"), [({1}, "commit"), ({1, 2, 3}, "rollback")])
+def test_refusing_miners_are_recorded_and_count_against_the_quorum(tmp_path, refusing, outcome):
+    notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
+    try:
+        strategy = BCSFL(notary=notary, num_miners=6)  # every client mines: quorum 4
+        grid = MiningGrid({node: node - 1 for node in range(1, 7)}, refusing_miners=refusing)
+        _, record = run(strategy, grid, 1, federation(notary, 1))
+        assert record["trusted"] == ["1", "2", "3", "4", "5", "6"]
+        assert sorted(record["committee"]["miners"]) == ["1", "2", "3", "4", "5", "6"]
+        assert set(record["mining"]["refusals"]) == {str(node) for node in refusing}
+        assert all("old" in reason for reason in record["mining"]["refusals"].values())
+        assert record["outcome"] == outcome
+        if outcome == "commit":
+            assert len(record["chain"]["signers"]) == 5
+        else:
+            assert "quorum certificate failed (3 refused)" in record["reason"]
+            assert [r.round for r in notary.trail.rollbacks()] == [1]
+    finally:
+        notary.close()
+
+
+def test_check_packet_learns_addresses_and_refuses_a_node_that_changes_key(tmp_path):
+    notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
+    try:
+        update = 0.5 * TARGET
+        unsigned = train_reply(1, {"w": update}, num_examples=100)
+        assert notary.check_packet(1, unsigned.content, 1) == PacketCheck()
+
+        signed = signed_reply(1, 0, update, notary, 1)
+        check = notary.check_packet(1, signed.content, 1)
+        assert check.rejection is None
+        assert check.packet.packet.client == client_dev_account(0).address
+        assert notary.addresses == {"1": client_dev_account(0).address}
+
+        replayed = notary.check_packet(2, signed.content, 1)
+        assert replayed.packet is None and "packet rejected" in replayed.rejection
+
+        other_key = signed_reply(1, 3, update, notary, 2)
+        changed = notary.check_packet(1, other_key.content, 2)
+        assert changed.packet is None
+        assert f"node 1 signed as {client_dev_account(0).address} before" in changed.rejection
+    finally:
+        notary.close()
+
+
+def test_certification_is_frozen_and_anchoring_needs_a_certificate(tmp_path):
+    notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
+    try:
+        refused = Certification(False, "none", {"3": "no reply"})
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            refused.certified = True
+        with pytest.raises(ValueError, match="without a certificate"):
+            notary.anchor(GLOBAL, refused)
+        # No miner has a known address: the operator certifies alone.
+        certification = notary.certify(MiningGrid({}), 1, GLOBAL, [], ["1", "2"])
+        assert certification.certified and certification.certified_by == "operator"
+        assert certification.certificate.signers == (notary.connection.operator.address,)
+        assert notary.anchor(GLOBAL, certification)["anchored"] is True
     finally:
         notary.close()

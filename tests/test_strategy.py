@@ -118,7 +118,7 @@ def test_paper_selection_commits_a_single_trusted_local_model():
     arrays, _, record = run_round(BCSFL(selection="paper"), replies, FakeGrid(squared_distance))
     assert record["outcome"] == "commit"
     winner = record["candidate"].removeprefix("client-")
-    assert winner not in attackers and record["rewarded"] == [winner]
+    assert winner not in attackers and winner in record["rewarded"]
     local = next(r for r in replies if str(r.metadata.src_node_id) == winner)
     update = local.content["arrays"]["w"].numpy()
     committed = arrays["w"].numpy()

@@ -41,7 +41,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import tenseal as ts
@@ -139,13 +139,15 @@ class EncryptedModel:
         if offset + header_length > len(view):
             raise ValueError("encrypted model is truncated in its header")
         try:
-            header = json.loads(bytes(view[offset : offset + header_length]))
+            header = load_header(bytes(view[offset : offset + header_length]), max_depth=4)
             specs = [
                 ArraySpec(str(k), str(d), tuple(int(n) for n in s)) for k, d, s in header["arrays"]
             ]
             num_chunks, slots = int(header["chunks"]), int(header["slots"])
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"encrypted model has a malformed header: {error}") from error
+        if num_chunks < 1 or slots < 1:
+            raise ValueError(f"encrypted model declares {num_chunks} chunks of {slots} slots")
         offset += header_length
         chunks = []
         for index in range(num_chunks):
@@ -164,6 +166,44 @@ class EncryptedModel:
             if chunk.size() != slots:
                 raise ValueError(f"ciphertext {index} holds {chunk.size()} values, not {slots}")
         return cls(specs, chunks, slots)
+
+
+MAX_HEADER_BYTES = 1 << 20
+"""Largest JSON header a serialised ciphertext may carry."""
+
+
+def load_header(data: bytes, max_depth: int) -> Any:
+    """Parse a serialised ciphertext's JSON header, refusing deep nesting before parsing.
+
+    The header comes from another party. Python's JSON parser recurses once per level
+    of nesting, and libraries loaded beside it (py_ecc) raise the interpreter's
+    recursion limit far enough that a header nested 100,000 deep crashes the process
+    instead of raising; so the depth is counted first, on the raw bytes.
+
+    Raises
+    ------
+    ValueError
+        If the header is longer than :data:`MAX_HEADER_BYTES`, nests deeper than
+        ``max_depth``, or is not JSON.
+    """
+    if len(data) > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            escaped = not escaped and byte == 0x5C  # backslash
+            in_string = escaped or byte != 0x22  # closing quote
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > max_depth:
+                raise ValueError(f"header nests deeper than {max_depth} levels")
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return json.loads(data)
 
 
 def array_specs(arrays: Mapping[str, np.ndarray]) -> tuple[ArraySpec, ...]:

@@ -56,7 +56,7 @@ from collections.abc import Sequence
 import numpy as np
 import tenseal as ts
 
-from bcsfl_flower.privacy.ckks import EncryptedModel
+from bcsfl_flower.privacy.ckks import EncryptedModel, load_header
 
 _MAGIC = b"BCSFL-CKKS-GRAM\x01"
 _LENGTH = struct.Struct(">Q")
@@ -118,7 +118,7 @@ class EncryptedGram:
             raise ValueError("not a serialised encrypted Gram matrix (bad magic bytes)")
         fields, offset = _split(data, len(_MAGIC))
         try:
-            header = json.loads(fields[0])
+            header = load_header(fields[0], max_depth=1)
             num_models, count = int(header["num_models"]), int(header["packed"])
         except (ValueError, KeyError, TypeError, IndexError) as error:
             raise ValueError(f"encrypted Gram matrix has a malformed header: {error}") from error
@@ -230,8 +230,7 @@ def decrypt_gram(gram: EncryptedGram, secret_context: ts.Context) -> np.ndarray:
 def gram_to_cosine(gram: np.ndarray, zero_tolerance: float = 1e-6) -> np.ndarray:
     """Turn a Gram matrix into cosine similarities, guarding zero and noisy norms.
 
-    Follows :func:`bcsfl_flower.screening.cosine_similarity_matrix`'s conventions: an
-    update without direction gets similarity 0 with everyone and 1 with itself, and
+    An update without direction gets similarity 0 with everyone and 1 with itself, and
     the result is clipped to ``[-1, 1]``. Because a decrypted Gram matrix is
     approximate, a squared norm at most ``zero_tolerance`` times the largest one
     counts as zero (CKKS noise can even make it slightly negative).

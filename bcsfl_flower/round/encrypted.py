@@ -263,7 +263,10 @@ class EncryptedSpace(UpdateSpace):
     def combine(  # type: ignore[override]
         self, global_arrays: ArrayRecord, batch: EncryptedBatch, coefficients: np.ndarray
     ) -> tuple[ArrayRecord, ...]:
-        """Return ``W_t + sum_k a_k D_k`` on ciphertexts, for every row ``a``."""
+        """Return ``W_t + sum_k a_k D_k`` on ciphertexts, for every row ``a``.
+
+        A row of zeros (every update clipped to nothing) is ``W_t`` itself.
+        """
         context = self._context()
         previous: Any = (
             from_array_record(global_arrays, context)
@@ -272,6 +275,8 @@ class EncryptedSpace(UpdateSpace):
         )
         return tuple(
             to_array_record(encrypted_step(previous, list(batch.models), row))
+            if np.any(row)
+            else global_arrays
             for row in np.atleast_2d(coefficients)
         )
 

@@ -220,7 +220,7 @@ class RoundPipeline:
             log(WARNING, "round %d rolled back: %s", server_round, decision.reason)
         settlement = settle(
             self.ledger.as_dict(),
-            [checked.names[row] for row in decision.support] if decision.committed else (),
+            self._rewarded(checked, stages.screening, decision),
             self._slashed(checked, stages.screening, decision),
             self.settings.stake_policy,
         )
@@ -282,6 +282,14 @@ class RoundPipeline:
         if decision.committed and certification is not None:
             return self.notary.anchor(arrays, certification)
         return self.notary.rollback(server_round, decision.reason)
+
+    def _rewarded(
+        self, checked: CheckedReplies, screening: Screening | None, decision: Decision
+    ) -> list[str]:
+        """Return the trusted clients of a committed round (a rollback rewards nobody)."""
+        if not decision.committed or screening is None:
+            return []
+        return [checked.names[row] for row in screening.trusted]
 
     def _slashed(
         self, checked: CheckedReplies, screening: Screening | None, decision: Decision

@@ -12,8 +12,8 @@ as plaintext rounds do):
    opposed directions while unstructured honest differences stay near-orthogonal. Average
    linkage (:func:`scipy.cluster.hierarchy.linkage`) on the cosine distances of the
    centred updates gives a tree; starting from its root, the screen descends into the
-   child holding a strict majority of the stake for as long as the split is
-   significant. The node it stops at is the trusted cluster.
+   child holding at least :data:`TRUSTED_STAKE_SHARE` of the round's stake for as long
+   as the split is significant. The node it stops at is the trusted cluster.
 
 A split is significant when its average-linkage distance exceeds
 :func:`split_threshold`: ``1 + 1/(m-1)`` is what ``m`` centred updates with no group
@@ -22,10 +22,10 @@ separation a real group adds. Both constants were chosen with
 ``sim/screening_calibration.py`` on real MNIST updates (0 of 480 honest updates
 rejected at 0% attackers at 20 clients; see the README).
 
-Why stake decides and not head count: when no child holds a stake majority (half the
-clients attack and hold half the stake) the screen trusts both and the aggregate is a
-bounded mean; once the honest side holds more stake, it is trusted even as half the
-clients.
+Why stake decides and not head count: when no side holds a qualified share of the stake
+(half the clients attack and hold half the stake) the screen trusts both and the
+aggregate is a bounded mean, as no rule could tell the sides apart; once the honest
+side holds 60% of the stake, it is trusted even as half the clients.
 """
 
 from __future__ import annotations
@@ -41,6 +41,20 @@ OUTLIER_NORM_RATIO = 2.5
 
 SPLIT_MARGIN = 0.05
 """How far above the structureless average distance a split must lie to count."""
+
+TRUSTED_STAKE_SHARE = 0.6
+"""Smallest share of the round's stake a cluster needs to be trusted over the rest.
+
+A bare majority would let noise-level stake differences decide a near 50/50 split (one
+reward more on one side), and the side that wins is then never heard again. Below
+this share the screen keeps both sides and the bounds limit the damage."""
+
+AGREEING_COSINE = 0.8
+"""Two groups whose mean directions have at least this cosine agree: they are not split.
+
+Centring removes what all updates share, so when every update points the same way the
+centred residuals are small and their directions arbitrary; without this guard a
+tight, honest federation could be split by chance."""
 
 MIN_CLUSTERED = 4
 """Fewest updates the direction test runs on; fewer have no majority to compare to."""
@@ -114,7 +128,7 @@ def screen_updates(
     """
     size = gram.shape[0]
     if size == 0:
-        return Screening((), (), float("inf"))
+        return Screening((), (), float("inf"), False)
     too_long = (
         bounds.norms > outlier_ratio * bounds.norm_bound
         if bounds.norm_bound > 0
@@ -123,22 +137,26 @@ def screen_updates(
     rows = np.flatnonzero(~too_long)
     threshold = split_threshold(rows.size, split_margin)
     if rows.size >= MIN_CLUSTERED:
-        cosines = centred_cosines(unit_gram(gram[np.ix_(rows, rows)]))
-        members, path = _majority_cluster(cosines, bounds.stakes[rows], threshold)
+        units = unit_gram(gram[np.ix_(rows, rows)])
+        cosines = centred_cosines(units)
+        members, path = majority_cluster(cosines, units, bounds.stakes[rows], threshold)
         trusted = rows[members]
     else:
         cosines, path, trusted = None, [], rows
     reasons = _reasons(bounds, too_long, rows, trusted, cosines, path, threshold, outlier_ratio)
-    return Screening(tuple(int(i) for i in trusted), reasons, threshold)
+    return Screening(tuple(int(i) for i in trusted), reasons, threshold, bool(path))
 
 
-def _majority_cluster(
-    cosines: np.ndarray, stakes: np.ndarray, threshold: float
+def majority_cluster(
+    cosines: np.ndarray, units: np.ndarray, stakes: np.ndarray, threshold: float
 ) -> tuple[np.ndarray, list[float]]:
-    """Descend the average-linkage tree into the stake-majority child of each significant split.
+    """Descend the tree into the child holding a qualified share of the stake at each split.
 
-    Returns the members (indices into ``cosines``) of the node reached, and the
-    distances of the splits descended through.
+    A split is taken when its average-linkage distance exceeds ``threshold``, the two
+    groups' mean directions disagree (cosine below :data:`AGREEING_COSINE`, from the
+    uncentred unit inner products ``units``), and the heavier group holds at least
+    :data:`TRUSTED_STAKE_SHARE` of the stake. Returns the members (indices into
+    ``cosines``) of the node reached, and the distances of the splits taken.
     """
     distances = np.clip(1.0 - cosines, 0.0, 2.0)
     np.fill_diagonal(distances, 0.0)
@@ -146,12 +164,22 @@ def _majority_cluster(
     total = float(stakes.sum())
     node, path = tree, []
     while not node.is_leaf() and node.dist > threshold:
-        heavier = max((node.get_left(), node.get_right()), key=lambda c: _stake(c, stakes))
-        if _stake(heavier, stakes) <= 0.5 * total:
+        left, right = node.get_left(), node.get_right()
+        if _mean_direction_cosine(units, left.pre_order(), right.pre_order()) >= AGREEING_COSINE:
+            break
+        heavier = max((left, right), key=lambda c: _stake(c, stakes))
+        if _stake(heavier, stakes) < TRUSTED_STAKE_SHARE * total:
             break
         path.append(float(node.dist))
         node = heavier
     return np.sort(np.asarray(node.pre_order(), dtype=np.int64)), path
+
+
+def _mean_direction_cosine(units: np.ndarray, first: list[int], second: list[int]) -> float:
+    """Cosine between the mean unit updates of two groups, from their inner products."""
+    cross = float(units[np.ix_(first, second)].sum())
+    scale = float(units[np.ix_(first, first)].sum()) * float(units[np.ix_(second, second)].sum())
+    return cross / np.sqrt(scale) if scale > 0 else 0.0
 
 
 def _stake(node: ClusterNode, stakes: np.ndarray) -> float:

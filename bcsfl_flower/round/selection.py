@@ -110,7 +110,9 @@ class TrustedMeanSelection(SelectionRule):
             names=tuple(name for name, _, _ in kept),
             coefficients=np.stack([coefficients for _, coefficients, _ in kept]),
             supports=tuple(tuple(int(i) for i in rows) for _, _, rows in kept),
-            fallback_suspects=tuple(int(i) for i in np.setdiff1d(trusted, core)),
+            fallback_suspects=tuple(int(i) for i in np.setdiff1d(trusted, core))
+            if screening.split
+            else (),
         )
 
     def decide(

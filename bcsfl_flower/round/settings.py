@@ -14,7 +14,7 @@ from bcsfl_flower.round.bounds import EXAMPLE_CAP_RATIO
 from bcsfl_flower.round.screening import OUTLIER_NORM_RATIO, SPLIT_MARGIN
 
 DEFAULT_REWARD = 0.05
-"""Stake gained per committed round a client's update counts in."""
+"""Stake a trusted client gains in a committed round."""
 
 DEFAULT_SLASH_FRACTION = 0.5
 """Share of its stake a rejected client loses."""

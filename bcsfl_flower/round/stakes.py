@@ -9,9 +9,11 @@ it once, at the end (:func:`settle`):
   ``slash_fraction`` of its stake (half, by default), so two rejections cut a client to
   a quarter. When a round rolls back, the trusted clients its most robust candidate
   left out are slashed too, so the next round differs from the one that failed.
-* **Reward slowly**: in a committed round, each client whose update the committed
-  model draws on gains ``reward`` (0.05 of an initial stake, by default); a slashed
-  client needs many honest rounds to recover. A rolled-back round rewards nobody.
+* **Reward slowly**: in a committed round, each trusted client gains ``reward`` (0.05 of
+  an initial stake, by default); a slashed client needs ten honest rounds to recover.
+  A rolled-back round rewards nobody. Rewards go to the whole trusted cluster, not
+  only to the committed candidate's support: a reward that favoured half of a split
+  federation would decide, by accident, which half is trusted next.
 
 This asymmetry is what lets BCSFL hold where no stateless aggregator can: once
 attackers have been caught a few times, the honest clients hold most of the stake

@@ -161,11 +161,15 @@ class Screening:
         One reason per row (trusted rows say why they are trusted).
     split_threshold : float
         Average-linkage distance above which a split counts as two groups.
+    split : bool
+        Whether the direction test set a group apart (the trusted cluster is not
+        everyone left after the length test).
     """
 
     trusted: tuple[int, ...]
     reasons: tuple[str, ...]
     split_threshold: float
+    split: bool = False
 
     @property
     def rejected(self) -> tuple[int, ...]:
@@ -191,7 +195,8 @@ class CandidatePlan:
         Rows each candidate draws on (stake rewards go to a committed one's support).
     fallback_suspects : tuple[int, ...]
         Rows to slash if no candidate commits: the trusted clients the most robust
-        candidate leaves out, so a rollback changes the next round.
+        candidate leaves out, so a rollback changes the next round. Empty when the
+        screen could not tell groups apart: then there is no basis to slash anyone.
     """
 
     names: tuple[str, ...]
