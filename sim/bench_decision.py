@@ -87,7 +87,9 @@ class InstantGrid:
             config = next(iter(message.content.config_records.values()))
             loss = 1.0 if config[CANDIDATE_CONFIG_KEY] == BASELINE_CANDIDATE else 0.9
             content = RecordDict({"metrics": MetricRecord({"eval_loss": loss, "num-examples": 10})})
-            meta = _metadata(message.metadata.dst_node_id, 0, f"r{message_id}", message_id, "evaluate")
+            meta = _metadata(
+                message.metadata.dst_node_id, 0, f"r{message_id}", message_id, "evaluate"
+            )
             replies.append(make_message(metadata=meta, content=content))
         return replies
 
@@ -108,7 +110,9 @@ def federation(num_clients: int, seed: int = 0) -> tuple[ArrayRecord, list[Messa
         )
         metrics = MetricRecord({"num-examples": int(rng.integers(100, 1000)), "train_loss": 0.5})
         meta = _metadata(node, 0, f"train-{node}", "ins", "train")
-        replies.append(make_message(metadata=meta, content=RecordDict({"arrays": arrays, "metrics": metrics})))
+        replies.append(
+            make_message(metadata=meta, content=RecordDict({"arrays": arrays, "metrics": metrics}))
+        )
     return ArrayRecord({k: Array(v) for k, v in global_np.items()}), replies
 
 
@@ -149,7 +153,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    FLOWER_LOGGER.setLevel(logging.ERROR)  # Flower logs every round (and warns of fraction_evaluate=0)
+    FLOWER_LOGGER.setLevel(
+        logging.ERROR
+    )  # Flower logs every round (and warns of fraction_evaluate=0)
     parameters = sum(int(np.prod(shape)) for shape in LAYERS.values())
     print(f"model: {parameters:,} float32 parameters; median of {args.repeats} repetitions\n")
     print("| clients | FedAvg (s) | MultiKrum (s) | BCSFL (s) | BCSFL/FedAvg | BCSFL/MultiKrum |")
