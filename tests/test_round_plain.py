@@ -91,3 +91,46 @@ def test_update_spaces_come_from_a_registry():
     with pytest.raises(ValueError, match="update space must be one of"):
         update_space("rot13")
     assert issubclass(SettingError, ValueError)
+
+
+def test_large_models_are_compared_on_a_sketch_with_bounded_error(monkeypatch):
+    from bcsfl_flower.round import plain
+
+    dim = plain.EXACT_DIMENSION + 7_777  # not a multiple of the sketch width
+    rng = np.random.default_rng(4)
+    start = rng.normal(size=dim).astype(np.float32)
+    direction = rng.normal(size=dim)
+    clients = [
+        (start + s * (direction + rng.normal(size=dim))).astype(np.float32)
+        for s in (0.1, 1.0, -1.0, 3.0, 1e3)
+    ]
+    global_arrays = ArrayRecord({"w": Array(start)})
+    seeds = iter([11, 12])
+    monkeypatch.setattr(plain.secrets, "randbits", lambda bits: next(seeds))
+    space, batch = batch_of_flat(global_arrays, clients)
+    result = space.gram(batch, None)
+    assert result.record == {"sketch_dimension": plain.SKETCH_DIMENSION, "sketch_seed": 11}
+    updates = np.stack([c.astype(np.float64) - start for c in clients])
+    norms = np.linalg.norm(updates, axis=1)
+    exact = (updates @ updates.T) / np.outer(norms, norms)
+    estimated = result.matrix / np.outer(batch.norms, batch.norms)
+    np.testing.assert_allclose(np.diag(result.matrix), norms**2, rtol=1e-5)
+    # Standard error ~ 1/sqrt(8192) = 0.011; five of them is far beyond chance.
+    assert np.abs(estimated - exact).max() < 5 / np.sqrt(plain.SKETCH_DIMENSION)
+    # Candidates still use the exact updates.
+    (candidate,) = space.combine(global_arrays, batch, np.array([[0.5, 0.5, 0, 0, 0]]))
+    np.testing.assert_allclose(
+        candidate["w"].numpy(), start + 0.5 * (updates[0] + updates[1]), rtol=1e-4, atol=1e-4
+    )
+    # A new round draws new signs.
+    _, second = batch_of_flat(global_arrays, clients)
+    assert second.sketch_seed == 12
+
+
+def batch_of_flat(global_arrays, rows):
+    space = PlainSpace()
+    replies = [train_reply(i + 1, {"w": row}) for i, row in enumerate(rows)]
+    collector = space.collector(global_arrays, len(replies))
+    checked = check_replies(replies, collector, "num-examples", 1)
+    assert not checked.rejected
+    return space, checked.batch

@@ -178,3 +178,27 @@ def test_rules_come_from_a_registry_and_paper_is_refused_with_ckks():
     with pytest.raises(SettingError, match="cannot run with CKKS"):
         selection_rule("paper", encrypted=True)
     assert isinstance(selection_rule("trusted-mean", encrypted=True), TrustedMeanSelection)
+
+
+def test_near_ties_go_to_the_preferred_candidate():
+    plan = CandidatePlan(("mean", "median"), np.eye(2), ((0, 1), (0,)))
+    validators = ["v1", "v2", "v3"]
+
+    def decide(median_loss):
+        reports = [report(v, 1.0, mean=0.9, median=median_loss) for v in validators]
+        return TrustedMeanSelection().decide(plan, reports, validators, TOLERANCE).candidate
+
+    assert decide(0.895) == "mean"  # 0.005 better: within the tie margin
+    assert decide(0.85) == "median"  # 0.05 better: a real difference
+
+
+def test_a_primary_does_not_propose_its_own_model():
+    plan = paper_plan(3)
+    reports = [
+        report("10", 1.0, client_10=0.1, client_11=0.5, client_12=0.9),
+        report("11", 1.0, client_10=0.9, client_11=0.2, client_12=0.9),
+        report("12", 1.0, client_10=0.9, client_11=0.9, client_12=0.3),
+    ]
+    decision = PaperSelection().decide(plan, reports, ["10", "11", "12"], TOLERANCE)
+    assert decision.ballots["views"][0]["proposal"] == "client-11"
+    assert decision.committed and decision.candidate == "client-11"

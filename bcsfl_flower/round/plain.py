@@ -1,22 +1,31 @@
-"""Plaintext updates: one float32 matrix of update directions and their norms.
+"""Plaintext updates: one float32 matrix of updates, their norms and their directions.
 
-Each accepted reply ``w_k`` becomes one row ``d_k = w_k - w_t`` of a matrix allocated
-once for the round, then the row is scaled to unit length in place and its norm kept
-in float64. Storing directions and norms separately has two uses:
+Each accepted reply ``w_k`` is decoded once, straight into row ``d_k = w_k - w_t`` of a
+matrix allocated for the round; its norm is kept in float64. A candidate
+``w_t + sum_k a_k d_k`` is then ``w_t + a @ rows``: every candidate of a round comes from
+one matrix product, whatever its weights, and nothing holds a second copy of all the
+models.
 
-* the Gram matrix is one float32 BLAS product of unit rows (cosines in ``[-1, 1]``,
-  which cannot overflow), rescaled by the norms in float64. An update with values near
-  float32's maximum, or scaled by 10^6, therefore never turns the Gram into ``inf``;
-* a candidate ``w_t + sum_k a_k d_k`` is ``w_t + (a * norms) @ directions``: every
-  candidate of a round comes from one matrix product, whatever its weights.
+The Gram matrix is assembled from the norms (exact) and the cosines of the directions
+``u_k = d_k / ||d_k||``, so an update with values near float32's maximum, or scaled by
+10^6, never turns it into ``inf``. How the cosines are computed depends on the model:
 
-Every client's model is decoded once, straight into its row; nothing else holds a
-second copy of all the models.
+* up to :data:`EXACT_DIMENSION` parameters, exactly, as one BLAS product of the unit
+  rows;
+* above it, on a sketch: each unit row is multiplied by random signs and folded into
+  :data:`SKETCH_DIMENSION` buckets (a CountSketch with contiguous buckets). Inner products
+  of sketches are unbiased estimates of the cosines, with a standard error of about
+  ``1/sqrt(SKETCH_DIMENSION)`` (0.011) for updates whose mass is spread over many
+  parameters. The signs are drawn anew every round, after the replies have arrived,
+  from a secret seed that the round record reveals afterwards: a client cannot place
+  its poison where the sketch does not look. This keeps a round's decision within a
+  few times FedAvg's cost at a million parameters (``sim/bench_decision.py``).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +60,63 @@ def _layout(arrays: ArrayRecord) -> tuple[tuple[_Slot, ...], np.ndarray]:
     return tuple(slots), flat
 
 
+EXACT_DIMENSION = 32_768
+"""Models up to this many parameters are compared exactly (the MNIST CNN has 20,522)."""
+
+SKETCH_DIMENSION = 8_192
+"""Buckets of the direction sketch used for larger models."""
+
+
+class DirectionSketch:
+    """Random-sign folding of unit updates into :data:`SKETCH_DIMENSION` buckets.
+
+    Parameters
+    ----------
+    dimension : int
+        Number of parameters of the model.
+    seed : int
+        Seed of the signs (drawn by :meth:`for_round`).
+    """
+
+    def __init__(self, dimension: int, seed: int) -> None:
+        self.dimension = dimension
+        self.seed = seed
+        rng = np.random.default_rng(seed)
+        self.signs = (2 * rng.integers(0, 2, size=dimension, dtype=np.int8) - 1).astype(np.float32)
+        self._folded = (dimension // SKETCH_DIMENSION) * SKETCH_DIMENSION
+
+    @classmethod
+    def for_round(cls, dimension: int) -> DirectionSketch | None:
+        """Return a sketch with fresh secret signs, or None for a model compared exactly."""
+        if dimension <= EXACT_DIMENSION:
+            return None
+        return cls(dimension, secrets.randbits(63))
+
+    def __call__(self, unit_row: np.ndarray) -> np.ndarray:
+        """Return the sketch of one unit-length row."""
+        folded = self._folded
+        sketch = np.einsum(
+            "ij,ij->j",
+            unit_row[:folded].reshape(-1, SKETCH_DIMENSION),
+            self.signs[:folded].reshape(-1, SKETCH_DIMENSION),
+        )
+        tail = self.dimension - folded
+        sketch[:tail] += unit_row[folded:] * self.signs[folded:]
+        return sketch
+
+
 @dataclass(frozen=True)
 class PlainBatch(UpdateBatch):
-    """Unit update directions (``(n, d)`` float32) and their float64 norms."""
+    """Updates (``(n, d)`` float32), their float64 norms and their direction features.
 
-    directions: np.ndarray
+    ``features`` are the unit rows themselves for a model compared exactly, or their
+    sketches; ``sketch_seed`` is the sketch's seed, or None.
+    """
+
+    rows: np.ndarray
     norms: np.ndarray
+    features: np.ndarray
+    sketch_seed: int | None = None
 
     @property
     def size(self) -> int:  # type: ignore[override]
@@ -71,6 +131,9 @@ class PlainCollector(UpdateCollector):
         self._slots, self._base = _layout(global_arrays)
         self._keys = {slot.key for slot in self._slots}
         self._matrix = np.empty((max(capacity, 0), self._base.size), dtype=np.float32)
+        self._sketch = DirectionSketch.for_round(self._base.size)
+        width = self._base.size if self._sketch is None else SKETCH_DIMENSION
+        self._features = np.zeros((max(capacity, 0), width), dtype=np.float32)
         self._norms: list[float] = []
 
     def add(self, arrays: ArrayRecord) -> str | None:
@@ -110,14 +173,20 @@ class PlainCollector(UpdateCollector):
                 return fault
             norm = float(np.linalg.norm(row.astype(np.float64)))
         if norm > 0:
-            row *= np.float32(1.0 / norm)
+            unit = row * np.float32(1.0 / norm)
+            self._features[row_index] = unit if self._sketch is None else self._sketch(unit)
         self._norms.append(norm)
         return None
 
     def finish(self) -> PlainBatch:
         """Return the rows written so far."""
         count = len(self._norms)
-        return PlainBatch(self._matrix[:count], np.asarray(self._norms, dtype=np.float64))
+        return PlainBatch(
+            self._matrix[:count],
+            np.asarray(self._norms, dtype=np.float64),
+            self._features[:count],
+            None if self._sketch is None else self._sketch.seed,
+        )
 
     def _key_fault(self, arrays: ArrayRecord) -> str | None:
         keys = set(arrays.keys())
@@ -152,20 +221,26 @@ class PlainSpace(UpdateSpace):
         return PlainCollector(global_arrays, capacity)
 
     def gram(self, batch: PlainBatch, exchange: GramExchange) -> GramResult:  # type: ignore[override]
-        """Return ``G = diag(r) (U U^T) diag(r)`` from unit rows ``U`` and norms ``r``."""
-        cosines = (batch.directions @ batch.directions.T).astype(np.float64)
+        """Return ``G = diag(r) C diag(r)`` from the cosines ``C`` and exact norms ``r``."""
+        cosines = (batch.features @ batch.features.T).astype(np.float64)
         cosines = np.clip(0.5 * (cosines + cosines.T), -1.0, 1.0)
         gram = cosines * np.outer(batch.norms, batch.norms)
         np.fill_diagonal(gram, batch.norms**2)
-        return GramResult(gram, "computed from the plaintext updates")
+        if batch.sketch_seed is None:
+            return GramResult(gram, "computed from the plaintext updates")
+        return GramResult(
+            gram,
+            f"cosines from a {SKETCH_DIMENSION}-bucket sketch of the plaintext updates",
+            {"sketch_dimension": SKETCH_DIMENSION, "sketch_seed": batch.sketch_seed},
+        )
 
     def combine(  # type: ignore[override]
         self, global_arrays: ArrayRecord, batch: PlainBatch, coefficients: np.ndarray
     ) -> tuple[ArrayRecord, ...]:
-        """Return ``w_t + (a * r) @ U`` for every row ``a`` of ``coefficients``."""
+        """Return ``w_t + a @ rows`` for every row ``a`` of ``coefficients``."""
         slots, base = _layout(global_arrays)
-        weights = (np.atleast_2d(coefficients) * batch.norms[None, :]).astype(np.float32)
-        steps = weights @ batch.directions if batch.size else np.zeros((len(weights), base.size))
+        weights = np.atleast_2d(coefficients).astype(np.float32)
+        steps = weights @ batch.rows if batch.size else np.zeros((len(weights), base.size))
         models = []
         for step in steps:
             flat = base + step

@@ -7,19 +7,21 @@ A rule has two halves, one on each side of the validation exchange:
 :data:`SELECTION_RULES`, the way Opacus maps mechanism names to accountants.
 
 ``trusted-mean`` (the default)
-    Three candidates: the trusted cluster's mean, the mean of its core, and its
-    geometric median. Each validator accepts a candidate that does not raise its loss
-    by more than the tolerance; among the candidates that reach the 2/3 quorum, the one
-    with the highest median loss delta commits. When poison slips into the trusted
+    Three candidates, in order of preference: the trusted cluster's mean, the mean of
+    its core, and its geometric median. Each validator accepts a candidate that does
+    not raise its loss by more than the tolerance; among the candidates that reach the
+    2/3 quorum, the one with the highest median loss delta commits (within
+    :data:`TIE_MARGIN`, the preferred one). When poison slips into the trusted
     cluster, the mean is voted down but its robust fallbacks still carry the round,
     so a round does not stall while a safe step exists.
 
 ``paper``
     BCS-FL's own selection as a PBFT step: every trusted local model is a candidate,
-    the primary (the first validator drawn) proposes the one that lowers its loss
-    most, and the committee accepts or rejects that proposal; ``ceil(2M/3)`` accepts
-    commit it. A rejected proposal triggers a view change to the next validator in
-    draw order, as PBFT changes primary. All of this uses the losses of one exchange.
+    the primary (the first validator drawn) proposes the one, other than its own, that
+    lowers its loss most, and the committee accepts or rejects that proposal;
+    ``ceil(2M/3)`` accepts commit it. A rejected proposal triggers a view change to the
+    next validator in draw order, as PBFT changes primary. All of this uses the losses
+    of one exchange.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ from bcsfl_flower.round.state import (
     Screening,
     ValidatorReport,
 )
+
+TIE_MARGIN = 0.01
+"""Median loss deltas within this of the best count as a tie, won by the preferred candidate.
+
+All candidates are scored on the same validation data, so their differences are real
+but often tiny once the model has converged; the trusted mean uses every trusted
+client's data and is the candidate that generalises like FedAvg, so it should not lose
+to a fallback by a thousandth of a loss unit."""
 
 
 class SelectionRule(ABC):
@@ -145,7 +155,8 @@ class TrustedMeanSelection(SelectionRule):
                 ballots=ballots,
                 suspects=plan.fallback_suspects,
             )
-        chosen = max(eligible, key=lambda name: (scores[name], -plan.names.index(name)))
+        best = max(scores[name] for name in eligible)
+        chosen = next(name for name in eligible if scores[name] >= best - TIE_MARGIN)
         return Decision(
             committed=True,
             candidate=chosen,
@@ -160,7 +171,11 @@ class TrustedMeanSelection(SelectionRule):
 
 
 class PaperSelection(SelectionRule):
-    """BCS-FL's single best local model, decided as a PBFT proposal with view changes."""
+    """BCS-FL's single best local model, decided as a PBFT proposal with view changes.
+
+    A primary never proposes its own model: on non-IID data every client's own model
+    is the best on its own validation data, so self-proposals would split the vote.
+    """
 
     name = "paper"
     shows_single_updates = True
@@ -177,6 +192,7 @@ class PaperSelection(SelectionRule):
             names=tuple(f"client-{names[row]}" for row in trusted),
             coefficients=coefficients,
             supports=tuple((row,) for row in trusted),
+            owners=tuple(names[row] for row in trusted),
         )
 
     def decide(
@@ -194,7 +210,8 @@ class PaperSelection(SelectionRule):
         views: list[dict[str, Any]] = []
         for primary in validators:
             report = by_validator.get(primary)
-            proposal = None if report is None else _best_candidate(report, plan.names)
+            others = [n for n, o in zip(plan.names, plan.owners, strict=True) if o != primary]
+            proposal = None if report is None else _best_candidate(report, others)
             if proposal is None:
                 views.append({"primary": primary, "proposal": None})
                 continue

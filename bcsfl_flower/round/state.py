@@ -197,12 +197,16 @@ class CandidatePlan:
         Rows to slash if no candidate commits: the trusted clients the most robust
         candidate leaves out, so a rollback changes the next round. Empty when the
         screen could not tell groups apart: then there is no basis to slash anyone.
+    owners : tuple[str | None, ...]
+        For a candidate that is one client's model, that client's node id (a validator
+        does not propose its own model); empty when no candidate has a single owner.
     """
 
     names: tuple[str, ...]
     coefficients: np.ndarray
     supports: tuple[tuple[int, ...], ...]
     fallback_suspects: tuple[int, ...] = ()
+    owners: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
