@@ -148,7 +148,7 @@ def model_hash(arrays: ArraysLike) -> bytes:
 def _sorted_arrays(arrays: ArraysLike) -> Iterator[tuple[str, np.ndarray]]:
     if isinstance(arrays, ArrayRecord):
         items: Mapping[str, Any] = arrays
-        convert: Callable[[Any], np.ndarray] = _npy_view
+        convert: Callable[[Any], np.ndarray] = npy_view
     elif isinstance(arrays, Mapping):
         items = arrays
         convert = np.asarray
@@ -167,7 +167,7 @@ def _sorted_arrays(arrays: ArraysLike) -> Iterator[tuple[str, np.ndarray]]:
         yield key, convert(value)
 
 
-def _npy_view(array: Array) -> np.ndarray:
+def npy_view(array: Array) -> np.ndarray:
     """Return a read-only view of the elements inside an ``Array``'s ``.npy`` bytes.
 
     ``Array.numpy()`` would deserialize into a fresh copy; reading the ``.npy`` header and

@@ -27,10 +27,10 @@ from bcsfl_flower.packets import (
     RoundApproval,
     SignedModelPacket,
     _canonical_array,
-    _npy_view,
     accepted_root,
     committee_root,
     model_hash,
+    npy_view,
     recover_signer,
 )
 
@@ -117,7 +117,7 @@ def test_model_hash_copies_nothing_for_canonical_arrays():
     same = _canonical_array("a", array)
     assert np.shares_memory(same, array)
     record_array = Array(array)
-    view = _npy_view(record_array)
+    view = npy_view(record_array)
     assert not view.flags.owndata
     base = view
     while isinstance(base, np.ndarray) and base.base is not None:

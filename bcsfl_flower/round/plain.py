@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from bcsfl_flower.packets import npy_view
 from bcsfl_flower.round.space import GramExchange, UpdateCollector, UpdateSpace
 from bcsfl_flower.round.state import GramResult, UpdateBatch
 
@@ -65,6 +66,9 @@ EXACT_DIMENSION = 32_768
 
 SKETCH_DIMENSION = 8_192
 """Buckets of the direction sketch used for larger models."""
+
+_SAFE_SKETCH_NORM = 1e30
+"""Rows shorter than this can be sketched before scaling: no bucket sum nears float32's max."""
 
 
 class DirectionSketch:
@@ -117,6 +121,8 @@ class PlainBatch(UpdateBatch):
     norms: np.ndarray
     features: np.ndarray
     sketch_seed: int | None = None
+    layout: tuple[tuple[_Slot, ...], np.ndarray] | None = None
+    """The slots and the flattened ``w_t`` the rows were taken against."""
 
     @property
     def size(self) -> int:  # type: ignore[override]
@@ -134,6 +140,7 @@ class PlainCollector(UpdateCollector):
         self._sketch = DirectionSketch.for_round(self._base.size)
         width = self._base.size if self._sketch is None else SKETCH_DIMENSION
         self._features = np.zeros((max(capacity, 0), width), dtype=np.float32)
+        self._unit = np.empty(self._base.size, dtype=np.float32)  # reused for every row
         self._norms: list[float] = []
 
     def add(self, arrays: ArrayRecord) -> str | None:
@@ -153,8 +160,8 @@ class PlainCollector(UpdateCollector):
                     f"expected {slot.dtype}{list(slot.shape)}"
                 )
             try:
-                values = array.numpy()
-            except (ValueError, TypeError, EOFError) as err:
+                values = npy_view(array)  # read in place: the row is the only copy
+            except (ValueError, TypeError, EOFError, SyntaxError) as err:
                 return f"array '{slot.key}' cannot be decoded: {err}"
             if values.dtype != slot.dtype or values.shape != slot.shape:
                 return f"array '{slot.key}' decodes to {values.dtype}{list(values.shape)}"
@@ -173,10 +180,21 @@ class PlainCollector(UpdateCollector):
                 return fault
             norm = float(np.linalg.norm(row.astype(np.float64)))
         if norm > 0:
-            unit = row * np.float32(1.0 / norm)
-            self._features[row_index] = unit if self._sketch is None else self._sketch(unit)
+            self._features[row_index] = self._direction(row, norm)
         self._norms.append(norm)
         return None
+
+    def _direction(self, row: np.ndarray, norm: float) -> np.ndarray:
+        """Return the direction features of one row: its unit vector, or that vector's sketch.
+
+        The sketch is linear, so a row of moderate size is sketched first and the
+        sketch scaled (one pass less); a huge row is scaled first, so no bucket sum can
+        overflow float32.
+        """
+        if self._sketch is not None and norm < _SAFE_SKETCH_NORM:
+            return self._sketch(row) * np.float32(1.0 / norm)
+        unit = np.multiply(row, np.float32(1.0 / norm), out=self._unit)
+        return unit if self._sketch is None else self._sketch(unit)
 
     def finish(self) -> PlainBatch:
         """Return the rows written so far."""
@@ -186,6 +204,7 @@ class PlainCollector(UpdateCollector):
             np.asarray(self._norms, dtype=np.float64),
             self._features[:count],
             None if self._sketch is None else self._sketch.seed,
+            (self._slots, self._base),
         )
 
     def _key_fault(self, arrays: ArrayRecord) -> str | None:
@@ -238,12 +257,15 @@ class PlainSpace(UpdateSpace):
         self, global_arrays: ArrayRecord, batch: PlainBatch, coefficients: np.ndarray
     ) -> tuple[ArrayRecord, ...]:
         """Return ``w_t + a @ rows`` for every row ``a`` of ``coefficients``."""
-        slots, base = _layout(global_arrays)
+        slots, base = batch.layout if batch.layout is not None else _layout(global_arrays)
         weights = np.atleast_2d(coefficients).astype(np.float32)
-        steps = weights @ batch.rows if batch.size else np.zeros((len(weights), base.size))
+        if batch.size:
+            steps = weights @ batch.rows
+        else:
+            steps = np.zeros((len(weights), base.size), dtype=np.float32)
         models = []
-        for step in steps:
-            flat = base + step
+        for flat in steps:
+            flat += base
             models.append(ArrayRecord({s.key: Array(_restore(flat, s)) for s in slots}))
         return tuple(models)
 
@@ -253,4 +275,4 @@ def _restore(flat: np.ndarray, slot: _Slot) -> np.ndarray:
     values = flat[slot.start : slot.stop].reshape(slot.shape)
     if slot.dtype.kind in "iub":
         values = np.rint(values)
-    return np.ascontiguousarray(values.astype(slot.dtype))
+    return np.ascontiguousarray(values.astype(slot.dtype, copy=False))
