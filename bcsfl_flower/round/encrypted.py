@@ -222,7 +222,6 @@ class EncryptedSpace(UpdateSpace):
     """CKKS-encrypted updates: the server sees ciphertexts and one decrypted Gram matrix."""
 
     name = "ckks"
-    server_can_evaluate = False
 
     def __init__(self) -> None:
         self.public_ctx: ts.Context | None = None

@@ -66,9 +66,6 @@ class UpdateSpace(ABC):
     name: str
     """Registry name (``"plain"``, ``"ckks"``)."""
 
-    server_can_evaluate: bool = True
-    """Whether the server can read (and so evaluate) the global model."""
-
     def prepare(self, grid: Grid, initial_arrays: ArrayRecord, timeout: float) -> None:  # noqa: B027
         """Get ready before the first round (the CKKS space fetches its public context)."""
 
