@@ -72,11 +72,11 @@ def test_bcsfl_rejects_label_flippers_and_beats_fedavg(attacked_runs):
     fedavg = attacked_runs["fedavg"].results
     assert len(bcsfl["attacker_partitions"]) == 3
     rounds = [bcsfl["rounds"][str(r)] for r in range(1, 5)]
-    recalls = [r["attacker_recall"] for r in rounds]
-    precisions = [r["attacker_precision"] for r in rounds if r["attacker_precision"] is not None]
-    # Most attacker updates are rejected, and rejections are mostly attackers.
-    assert sum(recalls) / len(recalls) >= 0.75
-    assert sum(precisions) / len(precisions) >= 0.6
+    # From a random initial model, flipped and honest updates look alike in round 1;
+    # from round 2 on every flipper is rejected, and no honest client ever is.
+    assert all(r["attacker_recall"] == 1.0 for r in rounds[1:])
+    assert all(r["attacker_precision"] in (None, 1.0) for r in rounds)
+    assert all(r["outcome"] == "commit" for r in rounds)
     assert bcsfl["final_test_accuracy"] > fedavg["final_test_accuracy"]
 
 
@@ -131,10 +131,6 @@ CKKS_CONFIG = {
     # 1e-7 decryption noise moves accuracy far less than one point.
     "num-server-rounds": 4,
     "seed": 42,
-    # CKKS screens on the decrypted Gram, where median centring is impossible; the
-    # plaintext run uses the same rule so that both make the same decisions.
-    "screening-centering": "none",
-    "cosine-threshold": 0.7,
     # The two runs draw different committees (the seed hashes the global model, a
     # ciphertext in one run); a lenient vote and no slashing keep one noisy validator
     # from rolling back a round in one run only, which is not what this test is about.

@@ -123,10 +123,11 @@ def paper_plan(n=4):
     return PaperSelection().plan(gram, bounds, screening, names)
 
 
-def test_paper_plan_offers_each_trusted_local_model():
+def test_paper_plan_offers_each_trusted_local_model_with_the_mean_steps_length():
     plan = paper_plan()
     assert plan.names == ("client-10", "client-11", "client-12", "client-13")
-    np.testing.assert_allclose(plan.coefficients, np.eye(4))
+    # Four orthogonal unit updates: their mean is 1/2 long, so each step is halved.
+    np.testing.assert_allclose(plan.coefficients, 0.5 * np.eye(4))
     assert plan.supports == ((0,), (1,), (2,), (3,))
 
 

@@ -183,11 +183,21 @@ class PaperSelection(SelectionRule):
     def plan(
         self, gram: np.ndarray, bounds: Bounds, screening: Screening, names: Sequence[str]
     ) -> CandidatePlan:
-        """Return every trusted client's (clipped) local model as a candidate."""
-        trusted = list(screening.trusted)
+        """Return every trusted client's local model, its step bounded, as a candidate.
+
+        A single client's step is bounded by the length of the step the trusted mean
+        would take: on non-IID data one local model, moved its full length, raises
+        every other validator's loss once the global model has converged, and no
+        proposal could gather a quorum. The direction stays the client's own.
+        """
+        trusted = np.asarray(screening.trusted, dtype=np.int64)
+        mean = mean_coefficients(trusted, bounds.weights, bounds.clip)
+        mean_step = float(np.sqrt(max(mean @ gram @ mean, 0.0)))
         coefficients = np.zeros((len(trusted), gram.shape[0]))
         for position, row in enumerate(trusted):
-            coefficients[position, row] = bounds.clip[row]
+            length = bounds.norms[row]
+            coefficients[position, row] = min(bounds.clip[row], mean_step / length) if length else 0
+        trusted = list(trusted)
         return CandidatePlan(
             names=tuple(f"client-{names[row]}" for row in trusted),
             coefficients=coefficients,
