@@ -82,6 +82,7 @@ class RunSettings:
     chain_retry_attempts: int = 5
     chain_retry_base_delay: float = 0.5
     packet_window_s: float = 300.0
+    require_signed: bool = True
     client_registry: str = ""
     dp: bool = False
     dp_noise_multiplier: float = 1.0
@@ -127,6 +128,12 @@ class RunSettings:
         _require(self.chain_retry_attempts >= 1, "chain-retry-attempts", "must be >= 1")
         _require(self.chain_retry_base_delay >= 0, "chain-retry-base-delay", "must be >= 0")
         _require(self.packet_window_s > 0, "packet-window-s", "must be > 0")
+        _require(
+            not (self.require_signed and self.chain == "none" and self.strategy == "bcsfl"),
+            "require-signed",
+            "needs an audit chain to check signatures against (chain is 'none'); set "
+            "require-signed=false to admit unsigned clients",
+        )
         _require(self.dp_noise_multiplier >= 0, "dp-noise-multiplier", "must be >= 0")
         _require(self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")
         _require(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")

@@ -70,6 +70,10 @@ class RoundNotary:
         The run's output directory; ``chain.json`` is written there.
     packet_window_s : float
         Maximum age of a client's packet.
+    require_signed : bool
+        Admit only signed replies: an unsigned reply is rejected like a forged one.
+        Without it, a client that does not run the bcsfl mod takes part unsigned (and
+        so anonymously: any node could join the vote without a registered key).
     mining_timeout : float
         Seconds to wait for the miners' approvals.
     """
@@ -85,6 +89,7 @@ class RoundNotary:
         registered: Iterable[str] = (),
         packet_window_s: float = 300.0,
         mining_timeout: float = 120.0,
+        require_signed: bool = False,
     ) -> None:
         self.connection = connection
         self.trail = trail
@@ -92,6 +97,7 @@ class RoundNotary:
         self.output_dir = Path(output_dir)
         self.mining_timeout = mining_timeout
         self.verifier = PacketVerifier(trail.domain, registered, window_s=packet_window_s)
+        self.require_signed = require_signed
         self.addresses: dict[str, str] = {}
         """Node id -> address, learned from verified packets."""
 
@@ -107,6 +113,7 @@ class RoundNotary:
         retry: RetryPolicy | None = None,
         packet_window_s: float = 300.0,
         mining_timeout: float = 120.0,
+        require_signed: bool = False,
     ) -> RoundNotary:
         """Connect to the chain, store the initial model and deploy (or attach to) the contract.
 
@@ -137,6 +144,7 @@ class RoundNotary:
                 registered=addresses,
                 packet_window_s=packet_window_s,
                 mining_timeout=mining_timeout,
+                require_signed=require_signed,
             )
             notary.write_manifest()
         except BaseException:
@@ -149,9 +157,14 @@ class RoundNotary:
         return signing_config(self.trail.domain)
 
     def check_packet(self, node_id: int, content: RecordDict, server_round: int) -> PacketCheck:
-        """Verify a train reply's packet; an unsigned reply passes as unsigned."""
+        """Verify a train reply's packet; an unsigned reply passes unless signing is required."""
         record = packet_record(content)
         if record is None:
+            if self.require_signed:
+                return PacketCheck(
+                    rejection="unsigned reply: this federation admits only replies signed "
+                    "by a registered client (require-signed)"
+                )
             return PacketCheck()
         arrays = next(iter(content.array_records.values()))
         try:

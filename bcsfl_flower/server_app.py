@@ -115,6 +115,7 @@ def open_notary(
             base_delay_s=settings.chain_retry_base_delay,
         ),
         packet_window_s=settings.packet_window_s,
+        require_signed=settings.require_signed,
     )
 
 

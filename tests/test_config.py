@@ -23,6 +23,19 @@ def test_defaults_and_overrides():
         ({"attacker-fraction": 1.0}, "attacker-fraction"),
         ({"output-dir": "relative/path"}, "output-dir"),
         ({"batch-size": True}, "batch-size"),
+        ({"num-validators": 0}, "num-validators"),
+        ({"vote-tolerance": -0.1}, "vote-tolerance"),
+        ({"outlier-norm-ratio": 0.5}, "outlier-norm-ratio"),
+        ({"split-margin": -1.0}, "split-margin"),
+        ({"stake-slash": 1.0}, "stake-slash"),
+        ({"stake-reward": -1.0}, "stake-reward"),
+        ({"selection": "best"}, "selection"),
+        ({"initial-stake": "lottery"}, "initial-stake"),
+        ({"attacker-stake": -1.0}, "attacker-stake"),
+        ({"loss-metric-key": ""}, "loss-metric-key"),
+        ({"ckks": True, "selection": "paper"}, "selection"),
+        ({"ckks": True, "strategy": "fedavg"}, "ckks"),
+        ({"chain": "none"}, "require-signed"),
     ],
 )
 def test_bad_value_fails_fast_naming_the_key(config, key):
@@ -38,3 +51,15 @@ def test_data_dir_falls_back_to_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("BCSFL_DATA_DIR", str(tmp_path))
     assert RunSettings().resolved_data_dir() == tmp_path.resolve()
     assert RunSettings(data_dir="/x/y").resolved_data_dir() == __import__("pathlib").Path("/x/y")
+
+
+def test_the_pyproject_defaults_are_the_settings_defaults():
+    import tomllib
+
+    from conftest import REPO
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    settings = RunSettings.from_run_config(config)
+    for key, value in config.items():
+        assert getattr(settings, key.replace("-", "_")) == value, key
+    assert RunSettings.from_run_config({"chain": "none", "require-signed": False}).chain == "none"

@@ -244,3 +244,25 @@ def test_certification_is_frozen_and_anchoring_needs_a_certificate(tmp_path):
         assert notary.anchor(GLOBAL, certification)["anchored"] is True
     finally:
         notary.close()
+
+
+def test_require_signed_rejects_unsigned_and_unregistered_replies(tmp_path):
+    notary = RoundNotary.open(
+        "embedded", tmp_path, GLOBAL, num_simulated_clients=6, require_signed=True
+    )
+    try:
+        strategy = BCSFL(notary=notary)
+        grid = MiningGrid({node: node - 1 for node in range(1, 8)})
+        replies = federation(notary, 1)
+        unsigned = train_reply(7, {"w": (0.5 * TARGET).astype(np.float32)}, num_examples=100)
+        # Partition 40's development key is valid but was never registered on the contract.
+        stranger = signed_reply(8, 40, 0.5 * TARGET, notary, 1)
+        arrays, record = run(strategy, grid, 1, [*replies, unsigned, stranger])
+        assert record["outcome"] == "commit"
+        assert "unsigned reply" in record["rejected"]["7"]
+        assert "require-signed" in record["rejected"]["7"]
+        assert "unregistered-signer" in record["rejected"]["8"]
+        assert sorted(record["signed"]) == ["1", "2", "3", "4", "5", "6"]
+        assert record["chain"]["certified_by"] == "miners"
+    finally:
+        notary.close()
