@@ -26,19 +26,17 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcsfl_flower.chain.audit import (
     AnchoredRound,
     AuditTrail,
     ChainManifest,
-    RolledBackRound,
-    quorum,
 )
 from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore, load_model_file
-from bcsfl_flower.packets import committee_root, model_hash, sort_committee
+from bcsfl_flower.chain.verification import timeline, verify_trail
+from bcsfl_flower.packets import model_hash
 
 MANIFEST_NAME = "chain.json"
 """File name of the chain manifest inside a run's output directory."""
@@ -143,7 +141,7 @@ def _cmd_list(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTra
     print(f"{'round':>5}  {'status':<11} {'model hash':<18} {'approvals':>9}  {'gas':>7}  stored")
     genesis = manifest.genesis_hash.hex()
     print(f"{0:>5}  {'genesis':<11} 0x{genesis[:16]} {'':>9}  {'':>7}  {_yes(genesis in stored)}")
-    for record in _timeline(trail):
+    for record in timeline(trail):
         if isinstance(record, AnchoredRound):
             digest = record.model_hash.hex()
             approvals = f"{len(record.signers)}/{len(record.committee)}"
@@ -163,7 +161,7 @@ def _cmd_show(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTra
     if args.round == 0:
         print(json.dumps({"round": 0, "genesis_hash": "0x" + trail.get_round(0).hex()}, indent=2))
         return EXIT_OK
-    for record in _timeline(trail):
+    for record in timeline(trail):
         if record.round == args.round:
             details = record.to_dict()
             if isinstance(record, AnchoredRound):
@@ -210,159 +208,18 @@ def _cmd_verify_model(args: argparse.Namespace, manifest: ChainManifest, trail: 
 # ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Report:
-    failures: list[str] = field(default_factory=list)
-    checks: int = 0
-
-    def check(self, condition: bool, message: str) -> bool:
-        self.checks += 1
-        if not condition:
-            self.failures.append(message)
-            print(f"FAIL {message}")
-        return condition
-
-
 def _cmd_verify(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
-    report = _Report()
-    genesis = trail.get_round(0)
-    report.check(
-        genesis == manifest.genesis_hash,
-        f"genesis: contract has 0x{genesis.hex()}, manifest 0x{manifest.genesis_hash.hex()}",
-    )
-    timeline = _timeline(trail)
-    latest = trail.latest_round()
-    report.check(
-        latest >= manifest.latest_round,
-        f"the trail ends at round {latest}, but {manifest.path.name} recorded round "
-        f"{manifest.latest_round}: rounds are missing from the chain",
-    )
-    if manifest.head_hash is not None and manifest.head_round <= latest:
-        recorded = trail.get_round(manifest.head_round) if manifest.head_round else genesis
-        report.check(
-            recorded == manifest.head_hash,
-            f"round {manifest.head_round}: {manifest.path.name} recorded model "
-            f"0x{manifest.head_hash.hex()}, the chain has 0x{recorded.hex()}",
-        )
-    numbers = [record.round for record in timeline]
-    report.check(
-        numbers == list(range(1, latest + 1)),
-        f"round sequence: expected rounds 1..{latest} once each, found {numbers}",
-    )
-    registry = _RegistryHistory.read(trail)
-    head = genesis
-    anchored_hashes = [(0, genesis)]
-    for record in timeline:
-        if isinstance(record, RolledBackRound):
-            report.check(
-                record.kept_model_hash == head,
-                f"round {record.round}: rollback keeps 0x{record.kept_model_hash.hex()}, "
-                f"the last anchored model is 0x{head.hex()}",
-            )
-            continue
-        _verify_anchor(report, trail, manifest, registry, record, head)
-        head = record.model_hash
-        anchored_hashes.append((record.round, record.model_hash))
-    store = ModelStore(manifest.models_dir)
-    for round_number, digest in anchored_hashes:
-        try:
-            store.verify(digest)
-        except (FileNotFoundError, ModelIntegrityError) as err:
-            report.check(False, f"round {round_number}: model store: {err}")
-        else:
-            report.check(True, "")
-    anchored = sum(isinstance(record, AnchoredRound) for record in timeline)
+    report = verify_trail(trail, manifest)
+    for failure in report.failures:
+        print(f"FAIL {failure.message}")
     if report.failures:
         print(f"audit trail INVALID: {len(report.failures)} of {report.checks} checks failed")
         return EXIT_MISMATCH
     print(
-        f"audit trail OK: {anchored} anchored and {len(timeline) - anchored} rolled-back rounds, "
-        f"{report.checks} checks passed ({trail.address} on chain {manifest.chain_id})"
+        f"audit trail OK: {report.anchored} anchored and {report.rolled_back} rolled-back "
+        f"rounds, {report.checks} checks passed ({trail.address} on chain {manifest.chain_id})"
     )
     return EXIT_OK
-
-
-def _verify_anchor(
-    report: _Report,
-    trail: AuditTrail,
-    manifest: ChainManifest,
-    registry: _RegistryHistory,
-    record: AnchoredRound,
-    head: bytes,
-) -> None:
-    approval = record.approval
-    label = f"round {record.round}"
-    report.check(
-        approval.previous_hash == head,
-        f"{label}: links to 0x{approval.previous_hash.hex()}, previous anchor is 0x{head.hex()}",
-    )
-    stored = trail.get_round(record.round)
-    report.check(
-        stored == approval.model_hash,
-        f"{label}: contract stores 0x{stored.hex()}, its transaction anchored "
-        f"0x{approval.model_hash.hex()}",
-    )
-    committee = list(record.committee)
-    report.check(
-        committee == sort_committee(committee),
-        f"{label}: committee is not strictly ascending",
-    )
-    report.check(
-        committee_root(committee) == approval.committee_root,
-        f"{label}: committee root does not match the committee {committee}",
-    )
-    signers = []
-    for index, signature in enumerate(record.signatures):
-        try:
-            signers.append(approval.recover(signature, trail.domain))
-        except ValueError as err:
-            report.check(False, f"{label}: signature {index} is invalid: {err}")
-    report.check(len(set(signers)) == len(signers), f"{label}: a miner signed twice: {signers}")
-    for signer in signers:
-        report.check(signer in committee, f"{label}: signer {signer} is not in the committee")
-        report.check(
-            signer == manifest.operator or registry.registered_at(signer, record.block_number),
-            f"{label}: signer {signer} was not registered at block {record.block_number}",
-        )
-    required = quorum(len(committee)) if committee else 1
-    report.check(
-        len(set(signers)) >= required,
-        f"{label}: {len(set(signers))} approvals, quorum of {len(committee)} miners is {required}",
-    )
-
-
-@dataclass
-class _RegistryHistory:
-    """Registration events in chain order, to answer "was X registered at block B?"."""
-
-    events: list[tuple[int, int, str, bool]]
-
-    @classmethod
-    def read(cls, trail: AuditTrail) -> _RegistryHistory:
-        start = trail.deploy_block
-        events = [
-            (int(e["blockNumber"]), int(e["logIndex"]), str(e["args"]["client"]), True)
-            for e in trail.contract.events.ClientRegistered.get_logs(from_block=start)
-        ]
-        events += [
-            (int(e["blockNumber"]), int(e["logIndex"]), str(e["args"]["client"]), False)
-            for e in trail.contract.events.ClientDeregistered.get_logs(from_block=start)
-        ]
-        return cls(sorted(events))
-
-    def registered_at(self, address: str, block: int) -> bool:
-        state = False
-        for event_block, _, client, registered in self.events:
-            if event_block > block:
-                break
-            if client == address:
-                state = registered
-        return state
-
-
-def _timeline(trail: AuditTrail) -> list[AnchoredRound | RolledBackRound]:
-    records: list[AnchoredRound | RolledBackRound] = [*trail.anchored_rounds(), *trail.rollbacks()]
-    return sorted(records, key=lambda record: record.round)
 
 
 def _yes(flag: bool) -> str:

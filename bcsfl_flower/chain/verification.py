@@ -1,0 +1,246 @@
+"""Verify a run's audit trail: the round sequence, hash links, certificates and stored models.
+
+``bcsfl audit verify`` prints the report; resuming a stopped run refuses a trail that
+does not verify, naming the first broken round. The checks:
+
+* the contract's genesis is the manifest's, and the trail reaches at least the round
+  and head the manifest recorded (unless the caller accepts a shorter chain, as a resume
+  after a chain crash must: the lost rounds are then run again);
+* rounds 1..latest appear exactly once each, anchored or rolled back;
+* each anchored round links to the previous anchor, the contract stores what its
+  transaction anchored, its committee is sorted and hashes to the committee root, and
+  its signatures recover to a quorum of distinct miners of that committee, each
+  registered (or the operator) when the round was anchored;
+* each rollback keeps the last anchored model;
+* every anchored model (and the genesis) is in the model store and re-hashes correctly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bcsfl_flower.chain.audit import (
+    AnchoredRound,
+    AuditTrail,
+    ChainManifest,
+    RolledBackRound,
+    quorum,
+)
+from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
+from bcsfl_flower.packets import committee_root, sort_committee
+
+
+@dataclass(frozen=True)
+class TrailFailure:
+    """One failed check, and the round it concerns (None for the trail as a whole)."""
+
+    round: int | None
+    message: str
+
+
+@dataclass
+class TrailReport:
+    """The outcome of :func:`verify_trail`."""
+
+    failures: list[TrailFailure] = field(default_factory=list)
+    checks: int = 0
+    anchored: int = 0
+    rolled_back: int = 0
+    latest_round: int = 0
+
+    def check(self, condition: bool, message: str, round_number: int | None = None) -> bool:
+        """Count one check; record a failure when ``condition`` is false."""
+        self.checks += 1
+        if not condition:
+            self.failures.append(TrailFailure(round_number, message))
+        return condition
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check passed."""
+        return not self.failures
+
+    def first_broken_round(self) -> int | None:
+        """Return the lowest round a failure names, if any does."""
+        rounds = [f.round for f in self.failures if f.round is not None]
+        return min(rounds) if rounds else None
+
+
+def timeline(trail: AuditTrail) -> list[AnchoredRound | RolledBackRound]:
+    """Return every anchored and rolled-back round of the trail, in round order."""
+    records: list[AnchoredRound | RolledBackRound] = [*trail.anchored_rounds(), *trail.rollbacks()]
+    return sorted(records, key=lambda record: record.round)
+
+
+def verify_trail(
+    trail: AuditTrail, manifest: ChainManifest, *, accept_shorter_chain: bool = False
+) -> TrailReport:
+    """Run every check of the module docstring and return the report.
+
+    Parameters
+    ----------
+    trail : AuditTrail
+        The trail, attached to its chain.
+    manifest : ChainManifest
+        The run's ``chain.json``.
+    accept_shorter_chain : bool
+        Do not fail when the chain ends before the round the manifest recorded (a chain
+        that lost its last rounds in a crash); the rounds it has must still verify.
+    """
+    report = TrailReport()
+    genesis = trail.get_round(0)
+    report.check(
+        genesis == manifest.genesis_hash,
+        f"genesis: contract has 0x{genesis.hex()}, manifest 0x{manifest.genesis_hash.hex()}",
+        0,
+    )
+    records = timeline(trail)
+    latest = report.latest_round = trail.latest_round()
+    if not accept_shorter_chain:
+        _check_manifest_head(report, trail, manifest, latest, genesis)
+    numbers = [record.round for record in records]
+    report.check(
+        numbers == list(range(1, latest + 1)),
+        f"round sequence: expected rounds 1..{latest} once each, found {numbers}",
+        _first_gap(numbers),
+    )
+    registry = _RegistryHistory.read(trail)
+    head = genesis
+    anchored_hashes = [(0, genesis)]
+    for record in records:
+        if isinstance(record, RolledBackRound):
+            report.rolled_back += 1
+            report.check(
+                record.kept_model_hash == head,
+                f"round {record.round}: rollback keeps 0x{record.kept_model_hash.hex()}, "
+                f"the last anchored model is 0x{head.hex()}",
+                record.round,
+            )
+            continue
+        report.anchored += 1
+        _verify_anchor(report, trail, manifest, registry, record, head)
+        head = record.model_hash
+        anchored_hashes.append((record.round, record.model_hash))
+    store = ModelStore(manifest.models_dir)
+    for round_number, digest in anchored_hashes:
+        try:
+            store.verify(digest)
+        except (FileNotFoundError, ModelIntegrityError) as err:
+            report.check(False, f"round {round_number}: model store: {err}", round_number)
+        else:
+            report.check(True, "")
+    return report
+
+
+def _check_manifest_head(
+    report: TrailReport, trail: AuditTrail, manifest: ChainManifest, latest: int, genesis: bytes
+) -> None:
+    report.check(
+        latest >= manifest.latest_round,
+        f"the trail ends at round {latest}, but {manifest.path.name} recorded round "
+        f"{manifest.latest_round}: rounds are missing from the chain",
+        latest + 1,
+    )
+    if manifest.head_hash is not None and manifest.head_round <= latest:
+        recorded = trail.get_round(manifest.head_round) if manifest.head_round else genesis
+        report.check(
+            recorded == manifest.head_hash,
+            f"round {manifest.head_round}: {manifest.path.name} recorded model "
+            f"0x{manifest.head_hash.hex()}, the chain has 0x{recorded.hex()}",
+            manifest.head_round,
+        )
+
+
+def _first_gap(numbers: list[int]) -> int | None:
+    for expected, found in enumerate(numbers, start=1):
+        if found != expected:
+            return expected
+    return None
+
+
+def _verify_anchor(
+    report: TrailReport,
+    trail: AuditTrail,
+    manifest: ChainManifest,
+    registry: _RegistryHistory,
+    record: AnchoredRound,
+    head: bytes,
+) -> None:
+    approval = record.approval
+    label = f"round {record.round}"
+    report.check(
+        approval.previous_hash == head,
+        f"{label}: links to 0x{approval.previous_hash.hex()}, previous anchor is 0x{head.hex()}",
+        record.round,
+    )
+    stored = trail.get_round(record.round)
+    report.check(
+        stored == approval.model_hash,
+        f"{label}: contract stores 0x{stored.hex()}, its transaction anchored "
+        f"0x{approval.model_hash.hex()}",
+        record.round,
+    )
+    committee = list(record.committee)
+    report.check(
+        committee == sort_committee(committee),
+        f"{label}: committee is not strictly ascending",
+        record.round,
+    )
+    report.check(
+        committee_root(committee) == approval.committee_root,
+        f"{label}: committee root does not match the committee {committee}",
+        record.round,
+    )
+    signers = []
+    for index, signature in enumerate(record.signatures):
+        try:
+            signers.append(approval.recover(signature, trail.domain))
+        except ValueError as err:
+            report.check(False, f"{label}: signature {index} is invalid: {err}", record.round)
+    report.check(
+        len(set(signers)) == len(signers), f"{label}: a miner signed twice: {signers}", record.round
+    )
+    for signer in signers:
+        report.check(
+            signer in committee, f"{label}: signer {signer} is not in the committee", record.round
+        )
+        report.check(
+            signer == manifest.operator or registry.registered_at(signer, record.block_number),
+            f"{label}: signer {signer} was not registered at block {record.block_number}",
+            record.round,
+        )
+    required = quorum(len(committee)) if committee else 1
+    report.check(
+        len(set(signers)) >= required,
+        f"{label}: {len(set(signers))} approvals, quorum of {len(committee)} miners is {required}",
+        record.round,
+    )
+
+
+@dataclass
+class _RegistryHistory:
+    """Registration events in chain order, to answer "was X registered at block B?"."""
+
+    events: list[tuple[int, int, str, bool]]
+
+    @classmethod
+    def read(cls, trail: AuditTrail) -> _RegistryHistory:
+        start = trail.deploy_block
+        events = [
+            (int(e["blockNumber"]), int(e["logIndex"]), str(e["args"]["client"]), True)
+            for e in trail.contract.events.ClientRegistered.get_logs(from_block=start)
+        ]
+        events += [
+            (int(e["blockNumber"]), int(e["logIndex"]), str(e["args"]["client"]), False)
+            for e in trail.contract.events.ClientDeregistered.get_logs(from_block=start)
+        ]
+        return cls(sorted(events))
+
+    def registered_at(self, address: str, block: int) -> bool:
+        state = False
+        for event_block, _, client, registered in self.events:
+            if event_block > block:
+                break
+            if client == address:
+                state = registered
+        return state
