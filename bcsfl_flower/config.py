@@ -38,6 +38,8 @@ OUTPUT_DIR_ENV = "BCSFL_OUTPUT_DIR"
 
 DATASETS = ("mnist", "cifar10")
 ATTACKS = ("label-flip", "sign-flip", "gaussian-noise", "scale")
+FAULTS = ("none", "raise", "silent")
+"""Simulated client faults (run config ``fault``): raise in ``train``, or answer too late."""
 STRATEGIES = ("bcsfl", *BASELINES)
 
 
@@ -83,6 +85,11 @@ class RunSettings:
     chain_retry_base_delay: float = 0.5
     packet_window_s: float = 300.0
     require_signed: bool = True
+    resume: bool = False
+    round_timeout: float = 3600.0
+    fault: str = "none"
+    fault_partition: int = 0
+    fault_round: int = 1
     client_registry: str = ""
     dp: bool = False
     dp_noise_multiplier: float = 1.0
@@ -128,6 +135,21 @@ class RunSettings:
         _require(self.chain_retry_attempts >= 1, "chain-retry-attempts", "must be >= 1")
         _require(self.chain_retry_base_delay >= 0, "chain-retry-base-delay", "must be >= 0")
         _require(self.packet_window_s > 0, "packet-window-s", "must be > 0")
+        _require(self.round_timeout > 0, "round-timeout", "must be > 0")
+        _require(self.fault in FAULTS, "fault", f"must be one of {FAULTS}")
+        _require(self.fault_partition >= 0, "fault-partition", "must be >= 0")
+        _require(self.fault_round >= 1, "fault-round", "must be >= 1")
+        _require(
+            not self.resume or (self.strategy == "bcsfl" and self.chain != "none"),
+            "resume",
+            "needs strategy 'bcsfl' and an audit chain: a run continues from its anchored "
+            "model, its chain state and its recorded stakes",
+        )
+        _require(
+            not self.resume or self.output_dir != "",
+            "resume",
+            "needs output-dir: the directory of the run to continue",
+        )
         _require(
             not (self.require_signed and self.chain == "none" and self.strategy == "bcsfl"),
             "require-signed",

@@ -10,11 +10,15 @@ tests and experiments can treat a federation like any other command:
 * the SuperLink and everything it spawned (SuperExec, ServerApp, Ray) is stopped by
   pid when the run ends;
 * success is read from the run's own ``results.json``: the exit code is 0 only when
-  its status is ``completed``.
+  its status is ``completed``;
+* how the run was launched is kept in ``<output-dir>/launch.json``, so a stopped run
+  can be resumed from its directory alone (run config ``resume``, see
+  :mod:`bcsfl_flower.checkpoint`).
 
 Usage::
 
     python -m bcsfl_flower.launch --num-supernodes 10 --run-config "num-server-rounds=3"
+    python -m bcsfl_flower.launch --resume runs/20261130-101500
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from bcsfl_flower.results import RESULTS_FILE, load_results
 
 APP_DIR = Path(__file__).resolve().parent.parent
 """The Flower App directory (the one holding ``pyproject.toml``) when run from a checkout."""
+
+LAUNCH_FILE = "launch.json"
+"""How a run was launched (supernodes, run config, data and app directories)."""
 
 
 class FederationFailedError(RuntimeError):
@@ -70,6 +77,7 @@ def run_federation(
     timeout: float = 3600.0,
     stream: bool = True,
     require_results: bool = True,
+    client_cpus: float | None = None,
 ) -> FederationRun:
     """Run ``flwr run`` on ``app_dir`` and return its results, or raise if it failed.
 
@@ -92,6 +100,9 @@ def run_federation(
         Whether the app writes bcsfl's ``results.json`` (this package's ServerApp
         does). For any other Flower app, success is the SuperLink's own run status
         (``flwr ls``), which must be ``finished:completed``.
+    client_cpus : float, optional
+        CPUs Ray reserves per simulated ClientApp (Flower's default is 2, which runs
+        one client at a time on a 2-core machine).
 
     Raises
     ------
@@ -106,6 +117,13 @@ def run_federation(
     if data_dir is not None:
         overrides["data-dir"] = str(Path(data_dir).resolve())
 
+    launch = {
+        "num_supernodes": num_supernodes,
+        "run_config": {key: value for key, value in overrides.items() if key != "resume"},
+        "app_dir": str(Path(app_dir).resolve()),
+        "client_cpus": client_cpus,
+    }
+    (output_dir / LAUNCH_FILE).write_text(json.dumps(launch, indent=2) + "\n")
     http_port, control_port = _free_port(), _free_port()
     env = _run_environment(output_dir / "flwr-home", http_port, control_port)
     command = [
@@ -114,7 +132,8 @@ def run_federation(
         str(app_dir),
         "--stream",
         "--federation-config",
-        f"num-supernodes={num_supernodes}",
+        f"num-supernodes={num_supernodes}"
+        + ("" if client_cpus is None else f" client-resources-num-cpus={client_cpus}"),
         "--run-config",
         " ".join(f"{key}={_toml_value(value)}" for key, value in overrides.items()),
     ]
@@ -159,10 +178,41 @@ def run_federation(
     return FederationRun(output_dir, results, log_path, flower_status)
 
 
+def resume_federation(
+    run_dir: Path, *, timeout: float = 3600.0, stream: bool = True
+) -> FederationRun:
+    """Resume the stopped run in ``run_dir``, as it was launched, from its last anchored round.
+
+    Raises
+    ------
+    FederationFailedError
+        If ``run_dir`` holds no launched run, the run finished, or the resumed run fails
+        (for instance because its audit trail does not verify: the error names the round).
+    """
+    run_dir = Path(run_dir).resolve()
+    try:
+        launch = json.loads((run_dir / LAUNCH_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise FederationFailedError(f"{run_dir} holds no launched run to resume: {err}") from err
+    results = load_results(run_dir) if (run_dir / RESULTS_FILE).is_file() else {}
+    if results.get("status") == "completed":
+        raise FederationFailedError(f"the run in {run_dir} finished; there is nothing to resume")
+    return run_federation(
+        run_dir,
+        num_supernodes=int(launch["num_supernodes"]),
+        run_config={**launch["run_config"], "resume": True},
+        app_dir=Path(launch["app_dir"]),
+        timeout=timeout,
+        stream=stream,
+        client_cpus=launch.get("client_cpus"),
+    )
+
+
 def _flower_status(env: Mapping[str, str]) -> str | None:
     """Return the run's status as the SuperLink reports it (e.g. ``finished:completed``).
 
-    The run's Flower home holds exactly this one run, so the newest entry is it.
+    The run's Flower home holds this run and, for a resumed run, the attempts before it;
+    the one submitted last is this one.
     """
     listing = subprocess.run(
         [str(Path(sys.executable).parent / "flwr"), "ls", "--format", "json"],
@@ -176,7 +226,10 @@ def _flower_status(env: Mapping[str, str]) -> str | None:
         runs = json.loads(listing.stdout).get("runs", [])
     except ValueError:
         return None
-    return str(runs[-1].get("status")) if runs else None
+    if not runs:
+        return None
+    latest = max(runs, key=lambda run: str(run.get("pending-at", "")))
+    return str(latest.get("status"))
 
 
 def _run_environment(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
@@ -201,7 +254,7 @@ def _stream(
     command: Sequence[str], env: Mapping[str, str], log_path: Path, timeout: float, echo: bool
 ) -> int:
     deadline = time.monotonic() + timeout
-    with log_path.open("w") as log_file:
+    with log_path.open("a") as log_file:  # a resumed run continues the log
         process = subprocess.Popen(
             command,
             env=dict(env),
@@ -280,15 +333,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Path(os.environ.get(DATA_DIR_ENV, "data")),
         help=f"directory holding MNIST/raw/*.gz (default: ${DATA_DIR_ENV} or ./data)",
     )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the stopped run in RUN_DIR from its last anchored round",
+    )
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.run_config.split() if item)
     try:
-        run = run_federation(
-            args.output_dir,
-            num_supernodes=args.num_supernodes,
-            run_config={key: _parse_scalar(value) for key, value in overrides.items()},
-            data_dir=args.data_dir,
-        )
+        if args.resume is not None:
+            run = resume_federation(args.resume)
+        else:
+            run = run_federation(
+                args.output_dir,
+                num_supernodes=args.num_supernodes,
+                run_config={key: _parse_scalar(value) for key, value in overrides.items()},
+                data_dir=args.data_dir,
+            )
     except FederationFailedError as err:
         print(f"bcsfl: federation FAILED: {err}", file=sys.stderr)
         return 1

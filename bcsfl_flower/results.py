@@ -33,16 +33,34 @@ class RunRecorder:
         The run config, stored verbatim so a results file says how it was made.
     """
 
-    def __init__(self, output_dir: Path, run_config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        run_config: Mapping[str, Any],
+        previous: Mapping[str, Any] | None = None,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / RESULTS_FILE
-        self._document: dict[str, Any] = {
-            "status": "running",
-            "started_at": time.time(),
-            "run_config": dict(run_config),
-            "rounds": {},
-        }
+        if previous is None:
+            self._document: dict[str, Any] = {
+                "status": "running",
+                "started_at": time.time(),
+                "run_config": dict(run_config),
+                "rounds": {},
+            }
+        else:  # a resumed run continues its own file
+            self._document = dict(previous)
+            self._document["status"] = "running"
+            self._document.pop("error", None)
+            self._document.setdefault("resumed_at", []).append(time.time())
+        self._write()
+
+    def keep_through(self, server_round: int) -> None:
+        """Forget the rounds after ``server_round`` (a resumed run runs them again)."""
+        rounds = self._document["rounds"]
+        for key in [key for key in rounds if int(key) > server_round]:
+            del rounds[key]
         self._write()
 
     def record(self, server_round: int, fields: Mapping[str, Any]) -> None:

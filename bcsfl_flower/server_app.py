@@ -15,11 +15,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from bcsfl_flower.baselines import build_baseline
-from bcsfl_flower.chain.audit import RetryPolicy
+from bcsfl_flower.chain.audit import ChainManifest, RetryPolicy
 from bcsfl_flower.chain.keys import client_dev_account
+from bcsfl_flower.checkpoint import ResumeError, load_checkpoint
 from bcsfl_flower.config import RunSettings
-from bcsfl_flower.notary import RoundNotary
-from bcsfl_flower.results import RunRecorder
+from bcsfl_flower.notary import MANIFEST_FILE, RoundNotary
+from bcsfl_flower.results import RunRecorder, load_results
 from bcsfl_flower.strategy import BCSFL
 from bcsfl_flower.task.attacks import choose_attackers, rejection_scores
 from bcsfl_flower.task.data import load_test_data
@@ -31,12 +32,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation and keep ``results.json`` in the output directory up to date."""
+    """Run (or resume) the federation and keep ``results.json`` up to date."""
     settings = RunSettings.from_run_config(context.run_config)
-    recorder = RunRecorder(settings.resolved_output_dir(), context.run_config)
+    output_dir = settings.resolved_output_dir()
+    previous = previous_results(output_dir) if settings.resume else None
+    recorder = RunRecorder(output_dir, context.run_config, previous)
     log(INFO, "bcsfl-flower: results file %s", recorder.path)
     try:
-        _run(grid, settings, recorder)
+        _run(grid, settings, recorder, previous)
     except BaseException as err:
         recorder.fail(err)
         raise
@@ -44,7 +47,29 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "bcsfl-flower: run completed; results in %s", recorder.path)
 
 
-def _run(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> None:
+def previous_results(output_dir: Path) -> dict[str, Any]:
+    """Return the results of the run to resume in ``output_dir``.
+
+    Raises
+    ------
+    ResumeError
+        If there is no run there, or it finished (its results stay untouched).
+    """
+    try:
+        results = load_results(output_dir)
+    except (OSError, ValueError) as err:
+        raise ResumeError(f"no run to resume in {output_dir}: {err}") from err
+    if results.get("status") == "completed":
+        raise ResumeError(f"the run in {output_dir} finished; there is nothing to resume")
+    return results
+
+
+def _run(
+    grid: Grid,
+    settings: RunSettings,
+    recorder: RunRecorder,
+    previous: dict[str, Any] | None,
+) -> None:
     torch.manual_seed(settings.seed)
     model = build_model(settings.dataset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,15 +93,30 @@ def _run(grid: Grid, settings: RunSettings, recorder: RunRecorder) -> None:
         recorder.record(server_round, record)
 
     initial_arrays = ArrayRecord(model.state_dict())
+    manifest = None
+    if previous is not None:  # read before the notary rewrites it
+        try:
+            manifest = ChainManifest.load(recorder.output_dir / MANIFEST_FILE)
+        except (OSError, ValueError) as err:
+            raise ResumeError(f"the run has no readable audit trail to resume: {err}") from err
     notary = open_notary(settings, recorder.output_dir, initial_arrays, num_partitions)
     try:
+        stakes = attacker_stakes(settings, attackers)
+        start_round = 1
+        if previous is not None and notary is not None and manifest is not None:
+            checkpoint = load_checkpoint(manifest, notary, previous, settings.num_server_rounds)
+            recorder.keep_through(checkpoint.round)
+            stakes.update(checkpoint.stakes)
+            initial_arrays, start_round = checkpoint.arrays, checkpoint.round + 1
+            log(INFO, "bcsfl-flower: resuming with round %d", start_round)
         strategy = build_strategy(
-            settings, record_round, num_partitions, notary, attacker_stakes(settings, attackers)
+            settings, record_round, num_partitions, notary, stakes, start_round
         )
         result = strategy.start(
             grid=grid,
             initial_arrays=initial_arrays,
             num_rounds=settings.num_server_rounds,
+            timeout=settings.round_timeout,
             train_config=ConfigRecord(
                 {"learning-rate": settings.learning_rate, "local-epochs": settings.local_epochs}
             ),
@@ -138,6 +178,7 @@ def build_strategy(
     num_nodes: int,
     notary: RoundNotary | None = None,
     initial_stakes: dict[str, float] | None = None,
+    start_round: int = 1,
 ) -> Strategy:
     """Return the strategy named by run config ``strategy``, configured from ``settings``.
 
@@ -167,6 +208,7 @@ def build_strategy(
         loss_metric_key=settings.loss_metric_key,
         ckks=settings.ckks,
         notary=notary,
+        start_round=start_round,
         round_sink=round_sink,
     )
 

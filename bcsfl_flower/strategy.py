@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.prompt_grid import PromptGrid
@@ -87,6 +87,10 @@ class BCSFL(FedAvg):
     notary : RoundNotary, optional
         Audit trail: verifies the clients' signed packets, gathers the miners' quorum
         certificate, stores every committed model and anchors every round on chain.
+    start_round : int (default: 1)
+        Number of the first round ``start`` runs: a resumed run continues after the
+        last round its chain records (see :mod:`bcsfl_flower.checkpoint`), and
+        ``start(num_rounds=N)`` then runs rounds ``start_round..N``.
     round_sink : RoundSink, optional
         Called once per round with a JSON-serialisable record of the round.
     **fedavg_kwargs
@@ -112,10 +116,13 @@ class BCSFL(FedAvg):
         committee_timeout: float = 600.0,
         ckks: bool = False,
         notary: RoundNotary | None = None,
+        start_round: int = 1,
         round_sink: RoundSink | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        if isinstance(start_round, bool) or not isinstance(start_round, int) or start_round < 1:
+            raise SettingError("start_round", f"must be an int >= 1, got {start_round!r}")
         if initial_stake not in INITIAL_STAKES:
             raise SettingError(
                 "initial_stake", f"must be one of {sorted(INITIAL_STAKES)}, got {initial_stake!r}"
@@ -142,6 +149,7 @@ class BCSFL(FedAvg):
             notary,
         )
         self.notary = notary
+        self.start_round = start_round
         self.round_sink = round_sink
         self._global_arrays: ArrayRecord | None = None
         self._grid: Grid | None = None
@@ -187,24 +195,39 @@ class BCSFL(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Run the rounds as ``FedAvg.start`` does, collecting replies promptly.
+        """Run rounds ``start_round..num_rounds`` as ``FedAvg.start`` does, replies promptly.
 
         A BCSFL round exchanges messages three times (training, validation, mining),
         and Flower's ``send_and_receive`` waits 3 s between pulls, so the grid is
         wrapped in a :class:`~bcsfl_flower.prompt_grid.PromptGrid` that polls with a
-        short, growing interval instead.
+        short, growing interval instead. Flower's loop numbers rounds from 1; a resumed
+        run's rounds are renumbered on the way in and in the returned ``Result``.
         """
+        offset = self.start_round - 1
+        if offset >= num_rounds:
+            raise ValueError(f"start_round {self.start_round} is past num_rounds {num_rounds}")
         if not isinstance(grid, PromptGrid):
             grid = PromptGrid(grid)
-        return super().start(
+        runner = self if offset == 0 else ResumedBCSFL(self, offset)
+        result = Strategy.start(
+            runner,
             grid,
             initial_arrays,
-            num_rounds=num_rounds,
+            num_rounds=num_rounds - offset,
             timeout=timeout,
             train_config=train_config,
             evaluate_config=evaluate_config,
-            evaluate_fn=evaluate_fn,
+            evaluate_fn=None if evaluate_fn is None else _shifted(evaluate_fn, offset),
         )
+        for history in (
+            result.train_metrics_clientapp,
+            result.evaluate_metrics_clientapp,
+            result.evaluate_metrics_serverapp,
+        ):
+            shifted = {number + offset: metrics for number, metrics in history.items()}
+            history.clear()
+            history.update(shifted)
+        return result
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -253,3 +276,55 @@ class BCSFL(FedAvg):
         return aggregate_evaluate_metrics(
             contents, self.weighted_by_key, self.evaluate_metrics_aggr_fn
         )
+
+
+class ResumedBCSFL(Strategy):
+    """A BCSFL strategy seen by Flower's round loop as starting at round 1.
+
+    Flower's ``Strategy.start`` numbers rounds from 1; this view adds the rounds a
+    resumed run already has, so that configs, records and the chain see the true round.
+    """
+
+    def __init__(self, strategy: BCSFL, offset: int) -> None:
+        self.strategy = strategy
+        self.offset = offset
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's configuration and where it resumes."""
+        self.strategy.summary()
+        log(INFO, "\t\tResumed: continuing with round %d", self.offset + 1)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure the true round ``server_round + offset``."""
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decide the true round ``server_round + offset``."""
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure federated evaluation of the true round."""
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate federated evaluation of the true round."""
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+
+
+def _shifted(
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None], offset: int
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """Return ``evaluate_fn`` called with true round numbers."""
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        return evaluate_fn(server_round + offset, arrays)
+
+    return evaluate

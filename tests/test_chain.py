@@ -65,7 +65,11 @@ def test_anchoring_on_a_chain_that_went_down_retries_then_stops_resumably(tmp_pa
         connection.close()  # the chain goes down (anvil dumps its state and exits)
         with pytest.raises(ChainUnavailableError) as raised:
             trail.anchor_round(second)
-    assert sleep.delays == [0.25, 0.5, 1.0]
+        assert sleep.delays == [0.25, 0.5, 1.0]
+        # Reads in the round's path (the head a rollback keeps) are retried too.
+        with pytest.raises(ChainUnavailableError, match="getLatestModel"):
+            trail.head()
+        assert sleep.delays == [0.25, 0.5, 1.0] * 2
     error = raised.value
     assert error.attempts == 4 and error.action == "anchorRound(2)"
     assert error.resume["round"] == 2

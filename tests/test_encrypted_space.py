@@ -501,9 +501,10 @@ def test_the_space_is_registered_and_prepares_once(secret, public):
     space.prepare(grid, record_of(W0), timeout=10)
     assert len(grid.sent) == 1  # fetched once
 
-    encrypted_start = to_array_record(encrypted_update(1, 1, secret, public))
-    with pytest.raises(ValueError, match="plaintext initial model"):
-        EncryptedSpace().prepare(grid, encrypted_start, timeout=10)
+    # A resumed run starts from its last (encrypted) anchored model: same layout.
+    resumed = EncryptedSpace()
+    resumed.prepare(grid, to_array_record(encrypted_update(1, 1, secret, public)), timeout=10)
+    assert resumed.specs == SPECS
     with pytest.raises(RuntimeError, match="no node"):
         EncryptedSpace().prepare(Federation(nodes=()), record_of(W0), timeout=10)
 

@@ -524,11 +524,13 @@ class AuditTrail:
 
     def latest_round(self) -> int:
         """Return the last recorded round, anchored or rolled back (0 before any)."""
-        return int(self.contract.functions.latestRound().call())
+        return int(self._read("latestRound", self.contract.functions.latestRound().call))
 
     def head(self) -> tuple[int, bytes]:
         """Return the last anchored round and its model hash (the genesis before any)."""
-        round_number, model = self.contract.functions.getLatestModel().call()
+        round_number, model = self._read(
+            "getLatestModel", self.contract.functions.getLatestModel().call
+        )
         return int(round_number), bytes(model)
 
     def get_round(self, round_number: int) -> bytes:
@@ -588,7 +590,8 @@ class AuditTrail:
 
         def already_anchored() -> TxReceipt | None:
             # A previous attempt may have landed even though its receipt was lost.
-            if self.latest_round() < approval.round:
+            # A raw call: the retry loop around this check handles a silent chain.
+            if int(self.contract.functions.latestRound().call()) < approval.round:
                 return None
             events = self.contract.events.RoundAnchored.get_logs(
                 from_block=self.deploy_block, argument_filters={"round": approval.round}
@@ -650,7 +653,7 @@ class AuditTrail:
         _, kept = self.head()
 
         def already_recorded() -> TxReceipt | None:
-            if self.latest_round() < round_number:
+            if int(self.contract.functions.latestRound().call()) < round_number:
                 return None
             events = self.contract.events.RoundRolledBack.get_logs(
                 from_block=self.deploy_block, argument_filters={"round": round_number}
@@ -779,6 +782,30 @@ class AuditTrail:
         return manifest_path
 
     # -- internals -------------------------------------------------------------------------
+
+    def _read(self, action: str, call: Callable[[], Any]) -> Any:
+        """Call a view function, retrying a chain that does not answer like a transaction.
+
+        Raises
+        ------
+        ChainUnavailableError
+            If the chain still does not answer after :attr:`retry` attempts.
+        """
+        last_error: BaseException | None = None
+        for number in range(1, self.retry.attempts + 1):
+            try:
+                return call()
+            except _TRANSIENT_ERRORS as err:
+                last_error = err
+                if number < self.retry.attempts:
+                    self._sleep(self.retry.delay(number))
+        raise ChainUnavailableError(
+            f"{action}: the chain did not answer after {self.retry.attempts} attempts "
+            f"(last error: {last_error}); the run stops here so that no round is skipped",
+            action=action,
+            attempts=self.retry.attempts,
+            resume={},
+        )
 
     def _transact(
         self,

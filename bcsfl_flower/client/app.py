@@ -11,6 +11,8 @@ plaintext.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -23,6 +25,9 @@ from bcsfl_flower.task.models import build_model
 from bcsfl_flower.task.training import test, train
 
 app = bcsfl_ckks_client_app()
+
+SILENT_MARGIN_S = 5.0
+"""How long after the round's timeout a ``silent`` client answers."""
 
 DP_STATE_KEY = "bcsfl.dp-accountant"
 """Key in ``context.state`` of the DP accountant's history."""
@@ -50,6 +55,7 @@ def _device() -> torch.device:
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received model on the local partition and return the new weights."""
     settings = RunSettings.from_run_config(context.run_config)
+    _inject_fault(msg, context, settings)
     model = build_model(settings.dataset)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     data = _client_data(context, settings)
@@ -122,6 +128,24 @@ def _train_private(
         )
         context.state[DP_STATE_KEY] = ConfigRecord(private.accountant_state())
         return loss, float(private.epsilon())
+
+
+def _inject_fault(msg: Message, context: Context, settings: RunSettings) -> None:
+    """Simulate a broken client (run config ``fault``; simulation and tests only).
+
+    ``raise``: the ClientApp raises in ``train`` (Flower sends an error reply).
+    ``silent``: it answers only after the round's timeout, as a crashed or cut-off node
+    that never answers in time would.
+    """
+    if settings.fault == "none":
+        return
+    server_round = int(msg.content["config"].get("server-round", 0))
+    partition = int(context.node_config["partition-id"])
+    if partition != settings.fault_partition or server_round != settings.fault_round:
+        return
+    if settings.fault == "raise":
+        raise RuntimeError(f"injected fault: partition {partition} fails in round {server_round}")
+    time.sleep(settings.round_timeout + SILENT_MARGIN_S)
 
 
 def _runs_update_attack(context: Context, settings: RunSettings) -> bool:

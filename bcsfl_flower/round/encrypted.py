@@ -228,16 +228,21 @@ class EncryptedSpace(UpdateSpace):
         self.specs: tuple[ArraySpec, ...] = ()
 
     def prepare(self, grid: Grid, initial_arrays: ArrayRecord, timeout: float) -> None:
-        """Fetch the public context from a client and fix the model's layout (once)."""
+        """Fetch the public context from a client and fix the model's layout (once).
+
+        The first model is plaintext in a new run and a ciphertext in a resumed one;
+        either way it fixes the keys, shapes and dtypes every update must have.
+        """
         if self.public_ctx is not None:
             return
-        if is_encrypted_record(initial_arrays):
-            raise ValueError("CKKS mode starts from a plaintext initial model")
         node_ids = sorted(grid.get_node_ids())
         if not node_ids:
             raise RuntimeError("CKKS mode: no node to fetch the public context from")
         self.public_ctx = fetch_public_context(grid, node_ids[0], timeout)
-        self.specs = global_specs(initial_arrays)
+        if is_encrypted_record(initial_arrays):
+            self.specs = from_array_record(initial_arrays, self.public_ctx).specs
+        else:
+            self.specs = global_specs(initial_arrays)
 
     def message_config(self) -> Mapping[str, ConfigValue]:
         """Tell the clients' CKKS mod to decrypt models and encrypt updates."""

@@ -376,6 +376,7 @@ class RoundRecord:
             "rejected": self.rejected(),
             "trusted": sorted(self.trusted()),
             "signed": sorted(c.name for c in self.checked.accepted if c.packet is not None),
+            "addresses": {c.name: c.address for c in self.checked.accepted if c.address},
             "previous_hash": "0x" + self.previous_hash.hex(),
             "outcome": "commit" if self.committed else "rollback",
             "reason": self.decision.reason,
