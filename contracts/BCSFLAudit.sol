@@ -22,14 +22,6 @@ contract BCSFLAudit {
     // Types
     // ------------------------------------------------------------------------------------
 
-    /// @notice A registered client. Packed into one storage slot.
-    /// @param stake The client's stake, in the federation's own units.
-    /// @param registered Whether the address is registered (a stake may be zero).
-    struct Client {
-        uint96 stake;
-        bool registered;
-    }
-
     /// @notice The statement a miner signs to approve a round (EIP-712 struct `RoundApproval`).
     /// @param round The federated round being anchored (the genesis model is round 0).
     /// @param modelHash Canonical SHA-256 hash of the committed global model.
@@ -89,7 +81,7 @@ contract BCSFLAudit {
     uint64 private _rollbackCount;
 
     uint256 private _clientCount;
-    mapping(address client => Client) private _clients;
+    mapping(address client => bool registered) private _registered;
     mapping(uint64 round => bytes32 modelHash) private _modelHashOf;
 
     // ------------------------------------------------------------------------------------
@@ -102,18 +94,8 @@ contract BCSFLAudit {
 
     /// @notice Emitted when a client is registered.
     /// @param client The client's address.
-    /// @param stake The client's initial stake.
+    /// @param stake The client's stake at registration, in the federation's own units.
     event ClientRegistered(address indexed client, uint96 stake);
-
-    /// @notice Emitted when a registered client's stake changes.
-    /// @param client The client's address.
-    /// @param previousStake The stake before the change.
-    /// @param newStake The stake after the change.
-    event StakeUpdated(address indexed client, uint96 previousStake, uint96 newStake);
-
-    /// @notice Emitted when a client is deregistered.
-    /// @param client The client's address.
-    event ClientDeregistered(address indexed client);
 
     /// @notice Emitted when a round is anchored with a valid quorum certificate.
     /// @param round The anchored round.
@@ -151,8 +133,6 @@ contract BCSFLAudit {
     error ZeroAddress();
     /// @notice The address is already registered.
     error AlreadyRegistered(address client);
-    /// @notice The address is not registered.
-    error NotRegistered(address client);
     /// @notice Two parallel arrays differ in length.
     error LengthMismatch(uint256 left, uint256 right);
     /// @notice Rounds are consecutive: every round is either anchored or rolled back.
@@ -173,8 +153,11 @@ contract BCSFLAudit {
     error QuorumNotReached(uint256 approvals, uint256 required);
     /// @notice A signature is malformed: `v` not 27/28, `s` in the upper half, or unrecoverable.
     error InvalidSignature(uint256 index);
-    /// @notice A signer is not in the committee, or signatures are not sorted by signer.
+    /// @notice A signature recovers to an address that is not in the committee.
     error SignerNotInCommittee(address signer);
+    /// @notice Signatures must be sorted by signer, strictly ascending (hence one per miner):
+    /// the signer of signature `index` is a committee member at or before the previous one.
+    error SignaturesNotSorted(uint256 index, address signer);
     /// @notice A signer is neither registered nor the owner.
     error SignerNotEligible(address signer);
     /// @notice No model is anchored for that round.
@@ -206,16 +189,20 @@ contract BCSFLAudit {
     // Registration
     // ------------------------------------------------------------------------------------
 
-    /// @notice Register a client with an initial stake.
+    // Registration is permanent: an address, once registered, stays eligible to sign. The
+    // stake is recorded in {ClientRegistered} only; the contract never reads it (the
+    // federation's stake ledger is kept off chain), so it is not stored.
+
+    /// @notice Register a client with its stake.
     /// @param client The client's signing address.
-    /// @param stake The initial stake.
+    /// @param stake The client's stake, emitted in {ClientRegistered}.
     function registerClient(address client, uint96 stake) external onlyOwner {
         _register(client, stake);
     }
 
     /// @notice Register several clients in one transaction.
     /// @param clients The clients' signing addresses.
-    /// @param stakes Their initial stakes, in the same order.
+    /// @param stakes Their stakes, in the same order.
     function registerClients(address[] calldata clients, uint96[] calldata stakes)
         external
         onlyOwner
@@ -224,26 +211,6 @@ contract BCSFLAudit {
         for (uint256 i = 0; i < clients.length; ++i) {
             _register(clients[i], stakes[i]);
         }
-    }
-
-    /// @notice Change a registered client's stake (reward or slash).
-    /// @param client The client's address.
-    /// @param stake The new stake.
-    function setStake(address client, uint96 stake) external onlyOwner {
-        Client storage entry = _clients[client];
-        if (!entry.registered) revert NotRegistered(client);
-        uint96 previous = entry.stake;
-        entry.stake = stake;
-        emit StakeUpdated(client, previous, stake);
-    }
-
-    /// @notice Deregister a client; it can no longer sign approvals.
-    /// @param client The client's address.
-    function deregisterClient(address client) external onlyOwner {
-        if (!_clients[client].registered) revert NotRegistered(client);
-        delete _clients[client];
-        --_clientCount;
-        emit ClientDeregistered(client);
     }
 
     // ------------------------------------------------------------------------------------
@@ -391,16 +358,7 @@ contract BCSFLAudit {
     /// @param client The address.
     /// @return True if registered.
     function isRegistered(address client) external view returns (bool) {
-        return _clients[client].registered;
-    }
-
-    /// @notice A registered client's stake.
-    /// @param client The address.
-    /// @return The stake; reverts with {NotRegistered} if the address is not registered.
-    function stakeOf(address client) external view returns (uint96) {
-        Client storage entry = _clients[client];
-        if (!entry.registered) revert NotRegistered(client);
-        return entry.stake;
+        return _registered[client];
     }
 
     /// @notice The EIP-712 domain separator of this contract on the current chain.
@@ -454,10 +412,8 @@ contract BCSFLAudit {
     /// @dev Register one client; reverts on the zero address or a second registration.
     function _register(address client, uint96 stake) private {
         if (client == address(0)) revert ZeroAddress();
-        Client storage entry = _clients[client];
-        if (entry.registered) revert AlreadyRegistered(client);
-        entry.stake = stake;
-        entry.registered = true;
+        if (_registered[client]) revert AlreadyRegistered(client);
+        _registered[client] = true;
         ++_clientCount;
         emit ClientRegistered(client, stake);
     }
@@ -489,10 +445,24 @@ contract BCSFLAudit {
             // Signatures are sorted by signer, so one forward pass over the sorted committee
             // both checks membership and rules out a miner signing twice.
             while (cursor < size && miners[cursor] != signer) ++cursor;
-            if (cursor == size) revert SignerNotInCommittee(signer);
+            if (cursor == size) _revertUnmatchedSigner(miners, signer, j);
             ++cursor;
-            if (signer != owner && !_clients[signer].registered) revert SignerNotEligible(signer);
+            if (signer != owner && !_registered[signer]) revert SignerNotEligible(signer);
         }
+    }
+
+    /// @dev Revert for the signer of signature `index`, which the forward pass did not find
+    /// after the previous signer: with {SignaturesNotSorted} if it is a committee member
+    /// (it comes at or before the previous signer: out of order, or signing twice), with
+    /// {SignerNotInCommittee} otherwise. Runs only on the failure path.
+    function _revertUnmatchedSigner(address[] calldata miners, address signer, uint256 index)
+        private
+        pure
+    {
+        for (uint256 i = 0; i < miners.length; ++i) {
+            if (miners[i] == signer) revert SignaturesNotSorted(index, signer);
+        }
+        revert SignerNotInCommittee(signer);
     }
 
     /// @dev Recover the signer of the `index`-th 65-byte signature in `signatures`,

@@ -1,8 +1,15 @@
-"""BCSFLAudit against a real anvil (started by the fixture), plus the embedded backend."""
+"""BCSFLAudit against a real anvil (started by the fixture), plus the embedded backend.
+
+Every custom error of the contract is triggered below and asserted by name, as the
+Python binding decodes it (``ChainRejectedError.error_name``); every owner-only function
+is called by an outsider and must revert with ``NotOwner``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import pytest
 from chain_fixtures import (
@@ -15,15 +22,20 @@ from chain_fixtures import (
     running_anvil,
     toy_model,
 )
-from eth_utils import keccak
+from eth_keys.backends.native import ecdsa
+from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError
 
 from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail, quorum
-from bcsfl_flower.chain.backends import connect
+from bcsfl_flower.chain.backends import connect, spawn_anvil, stop_anvil
 from bcsfl_flower.chain.compiler import ARTIFACT_PATH, compile_contract, load_artifact
-from bcsfl_flower.chain.errors import ChainRejectedError, decode_custom_error, revert_data
+from bcsfl_flower.chain.errors import ChainRejectedError, rejected_error
 from bcsfl_flower.chain.keys import dev_account
 from bcsfl_flower.packets import Eip712Domain, committee_root, model_hash
+
+CURVE_ORDER = ecdsa.N
+ECRECOVER = "0x0000000000000000000000000000000000000001"
+ZERO_ADDRESS = "0x" + "00" * 20
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +47,70 @@ def anvil_url():
 @pytest.fixture()
 def anvil_connection(anvil_url, tmp_path):
     return http_connection(anvil_url, tmp_path)
+
+
+@contextmanager
+def anvil_with_chain_id(chain_id: int) -> Iterator[str]:
+    """A fresh anvil answering ``chain_id``; stopped by pid on exit."""
+    process, url = spawn_anvil(extra_args=("--chain-id", str(chain_id)))
+    try:
+        yield url
+    finally:
+        stop_anvil(process)
+        assert process.poll() is not None, f"anvil (pid {process.pid}) is still running"
+
+
+def owner_sends(trail: AuditTrail, function) -> ChainRejectedError:
+    """Send ``function`` from the owner through the binding; return the decoded rejection."""
+    with pytest.raises(ChainRejectedError) as raised:
+        trail._transact("test", lambda: function, gas=1_000_000, resume={})
+    return raised.value
+
+
+def rejection_for(trail: AuditTrail, function, sender: str) -> ChainRejectedError:
+    """Call ``function`` from ``sender``; return the revert decoded as the binding does."""
+    with pytest.raises(ContractLogicError) as raised:
+        function.call({"from": sender})
+    return rejected_error(trail.abi, "test", raised.value)
+
+
+def anchor_rejection(trail: AuditTrail, cert: AnchorCertificate) -> ChainRejectedError:
+    with pytest.raises(ChainRejectedError) as raised:
+        trail.anchor_round(cert)
+    return raised.value
+
+
+def with_signatures(cert: AnchorCertificate, *signatures: bytes) -> AnchorCertificate:
+    """``cert`` carrying exactly ``signatures`` (``signers`` is informational only)."""
+    return dataclasses.replace(cert, signers=(), signatures=tuple(signatures))
+
+
+def ecrecover_precompile(web3, digest: bytes, signature: bytes) -> str | None:
+    """What the EVM's ecrecover returns for ``signature``, with no low-s rule applied."""
+    r, s, v = signature[:32], signature[32:64], signature[64]
+    data = "0x" + (digest + v.to_bytes(32, "big") + r + s).hex()
+    out = bytes(web3.eth.call({"to": ECRECOVER, "data": data}))
+    return to_checksum_address(out[12:]) if out else None
+
+
+def sign_with_nonce(account, digest: bytes, nonce: int) -> bytes:
+    """A canonical (low-s) signature of ``digest`` by ``account`` with ECDSA nonce ``nonce``.
+
+    eth-account derives the nonce from the key and digest (RFC 6979), so it yields one
+    signature per key and statement; another nonce gives a second, equally valid one.
+    """
+    key = int.from_bytes(bytes(account.key), "big")
+    x, y = ecdsa.fast_multiply(ecdsa.G, nonce)
+    r = x % CURVE_ORDER
+    s = ecdsa.inv(nonce, CURVE_ORDER) * (int.from_bytes(digest, "big") + r * key) % CURVE_ORDER
+    parity = y & 1
+    if s > CURVE_ORDER // 2:
+        s, parity = CURVE_ORDER - s, parity ^ 1
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([27 + parity])
+
+
+def by_address(accounts):
+    return sorted(accounts, key=lambda account: int(account.address, 16))
 
 
 # --------------------------------------------------------------------------------------
@@ -53,6 +129,21 @@ def test_committed_artifact_matches_a_fresh_compilation():
     assert fresh["deployedBytecode"] == committed["deployedBytecode"]
 
 
+def test_the_contract_has_no_stake_updates_or_deregistration():
+    names = {entry.get("name") for entry in load_artifact(ARTIFACT_PATH)["abi"]}
+    removed = {
+        "setStake",
+        "deregisterClient",
+        "stakeOf",
+        "StakeUpdated",
+        "ClientDeregistered",
+        "NotRegistered",
+    }
+    assert not names & removed
+    assert not hasattr(AuditTrail, "set_stake")
+    assert not hasattr(AuditTrail, "stake_of")
+
+
 # --------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------
@@ -64,38 +155,95 @@ def test_owner_registers_clients_with_stakes(anvil_connection):
     assert trail.client_count() == 2
     assert trail.is_registered(accounts[0].address)
     assert not trail.is_registered(accounts[2].address)
-    assert trail.stake_of(accounts[1].address) == 100
-    trail.set_stake(accounts[1].address, 7)
-    assert trail.stake_of(accounts[1].address) == 7
     events = trail.contract.events.ClientRegistered.get_logs(from_block=trail.deploy_block)
-    assert [e["args"]["client"] for e in events] == [a.address for a in accounts[:2]]
+    assert [(e["args"]["client"], e["args"]["stake"]) for e in events] == [
+        (a.address, 100) for a in accounts[:2]
+    ]
     # registering again is a no-op for the binding, a revert for the contract
     assert trail.register_clients({accounts[0].address: 1, accounts[2].address: 5}) == 1
     assert trail.client_count() == 3
-    with pytest.raises(ChainRejectedError) as raised:
-        trail._transact(
-            "registerClient",
-            lambda: trail.contract.functions.registerClient(accounts[0].address, 1),
-            gas=200_000,
-            resume={},
-        )
-    assert raised.value.error_name == "AlreadyRegistered"
+    rejected = owner_sends(trail, trail.contract.functions.registerClient(accounts[0].address, 1))
+    assert rejected.error_name == "AlreadyRegistered"
+    assert rejected.arguments == {"client": accounts[0].address}
+    assert trail.client_count() == 3
 
 
-def test_non_owner_registration_reverts_with_custom_error(anvil_connection):
+def test_registration_rejects_bad_input_atomically(anvil_connection):
+    accounts = clients(3)
     trail = deploy(anvil_connection, [])
+    functions = trail.contract.functions
+    first, second = accounts[0].address, accounts[1].address
+
+    rejected = owner_sends(trail, functions.registerClient(ZERO_ADDRESS, 1))
+    assert rejected.error_name == "ZeroAddress"
+    rejected = owner_sends(trail, functions.registerClients([first, ZERO_ADDRESS], [1, 1]))
+    assert rejected.error_name == "ZeroAddress"
+    rejected = owner_sends(trail, functions.registerClients([first, second], [1]))
+    assert (rejected.error_name, rejected.arguments) == ("LengthMismatch", {"left": 2, "right": 1})
+    rejected = owner_sends(trail, functions.registerClients([first, second, first], [1, 2, 3]))
+    assert (rejected.error_name, rejected.arguments) == ("AlreadyRegistered", {"client": first})
+    # a batch is all or nothing: no earlier entry of a rejected batch stays registered
+    assert trail.client_count() == 0
+    assert not trail.is_registered(first)
+    assert not trail.is_registered(second)
+
+
+# --------------------------------------------------------------------------------------
+# Access control
+# --------------------------------------------------------------------------------------
+
+
+OWNER_ONLY = ("registerClient", "registerClients", "anchorRound", "recordRollback")
+
+
+def test_every_state_changing_function_is_listed_as_owner_only():
+    abi = load_artifact(ARTIFACT_PATH)["abi"]
+    writers = {
+        entry["name"]
+        for entry in abi
+        if entry["type"] == "function" and entry["stateMutability"] not in ("view", "pure")
+    }
+    assert writers == set(OWNER_ONLY)
+
+
+@pytest.mark.parametrize("name", OWNER_ONLY)
+def test_owner_only_functions_revert_for_anyone_else(anvil_connection, name):
+    miners = clients(3)
+    newcomer = clients(4)[3].address
+    trail = deploy(anvil_connection, miners)
+    cert = certificate(trail, approval_for(trail, 1, 1.0, miners), miners, miners)
+    functions = trail.contract.functions
+    function = {
+        "registerClient": lambda: functions.registerClient(newcomer, 1),
+        "registerClients": lambda: functions.registerClients([newcomer], [1]),
+        "anchorRound": lambda: functions.anchorRound(
+            cert.approval.as_contract_tuple(), list(cert.committee), cert.packed_signatures
+        ),
+        "recordRollback": lambda: functions.recordRollback(1, GENESIS, "no quorum"),
+    }[name]()
+
+    def state():
+        return (
+            trail.latest_round(),
+            trail.round_count(),
+            functions.rollbackCount().call(),
+            trail.client_count(),
+            trail.is_registered(newcomer),
+        )
+
+    before = state()
+    owner = anvil_connection.operator.address
+    function.call({"from": owner})  # the very same call succeeds for the owner
     outsider = dev_account(9)
-    web3 = anvil_connection.web3
-    function = trail.contract.functions.registerClient(outsider.address, 1)
-    with pytest.raises(ContractLogicError) as raised:
-        function.call({"from": outsider.address})
-    name, arguments = decode_custom_error(trail.abi, revert_data(raised.value))
-    assert (name, arguments) == ("NotOwner", {"caller": outsider.address})
+    assert outsider.address != owner
+    rejected = rejection_for(trail, function, outsider.address)
+    assert (rejected.error_name, rejected.arguments) == ("NotOwner", {"caller": outsider.address})
     # a mined transaction from the outsider fails too and changes nothing
+    web3 = anvil_connection.web3
     tx = function.build_transaction(
         {
             "from": outsider.address,
-            "gas": 200_000,
+            "gas": 1_000_000,
             "nonce": web3.eth.get_transaction_count(outsider.address),
         }
     )
@@ -103,8 +251,7 @@ def test_non_owner_registration_reverts_with_custom_error(anvil_connection):
         web3.eth.send_raw_transaction(outsider.sign_transaction(tx).raw_transaction)
     )
     assert receipt["status"] == 0
-    assert not trail.is_registered(outsider.address)
-    assert trail.client_count() == 0
+    assert state() == before
 
 
 # --------------------------------------------------------------------------------------
@@ -137,6 +284,7 @@ def test_anchoring_stores_links_and_lists_rounds(anvil_connection):
     rounds, hashes = trail.contract.functions.getBlockchain(0, 99).call()
     assert rounds == [0, 1, 2]
     assert hashes == [GENESIS, model_hash(toy_model(1.0)), model_hash(toy_model(2.0))]
+    assert trail.contract.functions.getBlockchain(2, 1).call() == [[], []]
     read_back = trail.anchored_rounds()
     assert [r.round for r in read_back] == [1, 2]
     assert [len(r.signers) for r in read_back] == [5, 4]
@@ -144,6 +292,31 @@ def test_anchoring_stores_links_and_lists_rounds(anvil_connection):
     with pytest.raises(ChainRejectedError) as raised:
         trail.get_round(3)
     assert raised.value.error_name == "RoundNotAnchored"
+    assert raised.value.arguments == {"round": 3}
+
+
+def test_domain_views_match_the_off_chain_signer(anvil_connection):
+    miners = clients(1)
+    trail = deploy(anvil_connection, miners)
+    functions = trail.contract.functions
+    approval = approval_for(trail, 1, 1.0, miners)
+    # eth-account's EIP-712 header is the domain separator the miners sign under
+    assert functions.DOMAIN_SEPARATOR().call() == approval.signable(trail.domain).header
+    assert functions.eip712Domain().call() == [
+        b"\x0f",
+        "BCSFLAudit",
+        "1",
+        anvil_connection.chain_id,
+        trail.address,
+        bytes(32),
+        [],
+    ]
+    assert functions.ROUND_APPROVAL_TYPEHASH().call() == keccak(
+        text="RoundApproval(uint64 round,bytes32 modelHash,bytes32 previousHash,"
+        "bytes32 acceptedRoot,bytes32 committeeRoot,uint64 timestamp)"
+    )
+    assert functions.owner().call() == anvil_connection.operator.address
+    assert functions.MAX_COMMITTEE_SIZE().call() == 64
 
 
 def test_committee_root_matches_solidity_encode_packed(anvil_connection):
@@ -165,10 +338,11 @@ def test_quorum_boundary_is_exactly_ceil_two_thirds(anvil_connection, committee_
     assert trail.contract.functions.quorum(committee_size).call() == required
     approval = approval_for(trail, 1, 1.0, miners)
     if required > 1:
-        with pytest.raises(ChainRejectedError) as raised:
-            trail.anchor_round(certificate(trail, approval, miners, miners[: required - 1]))
-        assert raised.value.error_name == "QuorumNotReached"
-        assert raised.value.arguments == {"approvals": required - 1, "required": required}
+        rejected = anchor_rejection(
+            trail, certificate(trail, approval, miners, miners[: required - 1])
+        )
+        assert rejected.error_name == "QuorumNotReached"
+        assert rejected.arguments == {"approvals": required - 1, "required": required}
     anchored = trail.anchor_round(certificate(trail, approval, miners, miners[:required]))
     assert anchored.round == 1
     assert trail.round_count() == 1
@@ -192,11 +366,11 @@ def test_signer_outside_the_committee_is_rejected(anvil_connection):
     miners = accounts[:5]
     trail = deploy(anvil_connection, accounts)
     approval = approval_for(trail, 1, 1.0, miners)
-    wrong = certificate(trail, approval, miners, [*miners[:3], accounts[6]])
-    with pytest.raises(ChainRejectedError) as raised:
-        trail.anchor_round(wrong)
-    assert raised.value.error_name == "SignerNotInCommittee"
-    assert raised.value.arguments == {"signer": accounts[6].address}
+    rejected = anchor_rejection(
+        trail, certificate(trail, approval, miners, [*miners[:3], accounts[6]])
+    )
+    assert rejected.error_name == "SignerNotInCommittee"
+    assert rejected.arguments == {"signer": accounts[6].address}
     assert trail.round_count() == 0
 
 
@@ -204,10 +378,11 @@ def test_unregistered_committee_member_cannot_sign(anvil_connection):
     miners = clients(3)
     trail = deploy(anvil_connection, miners[:2])
     approval = approval_for(trail, 1, 1.0, miners)
-    with pytest.raises(ChainRejectedError) as raised:
-        trail.anchor_round(certificate(trail, approval, miners, miners))
-    assert raised.value.error_name == "SignerNotEligible"
-    assert raised.value.arguments == {"signer": miners[2].address}
+    rejected = anchor_rejection(trail, certificate(trail, approval, miners, miners))
+    assert rejected.error_name == "SignerNotEligible"
+    assert rejected.arguments == {"signer": miners[2].address}
+    # the two registered members are a quorum of three on their own
+    trail.anchor_round(certificate(trail, approval, miners, miners[:2]))
 
 
 def test_signature_of_another_statement_is_rejected(anvil_connection):
@@ -216,36 +391,244 @@ def test_signature_of_another_statement_is_rejected(anvil_connection):
     approval = approval_for(trail, 1, 1.0, miners)
     honest = certificate(trail, approval, miners, miners)
     other = dataclasses.replace(approval, model_hash=model_hash(toy_model(9.0)))
-    tampered = dataclasses.replace(honest, approval=other)
-    with pytest.raises(ChainRejectedError) as raised:
-        trail.anchor_round(tampered)
-    assert raised.value.error_name == "SignerNotInCommittee"
+    rejected = anchor_rejection(trail, dataclasses.replace(honest, approval=other))
+    assert rejected.error_name == "SignerNotInCommittee"
+    # the contract recovered the same stranger as the off-chain check does
+    assert rejected.arguments == {"signer": other.recover(honest.signatures[0], trail.domain)}
 
 
-def test_replayed_certificate_is_rejected(anvil_connection):
+def test_certificate_shape_errors(anvil_connection):
     miners = clients(5)
     trail = deploy(anvil_connection, miners)
     approval = approval_for(trail, 1, 1.0, miners)
-    cert = certificate(trail, approval, miners, miners)
+    honest = certificate(trail, approval, miners, miners)
+
+    zero_model = dataclasses.replace(approval, model_hash=bytes(32))
+    rejected = anchor_rejection(trail, dataclasses.replace(honest, approval=zero_model))
+    assert rejected.error_name == "ZeroModelHash"
+
+    rejected = anchor_rejection(trail, dataclasses.replace(honest, committee=()))
+    assert (rejected.error_name, rejected.arguments) == ("InvalidCommitteeSize", {"size": 0})
+    for size, error, arguments in (
+        (65, "InvalidCommitteeSize", {"size": 65}),
+        (64, "QuorumNotReached", {"approvals": 0, "required": 43}),  # the largest allowed
+    ):
+        crowd = tuple(to_checksum_address(i.to_bytes(20, "big")) for i in range(1, size + 1))
+        crowd_approval = dataclasses.replace(approval, committee_root=committee_root(crowd))
+        rejected = anchor_rejection(trail, AnchorCertificate(crowd_approval, crowd, (), ()))
+        assert (rejected.error_name, rejected.arguments) == (error, arguments)
+
+    rejected = anchor_rejection(
+        trail, dataclasses.replace(honest, committee=tuple(reversed(honest.committee)))
+    )
+    assert (rejected.error_name, rejected.arguments) == ("CommitteeNotSorted", {"index": 1})
+    with_zero = (ZERO_ADDRESS, *honest.committee[1:])
+    zero_approval = dataclasses.replace(approval, committee_root=committee_root(with_zero))
+    rejected = anchor_rejection(
+        trail, dataclasses.replace(honest, approval=zero_approval, committee=with_zero)
+    )
+    assert (rejected.error_name, rejected.arguments) == ("CommitteeNotSorted", {"index": 0})
+
+    fewer = honest.committee[:4]
+    rejected = anchor_rejection(trail, dataclasses.replace(honest, committee=fewer))
+    assert rejected.error_name == "CommitteeRootMismatch"
+    assert rejected.arguments == {
+        "expected": "0x" + committee_root(fewer).hex(),
+        "got": "0x" + approval.committee_root.hex(),
+    }
+
+    truncated = with_signatures(honest, honest.signatures[0][:64], *honest.signatures[1:])
+    rejected = anchor_rejection(trail, truncated)
+    assert (rejected.error_name, rejected.arguments) == (
+        "MalformedSignatures",
+        {"length": 64 + 65 * 4},
+    )
+    assert trail.round_count() == 0
+    trail.anchor_round(honest)
+
+
+def test_high_s_malleable_signature_is_rejected_and_the_original_accepted(anvil_connection):
+    miners = clients(3)
+    trail = deploy(anvil_connection, miners)
+    approval = approval_for(trail, 1, 1.0, miners)
+    honest = certificate(trail, approval, miners, miners)
+    digest = approval.digest(trail.domain)
+    web3 = anvil_connection.web3
+    for index, original in enumerate(honest.signatures):
+        s = int.from_bytes(original[32:64], "big")
+        assert s <= CURVE_ORDER // 2  # eth-account signs canonically
+        flipped_v = {27: 28, 28: 27}[original[64]]
+        malleable = original[:32] + (CURVE_ORDER - s).to_bytes(32, "big") + bytes([flipped_v])
+        # both recover to the miner under plain ecrecover: only the low-s rule tells them apart
+        signer = honest.signers[index]
+        assert ecrecover_precompile(web3, digest, original) == signer
+        assert ecrecover_precompile(web3, digest, malleable) == signer
+        signatures = list(honest.signatures)
+        signatures[index] = malleable
+        rejected = anchor_rejection(trail, with_signatures(honest, *signatures))
+        assert (rejected.error_name, rejected.arguments) == ("InvalidSignature", {"index": index})
+    assert trail.round_count() == 0
+    anchored = trail.anchor_round(honest)
+    assert anchored.signatures == honest.signatures
+    assert trail.round_count() == 1
+
+
+def test_bad_v_and_unrecoverable_signatures_are_rejected(anvil_connection):
+    miners = clients(3)
+    trail = deploy(anvil_connection, miners)
+    honest = certificate(trail, approval_for(trail, 1, 1.0, miners), miners, miners)
+    first = honest.signatures[0]
+    for broken in (
+        first[:64] + bytes([first[64] - 27]),  # v in {0, 1}
+        bytes(32) + first[32:],  # r = 0: ecrecover returns the zero address
+    ):
+        rejected = anchor_rejection(trail, with_signatures(honest, broken, *honest.signatures[1:]))
+        assert (rejected.error_name, rejected.arguments) == ("InvalidSignature", {"index": 0})
+    assert trail.round_count() == 0
+
+
+def test_a_miner_signing_twice_is_rejected(anvil_connection):
+    miners = clients(5)
+    trail = deploy(anvil_connection, miners)
+    approval = approval_for(trail, 1, 1.0, miners)
+    honest = certificate(trail, approval, miners, miners)
+    lowest = by_address(miners)[0]
+    signatures = honest.signatures  # sorted by signer: signatures[0] is the lowest miner's
+    assert approval.recover(signatures[0], trail.domain) == lowest.address
+
+    # the same signature twice: with two more it would reach the quorum of 4 by count
+    rejected = anchor_rejection(trail, with_signatures(honest, signatures[0], *signatures[:3]))
+    assert rejected.error_name == "SignaturesNotSorted"
+    assert rejected.arguments == {"index": 1, "signer": lowest.address}
+
+    # two different, individually valid signatures by the same key
+    digest = approval.digest(trail.domain)
+    second = sign_with_nonce(lowest, digest, nonce=0xC0FFEE)
+    assert second != signatures[0]
+    assert approval.recover(second, trail.domain) == lowest.address
+    rejected = anchor_rejection(
+        trail, with_signatures(honest, signatures[0], second, *signatures[1:3])
+    )
+    assert rejected.error_name == "SignaturesNotSorted"
+    assert rejected.arguments == {"index": 1, "signer": lowest.address}
+
+    # distinct miners out of order: the same error, at the first step backwards
+    shuffled = (signatures[0], signatures[2], signatures[1], signatures[3])
+    rejected = anchor_rejection(trail, with_signatures(honest, *shuffled))
+    assert rejected.error_name == "SignaturesNotSorted"
+    assert rejected.arguments == {"index": 2, "signer": honest.signers[1]}
+
+    assert trail.round_count() == 0
+    # the alternative signature is valid on its own: it replaces the original
+    trail.anchor_round(with_signatures(honest, second, *signatures[1:4]))
+    assert trail.round_count() == 1
+
+
+# --------------------------------------------------------------------------------------
+# Replays
+# --------------------------------------------------------------------------------------
+
+
+def test_certificate_replayed_to_a_later_round_is_rejected(anvil_connection):
+    miners = clients(5)
+    trail = deploy(anvil_connection, miners)
+    cert = certificate(trail, approval_for(trail, 1, 1.0, miners), miners, miners)
     trail.anchor_round(cert)
     # the same certificate again: the round is taken
-    with pytest.raises(ChainRejectedError) as raised:
-        trail.anchor_round(cert)
-    assert raised.value.error_name == "UnexpectedRound"
-    assert raised.value.arguments == {"expected": 2, "got": 1}
-    # the same signatures for the next round: they do not recover to the miners
-    next_round = approval_for(trail, 2, 1.0, miners)
-    replay = dataclasses.replace(cert, approval=next_round)
-    with pytest.raises(ChainRejectedError) as raised:
-        trail.anchor_round(replay)
-    assert raised.value.error_name == "SignerNotInCommittee"
-    # the same certificate on another deployment of the contract
-    other = deploy(anvil_connection, miners)
-    with pytest.raises(ChainRejectedError) as raised:
-        other.anchor_round(cert)
-    assert raised.value.error_name == "SignerNotInCommittee"
+    rejected = anchor_rejection(trail, cert)
+    assert (rejected.error_name, rejected.arguments) == (
+        "UnexpectedRound",
+        {"expected": 2, "got": 1},
+    )
+    # the same signatures for round 2 (linked to the new head): they sign round 1 only
+    later = approval_for(trail, 2, 1.0, miners)
+    assert later.previous_hash == cert.approval.model_hash
+    rejected = anchor_rejection(trail, dataclasses.replace(cert, approval=later))
+    assert rejected.error_name == "SignerNotInCommittee"
+    stranger = later.recover(cert.signatures[0], trail.domain)
+    assert stranger not in cert.committee
+    assert rejected.arguments == {"signer": stranger}
     assert trail.round_count() == 1
+    # fresh signatures of round 2 are accepted
+    trail.anchor_round(certificate(trail, later, miners, miners))
+    assert trail.round_count() == 2
+
+
+def test_certificate_replayed_to_another_contract_is_rejected(anvil_connection):
+    miners = clients(5)
+    trail = deploy(anvil_connection, miners)
+    other = deploy(anvil_connection, miners)
+    assert other.address != trail.address
+    cert = certificate(trail, approval_for(trail, 1, 1.0, miners), miners, miners)
+    # round 1, the same genesis link, the same registered committee: only the domain differs
+    assert approval_for(other, 1, 1.0, miners) == cert.approval
+    rejected = anchor_rejection(other, cert)
+    assert rejected.error_name == "SignerNotInCommittee"
+    assert rejected.arguments == {"signer": cert.approval.recover(cert.signatures[0], other.domain)}
     assert other.round_count() == 0
+    trail.anchor_round(cert)
+    other.anchor_round(certificate(other, cert.approval, miners, miners))
+    assert (trail.round_count(), other.round_count()) == (1, 1)
+
+
+def test_certificate_replayed_to_another_chain_is_rejected(tmp_path):
+    """The same deployer, nonce and contract address on two chains that differ by id only."""
+    miners = clients(5)
+    with ExitStack() as stack:
+        trails = []
+        for chain_id in (31337, 31338):
+            url = stack.enter_context(anvil_with_chain_id(chain_id))
+            connection = http_connection(url, tmp_path / str(chain_id))
+            assert connection.chain_id == chain_id
+            trails.append(deploy(connection, miners))
+        home, foreign = trails
+        assert home.address == foreign.address
+        separators = {t.contract.functions.DOMAIN_SEPARATOR().call() for t in trails}
+        assert len(separators) == 2
+
+        cert = certificate(home, approval_for(home, 1, 1.0, miners), miners, miners)
+        assert approval_for(foreign, 1, 1.0, miners) == cert.approval
+        home.anchor_round(cert)
+        rejected = anchor_rejection(foreign, cert)
+        assert rejected.error_name == "SignerNotInCommittee"
+        assert rejected.arguments == {
+            "signer": cert.approval.recover(cert.signatures[0], foreign.domain)
+        }
+        assert foreign.round_count() == 0
+        foreign.anchor_round(certificate(foreign, cert.approval, miners, miners))
+        assert foreign.round_count() == 1
+
+
+def test_domain_follows_a_change_of_chain_id(tmp_path):
+    """After a fork to a new chain id, signatures under the old id no longer verify."""
+    miners = clients(3)
+    with anvil_with_chain_id(31338) as url:
+        connection = http_connection(url, tmp_path)
+        trail = deploy(connection, miners)
+        approval = approval_for(trail, 1, 1.0, miners)
+        old = certificate(trail, approval, miners, miners)
+        functions = trail.contract.functions
+        owner = connection.operator.address
+
+        def anchor_call(cert):
+            return functions.anchorRound(
+                cert.approval.as_contract_tuple(), list(cert.committee), cert.packed_signatures
+            )
+
+        anchor_call(old).call({"from": owner})
+        connection.web3.provider.make_request("anvil_setChainId", [31339])
+        assert connection.web3.eth.chain_id == 31339
+        forked = Eip712Domain(31339, trail.address)
+        assert functions.DOMAIN_SEPARATOR().call() == approval.signable(forked).header
+        assert functions.approvalDigest(approval.as_contract_tuple()).call() == (
+            approval.digest(forked)
+        )
+        rejected = rejection_for(trail, anchor_call(old), owner)
+        assert rejected.error_name == "SignerNotInCommittee"
+        assert rejected.arguments == {"signer": approval.recover(old.signatures[0], forked)}
+        ordered = by_address(miners)
+        renewed = with_signatures(old, *(approval.sign(m, forked) for m in ordered))
+        anchor_call(renewed).call({"from": owner})
 
 
 def test_signature_for_another_chain_id_is_rejected(anvil_connection):
@@ -254,16 +637,16 @@ def test_signature_for_another_chain_id_is_rejected(anvil_connection):
     approval = approval_for(trail, 1, 1.0, miners)
     foreign = Eip712Domain(chain_id=1, verifying_contract=trail.address)
     assert trail.domain.chain_id == 31337
-    ordered = sorted(miners, key=lambda m: int(m.address, 16))
+    ordered = by_address(miners)
     cert = AnchorCertificate(
         approval,
         tuple(m.address for m in ordered),
         tuple(m.address for m in ordered),
         tuple(approval.sign(m, foreign) for m in ordered),
     )
-    with pytest.raises(ChainRejectedError) as raised:
-        trail.anchor_round(cert)
-    assert raised.value.error_name == "SignerNotInCommittee"
+    rejected = anchor_rejection(trail, cert)
+    assert rejected.error_name == "SignerNotInCommittee"
+    assert rejected.arguments == {"signer": approval.recover(cert.signatures[0], trail.domain)}
     # and the off-chain builder drops every one of them
     with pytest.raises(ValueError, match="0 valid approvals"):
         AnchorCertificate.build(
@@ -274,46 +657,24 @@ def test_signature_for_another_chain_id_is_rejected(anvil_connection):
         )
 
 
+# --------------------------------------------------------------------------------------
+# Hash links and rollbacks
+# --------------------------------------------------------------------------------------
+
+
 def test_broken_hash_link_is_rejected(anvil_connection):
     miners = clients(5)
     trail = deploy(anvil_connection, miners)
-    approval = dataclasses.replace(
-        approval_for(trail, 1, 1.0, miners), previous_hash=model_hash(toy_model(5.0))
-    )
-    with pytest.raises(ChainRejectedError) as raised:
-        trail.anchor_round(certificate(trail, approval, miners, miners))
-    assert raised.value.error_name == "BrokenHashLink"
-    assert raised.value.arguments["expected"] == "0x" + GENESIS.hex()
-
-
-def test_malformed_signatures_are_rejected(anvil_connection):
-    curve_order = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-    miners = clients(3)
-    trail = deploy(anvil_connection, miners)
-    approval = approval_for(trail, 1, 1.0, miners)
-    honest = certificate(trail, approval, miners, miners)
-    first = honest.signatures[0]
-    high_s = (curve_order - int.from_bytes(first[32:64], "big")).to_bytes(32, "big")
-    malleable = first[:32] + high_s + bytes([55 - first[64]])  # the other valid (r, s, v)
-    bad_v = first[:64] + bytes([first[64] - 27])
-    for broken in (malleable, bad_v):
-        cert = dataclasses.replace(honest, signatures=(broken, *honest.signatures[1:]))
-        with pytest.raises(ChainRejectedError) as raised:
-            trail.anchor_round(cert)
-        assert raised.value.error_name == "InvalidSignature"
-    duplicated = dataclasses.replace(
-        honest,
-        signers=honest.signers[:1] * 3,
-        signatures=honest.signatures[:1] * 3,
-    )
-    with pytest.raises(ChainRejectedError) as raised:
-        trail.anchor_round(duplicated)
-    assert raised.value.error_name == "SignerNotInCommittee"
-    unsorted = dataclasses.replace(honest, committee=tuple(reversed(honest.committee)))
-    with pytest.raises(ChainRejectedError) as raised:
-        trail.anchor_round(unsorted)
-    assert raised.value.error_name == "CommitteeNotSorted"
-    assert trail.round_count() == 0
+    stray = model_hash(toy_model(5.0))
+    approval = dataclasses.replace(approval_for(trail, 1, 1.0, miners), previous_hash=stray)
+    rejected = anchor_rejection(trail, certificate(trail, approval, miners, miners))
+    assert rejected.error_name == "BrokenHashLink"
+    assert rejected.arguments == {"expected": "0x" + GENESIS.hex(), "got": "0x" + stray.hex()}
+    # a rollback must keep the last anchored model, too
+    rejected = owner_sends(trail, trail.contract.functions.recordRollback(1, stray, "no quorum"))
+    assert rejected.error_name == "BrokenHashLink"
+    assert rejected.arguments == {"expected": "0x" + GENESIS.hex(), "got": "0x" + stray.hex()}
+    assert trail.latest_round() == 0
 
 
 def test_rollback_keeps_the_head_and_the_next_round_links_past_it(anvil_connection):
@@ -326,6 +687,7 @@ def test_rollback_keeps_the_head_and_the_next_round_links_past_it(anvil_connecti
     with pytest.raises(ChainRejectedError) as raised:
         trail.record_rollback(2, "again")
     assert raised.value.error_name == "UnexpectedRound"
+    assert raised.value.arguments == {"expected": 3, "got": 2}
     third = approval_for(trail, 3, 3.0, miners)
     assert third.previous_hash == model_hash(toy_model(1.0))
     trail.anchor_round(certificate(trail, third, miners, miners))

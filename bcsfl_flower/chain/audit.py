@@ -498,23 +498,9 @@ class AuditTrail:
             )
         return len(items)
 
-    def set_stake(self, address: str, stake: int) -> None:
-        """Set a registered client's stake (reward or slash)."""
-        checksummed = to_checksum_address(address)
-        self._transact(
-            "setStake",
-            lambda: self.contract.functions.setStake(checksummed, stake),
-            gas=_BASE_GAS_LIMIT,
-            resume={"client": checksummed, "stake": stake},
-        )
-
     def is_registered(self, address: str) -> bool:
         """Return whether ``address`` is registered."""
         return bool(self.contract.functions.isRegistered(to_checksum_address(address)).call())
-
-    def stake_of(self, address: str) -> int:
-        """Return a registered client's stake."""
-        return int(self.contract.functions.stakeOf(to_checksum_address(address)).call())
 
     def client_count(self) -> int:
         """Return the number of registered clients."""
@@ -581,7 +567,8 @@ class AuditTrail:
         ------
         ChainRejectedError
             If the contract reverts (e.g. ``UnexpectedRound``, ``BrokenHashLink``,
-            ``QuorumNotReached``, ``SignerNotInCommittee``, ``SignerNotEligible``).
+            ``QuorumNotReached``, ``SignerNotInCommittee``, ``SignaturesNotSorted``,
+            ``SignerNotEligible``).
         ChainUnavailableError
             If the chain does not answer after :attr:`retry` attempts; ``resume`` holds
             the certificate to re-send.

@@ -219,28 +219,23 @@ def _verify_anchor(
 
 @dataclass
 class _RegistryHistory:
-    """Registration events in chain order, to answer "was X registered at block B?"."""
+    """Registration events, to answer "was X registered at block B?".
 
-    events: list[tuple[int, int, str, bool]]
+    Registration is permanent (the contract has no deregistration), so an address is
+    registered at every block from the one that emitted its ``ClientRegistered`` on.
+    """
+
+    registered_from: dict[str, int]
 
     @classmethod
     def read(cls, trail: AuditTrail) -> _RegistryHistory:
-        start = trail.deploy_block
-        events = [
-            (int(e["blockNumber"]), int(e["logIndex"]), str(e["args"]["client"]), True)
-            for e in trail.contract.events.ClientRegistered.get_logs(from_block=start)
-        ]
-        events += [
-            (int(e["blockNumber"]), int(e["logIndex"]), str(e["args"]["client"]), False)
-            for e in trail.contract.events.ClientDeregistered.get_logs(from_block=start)
-        ]
-        return cls(sorted(events))
+        first: dict[str, int] = {}
+        for event in trail.contract.events.ClientRegistered.get_logs(from_block=trail.deploy_block):
+            client = str(event["args"]["client"])
+            block = int(event["blockNumber"])
+            first[client] = min(block, first.get(client, block))
+        return cls(first)
 
     def registered_at(self, address: str, block: int) -> bool:
-        state = False
-        for event_block, _, client, registered in self.events:
-            if event_block > block:
-                break
-            if client == address:
-                state = registered
-        return state
+        since = self.registered_from.get(address)
+        return since is not None and since <= block
