@@ -452,18 +452,16 @@ def test_runs_recorded_before_the_stake_field_are_still_complete(tmp_path):
 
 
 def test_committed_full_runs_without_stake_field_count_as_complete():
-    full = REPO / "sim" / "results" / "full"
-    if not (full / "runs").is_dir():
-        pytest.skip("no committed full grid")
-    runner = GridRunner(full, data_dir=DATA_DIR)
+    # Flower's rows were run before the stake field existed and are reused as they are;
+    # whether the stake cells are done depends on how far the grid has run, so only the
+    # reuse of the older records is asserted here
+    runner = GridRunner(REPO / "sim" / "results" / "full", data_dir=DATA_DIR)
     baselines = [
         s
         for s in PRESETS["full"].specs()
         if s.attacker_stake_share is None and not s.strategy.startswith("bcsfl")
     ]
-    assert all(runner.is_complete(s) for s in baselines)
-    stake = [s for s in PRESETS["full"].specs() if s.attacker_stake_share is not None]
-    assert not any(runner.is_complete(s) for s in stake)
+    assert baselines and all(runner.is_complete(s) for s in baselines)
 
 
 # -- several presets and seeds in one report, on fake completed runs ---------------------------
