@@ -18,6 +18,8 @@ from bcsfl_flower.checkpoint import ResumeError, load_checkpoint
 from bcsfl_flower.notary import CHAIN_STATE_DIR, MANIFEST_FILE, RoundNotary
 from bcsfl_flower.packets import model_hash
 from bcsfl_flower.results import RunRecorder, load_results
+from bcsfl_flower.round.settings import StakePolicy
+from bcsfl_flower.round.stakes import settle
 from bcsfl_flower.strategy import BCSFL
 
 PARTITIONS = range(6)
@@ -141,3 +143,32 @@ def test_rounds_the_chain_lost_are_dropped_and_run_again(stopped_run):
 def test_start_round_is_validated():
     with pytest.raises(ValueError, match="start_round"):
         BCSFL(start_round=0)
+
+
+def test_a_client_that_reconnects_under_a_new_node_id_keeps_its_stake(tmp_path):
+    """Node ids are not identities: stake follows the signer's address within a run."""
+    notary = open_notary(tmp_path)
+    try:
+        records = {}
+        strategy = BCSFL(
+            notary=notary, num_miners=4, round_sink=lambda n, r: records.__setitem__(n, r)
+        )
+        arrays = play(strategy, notary, (1, 2), GLOBAL)
+        before = strategy.ledger.as_dict()
+        strategy.ledger.apply(
+            settle(
+                before,
+                rewarded=[],
+                slashed=["1"],
+                policy=StakePolicy(reward=0.0, slash_fraction=0.5),
+            )
+        )
+        slashed = strategy.ledger.stake("1")
+        assert slashed < 1.0
+        play(strategy, notary, (3,), arrays, node_offset=101)
+        record = records[3]
+        # partition 0 came back as node 101 with the stake it had as node 1
+        assert record["stakes_before"]["101"] == pytest.approx(slashed)
+        assert record["stakes_before"]["102"] == pytest.approx(before["2"])
+    finally:
+        notary.close()

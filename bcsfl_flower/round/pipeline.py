@@ -99,6 +99,7 @@ class RoundPipeline:
         self.metrics_aggregation = metrics_aggregation
         self.notary = notary
         self.ledger = ledger if ledger is not None else StakeLedger()
+        self._node_of_address: dict[str, str] = {}
 
     def run(
         self, server_round: int, grid: Grid, global_arrays: ArrayRecord, replies: Iterable[Message]
@@ -245,12 +246,26 @@ class RoundPipeline:
         )
 
     def _register(self, checked: CheckedReplies) -> None:
-        """Give every client the ledger has not seen its initial stake."""
+        """Give every client the ledger has not seen its stake.
+
+        Node ids are not identities: a SuperNode that reconnects gets a new one. A
+        signed client is known by its address, so a new node id signing for an address
+        the ledger already holds takes over that address's stake (a slashed client
+        cannot reset its stake by reconnecting); anyone else gets the initial stake.
+        """
         counts = np.array([c.num_examples for c in checked.accepted])
         typical = weighted_median(counts, np.ones(counts.size))
         for contribution in checked.accepted:
             if contribution.name not in self.ledger:
-                self.ledger.register(contribution.name, self.initial_stake(contribution, typical))
+                earlier = self._node_of_address.get(contribution.address or "")
+                stake = (
+                    self.ledger.stake(earlier)
+                    if earlier is not None
+                    else self.initial_stake(contribution, typical)
+                )
+                self.ledger.register(contribution.name, stake)
+            if contribution.address is not None:
+                self._node_of_address[contribution.address] = contribution.name
 
     def _certify(
         self,
