@@ -127,15 +127,15 @@ def test_a_users_pytorch_app_runs_with_only_the_strategy_line_changed(tmp_path):
 
 
 CKKS_CONFIG = {
-    # Four rounds: by then both runs sit near 97%, where SGD's sensitivity to CKKS's
-    # 1e-7 decryption noise moves accuracy far less than one point.
+    # Four rounds: by then both runs sit near 97%.
     "num-server-rounds": 4,
     "seed": 42,
-    # The two runs draw different committees (the seed hashes the global model, a
-    # ciphertext in one run); a lenient vote and no slashing keep one noisy validator
-    # from rolling back a round in one run only, which is not what this test is about.
-    "vote-tolerance": 0.5,
-    "stake-slash": 0.0,
+    # Every client validates and mines. Committees are drawn with the previous model's
+    # hash, which is a ciphertext's in one run and a plaintext's in the other; with the
+    # whole federation on the committee both runs ask the same validators about the
+    # same candidates (equal up to CKKS noise), so they make the same decisions.
+    "num-validators": 5,
+    "num-miners": 5,
 }
 
 
@@ -163,7 +163,7 @@ def _decrypt_and_test(run, key_seed: int) -> float:
     return test(model, load_test_data("mnist", DATA_DIR), torch.device("cpu"))[1]
 
 
-def test_ckks_federation_matches_plaintext_within_one_point(tmp_path):
+def test_ckks_federation_makes_the_plaintext_decisions_and_reaches_its_accuracy(tmp_path):
     plain = run_federation(
         tmp_path / "plain",
         num_supernodes=5,
@@ -180,11 +180,20 @@ def test_ckks_federation_matches_plaintext_within_one_point(tmp_path):
         timeout=900,
         stream=False,
     )
-    for record in encrypted.results["rounds"].values():
-        assert record["outcome"] == "commit"
-        assert record["gram"]["digest"]  # the committee agreed on one Gram matrix
+    for number in range(1, 5):
+        ours, theirs = (
+            encrypted.results["rounds"][str(number)],
+            plain.results["rounds"][str(number)],
+        )
+        assert ours["gram"]["digest"]  # the committee agreed on one Gram matrix
+        for key in ("outcome", "candidate", "rejected_partitions"):
+            assert ours[key] == theirs[key], (number, key)
     # The server never evaluated: it cannot decrypt.
     assert "test_accuracy" not in encrypted.results["rounds"]["4"]
     accuracy = _decrypt_and_test(encrypted, key_seed=0)
-    assert accuracy > 0.5
+    # Same decisions; what differs is CKKS's ~2e-7 noise in each aggregate (fresh
+    # encryption randomness every run), amplified by four rounds of SGD. Measured
+    # |difference|: 0.0019 here (0.9731 vs 0.9750) and 0.007 in an earlier 3-round
+    # configuration with identical rejections. The 1.3-point gap that once failed this
+    # test came from different committees and decisions, which the loop above excludes.
     assert abs(accuracy - plain.results["final_test_accuracy"]) <= 0.01
