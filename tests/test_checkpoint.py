@@ -7,6 +7,7 @@ contract, the model store and results.json are real.
 
 import numpy as np
 import pytest
+from chain_fixtures import running_anvil
 from flwr.app import ConfigRecord
 from test_notary import GLOBAL, TARGET, MiningGrid, signed_reply
 
@@ -172,3 +173,31 @@ def test_a_client_that_reconnects_under_a_new_node_id_keeps_its_stake(tmp_path):
         assert record["stakes_before"]["102"] == pytest.approx(before["2"])
     finally:
         notary.close()
+
+
+def test_a_run_on_a_json_rpc_url_resumes_on_the_same_contract(tmp_path):
+    """The URL backend: the contract lives on a chain the run does not own (a real anvil)."""
+    with running_anvil() as url:
+        recorder = RunRecorder(tmp_path, {"num-server-rounds": 5})
+        notary = RoundNotary.open(url, tmp_path, GLOBAL, num_simulated_clients=6)
+        try:
+            contract = notary.trail.address
+            strategy = BCSFL(notary=notary, num_miners=4, round_sink=recorder.record)
+            arrays = play(strategy, notary, (1, 2), GLOBAL)
+        finally:
+            notary.close()
+        manifest = ChainManifest.load(tmp_path / MANIFEST_FILE)
+        notary = RoundNotary.open(url, tmp_path, GLOBAL, num_simulated_clients=6)
+        try:
+            checkpoint = load_checkpoint(manifest, notary, load_results(tmp_path), 5)
+            assert notary.trail.address == contract  # attached, not redeployed
+            assert checkpoint.round == 2
+            assert model_hash(checkpoint.arrays) == model_hash(arrays)
+            strategy = BCSFL(
+                notary=notary, num_miners=4, start_round=3, initial_stakes=checkpoint.stakes
+            )
+            play(strategy, notary, (3,), checkpoint.arrays, node_offset=101)
+            report = verify_trail(notary.trail, manifest)
+            assert report.ok and report.anchored == 3 and report.latest_round == 3
+        finally:
+            notary.close()
