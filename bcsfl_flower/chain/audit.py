@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, to_checksum_address
@@ -79,6 +79,8 @@ def _rejection_errors() -> tuple[type[BaseException], ...]:
 
 
 _REJECTION_ERRORS = _rejection_errors()
+
+_T = TypeVar("_T")
 
 
 quorum = quorum_size
@@ -577,8 +579,7 @@ class AuditTrail:
 
         def already_anchored() -> TxReceipt | None:
             # A previous attempt may have landed even though its receipt was lost.
-            # A raw call: the retry loop around this check handles a silent chain.
-            if int(self.contract.functions.latestRound().call()) < approval.round:
+            if self._recorded_round() < approval.round:
                 return None
             events = self.contract.events.RoundAnchored.get_logs(
                 from_block=self.deploy_block, argument_filters={"round": approval.round}
@@ -640,7 +641,7 @@ class AuditTrail:
         _, kept = self.head()
 
         def already_recorded() -> TxReceipt | None:
-            if int(self.contract.functions.latestRound().call()) < round_number:
+            if self._recorded_round() < round_number:
                 return None
             events = self.contract.events.RoundRolledBack.get_logs(
                 from_block=self.deploy_block, argument_filters={"round": round_number}
@@ -778,21 +779,11 @@ class AuditTrail:
         ChainUnavailableError
             If the chain still does not answer after :attr:`retry` attempts.
         """
-        last_error: BaseException | None = None
-        for number in range(1, self.retry.attempts + 1):
-            try:
-                return call()
-            except _TRANSIENT_ERRORS as err:
-                last_error = err
-                if number < self.retry.attempts:
-                    self._sleep(self.retry.delay(number))
-        raise ChainUnavailableError(
-            f"{action}: the chain did not answer after {self.retry.attempts} attempts "
-            f"(last error: {last_error}); the run stops here so that no round is skipped",
-            action=action,
-            attempts=self.retry.attempts,
-            resume={},
-        )
+        return _retry_transient(action, lambda _: call(), self.retry, self._sleep, resume={})
+
+    def _recorded_round(self) -> int:
+        """Return the last recorded round, read once (the caller's retry loop handles failures)."""
+        return int(self.contract.functions.latestRound().call())
 
     def _transact(
         self,
@@ -962,8 +953,9 @@ def _with_retries(
     abi: Sequence[Mapping[str, Any]],
     already_done: Callable[[], TxReceipt | None] | None = None,
 ) -> TxReceipt:
-    last_error: BaseException | None = None
-    for number in range(1, retry.attempts + 1):
+    """Send a transaction with :func:`_retry_transient`, never twice once one has landed."""
+
+    def once(number: int) -> TxReceipt:
         try:
             if number > 1 and already_done is not None:
                 landed = already_done()
@@ -978,6 +970,45 @@ def _with_retries(
             receipt = attempt()
         except _REJECTION_ERRORS as err:
             raise rejected_error(abi, action, err) from err
+        if int(receipt["status"]) != 1:
+            raise ChainRejectedError(
+                f"{action}: transaction {receipt['transactionHash'].to_0x_hex()} reverted",
+                error_name=None,
+                arguments={},
+            )
+        return receipt
+
+    return _retry_transient(
+        action,
+        once,
+        retry,
+        sleep,
+        resume=resume,
+        hint=" Restart once the chain is back: the pending statement is in .resume",
+    )
+
+
+def _retry_transient(
+    action: str,
+    call: Callable[[int], _T],
+    retry: RetryPolicy,
+    sleep: Callable[[float], None],
+    *,
+    resume: Mapping[str, Any],
+    hint: str = "",
+) -> _T:
+    """Return ``call(attempt_number)``, retrying transient chain errors with backoff.
+
+    Raises
+    ------
+    ChainUnavailableError
+        If every attempt failed with a transient error: the run stops rather than skip
+        a round.
+    """
+    last_error: BaseException | None = None
+    for number in range(1, retry.attempts + 1):
+        try:
+            return call(number)
         except _TRANSIENT_ERRORS as err:
             last_error = err
             if number < retry.attempts:
@@ -992,18 +1023,9 @@ def _with_retries(
                     delay,
                 )
                 sleep(delay)
-            continue
-        if int(receipt["status"]) != 1:
-            raise ChainRejectedError(
-                f"{action}: transaction {receipt['transactionHash'].to_0x_hex()} reverted",
-                error_name=None,
-                arguments={},
-            )
-        return receipt
     raise ChainUnavailableError(
         f"{action}: the chain did not answer after {retry.attempts} attempts "
-        f"(last error: {last_error}); the run stops here so that no round is skipped. "
-        f"Restart once the chain is back: the pending statement is in .resume",
+        f"(last error: {last_error}); the run stops here so that no round is skipped.{hint}",
         action=action,
         attempts=retry.attempts,
         resume=resume,
