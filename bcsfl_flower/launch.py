@@ -31,14 +31,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
+from rich.progress import Progress
 
 from bcsfl_flower.config import DATA_DIR_ENV
+from bcsfl_flower.progress import FederationProgress, new_progress
 from bcsfl_flower.results import RESULTS_FILE, load_results
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -78,6 +80,7 @@ def run_federation(
     stream: bool = True,
     require_results: bool = True,
     client_cpus: float | None = None,
+    progress: Progress | None = None,
 ) -> FederationRun:
     """Run ``flwr run`` on ``app_dir`` and return its results, or raise if it failed.
 
@@ -103,6 +106,9 @@ def run_federation(
     client_cpus : float, optional
         CPUs Ray reserves per simulated ClientApp (Flower's default is 2, which runs
         one client at a time on a 2-core machine).
+    progress : rich.progress.Progress, optional
+        A live display to follow the run's rounds on (:mod:`bcsfl_flower.progress`):
+        round k of N, committed or rolled back, accuracy, anchored, ETA. None shows none.
 
     Raises
     ------
@@ -141,7 +147,10 @@ def run_federation(
     started = time.monotonic()
     flower_status = None
     try:
-        returncode = _stream(command, env, log_path, timeout, stream)
+        with _follow(output_dir, progress) as follow:
+            returncode = _stream(
+                command, env, log_path, timeout, stream, follow.refresh if follow else None
+            )
         if returncode == 0:
             flower_status = _flower_status(env)
     finally:
@@ -179,7 +188,11 @@ def run_federation(
 
 
 def resume_federation(
-    run_dir: Path, *, timeout: float = 3600.0, stream: bool = True
+    run_dir: Path,
+    *,
+    timeout: float = 3600.0,
+    stream: bool = True,
+    progress: Progress | None = None,
 ) -> FederationRun:
     """Resume the stopped run in ``run_dir``, as it was launched, from its last anchored round.
 
@@ -205,6 +218,7 @@ def resume_federation(
         timeout=timeout,
         stream=stream,
         client_cpus=launch.get("client_cpus"),
+        progress=progress,
     )
 
 
@@ -250,8 +264,22 @@ def _run_environment(flwr_home: Path, http_port: int, control_port: int) -> dict
     return env
 
 
+def _follow(
+    output_dir: Path, progress: Progress | None
+) -> contextlib.AbstractContextManager[FederationProgress | None]:
+    """Follow the run's rounds on ``progress``; without a display, do nothing."""
+    if progress is None:
+        return contextlib.nullcontext()
+    return FederationProgress(output_dir / RESULTS_FILE, label=output_dir.name, progress=progress)
+
+
 def _stream(
-    command: Sequence[str], env: Mapping[str, str], log_path: Path, timeout: float, echo: bool
+    command: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    timeout: float,
+    echo: bool,
+    on_line: Callable[[], object] | None = None,
 ) -> int:
     deadline = time.monotonic() + timeout
     with log_path.open("a") as log_file:  # a resumed run continues the log
@@ -269,6 +297,8 @@ def _stream(
             if echo:
                 sys.stdout.write(line)
                 sys.stdout.flush()
+            if on_line is not None:
+                on_line()
             if time.monotonic() > deadline:
                 process.kill()
                 raise FederationFailedError(f"run exceeded {timeout:.0f}s; see {log_path}")
@@ -342,15 +372,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.run_config.split() if item)
     try:
-        if args.resume is not None:
-            run = resume_federation(args.resume)
-        else:
-            run = run_federation(
-                args.output_dir,
-                num_supernodes=args.num_supernodes,
-                run_config={key: _parse_scalar(value) for key, value in overrides.items()},
-                data_dir=args.data_dir,
-            )
+        with new_progress() as display:
+            if args.resume is not None:
+                run = resume_federation(args.resume, progress=display)
+            else:
+                run = run_federation(
+                    args.output_dir,
+                    num_supernodes=args.num_supernodes,
+                    run_config={key: _parse_scalar(value) for key, value in overrides.items()},
+                    data_dir=args.data_dir,
+                    progress=display,
+                )
     except FederationFailedError as err:
         print(f"bcsfl: federation FAILED: {err}", file=sys.stderr)
         return 1

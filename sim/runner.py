@@ -1,4 +1,4 @@
-"""Run the grid's federations one after another, resumably, with a progress display.
+"""Run the grid's federations one after another, resumably, with a live progress display.
 
 Each :class:`~sim.grid.ExperimentSpec` runs as a real ``flwr run`` of the app through
 :func:`bcsfl_flower.launch.run_federation`, in ``<out>/runs/<run_id>/``. Before a run
@@ -24,8 +24,10 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.common.logger import log
+from rich.progress import Progress
 
 from bcsfl_flower.launch import FederationFailedError, FederationRun, run_federation
+from bcsfl_flower.progress import new_progress
 from bcsfl_flower.results import RESULTS_FILE
 from sim.grid import ExperimentSpec
 from sim.records import TIMING_FILE
@@ -129,37 +131,33 @@ class GridRunner:
         )
         started = time.monotonic()
         durations: list[float] = []
-        for index, spec in enumerate(pending):
-            left = len(pending) - index
-            eta = f", ETA {_clock(left * sum(durations) / len(durations))}" if durations else ""
-            log(
-                INFO,
-                "grid [%d/%d] running %s | done %d, failed %d, left %d | elapsed %s%s",
-                len(outcome.reused) + index + 1,
-                len(specs),
-                spec.run_id,
-                len(outcome.ran) + len(outcome.reused),
-                len(outcome.failed),
-                left,
-                _clock(time.monotonic() - started),
-                eta,
+        with new_progress() as display:
+            grid_task = display.add_task(
+                "", total=len(specs), completed=len(outcome.reused), label="grid"
             )
-            begun = time.monotonic()
-            try:
-                accuracy = self._run_one(spec)
-            except FederationFailedError as err:
-                outcome.failed[spec.run_id] = str(err)
-                log(ERROR, "grid: %s FAILED: %s", spec.run_id, err)
-            else:
-                outcome.ran.append(spec.run_id)
+            for index, spec in enumerate(pending):
+                left = len(pending) - index
+                eta = f", ETA {_clock(left * sum(durations) / len(durations))}" if durations else ""
                 log(
                     INFO,
-                    "grid: %s completed in %s, final test accuracy %s",
+                    "grid [%d/%d] running %s | done %d, failed %d, left %d | elapsed %s%s",
+                    len(outcome.reused) + index + 1,
+                    len(specs),
                     spec.run_id,
-                    _clock(time.monotonic() - begun),
-                    f"{accuracy:.4f}" if accuracy is not None else "n/a",
+                    len(outcome.ran) + len(outcome.reused),
+                    len(outcome.failed),
+                    left,
+                    _clock(time.monotonic() - started),
+                    eta,
                 )
-            durations.append(time.monotonic() - begun)
+                begun = time.monotonic()
+                self._run_logged(spec, outcome, display)
+                durations.append(time.monotonic() - begun)
+                display.update(
+                    grid_task,
+                    advance=1,
+                    description=f"ran {len(outcome.ran)}, failed {len(outcome.failed)}",
+                )
         log(
             INFO,
             "grid: finished in %s: %d ran, %d reused, %d failed",
@@ -170,7 +168,25 @@ class GridRunner:
         )
         return outcome
 
-    def _run_one(self, spec: ExperimentSpec) -> float | None:
+    def _run_logged(self, spec: ExperimentSpec, outcome: GridOutcome, display: Progress) -> None:
+        """Run ``spec``, record it in ``outcome`` as ran or failed, and log which."""
+        begun = time.monotonic()
+        try:
+            accuracy = self._run_one(spec, display)
+        except FederationFailedError as err:
+            outcome.failed[spec.run_id] = str(err)
+            log(ERROR, "grid: %s FAILED: %s", spec.run_id, err)
+            return
+        outcome.ran.append(spec.run_id)
+        log(
+            INFO,
+            "grid: %s completed in %s, final test accuracy %s",
+            spec.run_id,
+            _clock(time.monotonic() - begun),
+            f"{accuracy:.4f}" if accuracy is not None else "n/a",
+        )
+
+    def _run_one(self, spec: ExperimentSpec, display: Progress) -> float | None:
         run_dir = self.run_dir(spec)
         if run_dir.exists():  # an unfinished or outdated run: start it afresh
             shutil.rmtree(run_dir)
@@ -184,6 +200,7 @@ class GridRunner:
             data_dir=self.data_dir,
             timeout=self.timeout,
             stream=self.stream,
+            progress=display,
         )
         wall_s = round(time.monotonic() - started, 1)
         (run_dir / TIMING_FILE).write_text(json.dumps({"wall_s": wall_s}) + "\n")

@@ -5,17 +5,21 @@ reads the run's own results.json, because `flwr run --stream` exits 0 even when 
 ServerApp fails; the second test proves that a broken federation is reported.
 """
 
+import io
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import DATA_DIR
+from rich.console import Console
+from rich.progress import Progress
 
 from bcsfl_flower.launch import FederationFailedError, run_federation
 
 
 def test_two_round_federation_on_mnist_completes_above_chance(tmp_path):
+    display = Progress(console=Console(file=io.StringIO()))
     run = run_federation(
         tmp_path / "run",
         num_supernodes=4,
@@ -23,6 +27,7 @@ def test_two_round_federation_on_mnist_completes_above_chance(tmp_path):
         data_dir=DATA_DIR,
         timeout=900,
         stream=False,
+        progress=display,
     )
     results = run.results
     assert results["status"] == "completed"
@@ -33,6 +38,10 @@ def test_two_round_federation_on_mnist_completes_above_chance(tmp_path):
         assert record["outcome"] == "commit"
         assert record["chain"]["anchored"] is True
     assert results["final_test_accuracy"] > 0.5  # chance is 0.1
+    (followed,) = display.tasks  # the live display followed the run to its last round
+    assert (followed.completed, followed.total) == (2, 2)
+    assert followed.description.startswith("round 2: commit, acc ")
+    assert followed.description.endswith(", anchored")
 
 
 def test_a_failing_federation_is_reported_as_failed(tmp_path):

@@ -374,9 +374,13 @@ class CountingLaunch:
     def __init__(self, fail_on=()):
         self.calls = []
         self.fail_on = set(fail_on)
+        self.displays = []
 
-    def __call__(self, output_dir, *, num_supernodes, run_config, data_dir, timeout, stream):
+    def __call__(
+        self, output_dir, *, num_supernodes, run_config, data_dir, timeout, stream, progress
+    ):
         self.calls.append((output_dir.name, num_supernodes, dict(run_config)))
+        self.displays.append(progress)
         if output_dir.name in self.fail_on:
             raise FederationFailedError("boom")
         results = {"status": "completed", "final_test_accuracy": 0.5, "rounds": {}}
@@ -395,6 +399,8 @@ def test_runner_skips_complete_runs_redoes_outdated_ones_and_survives_failures(t
     assert first.ran == [specs[0].run_id] and list(first.failed) == [specs[1].run_id]
     assert launch.calls[0][1] == 3 and launch.calls[0][2]["strategy"] == "fedavg"
     assert runner.is_complete(specs[0]) and not runner.is_complete(specs[1])
+    grid_bar = launch.displays[-1].tasks[0]  # each run is followed on the grid's display
+    assert (grid_bar.completed, grid_bar.total, grid_bar.description) == (2, 2, "ran 1, failed 1")
 
     launch.fail_on.clear()
     second = runner.run(specs)
