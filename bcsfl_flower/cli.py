@@ -28,11 +28,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bcsfl_flower.chain.audit import (
-    AnchoredRound,
-    AuditTrail,
-    ChainManifest,
-)
+from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
+from bcsfl_flower.chain.certificates import AnchoredRound
 from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore, load_model_file
 from bcsfl_flower.chain.verification import timeline, verify_trail

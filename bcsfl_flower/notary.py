@@ -24,10 +24,12 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail, RetryPolicy
+from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.backends import ChainConnection, connect
+from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.chain.model_store import ModelStore
+from bcsfl_flower.chain.retry import RetryPolicy
 from bcsfl_flower.packets import (
     PacketRejectedError,
     PacketVerifier,

@@ -312,7 +312,7 @@ class ModelPacket:
     client: str
 
     def __post_init__(self) -> None:
-        _check_hash("model_hash", self.model_hash)
+        check_hash("model_hash", self.model_hash)
         _check_uint64("timestamp", self.timestamp)
         _check_uint64("round", self.round)
         if not isinstance(self.client, str) or not is_address(self.client):
@@ -448,10 +448,10 @@ class RoundApproval:
 
     def __post_init__(self) -> None:
         _check_uint64("round", self.round)
-        _check_hash("model_hash", self.model_hash)
-        _check_hash("previous_hash", self.previous_hash)
-        _check_hash("accepted_root", self.accepted_root)
-        _check_hash("committee_root", self.committee_root)
+        check_hash("model_hash", self.model_hash)
+        check_hash("previous_hash", self.previous_hash)
+        check_hash("accepted_root", self.accepted_root)
+        check_hash("committee_root", self.committee_root)
         _check_uint64("timestamp", self.timestamp)
 
     def signable(self, domain: Eip712Domain) -> SignableMessage:
@@ -747,7 +747,8 @@ class PacketVerifier:
         return signed
 
 
-def _check_hash(name: str, value: object) -> None:
+def check_hash(name: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a 32-byte hash."""
     if not isinstance(value, bytes) or len(value) != HASH_BYTES:
         raise ValueError(f"{name} must be {HASH_BYTES} bytes, got {value!r}")
 

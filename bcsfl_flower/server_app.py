@@ -15,8 +15,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from bcsfl_flower.baselines import build_baseline
-from bcsfl_flower.chain.audit import ChainManifest, RetryPolicy
+from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.chain.keys import client_dev_account
+from bcsfl_flower.chain.retry import RetryPolicy
 from bcsfl_flower.checkpoint import ResumeError, load_checkpoint
 from bcsfl_flower.config import RunSettings
 from bcsfl_flower.notary import MANIFEST_FILE, RoundNotary

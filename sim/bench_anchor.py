@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 from eth_account.signers.local import LocalAccount
 
-from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail
+from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.backends import ChainConnection, connect
+from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.keys import client_dev_account, dev_account
 from bcsfl_flower.packets import model_hash
 

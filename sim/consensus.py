@@ -4,7 +4,7 @@ For ``N`` registered nodes, every round goes from "the round's model is decided"
 "its anchor has a receipt" exactly as the strategy does it: read the chain head and
 prepare the :class:`~bcsfl_flower.packets.RoundApproval`, have miners sign it (EIP-712,
 dev keys), check the signatures and assemble the
-:class:`~bcsfl_flower.chain.audit.AnchorCertificate`, and send ``anchorRound`` to a
+:class:`~bcsfl_flower.chain.certificates.AnchorCertificate`, and send ``anchorRound`` to a
 real anvil, which ``ecrecover``-s every signature again. Two quorums are compared:
 
 ``committee`` (ours)
@@ -54,8 +54,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from eth_account.signers.local import LocalAccount  # noqa: E402
 from flwr.common.logger import log  # noqa: E402
 
-from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail, quorum  # noqa: E402
+from bcsfl_flower.chain.audit import AuditTrail  # noqa: E402
 from bcsfl_flower.chain.backends import ChainConnection, connect  # noqa: E402
+from bcsfl_flower.chain.certificates import AnchorCertificate, quorum  # noqa: E402
 from bcsfl_flower.chain.keys import client_dev_account  # noqa: E402
 from bcsfl_flower.committee import draw_committee  # noqa: E402
 from bcsfl_flower.packets import model_hash  # noqa: E402

@@ -10,8 +10,9 @@ import numpy as np
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail
+from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.backends import ChainConnection, spawn_anvil, stop_anvil
+from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.keys import client_dev_account, dev_account
 from bcsfl_flower.packets import RoundApproval, committee_root, model_hash
 

@@ -11,10 +11,12 @@ from chain_fixtures import GENESIS, approval_for, certificate, clients, toy_mode
 from flwr.app import Array, ArrayRecord
 from web3.exceptions import TimeExhausted
 
-from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail, ChainManifest, RetryPolicy
+from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.backends import ANVIL_STATE_FILE, JOURNAL_FILE, connect
+from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
+from bcsfl_flower.chain.retry import RetryPolicy
 from bcsfl_flower.packets import model_hash
 
 

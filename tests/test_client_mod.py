@@ -328,8 +328,9 @@ def test_node_without_a_key_answers_the_duty_with_an_error():
 
 
 def test_miner_approvals_from_the_mod_anchor_on_chain(tmp_path):
-    from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail
+    from bcsfl_flower.chain.audit import AuditTrail
     from bcsfl_flower.chain.backends import connect
+    from bcsfl_flower.chain.certificates import AnchorCertificate
 
     with connect("embedded", tmp_path) as connection:
         trail = AuditTrail.open(connection, model_hash(record(0.0)))

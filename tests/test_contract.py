@@ -26,8 +26,9 @@ from eth_keys.backends.native import ecdsa
 from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError
 
-from bcsfl_flower.chain.audit import AnchorCertificate, AuditTrail, quorum
+from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.backends import connect, spawn_anvil, stop_anvil
+from bcsfl_flower.chain.certificates import AnchorCertificate, quorum
 from bcsfl_flower.chain.compiler import ARTIFACT_PATH, compile_contract, load_artifact
 from bcsfl_flower.chain.errors import ChainRejectedError, rejected_error
 from bcsfl_flower.chain.keys import dev_account

@@ -9,12 +9,12 @@ A round's life on chain, as the strategy drives it::
     certificate = AnchorCertificate.build(approval, committee, signatures, trail.domain)
     anchored = trail.anchor_round(certificate)      # or trail.record_rollback(round, why)
 
-A transaction that fails to reach the chain is retried with exponential backoff. A
-round is reported anchored only once its transaction has a successful receipt carrying
-the contract's ``RoundAnchored`` event. If the chain stays down,
-:class:`~bcsfl_flower.chain.errors.ChainUnavailableError` is raised with the pending
-statement, and the run must stop: a round is never skipped silently. A contract revert
-is not retried (it would revert again) and raises
+A transaction that fails to reach the chain is retried with exponential backoff
+(:mod:`~bcsfl_flower.chain.retry`). A round is reported anchored only once its
+transaction has a successful receipt carrying the contract's ``RoundAnchored`` event.
+If the chain stays down, :class:`~bcsfl_flower.chain.errors.ChainUnavailableError` is
+raised with the pending statement, and the run must stop: a round is never skipped
+silently. A contract revert is not retried (it would revert again) and raises
 :class:`~bcsfl_flower.chain.errors.ChainRejectedError` naming the custom error.
 """
 
@@ -23,31 +23,34 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, to_checksum_address
 from flwr.common.logger import log
 from web3.contract import Contract
-from web3.exceptions import ContractLogicError, ProviderConnectionError, TimeExhausted, Web3RPCError
 from web3.types import TxReceipt
 
 from bcsfl_flower.chain.backends import ChainConnection
+from bcsfl_flower.chain.certificates import AnchorCertificate, AnchoredRound, RolledBackRound
 from bcsfl_flower.chain.compiler import load_artifact
-from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError, rejected_error
+from bcsfl_flower.chain.errors import ChainRejectedError, rejected_error
+from bcsfl_flower.chain.retry import (
+    REJECTION_ERRORS,
+    RetryPolicy,
+    retry_transient,
+    send_with_retries,
+)
 from bcsfl_flower.packets import (
-    HASH_BYTES,
     SIGNATURE_BYTES,
     Eip712Domain,
     RoundApproval,
+    check_hash,
     committee_root,
-    sort_committee,
 )
-from bcsfl_flower.round.consensus import quorum_size
 
 DEPLOYMENT_FILE = "deployment.json"
 """Record of the deployed contract, in the connection's state directory."""
@@ -59,257 +62,6 @@ _REGISTER_BATCH = 100
 _ROUND_GAS_LIMIT = 1_000_000  # >= 10x an anchor with 5 miners; only gas used is paid
 _REGISTER_GAS_PER_CLIENT = 60_000
 _BASE_GAS_LIMIT = 100_000
-_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # includes requests' ConnectionError and Timeout
-    TimeExhausted,
-    ProviderConnectionError,
-    Web3RPCError,
-)
-
-
-def _rejection_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ContractLogicError]
-    try:
-        from eth_tester.exceptions import TransactionFailed
-    except ImportError:  # pragma: no cover - eth-tester is a dependency
-        pass
-    else:
-        errors.append(TransactionFailed)
-    return tuple(errors)
-
-
-_REJECTION_ERRORS = _rejection_errors()
-
-_T = TypeVar("_T")
-
-
-quorum = quorum_size
-"""The contract's quorum for a committee of ``N`` miners, ``ceil(2N/3)``: the same rule
-as the validators' vote (:func:`bcsfl_flower.round.consensus.quorum_size`)."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff for transactions that do not reach the chain.
-
-    Attempt ``k`` (from 1) that fails is followed by a pause of
-    ``min(base_delay_s * 2**(k-1), max_delay_s)`` seconds, for ``attempts`` attempts.
-    """
-
-    attempts: int = 5
-    base_delay_s: float = 0.5
-    max_delay_s: float = 8.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
-        if self.base_delay_s < 0 or self.max_delay_s < 0:
-            raise ValueError("base_delay_s and max_delay_s must be >= 0")
-
-    def delay(self, attempt: int) -> float:
-        """Return the pause after failed attempt ``attempt`` (1-based)."""
-        return min(self.base_delay_s * 2 ** (attempt - 1), self.max_delay_s)
-
-
-@dataclass(frozen=True)
-class AnchorCertificate:
-    """A round's quorum certificate in the form ``anchorRound`` takes.
-
-    Attributes
-    ----------
-    approval : RoundApproval
-        The statement every signer signed.
-    committee : tuple[str, ...]
-        The round's miners, ascending (the contract's order).
-    signers : tuple[str, ...]
-        The approving miners, ascending.
-    signatures : tuple[bytes, ...]
-        Their 65-byte signatures, aligned with ``signers``.
-    """
-
-    approval: RoundApproval
-    committee: tuple[str, ...]
-    signers: tuple[str, ...]
-    signatures: tuple[bytes, ...]
-
-    @classmethod
-    def build(
-        cls,
-        approval: RoundApproval,
-        committee: Iterable[str],
-        signatures: Mapping[str, bytes],
-        domain: Eip712Domain,
-    ) -> AnchorCertificate:
-        """Check miners' approvals off chain and assemble a certificate.
-
-        Each signature is recovered under ``domain``; one that does not recover to the
-        address it is filed under, or whose signer is not in the committee, is dropped
-        with a warning (a faulty miner must not sink the round).
-
-        Parameters
-        ----------
-        approval : RoundApproval
-            The statement sent to the miners.
-        committee : Iterable[str]
-            All miners drawn for the round, in any order.
-        signatures : Mapping[str, bytes]
-            Signature by claimed signer address, e.g.
-            ``dict(zip(qc.signers, qc.signatures))`` of a consensus QuorumCertificate.
-        domain : Eip712Domain
-            The trail's domain (``AuditTrail.domain``).
-
-        Raises
-        ------
-        ValueError
-            If ``approval.committee_root`` is not the committee's root, or fewer than
-            ``ceil(2N/3)`` valid approvals remain.
-        """
-        members = tuple(sort_committee(committee))
-        if not members:
-            raise ValueError("the committee is empty")
-        expected_root = committee_root(members)
-        if approval.committee_root != expected_root:
-            raise ValueError(
-                f"approval.committee_root 0x{approval.committee_root.hex()} is not the root "
-                f"0x{expected_root.hex()} of the committee {list(members)}"
-            )
-        valid: dict[str, bytes] = {}
-        for claimed, signature in signatures.items():
-            try:
-                signer = approval.recover(bytes(signature), domain)
-            except (ValueError, TypeError) as err:
-                log(WARNING, "Dropping approval filed under %s: %s", claimed, err)
-                continue
-            if not is_address(claimed) or signer != to_checksum_address(claimed):
-                log(WARNING, "Dropping approval filed under %s: signed by %s", claimed, signer)
-                continue
-            if signer not in members:
-                log(WARNING, "Dropping approval of %s: not in the round's committee", signer)
-                continue
-            valid[signer] = bytes(signature)
-        required = quorum(len(members))
-        if len(valid) < required:
-            raise ValueError(
-                f"round {approval.round}: {len(valid)} valid approvals of {len(members)} "
-                f"miners, quorum is {required}"
-            )
-        signers = tuple(sort_committee(valid))
-        return cls(approval, members, signers, tuple(valid[s] for s in signers))
-
-    @classmethod
-    def operator_signed(
-        cls, approval: RoundApproval, operator: LocalAccount, domain: Eip712Domain
-    ) -> AnchorCertificate:
-        """Return the fallback certificate signed by the operator alone.
-
-        For federations whose clients cannot mine (no bcsfl client mod): the committee
-        is the operator, and ``approval.committee_root`` must be
-        ``committee_root([operator.address])``. The audit trail then shows the round
-        was approved by the operator, not by clients.
-        """
-        return cls.build(
-            approval,
-            [operator.address],
-            {operator.address: approval.sign(operator, domain)},
-            domain,
-        )
-
-    @property
-    def packed_signatures(self) -> bytes:
-        """The signatures concatenated in signer order, as ``anchorRound`` takes them."""
-        return b"".join(self.signatures)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-friendly record (hex strings); :meth:`from_dict` reverses it."""
-        return {
-            **_approval_dict(self.approval),
-            "committee": list(self.committee),
-            "signers": list(self.signers),
-            "signatures": ["0x" + signature.hex() for signature in self.signatures],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AnchorCertificate:
-        """Rebuild a certificate from :meth:`to_dict`, e.g. ``ChainUnavailableError.resume``.
-
-        Raises
-        ------
-        ValueError
-            If a field is missing or malformed, naming it.
-        """
-        try:
-            approval = RoundApproval(
-                round=int(data["round"]),
-                model_hash=_from_hex(data["model_hash"]),
-                previous_hash=_from_hex(data["previous_hash"]),
-                accepted_root=_from_hex(data["accepted_root"]),
-                committee_root=_from_hex(data["committee_root"]),
-                timestamp=int(data["timestamp"]),
-            )
-            return cls(
-                approval,
-                tuple(to_checksum_address(a) for a in data["committee"]),
-                tuple(to_checksum_address(a) for a in data["signers"]),
-                tuple(_from_hex(signature) for signature in data["signatures"]),
-            )
-        except KeyError as err:
-            raise ValueError(f"certificate record lacks the field {err.args[0]!r}") from err
-
-
-@dataclass(frozen=True)
-class AnchoredRound:
-    """One anchored round, as read back from the chain."""
-
-    approval: RoundApproval
-    committee: tuple[str, ...]
-    signers: tuple[str, ...]
-    signatures: tuple[bytes, ...]
-    tx_hash: str
-    block_number: int
-    gas_used: int
-
-    @property
-    def round(self) -> int:
-        """The round number."""
-        return self.approval.round
-
-    @property
-    def model_hash(self) -> bytes:
-        """The anchored model hash."""
-        return self.approval.model_hash
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-friendly record (hex strings)."""
-        return {
-            **_approval_dict(self.approval),
-            "committee": list(self.committee),
-            "signers": list(self.signers),
-            "signatures": ["0x" + signature.hex() for signature in self.signatures],
-            "tx_hash": self.tx_hash,
-            "block_number": self.block_number,
-            "gas_used": self.gas_used,
-        }
-
-
-@dataclass(frozen=True)
-class RolledBackRound:
-    """One rolled-back round, as read back from the chain."""
-
-    round: int
-    kept_model_hash: bytes
-    reason: str
-    tx_hash: str
-    block_number: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-friendly record (hex strings)."""
-        return {
-            "round": self.round,
-            "kept_model_hash": "0x" + self.kept_model_hash.hex(),
-            "reason": self.reason,
-            "tx_hash": self.tx_hash,
-            "block_number": self.block_number,
-        }
 
 
 class AuditTrail:
@@ -365,11 +117,11 @@ class AuditTrail:
         The deployment is recorded in ``<state_dir>/deployment.json`` so that
         :meth:`open` attaches to it next time.
         """
-        _check_hash("genesis_hash", genesis_hash)
+        check_hash("genesis_hash", genesis_hash)
         artifact = load_artifact()
         factory = connection.web3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
         operator = connection.operator.address
-        receipt = _with_retries(
+        receipt = send_with_retries(
             "deploy BCSFLAudit",
             lambda: connection.send(
                 factory.constructor(genesis_hash).build_transaction({"from": operator})
@@ -531,7 +283,7 @@ class AuditTrail:
         """
         try:
             return bytes(self.contract.functions.getRound(round_number).call())
-        except _REJECTION_ERRORS as err:
+        except REJECTION_ERRORS as err:
             raise rejected_error(self.abi, f"getRound({round_number})", err) from err
 
     def round_count(self) -> int:
@@ -779,7 +531,7 @@ class AuditTrail:
         ChainUnavailableError
             If the chain still does not answer after :attr:`retry` attempts.
         """
-        return _retry_transient(action, lambda _: call(), self.retry, self._sleep, resume={})
+        return retry_transient(action, lambda _: call(), self.retry, self._sleep, resume={})
 
     def _recorded_round(self) -> int:
         """Return the last recorded round, read once (the caller's retry loop handles failures)."""
@@ -808,7 +560,7 @@ class AuditTrail:
             function.call({"from": operator})
             return self.connection.send(function.build_transaction({"from": operator, "gas": gas}))
 
-        return _with_retries(
+        return send_with_retries(
             action,
             attempt,
             self.retry,
@@ -941,117 +693,6 @@ class ChainManifest:
             connection.close()
             raise
         return connection, trail
-
-
-def _with_retries(
-    action: str,
-    attempt: Callable[[], TxReceipt],
-    retry: RetryPolicy,
-    sleep: Callable[[float], None],
-    *,
-    resume: Mapping[str, Any],
-    abi: Sequence[Mapping[str, Any]],
-    already_done: Callable[[], TxReceipt | None] | None = None,
-) -> TxReceipt:
-    """Send a transaction with :func:`_retry_transient`, never twice once one has landed."""
-
-    def once(number: int) -> TxReceipt:
-        try:
-            if number > 1 and already_done is not None:
-                landed = already_done()
-                if landed is not None:
-                    log(
-                        INFO,
-                        "%s: an earlier attempt landed (tx %s)",
-                        action,
-                        landed["transactionHash"].to_0x_hex(),
-                    )
-                    return landed
-            receipt = attempt()
-        except _REJECTION_ERRORS as err:
-            raise rejected_error(abi, action, err) from err
-        if int(receipt["status"]) != 1:
-            raise ChainRejectedError(
-                f"{action}: transaction {receipt['transactionHash'].to_0x_hex()} reverted",
-                error_name=None,
-                arguments={},
-            )
-        return receipt
-
-    return _retry_transient(
-        action,
-        once,
-        retry,
-        sleep,
-        resume=resume,
-        hint=" Restart once the chain is back: the pending statement is in .resume",
-    )
-
-
-def _retry_transient(
-    action: str,
-    call: Callable[[int], _T],
-    retry: RetryPolicy,
-    sleep: Callable[[float], None],
-    *,
-    resume: Mapping[str, Any],
-    hint: str = "",
-) -> _T:
-    """Return ``call(attempt_number)``, retrying transient chain errors with backoff.
-
-    Raises
-    ------
-    ChainUnavailableError
-        If every attempt failed with a transient error: the run stops rather than skip
-        a round.
-    """
-    last_error: BaseException | None = None
-    for number in range(1, retry.attempts + 1):
-        try:
-            return call(number)
-        except _TRANSIENT_ERRORS as err:
-            last_error = err
-            if number < retry.attempts:
-                delay = retry.delay(number)
-                log(
-                    WARNING,
-                    "%s: attempt %d/%d failed (%s); retrying in %.1f s",
-                    action,
-                    number,
-                    retry.attempts,
-                    err,
-                    delay,
-                )
-                sleep(delay)
-    raise ChainUnavailableError(
-        f"{action}: the chain did not answer after {retry.attempts} attempts "
-        f"(last error: {last_error}); the run stops here so that no round is skipped.{hint}",
-        action=action,
-        attempts=retry.attempts,
-        resume=resume,
-    )
-
-
-def _approval_dict(approval: RoundApproval) -> dict[str, Any]:
-    return {
-        "round": approval.round,
-        "model_hash": "0x" + approval.model_hash.hex(),
-        "previous_hash": "0x" + approval.previous_hash.hex(),
-        "accepted_root": "0x" + approval.accepted_root.hex(),
-        "committee_root": "0x" + approval.committee_root.hex(),
-        "timestamp": approval.timestamp,
-    }
-
-
-def _from_hex(text: object) -> bytes:
-    if not isinstance(text, str) or not text.startswith("0x"):
-        raise ValueError(f"expected a 0x-prefixed hex string, got {text!r}")
-    return bytes.fromhex(text[2:])
-
-
-def _check_hash(name: str, value: object) -> None:
-    if not isinstance(value, bytes) or len(value) != HASH_BYTES:
-        raise ValueError(f"{name} must be {HASH_BYTES} bytes, got {value!r}")
 
 
 def _relative(path: Path, base: Path) -> str:

@@ -19,13 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bcsfl_flower.chain.audit import (
-    AnchoredRound,
-    AuditTrail,
-    ChainManifest,
-    RolledBackRound,
-    quorum,
-)
+from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
+from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound, quorum
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.packets import committee_root, sort_committee
 

@@ -297,7 +297,7 @@ class Certification:
     refusals : Mapping[str, str]
         Miner node id -> why it did not sign.
     certificate : Any
-        The :class:`~bcsfl_flower.chain.audit.AnchorCertificate`, if any.
+        The :class:`~bcsfl_flower.chain.certificates.AnchorCertificate`, if any.
     """
 
     certified: bool

@@ -1,0 +1,242 @@
+"""Quorum certificates as ``anchorRound`` takes them, and rounds as the chain returns them.
+
+:meth:`AnchorCertificate.build` checks the miners' EIP-712 approvals off chain (a
+faulty miner's signature is dropped, not fatal) before the contract checks them again
+on chain with the same ``ceil(2N/3)`` quorum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from logging import WARNING
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import is_address, to_checksum_address
+from flwr.common.logger import log
+
+from bcsfl_flower.packets import Eip712Domain, RoundApproval, committee_root, sort_committee
+from bcsfl_flower.round.consensus import quorum_size
+
+quorum = quorum_size
+"""The contract's quorum for a committee of ``N`` miners, ``ceil(2N/3)``: the same rule
+as the validators' vote (:func:`bcsfl_flower.round.consensus.quorum_size`)."""
+
+
+@dataclass(frozen=True)
+class AnchorCertificate:
+    """A round's quorum certificate in the form ``anchorRound`` takes.
+
+    Attributes
+    ----------
+    approval : RoundApproval
+        The statement every signer signed.
+    committee : tuple[str, ...]
+        The round's miners, ascending (the contract's order).
+    signers : tuple[str, ...]
+        The approving miners, ascending.
+    signatures : tuple[bytes, ...]
+        Their 65-byte signatures, aligned with ``signers``.
+    """
+
+    approval: RoundApproval
+    committee: tuple[str, ...]
+    signers: tuple[str, ...]
+    signatures: tuple[bytes, ...]
+
+    @classmethod
+    def build(
+        cls,
+        approval: RoundApproval,
+        committee: Iterable[str],
+        signatures: Mapping[str, bytes],
+        domain: Eip712Domain,
+    ) -> AnchorCertificate:
+        """Check miners' approvals off chain and assemble a certificate.
+
+        Each signature is recovered under ``domain``; one that does not recover to the
+        address it is filed under, or whose signer is not in the committee, is dropped
+        with a warning (a faulty miner must not sink the round).
+
+        Parameters
+        ----------
+        approval : RoundApproval
+            The statement sent to the miners.
+        committee : Iterable[str]
+            All miners drawn for the round, in any order.
+        signatures : Mapping[str, bytes]
+            Signature by claimed signer address, e.g.
+            ``dict(zip(qc.signers, qc.signatures))`` of a consensus QuorumCertificate.
+        domain : Eip712Domain
+            The trail's domain (``AuditTrail.domain``).
+
+        Raises
+        ------
+        ValueError
+            If ``approval.committee_root`` is not the committee's root, or fewer than
+            ``ceil(2N/3)`` valid approvals remain.
+        """
+        members = tuple(sort_committee(committee))
+        if not members:
+            raise ValueError("the committee is empty")
+        expected_root = committee_root(members)
+        if approval.committee_root != expected_root:
+            raise ValueError(
+                f"approval.committee_root 0x{approval.committee_root.hex()} is not the root "
+                f"0x{expected_root.hex()} of the committee {list(members)}"
+            )
+        valid: dict[str, bytes] = {}
+        for claimed, signature in signatures.items():
+            try:
+                signer = approval.recover(bytes(signature), domain)
+            except (ValueError, TypeError) as err:
+                log(WARNING, "Dropping approval filed under %s: %s", claimed, err)
+                continue
+            if not is_address(claimed) or signer != to_checksum_address(claimed):
+                log(WARNING, "Dropping approval filed under %s: signed by %s", claimed, signer)
+                continue
+            if signer not in members:
+                log(WARNING, "Dropping approval of %s: not in the round's committee", signer)
+                continue
+            valid[signer] = bytes(signature)
+        required = quorum(len(members))
+        if len(valid) < required:
+            raise ValueError(
+                f"round {approval.round}: {len(valid)} valid approvals of {len(members)} "
+                f"miners, quorum is {required}"
+            )
+        signers = tuple(sort_committee(valid))
+        return cls(approval, members, signers, tuple(valid[s] for s in signers))
+
+    @classmethod
+    def operator_signed(
+        cls, approval: RoundApproval, operator: LocalAccount, domain: Eip712Domain
+    ) -> AnchorCertificate:
+        """Return the fallback certificate signed by the operator alone.
+
+        For federations whose clients cannot mine (no bcsfl client mod): the committee
+        is the operator, and ``approval.committee_root`` must be
+        ``committee_root([operator.address])``. The audit trail then shows the round
+        was approved by the operator, not by clients.
+        """
+        return cls.build(
+            approval,
+            [operator.address],
+            {operator.address: approval.sign(operator, domain)},
+            domain,
+        )
+
+    @property
+    def packed_signatures(self) -> bytes:
+        """The signatures concatenated in signer order, as ``anchorRound`` takes them."""
+        return b"".join(self.signatures)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly record (hex strings); :meth:`from_dict` reverses it."""
+        return {
+            **_approval_dict(self.approval),
+            "committee": list(self.committee),
+            "signers": list(self.signers),
+            "signatures": ["0x" + signature.hex() for signature in self.signatures],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AnchorCertificate:
+        """Rebuild a certificate from :meth:`to_dict`, e.g. ``ChainUnavailableError.resume``.
+
+        Raises
+        ------
+        ValueError
+            If a field is missing or malformed, naming it.
+        """
+        try:
+            approval = RoundApproval(
+                round=int(data["round"]),
+                model_hash=_from_hex(data["model_hash"]),
+                previous_hash=_from_hex(data["previous_hash"]),
+                accepted_root=_from_hex(data["accepted_root"]),
+                committee_root=_from_hex(data["committee_root"]),
+                timestamp=int(data["timestamp"]),
+            )
+            return cls(
+                approval,
+                tuple(to_checksum_address(a) for a in data["committee"]),
+                tuple(to_checksum_address(a) for a in data["signers"]),
+                tuple(_from_hex(signature) for signature in data["signatures"]),
+            )
+        except KeyError as err:
+            raise ValueError(f"certificate record lacks the field {err.args[0]!r}") from err
+
+
+@dataclass(frozen=True)
+class AnchoredRound:
+    """One anchored round, as read back from the chain."""
+
+    approval: RoundApproval
+    committee: tuple[str, ...]
+    signers: tuple[str, ...]
+    signatures: tuple[bytes, ...]
+    tx_hash: str
+    block_number: int
+    gas_used: int
+
+    @property
+    def round(self) -> int:
+        """The round number."""
+        return self.approval.round
+
+    @property
+    def model_hash(self) -> bytes:
+        """The anchored model hash."""
+        return self.approval.model_hash
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly record (hex strings)."""
+        return {
+            **_approval_dict(self.approval),
+            "committee": list(self.committee),
+            "signers": list(self.signers),
+            "signatures": ["0x" + signature.hex() for signature in self.signatures],
+            "tx_hash": self.tx_hash,
+            "block_number": self.block_number,
+            "gas_used": self.gas_used,
+        }
+
+
+@dataclass(frozen=True)
+class RolledBackRound:
+    """One rolled-back round, as read back from the chain."""
+
+    round: int
+    kept_model_hash: bytes
+    reason: str
+    tx_hash: str
+    block_number: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly record (hex strings)."""
+        return {
+            "round": self.round,
+            "kept_model_hash": "0x" + self.kept_model_hash.hex(),
+            "reason": self.reason,
+            "tx_hash": self.tx_hash,
+            "block_number": self.block_number,
+        }
+
+
+def _approval_dict(approval: RoundApproval) -> dict[str, Any]:
+    return {
+        "round": approval.round,
+        "model_hash": "0x" + approval.model_hash.hex(),
+        "previous_hash": "0x" + approval.previous_hash.hex(),
+        "accepted_root": "0x" + approval.accepted_root.hex(),
+        "committee_root": "0x" + approval.committee_root.hex(),
+        "timestamp": approval.timestamp,
+    }
+
+
+def _from_hex(text: object) -> bytes:
+    if not isinstance(text, str) or not text.startswith("0x"):
+        raise ValueError(f"expected a 0x-prefixed hex string, got {text!r}")
+    return bytes.fromhex(text[2:])
