@@ -91,6 +91,8 @@ class RunSettings:
     fault_partition: int = 0
     fault_round: int = 1
     client_registry: str = ""
+    operator_keystore: str = ""
+    operator_keystore_password_file: str = ""
     dp: bool = False
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = 1.0
@@ -132,6 +134,11 @@ class RunSettings:
             "chain",
             f"must be 'embedded', 'anvil', 'none' or an http(s):// URL, got {self.chain!r}",
         )
+        _require(
+            self.operator_keystore == "" or self.chain.startswith(("http://", "https://")),
+            "operator-keystore",
+            "needs a chain URL (embedded and anvil chains fund only the development operator)",
+        )
         _require(self.chain_retry_attempts >= 1, "chain-retry-attempts", "must be >= 1")
         _require(self.chain_retry_base_delay >= 0, "chain-retry-base-delay", "must be >= 0")
         _require(self.packet_window_s > 0, "packet-window-s", "must be > 0")
@@ -166,11 +173,17 @@ class RunSettings:
                 "ckks",
                 f"needs strategy 'bcsfl' (Flower's {self.strategy!r} cannot add ciphertexts)",
             )
-        _require(
-            self.client_registry == "" or Path(self.client_registry).is_absolute(),
-            "client-registry",
-            "must be an absolute path to a JSON list of client addresses",
-        )
+        for key, path in (
+            ("client-registry", self.client_registry),
+            ("operator-keystore", self.operator_keystore),
+            ("operator-keystore-password-file", self.operator_keystore_password_file),
+        ):
+            _require(
+                path == "" or Path(path).is_absolute(),
+                key,
+                f"must be an absolute path (the ServerApp runs in the SuperLink's working "
+                f"directory), got {path!r}",
+            )
 
     def round_settings(self) -> RoundSettings:
         """Return the BCSFL round settings these keys describe (validating them)."""

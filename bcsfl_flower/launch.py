@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import psutil
 from rich.progress import Progress
 
 from bcsfl_flower.config import DATA_DIR_ENV
+from bcsfl_flower.processes import free_port, terminate_tree
 from bcsfl_flower.progress import FederationProgress, new_progress
 from bcsfl_flower.results import RESULTS_FILE, load_results
 
@@ -130,7 +130,7 @@ def run_federation(
         "client_cpus": client_cpus,
     }
     (output_dir / LAUNCH_FILE).write_text(json.dumps(launch, indent=2) + "\n")
-    http_port, control_port = _free_port(), _free_port()
+    http_port, control_port = free_port(), free_port()
     env = _run_environment(output_dir / "flwr-home", http_port, control_port)
     command = [
         str(Path(sys.executable).parent / "flwr"),
@@ -311,27 +311,7 @@ def _stop_superlink(control_port: int) -> None:
     for process in psutil.process_iter(["pid", "cmdline"]):
         cmdline = process.info.get("cmdline") or []
         if any("flower-superlink" in part for part in cmdline) and marker in cmdline:
-            _terminate_tree(process)
-
-
-def _terminate_tree(process: psutil.Process) -> None:
-    try:
-        family = [*process.children(recursive=True), process]
-    except psutil.NoSuchProcess:
-        return
-    for member in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.terminate()
-    _, alive = psutil.wait_procs(family, timeout=10)
-    for member in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+            terminate_tree(process)
 
 
 def _toml_value(value: Any) -> str:

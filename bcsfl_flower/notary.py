@@ -20,6 +20,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+from eth_account.signers.local import LocalAccount
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -110,6 +111,7 @@ class RoundNotary:
         output_dir: Path,
         initial_arrays: ArrayRecord,
         *,
+        operator: LocalAccount | None = None,
         num_simulated_clients: int = 0,
         registered: Sequence[str] = (),
         retry: RetryPolicy | None = None,
@@ -123,6 +125,9 @@ class RoundNotary:
         ----------
         spec : str
             ``"embedded"``, ``"anvil"`` or an ``http(s)://`` JSON-RPC URL.
+        operator : LocalAccount, optional
+            The contract owner that sends every transaction; by default the PUBLIC
+            development account 0, which the embedded chain and anvil fund.
         num_simulated_clients : int
             Register the development accounts of partitions ``0 .. n-1`` (the keys the
             bcsfl mod uses in simulation; public, so simulation only).
@@ -130,7 +135,7 @@ class RoundNotary:
             Further client addresses to register (a deployment's registry).
         """
         output_dir = Path(output_dir)
-        connection = connect(spec, output_dir / CHAIN_STATE_DIR)
+        connection = connect(spec, output_dir / CHAIN_STATE_DIR, operator=operator)
         try:
             store = ModelStore(output_dir / MODELS_DIR)
             genesis = store.save(initial_arrays)

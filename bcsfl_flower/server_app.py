@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import Strategy
 
 from bcsfl_flower.baselines import build_baseline
 from bcsfl_flower.chain.audit import ChainManifest
-from bcsfl_flower.chain.keys import client_dev_account
+from bcsfl_flower.chain.keys import client_dev_account, load_keystore
 from bcsfl_flower.chain.retry import RetryPolicy
 from bcsfl_flower.checkpoint import ResumeError, load_checkpoint
 from bcsfl_flower.config import RunSettings
@@ -139,16 +139,25 @@ def open_notary(
 
     In simulation the development accounts of every partition are registered (the keys
     the bcsfl mod signs with); ``client-registry`` adds a deployment's client addresses.
+    On a shared chain (a URL), ``operator-keystore`` is the account that deploys the
+    contract and sends every transaction; without it, the PUBLIC development key does.
     """
     if settings.chain == "none" or settings.strategy != "bcsfl":
         return None
     registered: list[str] = []
     if settings.client_registry:
         registered = list(json.loads(Path(settings.client_registry).read_text()))
+    operator = None
+    if settings.operator_keystore:
+        operator = load_keystore(
+            settings.operator_keystore,
+            password_file=settings.operator_keystore_password_file or None,
+        )
     return RoundNotary.open(
         settings.chain,
         output_dir,
         initial_arrays,
+        operator=operator,
         num_simulated_clients=0 if registered else num_partitions,
         registered=registered,
         retry=RetryPolicy(

@@ -36,6 +36,13 @@ def test_defaults_and_overrides():
         ({"ckks": True, "selection": "paper"}, "selection"),
         ({"ckks": True, "strategy": "fedavg"}, "ckks"),
         ({"chain": "none"}, "require-signed"),
+        ({"client-registry": "registry.json"}, "client-registry"),
+        ({"chain": "http://127.0.0.1:8545", "operator-keystore": "k.json"}, "operator-keystore"),
+        ({"chain": "anvil", "operator-keystore": "/keys/operator.json"}, "operator-keystore"),
+        (
+            {"chain": "http://127.0.0.1:8545", "operator-keystore-password-file": "pw"},
+            "operator-keystore-password-file",
+        ),
     ],
 )
 def test_bad_value_fails_fast_naming_the_key(config, key):

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from web3.types import TxReceipt
 from bcsfl_flower.chain.compiler import repository_root
 from bcsfl_flower.chain.errors import ChainUnavailableError
 from bcsfl_flower.chain.keys import DEV_MNEMONIC, OPERATOR_DEV_INDEX, dev_account
+from bcsfl_flower.processes import free_port, port_in_use
 
 BACKEND_EMBEDDED = "embedded"
 BACKEND_ANVIL = "anvil"
@@ -357,7 +357,7 @@ def spawn_anvil(
     """
     binary = find_anvil()
     for _ in range(3):  # the free port can be taken between probing and binding
-        port = _free_port()
+        port = free_port()
         command = [str(binary), "--host", "127.0.0.1", "--port", str(port), "--silent"]
         if state_file is not None:
             if load_only:
@@ -379,7 +379,7 @@ def spawn_anvil(
             _wait_until_up(web3, url, startup_timeout_s, process=process)
         except ChainUnavailableError:
             stop_anvil(process)
-            if process.returncode not in (None, 0) and _port_in_use(port):
+            if process.returncode not in (None, 0) and port_in_use(port):
                 continue
             raise
         atexit.register(stop_anvil, process)
@@ -459,17 +459,6 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _is_script(path: Path) -> bool:
