@@ -11,7 +11,9 @@ settle the stakes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from logging import INFO
 from typing import Any
 
@@ -153,6 +155,7 @@ class BCSFL(FedAvg):
         self.round_sink = round_sink
         self._global_arrays: ArrayRecord | None = None
         self._grid: Grid | None = None
+        self._train_sent = 0.0
 
     @property
     def ledger(self) -> StakeLedger:
@@ -244,7 +247,9 @@ class BCSFL(FedAvg):
         config.update(self.space.message_config())
         if self.notary is not None:
             config.update(self.notary.signing_config())
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        self._train_sent = time.perf_counter()  # Flower sends them as soon as we return
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -259,7 +264,10 @@ class BCSFL(FedAvg):
         """Decide the round: the committed candidate, or ``w_t`` itself on rollback."""
         if self._global_arrays is None or self._grid is None:
             raise RuntimeError("aggregate_train called before configure_train")
+        training_s = time.perf_counter() - self._train_sent
         record = self.pipeline.run(server_round, self._grid, self._global_arrays, replies)
+        if record.timing is not None:
+            record = replace(record, timing=replace(record.timing, training_s=training_s))
         if self.round_sink is not None:
             self.round_sink(server_round, record.to_json())
         return record.arrays, round_metrics(record)

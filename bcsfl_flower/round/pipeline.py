@@ -45,6 +45,7 @@ from bcsfl_flower.round.state import (
     Screening,
     ValidatorReport,
 )
+from bcsfl_flower.round.timing import StageClock
 from bcsfl_flower.round.validation import validate
 
 
@@ -105,6 +106,7 @@ class RoundPipeline:
         self, server_round: int, grid: Grid, global_arrays: ArrayRecord, replies: Iterable[Message]
     ) -> RoundRecord:
         """Check, bound, screen, validate, decide, certify and settle one round."""
+        clock = StageClock()
         replies = list(replies)
         checked = check_replies(
             replies,
@@ -116,10 +118,12 @@ class RoundPipeline:
         previous_hash = model_hash(global_arrays)
         if checked.accepted:
             self._register(checked)
-            stages = self._decide(server_round, grid, global_arrays, checked, previous_hash)
+            stages = self._decide(server_round, grid, global_arrays, checked, previous_hash, clock)
         else:
             stages = _Stages(_rollback("rollback: no valid reply"))
-        return self._finish(server_round, grid, global_arrays, checked, stages, previous_hash)
+        return self._finish(
+            server_round, grid, global_arrays, checked, stages, previous_hash, clock
+        )
 
     def _decide(
         self,
@@ -128,6 +132,7 @@ class RoundPipeline:
         global_arrays: ArrayRecord,
         checked: CheckedReplies,
         previous_hash: bytes,
+        clock: StageClock,
     ) -> _Stages:
         """Run the stages from the Gram matrix to the validators' decision."""
         names = checked.names
@@ -176,15 +181,16 @@ class RoundPipeline:
         candidates = CandidateSet(
             plan, self.space.combine(global_arrays, checked.batch, plan.coefficients)
         )
-        reports = validate(
-            grid,
-            server_round,
-            committee.validators,
-            global_arrays,
-            candidates.by_name(),
-            self.settings.validation,
-            self.space.message_config(),
-        )
+        with clock.stage("validation"):
+            reports = validate(
+                grid,
+                server_round,
+                committee.validators,
+                global_arrays,
+                candidates.by_name(),
+                self.settings.validation,
+                self.space.message_config(),
+            )
         decision = self.selection.decide(
             plan, reports, committee.validators, self.settings.vote_tolerance
         )
@@ -199,13 +205,15 @@ class RoundPipeline:
         checked: CheckedReplies,
         stages: _Stages,
         previous_hash: bytes,
+        clock: StageClock,
     ) -> RoundRecord:
         """Certify, anchor or record the rollback, settle the stakes: the round's one exit."""
         decision, certification = stages.decision, None
         arrays = global_arrays
         if decision.committed and stages.candidates is not None:
             arrays = stages.candidates.by_name()[decision.candidate]  # type: ignore[index]
-            certification = self._certify(server_round, grid, arrays, checked, stages)
+            with clock.stage("mining"):
+                certification = self._certify(server_round, grid, arrays, checked, stages)
             if certification is not None and not certification.certified:
                 decision = replace(
                     decision,
@@ -216,7 +224,8 @@ class RoundPipeline:
                     support=(),
                 )
                 arrays = global_arrays
-        anchoring = self._anchor(server_round, arrays, decision, certification)
+        with clock.stage("anchoring"):
+            anchoring = self._anchor(server_round, arrays, decision, certification)
         if not decision.committed:
             log(WARNING, "round %d rolled back: %s", server_round, decision.reason)
         settlement = settle(
@@ -243,6 +252,7 @@ class RoundPipeline:
             certification=certification,
             anchoring=anchoring,
             client_metrics=self._client_metrics(checked, stages.bounds, decision),
+            timing=clock.times(),
         )
 
     def _register(self, checked: CheckedReplies) -> None:

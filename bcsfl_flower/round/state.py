@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from bcsfl_flower.committee import Committee
 from bcsfl_flower.packets import SignedModelPacket
+from bcsfl_flower.round.timing import StageTimes
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,7 @@ class RoundRecord:
     certification: Certification | None = None
     anchoring: Mapping[str, Any] | None = None
     client_metrics: MetricRecord | None = None
+    timing: StageTimes | None = None
 
     @property
     def committed(self) -> bool:
@@ -412,6 +414,8 @@ class RoundRecord:
             }
         if self.anchoring is not None:
             record["chain"] = dict(self.anchoring)
+        if self.timing is not None:
+            record["timing"] = self.timing.to_json()
         epsilons = [
             c.metrics["dp-epsilon"] for c in self.checked.accepted if "dp-epsilon" in c.metrics
         ]
