@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from collections.abc import Iterable
 from logging import INFO
 from pathlib import Path
@@ -85,7 +86,12 @@ def _run(
         accuracy = float(confusion.trace() / confusion.sum())
         recorder.record(
             server_round,
-            {"test_loss": loss, "test_accuracy": accuracy, "confusion": confusion.tolist()},
+            {
+                "test_loss": loss,
+                "test_accuracy": accuracy,
+                "confusion": confusion.tolist(),
+                "peak_rss_mb": peak_rss_mb(),
+            },
         )
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
 
@@ -130,6 +136,16 @@ def _run(
     final = result.evaluate_metrics_serverapp.get(settings.num_server_rounds)
     if final is not None:
         recorder.set("final_test_accuracy", final["test_accuracy"])
+
+
+def peak_rss_mb() -> float:
+    """Return the peak resident memory of this process so far, in MiB.
+
+    Recorded with every evaluation, so a run shows how the ServerApp's memory grows
+    with rounds and clients. In simulation this process also drives Ray; the
+    ClientApps run in Ray's worker processes and are not counted.
+    """
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def open_notary(

@@ -38,6 +38,8 @@ def test_two_round_federation_on_mnist_completes_above_chance(tmp_path):
         assert record["outcome"] == "commit"
         assert record["chain"]["anchored"] is True
     assert results["final_test_accuracy"] > 0.5  # chance is 0.1
+    peaks = [results["rounds"][rnd]["peak_rss_mb"] for rnd in ("0", "1", "2")]
+    assert peaks == sorted(peaks) and peaks[0] > 100  # a peak never falls; torch alone > 100
     (followed,) = display.tasks  # the live display followed the run to its last round
     assert (followed.completed, followed.total) == (2, 2)
     assert followed.description.startswith("round 2: commit, acc ")
