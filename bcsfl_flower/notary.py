@@ -4,10 +4,11 @@ The strategy decides a round; the notary makes that decision verifiable afterwar
 
 * it verifies the signed packet a client running the bcsfl mod attaches to its train
   reply (a client without the mod stays unsigned, and is accepted as such);
-* for a committed round it sends the candidate package to the round's miners as a
-  ``query.bcsfl_mine`` message, collects their EIP-712 approvals, and needs
-  ``ceil(2N/3)`` of them for a quorum certificate. When no miner can sign (no client
-  runs the mod) the operator's key signs instead, and the record says so;
+* it prepares every candidate's approval (:meth:`RoundNotary.mining_plan`), which the
+  round's miners sign in the committee exchange; for the candidate that commits it
+  checks their EIP-712 signatures and needs ``ceil(2N/3)`` of them for a quorum
+  certificate (:meth:`RoundNotary.certify`). When no miner can sign (no client runs
+  the mod) the operator's key signs instead, and the record says so;
 * it stores the committed model under its hash, anchors the round on chain with the
   certificate (retried with backoff; never skipped), or records a rollback;
 * it rewrites ``chain.json`` after every round so ``bcsfl audit`` can verify the run.
@@ -15,15 +16,16 @@ The strategy decides a round; the notary makes that decision verifiable afterwar
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 
 from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.backends import ChainConnection, connect
@@ -34,16 +36,16 @@ from bcsfl_flower.chain.retry import RetryPolicy
 from bcsfl_flower.packets import (
     PacketRejectedError,
     PacketVerifier,
+    RoundApproval,
     SignedModelPacket,
     accepted_root,
     model_hash,
 )
 from bcsfl_flower.protocol import (
-    MINE_MESSAGE_TYPE,
     ConfigValue,
+    MinerVerdict,
     mine_request,
     packet_record,
-    read_verdict,
     signing_config,
 )
 from bcsfl_flower.round.checks import PacketCheck
@@ -56,6 +58,28 @@ REGISTRATION_STAKE = 1
 """Stake each client is registered with on chain. The live stake ledger is kept off
 chain (it changes every round and writing it would make gas grow with the clients);
 the results file records it per round."""
+
+
+@dataclass(frozen=True)
+class MiningPlan:
+    """The round's mining duty: who signs, and what each candidate's approval says.
+
+    Attributes
+    ----------
+    server_round : int
+        The round.
+    signing : Mapping[str, str]
+        Miner node id -> address, for the miners that can sign (in draw order).
+    approvals : Mapping[str, RoundApproval]
+        Candidate name -> the statement its miners sign.
+    requests : Mapping[str, RecordDict]
+        Candidate name -> its :func:`~bcsfl_flower.protocol.mine_request` content.
+    """
+
+    server_round: int
+    signing: Mapping[str, str]
+    approvals: Mapping[str, RoundApproval]
+    requests: Mapping[str, RecordDict]
 
 
 class RoundNotary:
@@ -77,8 +101,6 @@ class RoundNotary:
         Admit only signed replies: an unsigned reply is rejected like a forged one.
         Without it, a client that does not run the bcsfl mod takes part unsigned (and
         so anonymously: any node could join the vote without a registered key).
-    mining_timeout : float
-        Seconds to wait for the miners' approvals.
     """
 
     # pylint: disable=too-many-arguments
@@ -91,14 +113,12 @@ class RoundNotary:
         *,
         registered: Iterable[str] = (),
         packet_window_s: float = 300.0,
-        mining_timeout: float = 120.0,
         require_signed: bool = False,
     ) -> None:
         self.connection = connection
         self.trail = trail
         self.store = store
         self.output_dir = Path(output_dir)
-        self.mining_timeout = mining_timeout
         self.verifier = PacketVerifier(trail.domain, registered, window_s=packet_window_s)
         self.require_signed = require_signed
         self.addresses: dict[str, str] = {}
@@ -116,7 +136,6 @@ class RoundNotary:
         registered: Sequence[str] = (),
         retry: RetryPolicy | None = None,
         packet_window_s: float = 300.0,
-        mining_timeout: float = 120.0,
         require_signed: bool = False,
     ) -> RoundNotary:
         """Connect to the chain, store the initial model and deploy (or attach to) the contract.
@@ -150,7 +169,6 @@ class RoundNotary:
                 output_dir,
                 registered=addresses,
                 packet_window_s=packet_window_s,
-                mining_timeout=mining_timeout,
                 require_signed=require_signed,
             )
             notary.write_manifest()
@@ -186,74 +204,93 @@ class RoundNotary:
             )
         return PacketCheck(packet=packet)
 
-    def certify(
+    def mining_plan(
         self,
-        grid: Grid,
         server_round: int,
-        arrays: ArrayRecord,
-        packets: Sequence[SignedModelPacket],
+        candidates: Mapping[str, ArrayRecord],
+        supports: Mapping[str, Sequence[SignedModelPacket]],
         miners: Sequence[str],
-    ) -> Certification:
-        """Ask the miners to approve the candidate and build the quorum certificate.
+    ) -> MiningPlan:
+        """Prepare every candidate's approval for the round's miners to sign.
+
+        The miners sign in the committee exchange, before the vote is counted, so each
+        candidate gets its approval (its model hash and its supporters' packets); the
+        one that commits is anchored and the others' signatures are discarded.
 
         Miners are the committee's node ids; only those whose address is known from a
-        verified packet can sign. If none can, the operator signs alone. An address
-        known from several node ids (a restarted node with the same key) is asked once,
-        through the first of them in draw order: the committee may not list it twice.
+        verified packet can sign (they run the bcsfl mod). An address known from several
+        node ids (a restarted node with the same key) is asked once, through the first
+        of them in draw order: the committee may not list it twice.
         """
-        digest = model_hash(arrays)
-        root = accepted_root(packets, self.trail.domain)
         signing: dict[str, str] = {}
         for miner in miners:
             address = self.addresses.get(miner)
             if address is not None and address not in signing.values():
                 signing[miner] = address
-        if not signing:
-            approval = self.trail.prepare_approval(
-                server_round, digest, root, [self.connection.operator.address]
+        committee = list(signing.values()) or [self.connection.operator.address]
+        first = self.trail.prepare_approval(server_round, bytes(32), bytes(32), committee)
+        approvals = {
+            name: dataclasses.replace(
+                first,
+                model_hash=model_hash(arrays),
+                accepted_root=accepted_root(supports[name], self.trail.domain),
             )
+            for name, arrays in candidates.items()
+        }
+        requests = {
+            name: mine_request(
+                approvals[name], self.trail.domain, committee, candidates[name], supports[name]
+            )
+            for name in candidates
+        }
+        return MiningPlan(server_round, signing, approvals, requests)
+
+    def certify(
+        self, plan: MiningPlan, candidate: str, verdicts: Mapping[str, MinerVerdict]
+    ) -> Certification:
+        """Build the committed candidate's quorum certificate from its miners' verdicts.
+
+        ``verdicts`` maps miner node ids to their answer on ``candidate``; a miner with
+        no answer counts as a refusal. If no miner could sign (no client runs the mod),
+        the operator signs alone, and the record says so.
+        """
+        approval = plan.approvals[candidate]
+        if not plan.signing:
             log(
                 WARNING,
                 "mining: no miner runs the bcsfl mod; the operator signs round %d",
-                server_round,
+                plan.server_round,
             )
             certificate = AnchorCertificate.operator_signed(
                 approval, self.connection.operator, self.trail.domain
             )
             return Certification(True, "operator", certificate=certificate)
-        committee = list(signing.values())
-        approval = self.trail.prepare_approval(server_round, digest, root, committee)
-        content = mine_request(approval, self.trail.domain, committee, arrays, packets)
-        messages = [
-            Message(content=content, dst_node_id=int(node), message_type=MINE_MESSAGE_TYPE)
-            for node in signing
-        ]
-        replies = grid.send_and_receive(messages, timeout=self.mining_timeout)
         signatures: dict[str, bytes] = {}
         refusals: dict[str, str] = {}
-        for reply in replies:
-            verdict = read_verdict(reply)
-            node = str(reply.metadata.src_node_id)
-            if verdict.approved and verdict.signer is not None and verdict.signature:
-                signatures[verdict.signer] = verdict.signature
-            else:
+        for node, address in plan.signing.items():
+            verdict = verdicts.get(node)
+            if verdict is None:
+                refusals[node] = "no reply"
+            elif not verdict.approved or verdict.signature is None:
                 refusals[node] = verdict.reason or "no verdict"
-        for node in signing:
-            if node not in refusals and signing[node] not in signatures:
-                refusals.setdefault(node, "no reply")
+            elif verdict.signer != address:  # one miner must not speak for another
+                refusals[node] = f"answered as {verdict.signer}, but node {node} is {address}"
+            else:
+                signatures[address] = verdict.signature
+        committee = list(plan.signing.values())
         try:
             certificate = AnchorCertificate.build(
                 approval, committee, signatures, self.trail.domain
             )
         except ValueError as err:
-            log(WARNING, "mining: round %d has no quorum certificate: %s", server_round, err)
+            log(WARNING, "mining: round %d has no quorum certificate: %s", plan.server_round, err)
             return Certification(False, "none", refusals)
         log(
             INFO,
             "mining: %d/%d miners approved round %d",
             len(certificate.signers),
             len(committee),
-            server_round,
+            plan.server_round,
         )
         return Certification(True, "miners", refusals, certificate)
 

@@ -12,8 +12,12 @@ Four exchanges use it:
 * **validation** (Flower's own ``evaluate`` message): :func:`validation_requests`
   sends every validator the current model and each candidate, named under
   :data:`CANDIDATE_CONFIG_KEY`; :func:`read_loss` reads the loss each reply reports.
-* **mining** (``query.bcsfl_mine``): :func:`mine_request` /
-  :func:`read_mine_request`, and :func:`verdict_content` / :func:`read_verdict`.
+* **committee duty** (Flower's ``evaluate`` message, answered by the bcsfl mod): a
+  member running the mod gets one message that carries every model it validates and
+  every candidate it mines (:func:`duty_content` / :func:`read_duty`), so validation
+  and mining take one exchange. Each candidate's part is a :func:`mine_request`
+  (:func:`read_mine_request`), answered with :func:`verdict_content`;
+  :func:`read_duty_loss` and :func:`read_duty_verdict` read the member's answer.
 * **CKKS** (``query.bcsfl_ckks_gram`` and ``query.bcsfl_ckks_public``): the server
   asks key holders to decrypt a packed Gram matrix and one client for the public
   context.
@@ -31,7 +35,15 @@ from typing import Any
 
 import numpy as np
 from eth_utils import is_address, to_checksum_address
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from bcsfl_flower.packets import (
     Eip712Domain,
@@ -178,7 +190,11 @@ def read_loss(reply: Message, loss_key: str) -> tuple[float, str | None]:
     """Return the loss an evaluate reply reports, or NaN and the reason it is unusable."""
     if reply.has_error():
         return math.nan, f"error reply: {reply.error.reason}"
-    for record in reply.content.metric_records.values():
+    return _loss_from(reply.content.metric_records.values(), loss_key)
+
+
+def _loss_from(records: Iterable[MetricRecord], loss_key: str) -> tuple[float, str | None]:
+    for record in records:
         value = record.get(loss_key)
         if value is None:
             continue
@@ -191,29 +207,23 @@ def read_loss(reply: Message, loss_key: str) -> tuple[float, str | None]:
 
 
 # ------------------------------------------------------------------------------------------
-# Mining: the miners' approval of a committed candidate
+# Mining: the miners' approval of one candidate (part of a committee duty)
 # ------------------------------------------------------------------------------------------
 
-MINE_ACTION = "bcsfl_mine"
-"""Action of the miner duty query (a Python identifier, as Flower requires)."""
-
-MINE_MESSAGE_TYPE = f"{MessageType.QUERY}.{MINE_ACTION}"
-"""Message type of the miner duty: ``"query.bcsfl_mine"``."""
-
 APPROVAL_RECORD_KEY = "bcsfl.approval"
-"""Duty request: the approval to sign, plus ``chain-id`` and ``contract``."""
+"""Mine request: the approval to sign, plus ``chain-id`` and ``contract``."""
 
 COMMITTEE_RECORD_KEY = "bcsfl.committee"
-"""Duty request: ``{"miners": [address, ...]}``, the round's whole committee."""
+"""Mine request: ``{"miners": [address, ...]}``, the round's whole committee."""
 
 PACKETS_RECORD_KEY = "bcsfl.packets"
-"""Duty request (optional): the accepted packets, one list per field."""
+"""Mine request (optional): the accepted packets, one list per field."""
 
 CANDIDATE_RECORD_KEY = "arrays"
-"""Duty request: the candidate global model."""
+"""Mine request: the candidate global model."""
 
 VERDICT_RECORD_KEY = "bcsfl.verdict"
-"""Duty reply: ``approved``, ``signer``, and ``signature`` or ``reason``."""
+"""Verdict on a mine request: ``approved``, ``signer``, and ``signature`` or ``reason``."""
 
 _PACKET_FIELDS = ("model-hash", "timestamp", "round", "client", "signature")
 
@@ -225,7 +235,7 @@ def mine_request(
     arrays: ArrayRecord,
     packets: Iterable[SignedModelPacket] = (),
 ) -> RecordDict:
-    """Return the content of a miner duty message (send it as :data:`MINE_MESSAGE_TYPE`).
+    """Return one candidate's mining request (a part of a :class:`CommitteeDuty`).
 
     Parameters
     ----------
@@ -364,19 +374,197 @@ class MinerVerdict:
         return self.signature is not None
 
 
-def read_verdict(reply: Message) -> MinerVerdict:
-    """Parse a miner's reply; never raises (a faulty miner must not stop the round)."""
-    if reply.has_error():
-        return MinerVerdict(None, None, f"error reply: {reply.error.reason}")
-    record = reply.content.config_records.get(VERDICT_RECORD_KEY)
-    if record is None:
-        return MinerVerdict(None, None, f"reply has no {VERDICT_RECORD_KEY!r} record")
+def _verdict_from(record: ConfigRecord) -> MinerVerdict:
     signer = record.get("signer")
     signer = to_checksum_address(signer) if isinstance(signer, str) and is_address(signer) else None
     signature = record.get("signature")
     if record.get("approved") is True and isinstance(signature, bytes) and signer is not None:
         return MinerVerdict(signer, signature, None)
     return MinerVerdict(signer, None, str(record.get("reason", "not approved")))
+
+
+# ------------------------------------------------------------------------------------------
+# Committee duty: validation and mining in one message per committee member
+# ------------------------------------------------------------------------------------------
+
+DUTY_RECORD_KEY = "bcsfl.duty"
+"""Committee duty request: ``models`` (names to evaluate, in order), ``mine`` (candidate
+names to approve), and the ``arrayrecord-key`` / ``configrecord-key`` under which the
+member's own evaluate handler expects the model and its config."""
+
+DUTY_MODEL_PREFIX = "bcsfl.model."
+"""Committee duty request: the ArrayRecord of model ``name`` is ``DUTY_MODEL_PREFIX + name``."""
+
+DUTY_METRICS_PREFIX = "bcsfl.metrics."
+"""Committee duty reply: the metrics the member's evaluate handler reported for ``name``."""
+
+DUTY_ERRORS_RECORD_KEY = "bcsfl.duty-errors"
+"""Committee duty reply: model or candidate name -> why the member could not serve it."""
+
+
+@dataclass(frozen=True)
+class CommitteeDuty:
+    """What one committee member is asked in the round's single committee exchange.
+
+    A member running the bcsfl mod gets one ``evaluate`` message instead of one per
+    model, and, if it is also a miner, signs every candidate's approval in the same
+    exchange; the strategy keeps the approval of the candidate that commits.
+
+    Attributes
+    ----------
+    models : Mapping[str, ArrayRecord]
+        Models to evaluate (empty for a member that only mines), ``w_t`` included.
+    config : Mapping[str, ConfigValue]
+        The evaluate config each model goes out with (the round, CKKS flag).
+    mining : Mapping[str, RecordDict]
+        Candidate name -> its :func:`mine_request` (empty for a member that only validates).
+    arrayrecord_key, configrecord_key : str
+        Record names of the member's evaluate messages (the strategy's FedAvg arguments).
+    """
+
+    models: Mapping[str, ArrayRecord]
+    config: Mapping[str, ConfigValue]
+    mining: Mapping[str, RecordDict]
+    arrayrecord_key: str = "arrays"
+    configrecord_key: str = "config"
+
+
+def duty_content(duty: CommitteeDuty) -> RecordDict:
+    """Return the content of a committee duty message (sent as ``evaluate``).
+
+    Each model travels once: a candidate's mine request refers to the model of the same
+    name instead of carrying its own copy.
+    """
+    content = RecordDict(
+        {
+            DUTY_RECORD_KEY: ConfigRecord(
+                {
+                    "models": list(duty.models),
+                    "mine": list(duty.mining),
+                    "arrayrecord-key": duty.arrayrecord_key,
+                    "configrecord-key": duty.configrecord_key,
+                }
+            ),
+            duty.configrecord_key: ConfigRecord(dict(duty.config)),
+        }
+    )
+    for name, arrays in duty.models.items():
+        content[DUTY_MODEL_PREFIX + name] = arrays
+    for name, request in duty.mining.items():
+        for key, record in request.config_records.items():
+            content[f"{key}.{name}"] = record
+        if name not in duty.models:
+            content[DUTY_MODEL_PREFIX + name] = request.array_records[CANDIDATE_RECORD_KEY]
+    return content
+
+
+def read_duty(content: RecordDict) -> CommitteeDuty | None:
+    """Parse a committee duty request; None if ``content`` is an ordinary evaluate message.
+
+    Raises
+    ------
+    ValueError
+        If the duty record is there but malformed.
+    """
+    record = content.config_records.get(DUTY_RECORD_KEY)
+    if record is None:
+        return None
+    names = {field: record.get(field) for field in ("models", "mine")}
+    keys = {field: record.get(field) for field in ("arrayrecord-key", "configrecord-key")}
+    for field, value in names.items():
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+            raise ValueError(f"duty field {field!r} must be a list of names, got {value!r}")
+    for field, value in keys.items():
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"duty field {field!r} must be a record name, got {value!r}")
+    config = content.config_records.get(str(keys["configrecord-key"]), ConfigRecord())
+    return CommitteeDuty(
+        models={name: _duty_model(content, name) for name in names["models"]},
+        config=dict(config),
+        mining={name: _duty_mine_request(content, name) for name in names["mine"]},
+        arrayrecord_key=str(keys["arrayrecord-key"]),
+        configrecord_key=str(keys["configrecord-key"]),
+    )
+
+
+def _duty_model(content: RecordDict, name: str) -> ArrayRecord:
+    arrays = content.array_records.get(DUTY_MODEL_PREFIX + name)
+    if arrays is None:
+        raise ValueError(f"the duty names model {name!r} but does not carry it")
+    return arrays
+
+
+def _duty_mine_request(content: RecordDict, name: str) -> RecordDict:
+    request = RecordDict({CANDIDATE_RECORD_KEY: _duty_model(content, name)})
+    for key in (APPROVAL_RECORD_KEY, COMMITTEE_RECORD_KEY, PACKETS_RECORD_KEY):
+        record = content.config_records.get(f"{key}.{name}")
+        if record is not None:
+            request[key] = record
+    return request
+
+
+def evaluation_content(duty: CommitteeDuty, name: str) -> RecordDict:
+    """Return the ordinary evaluate content for model ``name`` of ``duty``.
+
+    This is exactly what :func:`validation_requests` sends a validator that does not
+    run the bcsfl mod, so the member's evaluate handler cannot tell the two apart.
+    """
+    config = ConfigRecord({**duty.config, CANDIDATE_CONFIG_KEY: name})
+    return RecordDict({duty.arrayrecord_key: duty.models[name], duty.configrecord_key: config})
+
+
+def duty_reply_content(
+    metrics: Mapping[str, RecordDict],
+    verdicts: Mapping[str, RecordDict],
+    errors: Mapping[str, str],
+) -> RecordDict:
+    """Return a member's answer: each model's metrics, each candidate's verdict, and errors.
+
+    Parameters
+    ----------
+    metrics : Mapping[str, RecordDict]
+        Model name -> the content its evaluate handler replied with (metric records
+        are kept, merged in order).
+    verdicts : Mapping[str, RecordDict]
+        Candidate name -> :func:`verdict_content`.
+    errors : Mapping[str, str]
+        Model or candidate name -> why it could not be served.
+    """
+    content = RecordDict()
+    for name, reply in metrics.items():
+        merged: dict[str, Any] = {}
+        for record in reply.metric_records.values():
+            merged.update(record)
+        content[DUTY_METRICS_PREFIX + name] = MetricRecord(merged)
+    for name, verdict in verdicts.items():
+        content[f"{VERDICT_RECORD_KEY}.{name}"] = verdict[VERDICT_RECORD_KEY]
+    if errors:
+        content[DUTY_ERRORS_RECORD_KEY] = ConfigRecord(dict(errors))
+    return content
+
+
+def read_duty_loss(reply: Message, name: str, loss_key: str) -> tuple[float, str | None]:
+    """Return the loss a duty reply reports for model ``name``, or NaN and why not."""
+    if reply.has_error():
+        return math.nan, f"error reply: {reply.error.reason}"
+    errors = reply.content.config_records.get(DUTY_ERRORS_RECORD_KEY, ConfigRecord())
+    if name in errors:
+        return math.nan, f"evaluation failed: {errors[name]}"
+    record = reply.content.metric_records.get(DUTY_METRICS_PREFIX + name)
+    if record is None:
+        return math.nan, f"no metrics for {name!r}"
+    return _loss_from([record], loss_key)
+
+
+def read_duty_verdict(reply: Message, name: str) -> MinerVerdict:
+    """Return a member's verdict on candidate ``name``; never raises."""
+    if reply.has_error():
+        return MinerVerdict(None, None, f"error reply: {reply.error.reason}")
+    record = reply.content.config_records.get(f"{VERDICT_RECORD_KEY}.{name}")
+    if record is None:
+        errors = reply.content.config_records.get(DUTY_ERRORS_RECORD_KEY, ConfigRecord())
+        return MinerVerdict(None, None, str(errors.get(name, f"no verdict on {name!r}")))
+    return _verdict_from(record)
 
 
 # ------------------------------------------------------------------------------------------

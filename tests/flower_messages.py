@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.message import make_message
 from flwr.app.metadata import Metadata
+
+from bcsfl_flower.client.mod import bcsfl_mod
+from bcsfl_flower.protocol import DUTY_RECORD_KEY
 
 
 def metadata(src_node_id: int, message_type: str = "train") -> Metadata:
@@ -55,12 +58,16 @@ class FakeGrid:
     """Answers evaluate messages in-process with a caller-supplied loss function.
 
     ``loss_fn(node_id, arrays) -> float | None``: None makes that node send an error
-    reply; nodes in ``silent`` do not answer at all (a timeout).
+    reply; nodes in ``silent`` do not answer at all (a timeout). A committee duty (sent
+    to nodes that signed their train reply) goes through the real bcsfl mod, which
+    evaluates each model with ``loss_fn`` and signs with the node's development key
+    (``partition_of`` maps node ids to partitions; by default node ``n`` is ``n - 1``).
     """
 
-    def __init__(self, loss_fn, silent=()):
+    def __init__(self, loss_fn, silent=(), partition_of=None):
         self.loss_fn = loss_fn
         self.silent = set(silent)
+        self.partition_of = partition_of
         self.sent: list[Message] = []
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -71,13 +78,35 @@ class FakeGrid:
             node = message.metadata.dst_node_id
             if node in self.silent:
                 continue
-            loss = self.loss_fn(node, message.content["arrays"])
-            if loss is None:
-                replies.append(reply_to(message, error=Error(code=1, reason="crashed")))
+            if DUTY_RECORD_KEY in message.content.config_records:
+                answer = bcsfl_mod(message, self.context(node), self.evaluate)
+                replies.append(self.duty_reply(message, answer))
             else:
-                metrics = MetricRecord({"eval_loss": loss, "num-examples": 10})
-                replies.append(reply_to(message, RecordDict({"metrics": metrics})))
+                replies.append(self.evaluate(message, None))
         return replies
+
+    def evaluate(self, message, context):
+        loss = self.loss_fn(message.metadata.dst_node_id, message.content["arrays"])
+        if loss is None:
+            return reply_to(message, error=Error(code=1, reason="crashed"))
+        metrics = MetricRecord({"eval_loss": loss, "num-examples": 10})
+        return reply_to(message, RecordDict({"metrics": metrics}))
+
+    def context(self, node):
+        partition = node - 1 if self.partition_of is None else self.partition_of[node]
+        return Context(
+            run_id=1,
+            node_id=node,
+            node_config={"partition-id": partition},
+            state=RecordDict(),
+            run_config={},
+        )
+
+    def duty_reply(self, message, answer):
+        """Return the mod's answer as the reply the grid delivers (a subclass may alter it)."""
+        if answer.has_error():
+            return reply_to(message, error=answer.error)
+        return reply_to(message, answer.content)
 
     def get_node_ids(self):
         return []

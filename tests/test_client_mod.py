@@ -1,4 +1,4 @@
-"""The bcsfl client mod with real Flower Messages: signed train replies and miner duty."""
+"""The bcsfl client mod with real Flower Messages: signed train replies and committee duty."""
 
 from __future__ import annotations
 
@@ -36,11 +36,15 @@ from bcsfl_flower.packets import (
 )
 from bcsfl_flower.protocol import (
     APPROVAL_RECORD_KEY,
+    CANDIDATE_CONFIG_KEY,
     COMMITTEE_RECORD_KEY,
-    MINE_MESSAGE_TYPE,
+    DUTY_MODEL_PREFIX,
     PACKET_RECORD_KEY,
+    CommitteeDuty,
+    duty_content,
     mine_request,
-    read_verdict,
+    read_duty_loss,
+    read_duty_verdict,
     signing_config,
 )
 
@@ -216,12 +220,18 @@ def approval(round_number: int = 3, value: float = 1.0, packets=()) -> RoundAppr
 
 
 def duty(statement: RoundApproval, arrays: ArrayRecord, packets=(), miners=MINERS) -> Message:
-    content = mine_request(statement, DOMAIN, [m.address for m in miners], arrays, packets)
-    return Message(content, dst_node_id=100, message_type=MINE_MESSAGE_TYPE)
+    """A committee duty that asks one miner to approve candidate ``c`` (and to evaluate none)."""
+    request = mine_request(statement, DOMAIN, [m.address for m in miners], arrays, packets)
+    content = duty_content(CommitteeDuty({}, {"server-round": 3}, {"c": request}))
+    return Message(content, dst_node_id=100, message_type="evaluate")
+
+
+def read_verdict(reply: Message):
+    return read_duty_verdict(reply, "c")
 
 
 def must_not_run(msg, ctx):
-    raise AssertionError("the mod must answer the miner duty itself")
+    raise AssertionError("a duty with nothing to evaluate must not reach the app")
 
 
 def test_miner_approves_a_valid_package_with_a_recoverable_signature():
@@ -272,12 +282,15 @@ def test_miner_refuses_a_bad_package(case, reason):
 
 
 def test_malformed_duty_is_refused_not_raised():
-    content = RecordDict({APPROVAL_RECORD_KEY: ConfigRecord({"round": 1})})
-    reply = bcsfl_mod(
-        Message(content, dst_node_id=100, message_type=MINE_MESSAGE_TYPE), context(), must_not_run
-    )
-    verdict = read_verdict(reply)
+    message = duty(approval(), record(1.0))
+    message.content[f"{APPROVAL_RECORD_KEY}.c"] = ConfigRecord({"round": 1})
+    verdict = read_verdict(bcsfl_mod(message, context(), must_not_run))
     assert not verdict.approved and "malformed" in verdict.reason
+    # a duty that names a model it does not carry is refused as a whole, with an error
+    message = duty(approval(), record(1.0))
+    del message.content[DUTY_MODEL_PREFIX + "c"]
+    reply = bcsfl_mod(message, context(), must_not_run)
+    assert reply.has_error() and "does not carry it" in reply.error.reason
 
 
 @pytest.mark.parametrize(
@@ -291,27 +304,24 @@ def test_malformed_duty_is_refused_not_raised():
 )
 def test_duty_fields_of_the_wrong_type_are_refused_not_raised(record_key, field, value, reason):
     message = duty(approval(), record(1.0))
-    message.content[record_key][field] = value
+    message.content[f"{record_key}.c"][field] = value
     verdict = read_verdict(bcsfl_mod(message, context(1), must_not_run))
     assert not verdict.approved
     assert verdict.signer == MINERS[1].address
     assert "malformed" in verdict.reason and reason in verdict.reason
 
 
-def test_duty_without_a_committee_or_a_candidate_is_refused():
+def test_duty_without_a_committee_is_refused():
     without_committee = duty(approval(), record(1.0))
-    del without_committee.content[COMMITTEE_RECORD_KEY]
+    del without_committee.content[f"{COMMITTEE_RECORD_KEY}.c"]
     verdict = read_verdict(bcsfl_mod(without_committee, context(1), must_not_run))
     assert not verdict.approved and "names no committee" in verdict.reason
-    without_candidate = duty(approval(), record(1.0))
-    del without_candidate.content["arrays"]
-    verdict = read_verdict(bcsfl_mod(without_candidate, context(1), must_not_run))
-    assert not verdict.approved and "no candidate model" in verdict.reason
 
 
-def test_client_app_routes_train_and_the_miner_duty_through_the_mod():
+def test_client_app_routes_train_and_the_committee_duty_through_the_mod():
     app = bcsfl_client_app()
     app.train()(fake_training)
+    app.evaluate()(must_not_run)
     reply = app(train_message(), context(0))
     assert PACKET_RECORD_KEY in reply.content
     statement = approval()
@@ -353,9 +363,19 @@ def test_miner_approvals_from_the_mod_anchor_on_chain(tmp_path):
             read_verdict(
                 bcsfl_mod(
                     Message(
-                        mine_request(statement, trail.domain, committee, record(1.0), packets),
+                        duty_content(
+                            CommitteeDuty(
+                                {},
+                                {},
+                                {
+                                    "c": mine_request(
+                                        statement, trail.domain, committee, record(1.0), packets
+                                    )
+                                },
+                            )
+                        ),
                         dst_node_id=100 + i,
-                        message_type=MINE_MESSAGE_TYPE,
+                        message_type="evaluate",
                     ),
                     context(i),
                     must_not_run,
@@ -370,3 +390,61 @@ def test_miner_approvals_from_the_mod_anchor_on_chain(tmp_path):
         )
         assert anchored.approval.accepted_root == accepted_root(packets, trail.domain)
         assert trail.head() == (1, model_hash(record(1.0)))
+
+
+# --------------------------------------------------------------------------------------
+# Committee duty: validation through the app's own evaluate handler
+# --------------------------------------------------------------------------------------
+
+
+def loss_of_w(msg: Message, ctx: Context) -> Message:
+    """An ordinary evaluate handler: the loss is the model's first weight."""
+    loss = float(msg.content["arrays"]["w"].numpy().flat[0])
+    if loss < 0:
+        raise RuntimeError("cannot evaluate a negative model")
+    if loss > 100:
+        return Message(Error(code=1, reason="model too large"), reply_to=msg)
+    metrics = MetricRecord({"eval_loss": loss, "num-examples": 4})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def validation_duty(**models: ArrayRecord) -> Message:
+    content = duty_content(CommitteeDuty(models, {"server-round": 3}, {}))
+    return Message(content, dst_node_id=100, message_type="evaluate")
+
+
+def test_a_validator_duty_runs_the_evaluate_handler_once_per_model():
+    seen = []
+
+    def handler(msg, ctx):
+        seen.append(dict(msg.content["config"]))
+        return loss_of_w(msg, ctx)
+
+    models = {"w_t": record(2.0), "mean": record(0.5), "median": record(0.75)}
+    reply = bcsfl_mod(validation_duty(**models), context(1), handler)
+    assert not reply.has_error()
+    assert [read_duty_loss(reply, name, "eval_loss") for name in models] == [
+        (2.0, None),
+        (0.5, None),
+        (0.75, None),
+    ]
+    # each model reached the handler as the ordinary evaluate message a plain validator gets
+    assert seen == [{"server-round": 3, CANDIDATE_CONFIG_KEY: name} for name in models]
+
+
+def test_a_model_the_handler_fails_on_is_reported_by_name_and_the_rest_still_count():
+    models = {"w_t": record(2.0), "raises": record(-1.0), "errors": record(500.0)}
+    reply = bcsfl_mod(validation_duty(**models), context(1), loss_of_w)
+    assert read_duty_loss(reply, "w_t", "eval_loss") == (2.0, None)
+    loss, problem = read_duty_loss(reply, "raises", "eval_loss")
+    assert np.isnan(loss) and "RuntimeError: cannot evaluate a negative model" in problem
+    loss, problem = read_duty_loss(reply, "errors", "eval_loss")
+    assert np.isnan(loss) and "model too large" in problem
+
+
+def test_a_validator_duty_needs_no_key_but_a_miner_duty_does():
+    keyless = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = bcsfl_mod(validation_duty(w_t=record(1.0)), keyless, loss_of_w)
+    assert read_duty_loss(reply, "w_t", "eval_loss") == (1.0, None)
+    refused = bcsfl_mod(duty(approval(), record(1.0)), keyless, must_not_run)
+    assert refused.has_error() and "no key" in refused.error.reason

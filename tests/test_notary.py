@@ -10,14 +10,13 @@ import time
 
 import numpy as np
 import pytest
-from flower_messages import FakeGrid, reply_to, train_reply
-from flwr.app import Array, ArrayRecord, Context, RecordDict
+from flower_messages import FakeGrid, train_reply
+from flwr.app import Array, ArrayRecord
 
 from bcsfl_flower.chain.keys import client_dev_account
-from bcsfl_flower.client.mod import mine
 from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.packets import ModelPacket, model_hash
-from bcsfl_flower.protocol import MINE_MESSAGE_TYPE, PACKET_RECORD_KEY
+from bcsfl_flower.protocol import PACKET_RECORD_KEY, VERDICT_RECORD_KEY
 from bcsfl_flower.round.checks import PacketCheck
 from bcsfl_flower.round.state import Certification
 from bcsfl_flower.strategy import BCSFL
@@ -28,38 +27,31 @@ TARGET = np.ones(DIM, np.float32)
 
 
 class MiningGrid(FakeGrid):
-    """Evaluate: squared distance to TARGET. Mining: the real mod, unless silent."""
+    """Evaluate: squared distance to TARGET. Duties: the real mod, whose verdicts some
+    miners leave out (``silent_miners``) or refuse (``refusing_miners``: no package is
+    fresh enough for them)."""
 
     def __init__(self, partition_of, silent_miners=(), refusing_miners=()):
-        super().__init__(lambda node, arrays: float(np.sum((arrays["w"].numpy() - TARGET) ** 2)))
-        self.partition_of = partition_of
+        super().__init__(
+            lambda node, arrays: float(np.sum((arrays["w"].numpy() - TARGET) ** 2)),
+            partition_of=partition_of,
+        )
         self.silent_miners = set(silent_miners)
         self.refusing_miners = set(refusing_miners)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        mining = [m for m in messages if m.metadata.message_type == MINE_MESSAGE_TYPE]
-        replies = super().send_and_receive(
-            [m for m in messages if m not in mining], timeout=timeout
-        )
-        for number, message in enumerate(mining):
-            message.metadata.__dict__["_message_id"] = f"mine-{number}"
-            node = message.metadata.dst_node_id
-            if node in self.silent_miners:
-                continue
-            node_config = {"partition-id": self.partition_of[node]}
-            if node in self.refusing_miners:  # no package is fresh enough for this miner
-                node_config["bcsfl-freshness-s"] = -1.0
-            context = Context(
-                run_id=1,
-                node_id=node,
-                node_config=node_config,
-                state=RecordDict(),
-                run_config={},
-            )
-            answer = mine(message, context)
-            replies.append(reply_to(message, answer.content))
-        return replies
+    def context(self, node):
+        context = super().context(node)
+        if node in self.refusing_miners:
+            context.node_config["bcsfl-freshness-s"] = -1.0
+        return context
+
+    def duty_reply(self, message, answer):
+        if message.metadata.dst_node_id in self.silent_miners and not answer.has_error():
+            for key in [
+                k for k in answer.content.config_records if k.startswith(VERDICT_RECORD_KEY)
+            ]:
+                del answer.content[key]
+        return super().duty_reply(message, answer)
 
 
 def signed_reply(node, partition, update, notary, server_round):
@@ -113,14 +105,15 @@ def test_miners_certify_and_every_round_is_anchored_or_rolled_back(tmp_path):
         assert notary.trail.get_round(1) == model_hash(arrays)
         assert notary.store.path(model_hash(arrays)).is_file()
 
-        # Round 2: all miners silent -> no certificate -> rollback, recorded on chain.
+        # Round 2: every miner validates but leaves out its verdicts -> no certificate
+        # -> rollback, recorded on chain.
         silent = MiningGrid(partition_of, silent_miners=set(range(1, 7)))
         kept, record = run(strategy, silent, 2, federation(notary, 2), arrays)
         assert record["outcome"] == "rollback"
         assert "quorum certificate failed (4 refused)" in record["reason"]
         assert record["mining"]["certified_by"] == "none"
         assert set(record["mining"]["refusals"]) == set(record["committee"]["miners"])
-        assert set(record["mining"]["refusals"].values()) == {"no reply"}
+        assert all("no verdict on" in r for r in record["mining"]["refusals"].values())
         assert record["chain"]["anchored"] is False
         assert kept is arrays
         assert [r.round for r in notary.trail.rollbacks()] == [2]
@@ -238,7 +231,9 @@ def test_certification_is_frozen_and_anchoring_needs_a_certificate(tmp_path):
         with pytest.raises(ValueError, match="without a certificate"):
             notary.anchor(GLOBAL, refused)
         # No miner has a known address: the operator certifies alone.
-        certification = notary.certify(MiningGrid({}), 1, GLOBAL, [], ["1", "2"])
+        plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2"])
+        assert plan.signing == {}
+        certification = notary.certify(plan, "mean", {})
         assert certification.certified and certification.certified_by == "operator"
         assert certification.certificate.signers == (notary.connection.operator.address,)
         assert notary.anchor(GLOBAL, certification)["anchored"] is True

@@ -29,7 +29,7 @@ from bcsfl_flower.packets import (
     committee_root,
     model_hash,
 )
-from bcsfl_flower.protocol import (
+from bcsfl_flower.protocol import (  # the committee duty
     APPROVAL_RECORD_KEY,
     BASELINE_CANDIDATE,
     CANDIDATE_CONFIG_KEY,
@@ -37,18 +37,21 @@ from bcsfl_flower.protocol import (
     CKKS_CONFIG_KEY,
     COMMITTEE_RECORD_KEY,
     CONTRACT_KEY,
+    DUTY_RECORD_KEY,
     GRAM_DIGEST_RECORD_KEY,
     GRAM_MESSAGE_TYPE,
     GRAM_RECORD_KEY,
     GRAM_REQUEST_RECORD_KEY,
-    MINE_MESSAGE_TYPE,
     PACKET_RECORD_KEY,
     PACKETS_RECORD_KEY,
     PUBLIC_MESSAGE_TYPE,
     PUBLIC_RECORD_KEY,
     ROUND_KEY,
     VERDICT_RECORD_KEY,
+    CommitteeDuty,
     config_value,
+    duty_content,
+    duty_reply_content,
     gram_digest,
     gram_reply_content,
     gram_request,
@@ -56,12 +59,14 @@ from bcsfl_flower.protocol import (
     model_record,
     packet_record,
     public_context_content,
+    read_duty,
+    read_duty_loss,
+    read_duty_verdict,
     read_gram_reply,
     read_gram_request,
     read_loss,
     read_mine_request,
     read_public_context,
-    read_verdict,
     signing_config,
     signing_domain,
     validation_requests,
@@ -251,7 +256,6 @@ def test_mine_request_round_trips():
     assert parsed.miners == tuple(MINERS)
     assert model_hash(parsed.arrays) == model_hash(arrays())
     assert parsed.packets == tuple(packets)
-    assert MINE_MESSAGE_TYPE == "query.bcsfl_mine"
 
 
 def test_mine_request_without_packets_or_committee():
@@ -320,32 +324,40 @@ def test_read_mine_request_raises_only_the_documented_errors(change, error, matc
         read_mine_request(mangled(change))
 
 
+def read_verdict(reply: Message):
+    return read_duty_verdict(reply, "c")
+
+
+def verdict_answer(verdict: RecordDict) -> Message:
+    return answer(duty_reply_content({}, {"c": verdict}, {}), "evaluate")
+
+
 def test_verdict_round_trips():
     signer = client_dev_account(1)
     signature = approval().sign(signer, DOMAIN)
-    approved = read_verdict(answer(verdict_content(signer.address, signature=signature)))
+    approved = read_verdict(verdict_answer(verdict_content(signer.address, signature=signature)))
     assert approved.approved
     assert (approved.signer, approved.signature, approved.reason) == (
         signer.address,
         signature,
         None,
     )
-    refused = read_verdict(answer(verdict_content(signer.address, reason="too old")))
+    refused = read_verdict(verdict_answer(verdict_content(signer.address, reason="too old")))
     assert not refused.approved
     assert (refused.signer, refused.reason) == (signer.address, "too old")
 
 
 def verdict_reply(**fields) -> Message:
-    return answer(RecordDict({VERDICT_RECORD_KEY: ConfigRecord(fields)}), MINE_MESSAGE_TYPE)
+    return answer(RecordDict({f"{VERDICT_RECORD_KEY}.c": ConfigRecord(fields)}), "evaluate")
 
 
 def test_read_verdict_turns_malformed_replies_into_refusals():
     address = client_dev_account(1).address
     signature = b"\x01" * 65
-    error = read_verdict(error_answer(MINE_MESSAGE_TYPE))
+    error = read_verdict(error_answer("evaluate"))
     assert (error.signer, error.signature) == (None, None) and "node crashed" in error.reason
-    empty = read_verdict(answer(RecordDict({"other": ConfigRecord({})}), MINE_MESSAGE_TYPE))
-    assert not empty.approved and "'bcsfl.verdict'" in empty.reason
+    empty = read_verdict(answer(RecordDict({"other": ConfigRecord({})}), "evaluate"))
+    assert not empty.approved and "no verdict on 'c'" in empty.reason
     # approval claims that do not hold up
     cases = {
         "no signer": verdict_reply(approved=True, signature=signature),
@@ -361,6 +373,72 @@ def test_read_verdict_turns_malformed_replies_into_refusals():
         assert verdict.reason == "not approved", name
     lower = read_verdict(verdict_reply(approved=True, signer=address.lower(), signature=signature))
     assert lower.approved and lower.signer == to_checksum_address(address)
+
+
+# --------------------------------------------------------------------------------------
+# Committee duty
+# --------------------------------------------------------------------------------------
+
+
+def test_committee_duty_round_trips_and_carries_each_model_once():
+    packets = signed_packets()
+    request = mine_request(approval(packets), DOMAIN, MINERS, arrays(2.0), packets)
+    sent = CommitteeDuty(
+        {"w_t": arrays(1.0), "mean": arrays(2.0)},
+        {ROUND_KEY: 4},
+        {"mean": request},
+        arrayrecord_key="weights",
+        configrecord_key="settings",
+    )
+    content = duty_content(sent)
+    assert len(content.array_records) == 2  # the mined candidate travels once
+    parsed = read_duty(content)
+    assert list(parsed.models) == ["w_t", "mean"]
+    assert dict(parsed.config) == {ROUND_KEY: 4}
+    assert (parsed.arrayrecord_key, parsed.configrecord_key) == ("weights", "settings")
+    mined = read_mine_request(parsed.mining["mean"])
+    assert mined.approval == approval(packets)
+    assert model_hash(mined.arrays) == model_hash(arrays(2.0))
+    assert mined.packets == tuple(packets)
+    assert read_duty(RecordDict({"config": ConfigRecord({ROUND_KEY: 1})})) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("models", "w_t", "list of names"),
+        ("models", [1, 2], "list of names"),
+        ("mine", 3.5, "list of names"),
+        ("arrayrecord-key", "", "record name"),
+        ("configrecord-key", 7, "record name"),
+        ("models", ["w_t", "ghost"], "does not carry it"),
+    ],
+)
+def test_a_malformed_duty_raises_value_error_naming_the_field(field, value, match):
+    content = duty_content(CommitteeDuty({"w_t": arrays()}, {}, {}))
+    content[DUTY_RECORD_KEY][field] = value
+    with pytest.raises(ValueError, match=match):
+        read_duty(content)
+
+
+def test_duty_losses_are_read_per_model_and_never_raise():
+    reply = answer(
+        duty_reply_content(
+            {
+                "w_t": RecordDict({"m": MetricRecord({"eval_loss": 0.5})}),
+                "nan": RecordDict({"m": MetricRecord({"eval_loss": float("nan")})}),
+            },
+            {},
+            {"broken": "RuntimeError: boom"},
+        ),
+        "evaluate",
+    )
+    assert read_duty_loss(reply, "w_t", "eval_loss") == (0.5, None)
+    for name, reason in [("nan", "not finite"), ("broken", "boom"), ("absent", "no metrics")]:
+        loss, problem = read_duty_loss(reply, name, "eval_loss")
+        assert math.isnan(loss) and reason in problem, name
+    loss, problem = read_duty_loss(error_answer("evaluate"), "w_t", "eval_loss")
+    assert math.isnan(loss) and "node crashed" in problem
 
 
 # --------------------------------------------------------------------------------------

@@ -31,16 +31,14 @@ def clock(monkeypatch):
 def test_time_inside_a_stage_is_its_own_and_the_rest_is_the_decision(clock):
     stage_clock = StageClock()
     clock.now += 2.0  # deciding
-    with stage_clock.stage("validation"):
+    with stage_clock.stage("committee"):
         clock.now += 5.0
-    with stage_clock.stage("mining"):
+    with stage_clock.stage("anchoring"):
         clock.now += 1.5
-    with stage_clock.stage("validation"):  # a second visit adds up
+    with stage_clock.stage("committee"):  # a second visit adds up
         clock.now += 1.0
     clock.now += 0.25
-    assert stage_clock.times() == StageTimes(
-        decision_s=2.25, validation_s=6.0, mining_s=1.5, anchoring_s=0.0
-    )
+    assert stage_clock.times() == StageTimes(decision_s=2.25, committee_s=6.0, anchoring_s=1.5)
 
 
 def test_an_unknown_stage_is_refused_by_name():
@@ -52,14 +50,13 @@ def test_training_is_reported_only_when_measured():
     assert "training_s" not in StageTimes(decision_s=0.0004).to_json()
     assert StageTimes(decision_s=0.0004, training_s=1.23456).to_json() == {
         "decision_s": 0.0,
-        "validation_s": 0.0,
-        "mining_s": 0.0,
+        "committee_s": 0.0,
         "anchoring_s": 0.0,
         "training_s": 1.235,
     }
 
 
-def test_a_round_record_splits_training_validation_and_decision(clock):
+def test_a_round_record_splits_training_the_committee_and_the_decision(clock):
     replies, _ = federation()
 
     def evaluate_one_second_each(node, arrays):
@@ -77,8 +74,7 @@ def test_a_round_record_splits_training_validation_and_decision(clock):
     evaluations = len(record["committee"]["validators"]) * (1 + len(record["candidates"]))
     assert record["timing"] == {
         "decision_s": 0.0,
-        "validation_s": float(evaluations),  # w_t and every candidate, on each validator
-        "mining_s": 0.0,  # no chain in this strategy
-        "anchoring_s": 0.0,
+        "committee_s": float(evaluations),  # w_t and every candidate, on each validator
+        "anchoring_s": 0.0,  # no chain in this strategy
         "training_s": 30.0,
     }

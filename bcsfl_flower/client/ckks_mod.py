@@ -221,8 +221,8 @@ def ckks_public(msg: Message, context: Context) -> Message:
 def bcsfl_ckks_client_app(mods: Iterable[Mod] = (), **kwargs: Any) -> ClientApp:
     """Return a ClientApp with ``[bcsfl_mod, ckks_mod, *mods]`` and every duty registered.
 
-    The miner duty (``query.bcsfl_mine``), the Gram decryption and the public context
-    query are registered, so Flower routes them to the mods.
+    The Gram decryption and the public context query are registered, so Flower routes
+    them to the mods; the committee duty arrives as ``evaluate``.
 
     Parameters
     ----------

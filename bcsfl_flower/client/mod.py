@@ -1,4 +1,4 @@
-"""The bcsfl client mod: signs train replies and serves miner duty.
+"""The bcsfl client mod: signs train replies and serves committee duty.
 
 Any Flower ClientApp takes part in a BCS-FL federation unchanged (unsigned mode). With
 the mod, a client also
@@ -9,13 +9,14 @@ the mod, a client also
    config (:func:`signing_config`) and for the round in ``config["server-round"]``.
    Mods run outermost first, so list ``bcsfl_mod`` first to sign exactly what is sent
    (for example arrays that an inner mod encrypted);
-2. answers the miner duty message ``query.bcsfl_mine`` (:data:`MINE_MESSAGE_TYPE`): it
-   verifies the candidate package and, if it holds, returns its signature of the
-   round's :class:`~bcsfl_flower.packets.RoundApproval`.
+2. serves a committee duty (an ``evaluate`` message that carries
+   :data:`~bcsfl_flower.protocol.DUTY_RECORD_KEY`): it runs the app's own evaluate
+   handler once per model it validates, and checks and signs the
+   :class:`~bcsfl_flower.packets.RoundApproval` of each candidate it mines, all in one
+   reply, so a round waits for its committee once.
 
-Flower routes a message only to a registered handler, and mods wrap registered
-handlers, so the duty also needs a ``query.bcsfl_mine`` handler; :func:`bcsfl_client_app`
-builds a ClientApp with both::
+The duty arrives as an ``evaluate`` message, so the app needs its ``@app.evaluate()``
+handler (which it has to validate anyway) and nothing else::
 
     app = bcsfl_client_app()          # instead of app = ClientApp()
 
@@ -27,6 +28,8 @@ key of its ``partition-id`` (unsafe outside simulation).
 
 from __future__ import annotations
 
+import copy
+import functools
 import time
 from collections.abc import Iterable
 from logging import WARNING
@@ -39,6 +42,7 @@ from flwr.app import (
     Error,
     Message,
     MessageType,
+    RecordDict,
 )
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -47,19 +51,23 @@ from flwr.common.logger import log
 
 from bcsfl_flower.chain.keys import client_dev_account, load_keystore
 from bcsfl_flower.packets import (
+    Eip712Domain,
     ModelPacket,
+    SignedModelPacket,
     accepted_root,
     committee_root,
     model_hash,
 )
 from bcsfl_flower.protocol import (
-    MINE_ACTION,
-    MINE_MESSAGE_TYPE,
     PACKET_RECORD_KEY,
     ROUND_KEY,
+    CommitteeDuty,
     MineRequest,
     config_value,
+    duty_reply_content,
+    evaluation_content,
     model_record,
+    read_duty,
     read_mine_request,
     signing_domain,
     verdict_content,
@@ -104,51 +112,57 @@ def bcsfl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         The reply: the app's reply, with a packet attached for train messages; the
         mod's own verdict for the miner duty.
     """
-    if msg.metadata.message_type == MINE_MESSAGE_TYPE:
-        return mine(msg, context)
+    if msg.metadata.message_type == MessageType.EVALUATE:
+        try:
+            duty = read_duty(msg.content)
+        except ValueError as err:
+            return _error_reply(msg, f"malformed committee duty: {err}")
+        if duty is not None:
+            return serve_duty(msg, duty, context, call_next)
     reply = call_next(msg, context)
     if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error():
         _sign_train_reply(msg, reply, context)
     return reply
 
 
-def mine(msg: Message, context: Context) -> Message:
-    """Handle a miner duty message: verify the candidate package and sign the approval.
+def serve_duty(
+    msg: Message, duty: CommitteeDuty, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """Serve a committee duty: evaluate every model, then approve every candidate asked.
 
-    Checks, in order: the approval and domain parse; the node's key is in the committee
-    and the committee hashes to ``committee_root``; the candidate arrays hash to
-    ``model_hash``; the package's timestamp is within the freshness window; and, when
-    the accepted packets are included, each recovers to its client, names the round,
-    and together they commit to ``accepted_root``. A miner cannot check
-    ``previous_hash`` without reading the chain; the contract enforces the link.
-
-    Returns
-    -------
-    Message
-        A reply with :data:`~bcsfl_flower.protocol.VERDICT_RECORD_KEY`: ``approved`` and
-        ``signer``, plus
-        ``signature`` (65 bytes) or ``reason``.
+    Each model goes through ``call_next`` as the ordinary evaluate message a validator
+    without the mod would get (:func:`~bcsfl_flower.protocol.evaluation_content`), so
+    the app's own evaluate handler, and any inner mod (the CKKS mod decrypts), serve
+    it unchanged. A model whose evaluation fails is reported by name; the others still
+    count. Each candidate to mine is checked (:func:`_check_candidate`) and signed, or
+    refused with the reason.
     """
-    try:
-        account = node_account(context)
-    except (MissingKeyError, FileNotFoundError, ValueError) as err:
-        return _error_reply(msg, f"bcsfl miner has no key: {err}")
-    try:
-        request = read_mine_request(msg.content)
-        reason = _check_candidate(request, account, context)
-    except (KeyError, TypeError, ValueError) as err:
-        request, reason = None, f"malformed duty message: {err}"
-    if request is None or reason is not None:
-        log(WARNING, "bcsfl miner %s refuses to approve: %s", account.address, reason)
-        content = verdict_content(account.address, reason=str(reason))
-    else:
-        signature = request.approval.sign(account, request.domain)
-        content = verdict_content(account.address, signature=signature)
-    return Message(content, reply_to=msg)
+    metrics: dict[str, RecordDict] = {}
+    errors: dict[str, str] = {}
+    for name in duty.models:
+        inner = Message(metadata=copy.copy(msg.metadata), content=evaluation_content(duty, name))
+        try:
+            reply = call_next(inner, context)
+        except Exception as err:  # noqa: BLE001 - the app's handler may raise anything
+            errors[name] = f"{type(err).__name__}: {err}"
+            continue
+        if reply.has_error():
+            errors[name] = reply.error.reason
+        else:
+            metrics[name] = reply.content
+    verdicts: dict[str, RecordDict] = {}
+    if duty.mining:
+        try:
+            account = node_account(context)
+        except (MissingKeyError, FileNotFoundError, ValueError) as err:
+            return _error_reply(msg, f"bcsfl miner has no key: {err}")
+        for name, request in duty.mining.items():
+            verdicts[name] = _verdict(request, account, context)
+    return Message(duty_reply_content(metrics, verdicts, errors), reply_to=msg)
 
 
 def bcsfl_client_app(mods: Iterable[Mod] = (), **kwargs: Any) -> ClientApp:
-    """Return a ClientApp with :func:`bcsfl_mod` first and the miner duty registered.
+    """Return a ClientApp with :func:`bcsfl_mod` as its first (outermost) mod.
 
     Parameters
     ----------
@@ -157,9 +171,7 @@ def bcsfl_client_app(mods: Iterable[Mod] = (), **kwargs: Any) -> ClientApp:
     **kwargs
         Passed to :class:`flwr.clientapp.ClientApp`.
     """
-    app = ClientApp(mods=[bcsfl_mod, *mods], **kwargs)
-    app.query(MINE_ACTION)(mine)
-    return app
+    return ClientApp(mods=[bcsfl_mod, *mods], **kwargs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,6 +253,21 @@ def _sign_train_reply(msg: Message, reply: Message, context: Context) -> None:
     reply.content[PACKET_RECORD_KEY] = packet.sign(account, domain).to_config_record()
 
 
+def _verdict(content: RecordDict, account: LocalAccount, context: Context) -> RecordDict:
+    """Check one mine request and return the signed approval, or the refusal and why."""
+    try:
+        request = read_mine_request(content)
+        reason = _check_candidate(request, account, context)
+    except (KeyError, TypeError, ValueError) as err:
+        request, reason = None, f"malformed duty message: {err}"
+    if request is None or reason is not None:
+        log(WARNING, "bcsfl miner %s refuses to approve: %s", account.address, reason)
+        return verdict_content(account.address, reason=str(reason))
+    return verdict_content(
+        account.address, signature=request.approval.sign(account, request.domain)
+    )
+
+
 def _check_candidate(request: MineRequest, account: LocalAccount, context: Context) -> str | None:
     """Return why the candidate must not be approved, or None if it holds."""
     approval = request.approval
@@ -276,7 +303,7 @@ def _packets_fault(request: MineRequest) -> str | None:
                 f"not {request.approval.round}"
             )
         try:
-            signer = signed.recover(request.domain)
+            signer = _signer(signed, request.domain)
         except ValueError as err:
             return f"packet of {signed.packet.client} has an invalid signature: {err}"
         if signer != signed.packet.client:
@@ -284,6 +311,12 @@ def _packets_fault(request: MineRequest) -> str | None:
     if accepted_root(list(request.packets or ()), request.domain) != request.approval.accepted_root:
         return "the accepted packets do not hash to the approval's accepted root"
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _signer(signed: SignedModelPacket, domain: Eip712Domain) -> str:
+    """Recover a packet's signer once: a duty lists the same packets for every candidate."""
+    return signed.recover(domain)
 
 
 def _error_reply(msg: Message, reason: str) -> Message:

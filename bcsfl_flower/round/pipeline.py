@@ -2,7 +2,8 @@
 
 ::
 
-    replies -> check -> bound -> screen -> draw committee -> validate -> decide
+    replies -> check -> bound -> screen -> draw committee -> committee exchange
+            (validators score every candidate, miners sign every candidate) -> decide
             -> certify -> anchor or record the rollback -> settle stakes -> RoundRecord
 
 Each stage is a pure function or a small object in its own module and returns a frozen
@@ -24,7 +25,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from bcsfl_flower.committee import Committee, draw_committee
-from bcsfl_flower.notary import RoundNotary
+from bcsfl_flower.notary import MiningPlan, RoundNotary
 from bcsfl_flower.packets import model_hash
 from bcsfl_flower.round.bounds import bound_updates, weighted_median
 from bcsfl_flower.round.checks import check_replies
@@ -46,7 +47,7 @@ from bcsfl_flower.round.state import (
     ValidatorReport,
 )
 from bcsfl_flower.round.timing import StageClock
-from bcsfl_flower.round.validation import validate
+from bcsfl_flower.round.validation import CommitteeAnswers, exchange_with_committee
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class _Stages:
     committee: Committee | None = None
     candidates: CandidateSet | None = None
     reports: tuple[ValidatorReport, ...] = ()
+    mining: MiningPlan | None = None
+    answers: CommitteeAnswers | None = None
 
 
 class RoundPipeline:
@@ -105,7 +108,7 @@ class RoundPipeline:
     def run(
         self, server_round: int, grid: Grid, global_arrays: ArrayRecord, replies: Iterable[Message]
     ) -> RoundRecord:
-        """Check, bound, screen, validate, decide, certify and settle one round."""
+        """Check, bound, screen, validate and mine, decide, certify and settle one round."""
         clock = StageClock()
         replies = list(replies)
         checked = check_replies(
@@ -181,8 +184,9 @@ class RoundPipeline:
         candidates = CandidateSet(
             plan, self.space.combine(global_arrays, checked.batch, plan.coefficients)
         )
-        with clock.stage("validation"):
-            reports = validate(
+        mining = self._mining_plan(server_round, checked, candidates, committee)
+        with clock.stage("committee"):
+            answers = exchange_with_committee(
                 grid,
                 server_round,
                 committee.validators,
@@ -190,12 +194,25 @@ class RoundPipeline:
                 candidates.by_name(),
                 self.settings.validation,
                 self.space.message_config(),
+                duty_nodes=() if self.notary is None else set(self.notary.addresses),
+                mining=None if mining is None else mining.requests,
+                miners=() if mining is None else tuple(mining.signing),
             )
         decision = self.selection.decide(
-            plan, reports, committee.validators, self.settings.vote_tolerance
+            plan, answers.reports, committee.validators, self.settings.vote_tolerance
         )
         log(INFO, "consensus: %s", decision.reason)
-        return _Stages(decision, gram, bounds, screening, committee, candidates, reports)
+        return _Stages(
+            decision,
+            gram,
+            bounds,
+            screening,
+            committee,
+            candidates,
+            answers.reports,
+            mining,
+            answers,
+        )
 
     def _finish(
         self,
@@ -212,8 +229,7 @@ class RoundPipeline:
         arrays = global_arrays
         if decision.committed and stages.candidates is not None:
             arrays = stages.candidates.by_name()[decision.candidate]  # type: ignore[index]
-            with clock.stage("mining"):
-                certification = self._certify(server_round, grid, arrays, checked, stages)
+            certification = self._certify(decision, stages)
             if certification is not None and not certification.certified:
                 decision = replace(
                     decision,
@@ -277,22 +293,33 @@ class RoundPipeline:
             if contribution.address is not None:
                 self._node_of_address[contribution.address] = contribution.name
 
-    def _certify(
+    def _mining_plan(
         self,
         server_round: int,
-        grid: Grid,
-        arrays: ArrayRecord,
         checked: CheckedReplies,
-        stages: _Stages,
-    ) -> Certification | None:
-        """Have the round's miners sign the committed model (None without a notary)."""
-        if self.notary is None or stages.committee is None:
+        candidates: CandidateSet,
+        committee: Committee,
+    ) -> MiningPlan | None:
+        """Prepare every candidate's approval for the miners (None without a notary)."""
+        if self.notary is None:
             return None
-        support = set(stages.decision.support)
-        packets = [
-            c.packet for row, c in enumerate(checked.accepted) if row in support and c.packet
-        ]
-        return self.notary.certify(grid, server_round, arrays, packets, stages.committee.miners)
+        supports = {
+            name: [checked.accepted[row].packet for row in support if checked.accepted[row].packet]
+            for name, support in zip(candidates.plan.names, candidates.plan.supports, strict=True)
+        }
+        return self.notary.mining_plan(
+            server_round,
+            candidates.by_name(),
+            supports,  # type: ignore[arg-type]
+            committee.miners,
+        )
+
+    def _certify(self, decision: Decision, stages: _Stages) -> Certification | None:
+        """Build the committed candidate's quorum certificate (None without a notary)."""
+        if self.notary is None or stages.mining is None or stages.answers is None:
+            return None
+        verdicts = stages.answers.verdicts.get(decision.candidate or "", {})
+        return self.notary.certify(stages.mining, decision.candidate, verdicts)  # type: ignore[arg-type]
 
     def _anchor(
         self,

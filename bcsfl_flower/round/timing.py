@@ -1,4 +1,4 @@
-"""Where a round's wall time goes: training, deciding, validation, mining, anchoring.
+"""Where a round's wall time goes: training, deciding, the committee, anchoring.
 
 A BCSFL round adds exchanges and work to FedAvg's. To cut that overhead, and to report
 how a round scales with the number of clients, each round record carries the seconds
@@ -7,9 +7,11 @@ spent in each part (``timing`` in ``results.json``):
 - ``training_s``: from the train messages going out to ``aggregate_train`` (the clients'
   training and the transfer of their replies, as for FedAvg);
 - ``decision_s``: the server's own work on the replies (checks, bounds, screening,
-  committee, candidates, the vote count, settlement; with CKKS also the Gram exchange);
-- ``validation_s``: the validators' exchange;
-- ``mining_s``: the miners' exchange;
+  committee, candidates, the vote count, checking the miners' signatures, settlement;
+  with CKKS also the Gram exchange);
+- ``committee_s``: the committee exchange, in which the validators evaluate ``w_t`` and
+  every candidate and the miners sign every candidate (one exchange: a member that is
+  both does both in one message);
 - ``anchoring_s``: the transaction that anchors the round or records its rollback.
 """
 
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-STAGES = ("validation", "mining", "anchoring")
+STAGES = ("committee", "anchoring")
 """The timed parts of :meth:`RoundPipeline.run`; the rest of its time is the decision."""
 
 
@@ -29,8 +31,7 @@ class StageTimes:
     """Seconds one round spent in each part (see the module docstring)."""
 
     decision_s: float = 0.0
-    validation_s: float = 0.0
-    mining_s: float = 0.0
+    committee_s: float = 0.0
     anchoring_s: float = 0.0
     training_s: float | None = None
 
@@ -38,8 +39,7 @@ class StageTimes:
         """Return the times in milliseconds' precision; training only when measured."""
         times = {
             "decision_s": self.decision_s,
-            "validation_s": self.validation_s,
-            "mining_s": self.mining_s,
+            "committee_s": self.committee_s,
             "anchoring_s": self.anchoring_s,
         }
         if self.training_s is not None:
@@ -71,7 +71,6 @@ class StageClock:
         staged = sum(self._seconds.values())
         return StageTimes(
             decision_s=max(elapsed - staged, 0.0),
-            validation_s=self._seconds["validation"],
-            mining_s=self._seconds["mining"],
+            committee_s=self._seconds["committee"],
             anchoring_s=self._seconds["anchoring"],
         )

@@ -1,26 +1,40 @@
-"""The validation exchange: candidates go to the validators as ordinary ``evaluate`` messages.
+"""The committee exchange: validators score the candidates, miners sign them, in one go.
 
 Each validator evaluates the current global model ``w_t`` and every candidate on its
 own data through the ClientApp's standard ``@app.evaluate()`` handler, so any Flower
-ClientApp that implements evaluate can serve as a validator with no new code. One
-exchange carries every candidate; the losses come back as
-:class:`~bcsfl_flower.round.state.ValidatorReport` objects, which a selection rule
-turns into a decision.
+ClientApp that implements evaluate can serve as a validator with no new code: a
+validator without the bcsfl mod gets one ordinary ``evaluate`` message per model.
+
+A member that runs the bcsfl mod (it signed its train reply) gets a single committee
+duty message instead (:class:`~bcsfl_flower.protocol.CommitteeDuty`): every model it
+validates and, if it is also a miner, every candidate's approval to sign. Its mod runs
+the app's evaluate handler once per model and signs each approval, so validation and
+mining take one exchange, and the round waits for the committee once. The losses come
+back as :class:`~bcsfl_flower.round.state.ValidatorReport` objects, which a selection
+rule turns into a decision; the signatures for the candidate that commits make its
+quorum certificate, the others are discarded.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from bcsfl_flower.protocol import (
     BASELINE_CANDIDATE,
+    ROUND_KEY,
+    CommitteeDuty,
     ConfigValue,
+    MinerVerdict,
+    duty_content,
+    read_duty_loss,
+    read_duty_verdict,
     read_loss,
     validation_requests,
 )
@@ -28,7 +42,35 @@ from bcsfl_flower.round.settings import ValidationSettings
 from bcsfl_flower.round.state import ValidatorReport
 
 
-def validate(
+@dataclass(frozen=True)
+class CommitteeAnswers:
+    """What the committee answered in the round's exchange.
+
+    Attributes
+    ----------
+    reports : tuple[ValidatorReport, ...]
+        One per validator, in draw order.
+    verdicts : Mapping[str, Mapping[str, MinerVerdict]]
+        Candidate name -> miner node id -> its verdict (miners that did not answer are
+        missing).
+    """
+
+    reports: tuple[ValidatorReport, ...]
+    verdicts: Mapping[str, Mapping[str, MinerVerdict]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What one message of the exchange asked: whom, and which models or candidates."""
+
+    member: str
+    models: tuple[str, ...]
+    mining: tuple[str, ...] = ()
+    duty: bool = False
+
+
+# pylint: disable=too-many-arguments,too-many-locals
+def exchange_with_committee(
     grid: Grid,
     server_round: int,
     validators: Sequence[str],
@@ -36,55 +78,153 @@ def validate(
     candidates: Mapping[str, ArrayRecord],
     settings: ValidationSettings,
     extra_config: Mapping[str, ConfigValue] | None = None,
-) -> tuple[ValidatorReport, ...]:
-    """Have every validator evaluate ``baseline`` and all ``candidates``.
+    *,
+    duty_nodes: Collection[str] = (),
+    mining: Mapping[str, RecordDict] | None = None,
+    miners: Sequence[str] = (),
+) -> CommitteeAnswers:
+    """Have the validators evaluate ``baseline`` and all ``candidates``, and the miners sign.
 
-    Returns one report per validator, in the order of ``validators``. Replies to
-    unknown messages and repeated replies are ignored; missing or unusable losses
-    are NaN, with the reason in the report's ``problems``.
+    Parameters
+    ----------
+    grid : Grid
+        Where the messages go.
+    server_round : int
+        The current round.
+    validators : Sequence[str]
+        Node ids of the validators.
+    baseline : ArrayRecord
+        The current global model ``w_t``.
+    candidates : Mapping[str, ArrayRecord]
+        Candidate name -> model.
+    settings : ValidationSettings
+        Record names, loss key and timeout.
+    extra_config : Mapping[str, ConfigValue], optional
+        Further evaluate-config entries (CKKS mode's flag).
+    duty_nodes : Collection[str]
+        Members that run the bcsfl mod: each gets one committee duty message.
+    mining : Mapping[str, RecordDict], optional
+        Candidate name -> its mine request (:meth:`RoundNotary.mining_plan`).
+    miners : Sequence[str]
+        Miners that can sign (all in ``duty_nodes``).
+
+    Returns
+    -------
+    CommitteeAnswers
+        Replies to unknown messages and repeated replies are ignored; missing or
+        unusable losses are NaN, with the reason in the report's ``problems``.
     """
     models = {BASELINE_CANDIDATE: baseline, **candidates}
-    requests = validation_requests(
+    messages, asked = _committee_messages(
         validators,
         models,
         server_round,
-        arrayrecord_key=settings.arrayrecord_key,
-        configrecord_key=settings.configrecord_key,
-        extra_config=extra_config,
+        extra_config or {},
+        settings,
+        set(map(str, duty_nodes)),
+        mining or {},
+        miners,
     )
     log(
         INFO,
-        "validation: %d validators x %d models (w_t + %d candidates)",
+        "committee: %d validators x %d models (w_t + %d candidates), %d miners, %d messages",
         len(validators),
         len(models),
         len(candidates),
+        len(miners),
+        len(messages),
     )
-    if not requests:
-        return ()
-    replies = list(grid.send_and_receive([r.message for r in requests], timeout=settings.timeout))
-    sent = {r.message.metadata.message_id: r for r in requests}
+    if not messages:
+        return CommitteeAnswers(())
+    replies = list(grid.send_and_receive(messages, timeout=settings.timeout))
+    # Pushing gives each message its id, so what each one asked is keyed only now.
+    sent = {
+        message.metadata.message_id: entry for message, entry in zip(messages, asked, strict=True)
+    }
     losses: dict[str, dict[str, float]] = {str(v): {} for v in validators}
     problems: dict[str, list[str]] = {str(v): [] for v in validators}
+    verdicts: dict[str, dict[str, MinerVerdict]] = {name: {} for name in candidates}
     for reply in replies:
-        request = sent.pop(reply.metadata.reply_to_message_id, None)
-        if request is None:
-            log(WARNING, "validation: ignoring a reply to an unknown or answered message")
+        asked = sent.pop(reply.metadata.reply_to_message_id, None)
+        if asked is None:
+            log(WARNING, "committee: ignoring a reply to an unknown or answered message")
             continue
-        loss, problem = read_loss(reply, settings.loss_metric_key)
-        if problem is not None:
-            problems[request.validator].append(f"{request.candidate}: {problem}")
-        losses[request.validator][request.candidate] = loss
+        for name in asked.models:
+            if asked.duty:
+                loss, problem = read_duty_loss(reply, name, settings.loss_metric_key)
+            else:
+                loss, problem = read_loss(reply, settings.loss_metric_key)
+            if problem is not None:
+                problems[asked.member].append(f"{name}: {problem}")
+            losses[asked.member][name] = loss
+        for name in asked.mining:
+            verdicts[name][asked.member] = read_duty_verdict(reply, name)
+    return CommitteeAnswers(_reports(validators, models, losses, problems), verdicts)
+
+
+def _committee_messages(
+    validators: Sequence[str],
+    models: Mapping[str, ArrayRecord],
+    server_round: int,
+    extra_config: Mapping[str, ConfigValue],
+    settings: ValidationSettings,
+    duty_nodes: Collection[str],
+    mining: Mapping[str, RecordDict],
+    miners: Sequence[str],
+) -> tuple[list[Message], list[_Sent]]:
+    """Return the exchange's messages and, in the same order, what each one asks."""
+    validator_ids, miner_ids = list(map(str, validators)), list(map(str, miners))
+    messages: list[Message] = []
+    asked: list[_Sent] = []
+    for member in dict.fromkeys(validator_ids + miner_ids):
+        evaluates = models if member in validator_ids else {}
+        signs = mining if member in miner_ids else {}
+        if member in duty_nodes:
+            duty = CommitteeDuty(
+                evaluates,
+                {**extra_config, ROUND_KEY: server_round},
+                signs,
+                settings.arrayrecord_key,
+                settings.configrecord_key,
+            )
+            messages.append(
+                Message(duty_content(duty), int(member), message_type=MessageType.EVALUATE)
+            )
+            asked.append(_Sent(member, tuple(evaluates), tuple(signs), duty=True))
+            continue
+        for request in validation_requests(
+            [member] if evaluates else [],
+            evaluates,
+            server_round,
+            arrayrecord_key=settings.arrayrecord_key,
+            configrecord_key=settings.configrecord_key,
+            extra_config=extra_config,
+        ):
+            messages.append(request.message)
+            asked.append(_Sent(member, (request.candidate,)))
+    return messages, asked
+
+
+def _reports(
+    validators: Sequence[str],
+    models: Mapping[str, ArrayRecord],
+    losses: Mapping[str, Mapping[str, float]],
+    problems: Mapping[str, list[str]],
+) -> tuple[ValidatorReport, ...]:
     reports = []
     for validator in map(str, validators):
         missing = [name for name in models if name not in losses[validator]]
+        problems_here = list(problems[validator])
         if missing:
-            problems[validator].append(f"no reply for {missing}")
+            problems_here.append(f"no reply for {missing}")
         reports.append(
             ValidatorReport(
                 validator=validator,
                 baseline_loss=losses[validator].get(BASELINE_CANDIDATE, math.nan),
-                candidate_losses={c: losses[validator].get(c, math.nan) for c in candidates},
-                problems=tuple(problems[validator]),
+                candidate_losses={
+                    c: losses[validator].get(c, math.nan) for c in models if c != BASELINE_CANDIDATE
+                },
+                problems=tuple(problems_here),
             )
         )
     return tuple(reports)

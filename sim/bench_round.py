@@ -1,0 +1,144 @@
+"""Benchmark: a BCSFL round's wall time against a FedAvg round, in the same ``flwr run`` setup.
+
+Each run is a real ``flwr run`` federation on Flower's simulation engine (MNIST, 20
+clients, 5 rounds by default). What is compared is Flower's own measurement of the
+rounds, the ``Strategy execution finished in X s`` line that ``Strategy.start`` logs:
+it spans the initial evaluation and every round (training, the decision, for BCSFL the
+committee exchange and anchoring, and the central evaluation), and leaves out what both
+runs pay once (starting the SuperLink and Ray, deploying the audit contract).
+
+Two apps:
+
+* ``package`` (default): this package's example app, run config ``strategy=bcsfl`` (with
+  the embedded chain, signing and mining) against ``strategy=fedavg``;
+* ``dropin``: the plain PyTorch app of ``tests/dropin_app``, whose only BCS-FL line is
+  ``BCSFL(...)``, against a copy with that line put back to ``FedAvg(...)``: what a user
+  who swaps the strategy sees.
+
+Runs alternate (BCSFL first in even repetitions, FedAvg first in odd ones) so that
+outside load hits both alike; the ratio compares medians. The last line is
+``BCSFL/FedAvg round wall X.XXx``.
+
+Usage::
+
+    python sim/bench_round.py                       # package app, 20 clients, 5 rounds
+    python sim/bench_round.py --app dropin --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bcsfl_flower.launch import APP_DIR, run_federation  # noqa: E402
+
+DROPIN_DIR = Path(__file__).resolve().parent.parent / "tests" / "dropin_app"
+BCSFL_LINE = "strategy = BCSFL(fraction_train=fraction_train)"
+FEDAVG_LINE = "strategy = FedAvg(fraction_train=fraction_train)"
+STRATEGY_WALL = re.compile(r"Strategy execution finished in ([0-9.]+)s")
+
+
+def strategy_wall_s(log_text: str) -> float:
+    """Return the seconds of Flower's ``Strategy execution finished in`` line.
+
+    Raises
+    ------
+    ValueError
+        If the log has no such line (the run did not finish its rounds).
+    """
+    found = STRATEGY_WALL.findall(log_text)
+    if not found:
+        raise ValueError("the run log has no 'Strategy execution finished in' line")
+    return float(found[-1])
+
+
+def fedavg_copy_of_dropin(workdir: Path) -> Path:
+    """Copy the drop-in app with its strategy line put back to Flower's ``FedAvg``."""
+    target = workdir / "dropin_fedavg"
+    shutil.copytree(DROPIN_DIR, target, ignore=shutil.ignore_patterns("__pycache__"))
+    server = target / "dropin_app" / "server_app.py"
+    text = server.read_text()
+    if BCSFL_LINE not in text:
+        raise ValueError(f"{server} no longer contains {BCSFL_LINE!r}")
+    text = text.replace(BCSFL_LINE, FEDAVG_LINE).replace(
+        "from bcsfl_flower.strategy import BCSFL", "from flwr.serverapp.strategy import FedAvg"
+    )
+    server.write_text(text)
+    return target
+
+
+def run_once(
+    app: str, strategy: str, workdir: Path, args: argparse.Namespace, index: int
+) -> tuple[float, float]:
+    """Run one federation; return (strategy wall, whole ``flwr run`` wall) in seconds."""
+    output_dir = workdir / f"{app}-{strategy}-{index}"
+    run_config: dict[str, object] = {"num-server-rounds": args.rounds}
+    if app == "package":
+        app_dir, require_results = APP_DIR, True
+        run_config.update({"strategy": strategy, "seed": args.seed})
+    else:
+        app_dir = DROPIN_DIR if strategy == "bcsfl" else fedavg_copy_of_dropin(output_dir.parent)
+        require_results = False
+    started = time.perf_counter()
+    run = run_federation(
+        output_dir,
+        num_supernodes=args.clients,
+        app_dir=app_dir,
+        run_config=run_config,
+        data_dir=args.data_dir,
+        stream=False,
+        require_results=require_results,
+    )
+    whole = time.perf_counter() - started
+    if app == "dropin" and strategy == "fedavg":
+        shutil.rmtree(app_dir)
+    return strategy_wall_s(run.log_path.read_text()), whole
+
+
+def main() -> int:
+    """Alternate BCSFL and FedAvg runs and print the ratio of their round wall times."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--app", choices=("package", "dropin"), default="package")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--keep", type=Path, help="keep the runs in this directory")
+    args = parser.parse_args()
+
+    walls: dict[str, list[float]] = {"bcsfl": [], "fedavg": []}
+    wholes: dict[str, list[float]] = {"bcsfl": [], "fedavg": []}
+    with tempfile.TemporaryDirectory(prefix="bench_round_") as scratch:
+        workdir = args.keep or Path(scratch)
+        for index in range(args.repeats):
+            order = ("bcsfl", "fedavg") if index % 2 == 0 else ("fedavg", "bcsfl")
+            for strategy in order:
+                wall, whole = run_once(args.app, strategy, workdir, args, index)
+                walls[strategy].append(wall)
+                wholes[strategy].append(whole)
+                print(
+                    f"{args.app} {strategy:6s} run {index}: strategy {wall:7.1f} s "
+                    f"({wall / args.rounds:5.2f} s/round), flwr run {whole:7.1f} s",
+                    flush=True,
+                )
+    per_round = {name: statistics.median(values) / args.rounds for name, values in walls.items()}
+    whole_ratio = statistics.median(wholes["bcsfl"]) / statistics.median(wholes["fedavg"])
+    print(
+        f"{args.app} app, {args.clients} clients, {args.rounds} rounds, {args.repeats} repeats: "
+        f"BCSFL {per_round['bcsfl']:.2f} s/round, FedAvg {per_round['fedavg']:.2f} s/round; "
+        f"whole flwr run {whole_ratio:.2f}x"
+    )
+    print(f"BCSFL/FedAvg round wall {per_round['bcsfl'] / per_round['fedavg']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
