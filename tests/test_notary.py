@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.packets import ModelPacket, model_hash
-from bcsfl_flower.protocol import PACKET_RECORD_KEY, VERDICT_RECORD_KEY
+from bcsfl_flower.protocol import PACKET_RECORD_KEY, VERDICT_RECORD_KEY, MinerVerdict
 from bcsfl_flower.round.checks import PacketCheck
 from bcsfl_flower.round.state import Certification
 from bcsfl_flower.strategy import BCSFL
@@ -259,5 +259,29 @@ def test_require_signed_rejects_unsigned_and_unregistered_replies(tmp_path):
         assert "unregistered-signer" in record["rejected"]["8"]
         assert sorted(record["signed"]) == ["1", "2", "3", "4", "5", "6"]
         assert record["chain"]["certified_by"] == "miners"
+    finally:
+        notary.close()
+
+
+def test_a_miner_cannot_answer_for_another_miner(tmp_path):
+    notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
+    try:
+        notary.addresses.update({str(n): client_dev_account(n - 1).address for n in (1, 2, 3)})
+        plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2", "3"])
+        approval = plan.approvals["mean"]
+        signatures = {
+            node: approval.sign(client_dev_account(int(node) - 1), notary.trail.domain)
+            for node in plan.signing
+        }
+        honest = {node: MinerVerdict(plan.signing[node], signatures[node], None) for node in "12"}
+        # node 3 passes node 1's approval off as its own answer
+        replayed = MinerVerdict(plan.signing["1"], signatures["1"], None)
+        certification = notary.certify(plan, "mean", {**honest, "3": replayed})
+        assert f"answered as {plan.signing['1']}" in certification.refusals["3"]
+        assert certification.certified  # 2 of 3 honest approvals are the quorum
+        assert set(certification.certificate.signers) == {plan.signing["1"], plan.signing["2"]}
+        # with only one honest approval left, the replay cannot make up the quorum
+        alone = notary.certify(plan, "mean", {"1": honest["1"], "3": replayed})
+        assert not alone.certified and alone.refusals["2"] == "no reply"
     finally:
         notary.close()
