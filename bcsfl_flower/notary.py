@@ -17,7 +17,7 @@ The strategy decides a round; the notary makes that decision verifiable afterwar
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -210,6 +210,7 @@ class RoundNotary:
         candidates: Mapping[str, ArrayRecord],
         supports: Mapping[str, Sequence[SignedModelPacket]],
         miners: Sequence[str],
+        reachable: Collection[str] | None = None,
     ) -> MiningPlan:
         """Prepare every candidate's approval for the round's miners to sign.
 
@@ -218,13 +219,16 @@ class RoundNotary:
         one that commits is anchored and the others' signatures are discarded.
 
         Miners are the committee's node ids; only those whose address is known from a
-        verified packet can sign (they run the bcsfl mod). An address known from several
+        verified packet can sign, and of those only the ``reachable`` ones (that serve
+        committee duties this round; all by default). An address known from several
         node ids (a restarted node with the same key) is asked once, through the first
         of them in draw order: the committee may not list it twice.
         """
         signing: dict[str, str] = {}
         for miner in miners:
             address = self.addresses.get(miner)
+            if reachable is not None and miner not in reachable:
+                continue
             if address is not None and address not in signing.values():
                 signing[miner] = address
         committee = list(signing.values()) or [self.connection.operator.address]

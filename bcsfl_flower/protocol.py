@@ -398,6 +398,11 @@ DUTY_MODEL_PREFIX = "bcsfl.model."
 DUTY_METRICS_PREFIX = "bcsfl.metrics."
 """Committee duty reply: the metrics the member's evaluate handler reported for ``name``."""
 
+DUTY_CAPABLE_RECORD_KEY = "bcsfl.mod"
+"""Train reply: the bcsfl mod's mark (``{"committee-duty": True}``) that its node serves
+committee duties, so the strategy can send it one duty message even when the run has
+no audit trail (and so no signed packet to tell it by)."""
+
 DUTY_ERRORS_RECORD_KEY = "bcsfl.duty-errors"
 """Committee duty reply: model or candidate name -> why the member could not serve it."""
 
@@ -427,6 +432,12 @@ class CommitteeDuty:
     mining: Mapping[str, RecordDict]
     arrayrecord_key: str = "arrays"
     configrecord_key: str = "config"
+
+
+def serves_duty(content: RecordDict) -> bool:
+    """Return whether a train reply carries the bcsfl mod's committee-duty mark."""
+    record = content.config_records.get(DUTY_CAPABLE_RECORD_KEY)
+    return record is not None and record.get("committee-duty") is True
 
 
 def duty_content(duty: CommitteeDuty) -> RecordDict:

@@ -13,7 +13,10 @@ Two apps:
   the embedded chain, signing and mining) against ``strategy=fedavg``;
 * ``dropin``: the plain PyTorch app of ``tests/dropin_app``, whose only BCS-FL line is
   ``BCSFL(...)``, against a copy with that line put back to ``FedAvg(...)``: what a user
-  who swaps the strategy sees.
+  who swaps the strategy sees;
+* ``dropin-mod``: the same, with the second line a user can change,
+  ``app = bcsfl_client_app()`` in its ClientApp, on the BCSFL side only (no audit
+  trail: the mod serves its committee duty in one message per validator).
 
 Runs alternate (BCSFL first in even repetitions, FedAvg first in odd ones) so that
 outside load hits both alike; the ratio compares medians. The last line is
@@ -23,6 +26,7 @@ Usage::
 
     python sim/bench_round.py                       # package app, 20 clients, 5 rounds
     python sim/bench_round.py --app dropin --repeats 3
+    python sim/bench_round.py --app dropin-mod
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from bcsfl_flower.launch import APP_DIR, run_federation  # noqa: E402
 DROPIN_DIR = Path(__file__).resolve().parent.parent / "tests" / "dropin_app"
 BCSFL_LINE = "strategy = BCSFL(fraction_train=fraction_train)"
 FEDAVG_LINE = "strategy = FedAvg(fraction_train=fraction_train)"
+BCSFL_IMPORT = "from bcsfl_flower.strategy import BCSFL"
+CLIENTAPP_IMPORT = "from flwr.clientapp import ClientApp"
+MOD_IMPORT = "from bcsfl_flower.client.mod import bcsfl_client_app"
 STRATEGY_WALL = re.compile(r"Strategy execution finished in ([0-9.]+)s")
 
 
@@ -59,19 +66,40 @@ def strategy_wall_s(log_text: str) -> float:
     return float(found[-1])
 
 
-def fedavg_copy_of_dropin(workdir: Path) -> Path:
-    """Copy the drop-in app with its strategy line put back to Flower's ``FedAvg``."""
-    target = workdir / "dropin_fedavg"
+def edited_copy_of_dropin(target: Path, module: str, edits: dict[str, str]) -> Path:
+    """Copy the drop-in app to ``target``, replacing text in one of its modules.
+
+    Raises
+    ------
+    ValueError
+        If a text to replace is no longer in the module.
+    """
     shutil.copytree(DROPIN_DIR, target, ignore=shutil.ignore_patterns("__pycache__"))
-    server = target / "dropin_app" / "server_app.py"
-    text = server.read_text()
-    if BCSFL_LINE not in text:
-        raise ValueError(f"{server} no longer contains {BCSFL_LINE!r}")
-    text = text.replace(BCSFL_LINE, FEDAVG_LINE).replace(
-        "from bcsfl_flower.strategy import BCSFL", "from flwr.serverapp.strategy import FedAvg"
-    )
-    server.write_text(text)
+    path = target / "dropin_app" / module
+    text = path.read_text()
+    for old, new in edits.items():
+        if old not in text:
+            raise ValueError(f"{path} no longer contains {old!r}")
+        text = text.replace(old, new)
+    path.write_text(text)
     return target
+
+
+def dropin_app_dir(app: str, strategy: str, workdir: Path) -> Path:
+    """Return the drop-in app (or an edited copy) that ``app`` runs with ``strategy``."""
+    if strategy == "fedavg":
+        return edited_copy_of_dropin(
+            workdir / "dropin_fedavg",
+            "server_app.py",
+            {BCSFL_LINE: FEDAVG_LINE, BCSFL_IMPORT: "from flwr.serverapp.strategy import FedAvg"},
+        )
+    if app == "dropin-mod":
+        return edited_copy_of_dropin(
+            workdir / "dropin_mod",
+            "client_app.py",
+            {"app = ClientApp()": "app = bcsfl_client_app()", CLIENTAPP_IMPORT: MOD_IMPORT},
+        )
+    return DROPIN_DIR
 
 
 def run_once(
@@ -84,8 +112,7 @@ def run_once(
         app_dir, require_results = APP_DIR, True
         run_config.update({"strategy": strategy, "seed": args.seed})
     else:
-        app_dir = DROPIN_DIR if strategy == "bcsfl" else fedavg_copy_of_dropin(output_dir.parent)
-        require_results = False
+        app_dir, require_results = dropin_app_dir(app, strategy, output_dir), False
     started = time.perf_counter()
     run = run_federation(
         output_dir,
@@ -97,15 +124,13 @@ def run_once(
         require_results=require_results,
     )
     whole = time.perf_counter() - started
-    if app == "dropin" and strategy == "fedavg":
-        shutil.rmtree(app_dir)
     return strategy_wall_s(run.log_path.read_text()), whole
 
 
 def main() -> int:
     """Alternate BCSFL and FedAvg runs and print the ratio of their round wall times."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--app", choices=("package", "dropin"), default="package")
+    parser.add_argument("--app", choices=("package", "dropin", "dropin-mod"), default="package")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)

@@ -45,6 +45,7 @@ from bcsfl_flower.protocol import (
     mine_request,
     read_duty_loss,
     read_duty_verdict,
+    serves_duty,
     signing_config,
 )
 
@@ -111,6 +112,9 @@ def test_train_reply_stays_unsigned_without_an_audit_domain():
     reply = bcsfl_mod(train_message(signed=False), context(), fake_training)
     assert PACKET_RECORD_KEY not in reply.content
     assert model_hash(reply.content["arrays"]) == model_hash(record(1.0))
+    # but it says that this node serves committee duties, chain or not
+    assert serves_duty(reply.content)
+    assert not serves_duty(fake_training(train_message(), context()).content)
 
 
 class OneNodeGrid:

@@ -11,6 +11,7 @@ from flower_messages import FakeGrid, error_reply, reply_to, train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from bcsfl_flower.protocol import DUTY_CAPABLE_RECORD_KEY, DUTY_RECORD_KEY
 from bcsfl_flower.round.settings import SettingError
 from bcsfl_flower.strategy import BCSFL
 
@@ -285,3 +286,23 @@ def test_invalid_arguments_fail_at_construction_naming_the_setting(kwargs, setti
 def test_aggregate_train_before_configure_train_is_an_error():
     with pytest.raises(RuntimeError, match="before configure_train"):
         BCSFL().aggregate_train(1, [])
+
+
+def test_a_client_that_runs_the_mod_gets_one_committee_message_even_without_a_chain():
+    replies, _ = federation(num_attackers=0)
+    for reply in replies[:4]:  # nodes 1-4 run the bcsfl mod (unsigned: there is no chain)
+        reply.content[DUTY_CAPABLE_RECORD_KEY] = ConfigRecord({"committee-duty": True})
+    plain_grid, duty_grid = FakeGrid(squared_distance), FakeGrid(squared_distance)
+    plain = run_round(BCSFL(), federation(num_attackers=0)[0], plain_grid)[2]
+    marked = run_round(BCSFL(), replies, duty_grid)[2]
+    validators = marked["committee"]["validators"]
+    models = 1 + len(marked["candidates"])
+    duties = [m for m in duty_grid.sent if DUTY_RECORD_KEY in m.content.config_records]
+    assert sorted(str(m.metadata.dst_node_id) for m in duties) == sorted(
+        v for v in validators if int(v) <= 4
+    )
+    assert len(duty_grid.sent) == len(duties) + models * sum(int(v) > 4 for v in validators)
+    assert len(plain_grid.sent) == models * len(validators)
+    # One message or several, the validators report the same losses: the same decision.
+    assert (marked["outcome"], marked["candidate"]) == (plain["outcome"], plain["candidate"])
+    assert marked["votes"] == plain["votes"] and marked["model_hash"] == plain["model_hash"]

@@ -3,7 +3,9 @@
 Any Flower ClientApp takes part in a BCS-FL federation unchanged (unsigned mode). With
 the mod, a client also
 
-1. attaches a signed :class:`~bcsfl_flower.packets.ModelPacket` to every train reply, as
+1. marks every train reply as coming from a node that serves committee duties
+   (:data:`~bcsfl_flower.protocol.DUTY_CAPABLE_RECORD_KEY`), and attaches a signed
+   :class:`~bcsfl_flower.packets.ModelPacket` to it, as
    a ConfigRecord under :data:`~bcsfl_flower.protocol.PACKET_RECORD_KEY`, next to the
    reply's arrays. It signs under the EIP-712 domain the strategy puts in the train
    config (:func:`signing_config`) and for the round in ``config["server-round"]``.
@@ -38,6 +40,7 @@ from typing import Any
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from flwr.app import (
+    ConfigRecord,
     Context,
     Error,
     Message,
@@ -59,6 +62,7 @@ from bcsfl_flower.packets import (
     model_hash,
 )
 from bcsfl_flower.protocol import (
+    DUTY_CAPABLE_RECORD_KEY,
     PACKET_RECORD_KEY,
     ROUND_KEY,
     CommitteeDuty,
@@ -121,6 +125,7 @@ def bcsfl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
             return serve_duty(msg, duty, context, call_next)
     reply = call_next(msg, context)
     if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error():
+        reply.content[DUTY_CAPABLE_RECORD_KEY] = ConfigRecord({"committee-duty": True})
         _sign_train_reply(msg, reply, context)
     return reply
 

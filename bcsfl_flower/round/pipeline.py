@@ -184,7 +184,8 @@ class RoundPipeline:
         candidates = CandidateSet(
             plan, self.space.combine(global_arrays, checked.batch, plan.coefficients)
         )
-        mining = self._mining_plan(server_round, checked, candidates, committee)
+        duty_nodes = {c.name for c in checked.accepted if c.serves_duty}
+        mining = self._mining_plan(server_round, checked, candidates, committee, duty_nodes)
         with clock.stage("committee"):
             answers = exchange_with_committee(
                 grid,
@@ -194,7 +195,7 @@ class RoundPipeline:
                 candidates.by_name(),
                 self.settings.validation,
                 self.space.message_config(),
-                duty_nodes=() if self.notary is None else set(self.notary.addresses),
+                duty_nodes=duty_nodes,
                 mining=None if mining is None else mining.requests,
                 miners=() if mining is None else tuple(mining.signing),
             )
@@ -299,6 +300,7 @@ class RoundPipeline:
         checked: CheckedReplies,
         candidates: CandidateSet,
         committee: Committee,
+        duty_nodes: set[str],
     ) -> MiningPlan | None:
         """Prepare every candidate's approval for the miners (None without a notary)."""
         if self.notary is None:
@@ -312,6 +314,7 @@ class RoundPipeline:
             candidates.by_name(),
             supports,  # type: ignore[arg-type]
             committee.miners,
+            duty_nodes,
         )
 
     def _certify(self, decision: Decision, stages: _Stages) -> Certification | None:

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from bcsfl_flower.committee import Committee
 from bcsfl_flower.packets import SignedModelPacket
+from bcsfl_flower.protocol import serves_duty
 from bcsfl_flower.round.timing import StageTimes
 
 
@@ -61,6 +62,15 @@ class Contribution:
     def address(self) -> str | None:
         """The client's Ethereum address, known from a verified packet."""
         return None if self.packet is None else self.packet.packet.client
+
+    @property
+    def serves_duty(self) -> bool:
+        """Whether the client runs the bcsfl mod: it signed, or its reply says so.
+
+        Such a committee member gets one duty message instead of one evaluate message
+        per model. A client that claims it falsely only spoils its own answers.
+        """
+        return self.packet is not None or serves_duty(self.content)
 
 
 class UpdateBatch:
