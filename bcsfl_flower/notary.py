@@ -232,10 +232,12 @@ class RoundNotary:
             if address is not None and address not in signing.values():
                 signing[miner] = address
         committee = list(signing.values()) or [self.connection.operator.address]
-        first = self.trail.prepare_approval(server_round, bytes(32), bytes(32), committee)
+        # One chain read (the head) and one committee root serve every candidate; each
+        # fills in its own model hash and its supporters' packet root.
+        shared = self.trail.prepare_approval(server_round, bytes(32), bytes(32), committee)
         approvals = {
             name: dataclasses.replace(
-                first,
+                shared,
                 model_hash=model_hash(arrays),
                 accepted_root=accepted_root(supports[name], self.trail.domain),
             )

@@ -1,14 +1,8 @@
 """sim/bench_round.py's pieces that need no federation: the log line and the app copies."""
 
-import sys
-
 import pytest
-from conftest import REPO
 
-if str(REPO) not in sys.path:  # `sim` is a top-level package of the repository
-    sys.path.insert(0, str(REPO))
-
-from sim.bench_round import (  # noqa: E402
+from sim.bench_round import (
     BCSFL_LINE,
     FEDAVG_LINE,
     dropin_app_dir,

@@ -9,22 +9,18 @@ import dataclasses
 import json
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import DATA_DIR, REPO
 
-if str(REPO) not in sys.path:  # `sim` is a top-level package of the repository
-    sys.path.insert(0, str(REPO))
-
-from bcsfl_flower.launch import FederationFailedError, FederationRun  # noqa: E402
-from bcsfl_flower.task.attacks import choose_attackers  # noqa: E402
-from bcsfl_flower.task.data import load_client_data, load_split, load_test_data  # noqa: E402
-from bcsfl_flower.task.models import build_model  # noqa: E402
-from bcsfl_flower.task.training import evaluate_confusion  # noqa: E402
-from sim.experiments import (  # noqa: E402
+from bcsfl_flower.launch import FederationFailedError, FederationRun
+from bcsfl_flower.task.attacks import choose_attackers
+from bcsfl_flower.task.data import load_client_data, load_split, load_test_data
+from bcsfl_flower.task.models import build_model
+from bcsfl_flower.task.training import evaluate_confusion
+from sim.experiments import (
     EXIT_OK,
     EXIT_USAGE,
     GridPart,
@@ -33,9 +29,9 @@ from sim.experiments import (  # noqa: E402
     main,
     report_parts,
 )
-from sim.figures import figure_seed  # noqa: E402
-from sim.grid import CLEAN, PRESETS, STRATEGIES, Cell, ExperimentSpec, share_label  # noqa: E402
-from sim.metrics import (  # noqa: E402
+from sim.figures import figure_seed
+from sim.grid import CLEAN, PRESETS, STRATEGIES, Cell, ExperimentSpec, share_label
+from sim.metrics import (
     FLIP_ALL,
     attack_success_rate,
     count_rollbacks,
@@ -43,9 +39,9 @@ from sim.metrics import (  # noqa: E402
     min_source_class_accuracy,
     source_class_accuracy,
 )
-from sim.records import ROUND_COLUMNS, SUMMARY_COLUMNS, RunResult  # noqa: E402
-from sim.report import accuracy_pivot, runs_table, seed_spread  # noqa: E402
-from sim.runner import SPEC_FILE, GridRunner  # noqa: E402
+from sim.records import ROUND_COLUMNS, SUMMARY_COLUMNS, RunResult
+from sim.report import accuracy_pivot, runs_table, seed_spread
+from sim.runner import SPEC_FILE, GridRunner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

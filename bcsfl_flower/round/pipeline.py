@@ -60,9 +60,13 @@ class _Stages:
     screening: Screening | None = None
     committee: Committee | None = None
     candidates: CandidateSet | None = None
-    reports: tuple[ValidatorReport, ...] = ()
     mining: MiningPlan | None = None
     answers: CommitteeAnswers | None = None
+
+    @property
+    def reports(self) -> tuple[ValidatorReport, ...]:
+        """The validators' reports (none if the committee exchange did not run)."""
+        return () if self.answers is None else self.answers.reports
 
 
 class RoundPipeline:
@@ -124,9 +128,7 @@ class RoundPipeline:
             stages = self._decide(server_round, grid, global_arrays, checked, previous_hash, clock)
         else:
             stages = _Stages(_rollback("rollback: no valid reply"))
-        return self._finish(
-            server_round, grid, global_arrays, checked, stages, previous_hash, clock
-        )
+        return self._finish(server_round, global_arrays, checked, stages, previous_hash, clock)
 
     def _decide(
         self,
@@ -203,22 +205,11 @@ class RoundPipeline:
             plan, answers.reports, committee.validators, self.settings.vote_tolerance
         )
         log(INFO, "consensus: %s", decision.reason)
-        return _Stages(
-            decision,
-            gram,
-            bounds,
-            screening,
-            committee,
-            candidates,
-            answers.reports,
-            mining,
-            answers,
-        )
+        return _Stages(decision, gram, bounds, screening, committee, candidates, mining, answers)
 
     def _finish(
         self,
         server_round: int,
-        grid: Grid,
         global_arrays: ArrayRecord,
         checked: CheckedReplies,
         stages: _Stages,
@@ -230,7 +221,7 @@ class RoundPipeline:
         arrays = global_arrays
         if decision.committed and stages.candidates is not None:
             arrays = stages.candidates.by_name()[decision.candidate]  # type: ignore[index]
-            certification = self._certify(decision, stages)
+            certification = self._certify(decision.candidate, stages)  # type: ignore[arg-type]
             if certification is not None and not certification.certified:
                 decision = replace(
                     decision,
@@ -317,12 +308,12 @@ class RoundPipeline:
             duty_nodes,
         )
 
-    def _certify(self, decision: Decision, stages: _Stages) -> Certification | None:
+    def _certify(self, candidate: str, stages: _Stages) -> Certification | None:
         """Build the committed candidate's quorum certificate (None without a notary)."""
         if self.notary is None or stages.mining is None or stages.answers is None:
             return None
-        verdicts = stages.answers.verdicts.get(decision.candidate or "", {})
-        return self.notary.certify(stages.mining, decision.candidate, verdicts)  # type: ignore[arg-type]
+        verdicts = stages.answers.verdicts.get(candidate, {})
+        return self.notary.certify(stages.mining, candidate, verdicts)
 
     def _anchor(
         self,
