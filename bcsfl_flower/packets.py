@@ -67,6 +67,7 @@ ROUND_APPROVAL_TYPES: dict[str, list[dict[str, str]]] = {
         {"name": "previousHash", "type": "bytes32"},
         {"name": "acceptedRoot", "type": "bytes32"},
         {"name": "committeeRoot", "type": "bytes32"},
+        {"name": "stateRoot", "type": "bytes32"},
         {"name": "timestamp", "type": "uint64"},
     ]
 }
@@ -435,6 +436,10 @@ class RoundApproval:
         :func:`accepted_root` of the packets accepted into the round.
     committee_root : bytes
         :func:`committee_root` of the round's miners.
+    state_root : bytes
+        Hash of the round's state statement (the stake table its committee was drawn
+        from, the decision settings, the accepted replies and the draw), kept in the
+        model store; zero when no statement is kept.
     timestamp : int
         Unix time in seconds when the candidate package was built.
     """
@@ -444,6 +449,7 @@ class RoundApproval:
     previous_hash: bytes
     accepted_root: bytes
     committee_root: bytes
+    state_root: bytes
     timestamp: int
 
     def __post_init__(self) -> None:
@@ -452,6 +458,7 @@ class RoundApproval:
         check_hash("previous_hash", self.previous_hash)
         check_hash("accepted_root", self.accepted_root)
         check_hash("committee_root", self.committee_root)
+        check_hash("state_root", self.state_root)
         _check_uint64("timestamp", self.timestamp)
 
     def signable(self, domain: Eip712Domain) -> SignableMessage:
@@ -465,6 +472,7 @@ class RoundApproval:
                 "previousHash": self.previous_hash,
                 "acceptedRoot": self.accepted_root,
                 "committeeRoot": self.committee_root,
+                "stateRoot": self.state_root,
                 "timestamp": self.timestamp,
             },
         )
@@ -481,7 +489,7 @@ class RoundApproval:
         """Return the checksummed address that produced ``signature`` under ``domain``."""
         return recover_signer(self.signable(domain), signature)
 
-    def as_contract_tuple(self) -> tuple[int, bytes, bytes, bytes, bytes, int]:
+    def as_contract_tuple(self) -> tuple[int, bytes, bytes, bytes, bytes, bytes, int]:
         """Return the approval as the ABI tuple ``anchorRound`` takes."""
         return (
             self.round,
@@ -489,6 +497,7 @@ class RoundApproval:
             self.previous_hash,
             self.accepted_root,
             self.committee_root,
+            self.state_root,
             self.timestamp,
         )
 
@@ -501,6 +510,7 @@ class RoundApproval:
                 "previous-hash": self.previous_hash,
                 "accepted-root": self.accepted_root,
                 "committee-root": self.committee_root,
+                "stake-root": self.state_root,
                 "timestamp": self.timestamp,
             }
         )
@@ -521,6 +531,7 @@ class RoundApproval:
             ("previous-hash", bytes),
             ("accepted-root", bytes),
             ("committee-root", bytes),
+            ("stake-root", bytes),
             ("timestamp", int),
         ):
             if name not in record:

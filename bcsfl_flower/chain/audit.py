@@ -4,10 +4,14 @@ A round's life on chain, as the strategy drives it::
 
     trail = AuditTrail.open(connection, genesis_hash=model_hash(initial_arrays))
     trail.register_clients({address: stake, ...})
-    approval = trail.prepare_approval(round, model_hash, accepted_root, committee)
+    approval = trail.prepare_approval(round, model_hash, accepted_root, committee, state_root)
     # ... miners sign ``approval`` (see bcsfl_flower.client.mod) ...
     certificate = AnchorCertificate.build(approval, committee, signatures, trail.domain)
-    anchored = trail.anchor_round(certificate)      # or trail.record_rollback(round, why)
+    anchored = trail.anchor_round(certificate)  # or trail.record_rollback(round, state_root, why)
+
+The contract stores only its rolling head (the last anchored model hash and the round
+counters); every round's fields are read back from its events (:meth:`anchored_rounds`,
+:meth:`get_round`, :meth:`get_blockchain`).
 
 A transaction that fails to reach the chain is retried with exponential backoff
 (:mod:`~bcsfl_flower.chain.retry`). A round is reported anchored only once its
@@ -37,9 +41,8 @@ from web3.types import TxReceipt
 from bcsfl_flower.chain.backends import ChainConnection
 from bcsfl_flower.chain.certificates import AnchorCertificate, AnchoredRound, RolledBackRound
 from bcsfl_flower.chain.compiler import load_artifact
-from bcsfl_flower.chain.errors import ChainRejectedError, rejected_error
+from bcsfl_flower.chain.errors import ChainRejectedError, RoundNotAnchoredError
 from bcsfl_flower.chain.retry import (
-    REJECTION_ERRORS,
     RetryPolicy,
     retry_transient,
     send_with_retries,
@@ -62,6 +65,9 @@ _REGISTER_BATCH = 100
 _ROUND_GAS_LIMIT = 1_000_000  # >= 10x an anchor with 5 miners; only gas used is paid
 _REGISTER_GAS_PER_CLIENT = 60_000
 _BASE_GAS_LIMIT = 100_000
+# eth_estimateGas undershoots the deployment (measured: the estimate runs out of gas on
+# anvil), so it carries a fixed limit about twice what it uses (1.45M).
+_DEPLOY_GAS_LIMIT = 3_000_000
 
 
 class AuditTrail:
@@ -124,7 +130,9 @@ class AuditTrail:
         receipt = send_with_retries(
             "deploy BCSFLAudit",
             lambda: connection.send(
-                factory.constructor(genesis_hash).build_transaction({"from": operator})
+                factory.constructor(genesis_hash).build_transaction(
+                    {"from": operator, "gas": _DEPLOY_GAS_LIMIT}
+                )
             ),
             retry if retry is not None else RetryPolicy(),
             sleep,
@@ -206,7 +214,7 @@ class AuditTrail:
             retry=retry,
             sleep=sleep,
         )
-        recorded = trail.get_round(0)
+        recorded = trail.genesis_hash()
         if recorded != genesis_hash:
             raise ValueError(
                 f"contract {trail.address} starts from genesis 0x{recorded.hex()}, not "
@@ -267,28 +275,77 @@ class AuditTrail:
         return int(self._read("latestRound", self.contract.functions.latestRound().call))
 
     def head(self) -> tuple[int, bytes]:
-        """Return the last anchored round and its model hash (the genesis before any)."""
-        round_number, model = self._read(
-            "getLatestModel", self.contract.functions.getLatestModel().call
+        """Return the last anchored round and its model hash (the genesis before any).
+
+        The paper's ``getLatestModel``, served from the last ``RoundAnchored`` event and
+        checked against the contract's head (which keeps only a digest of the hash).
+
+        Raises
+        ------
+        RuntimeError
+            If the events disagree with the contract's head (a node serving partial logs).
+        """
+        return self._read("getLatestModel", lambda: self._read_head())
+
+    def _read_head(self) -> tuple[int, bytes]:
+        events = self.contract.events.RoundAnchored.get_logs(from_block=self.deploy_block)
+        if events:
+            last = max(events, key=lambda event: int(event["args"]["round"]))
+            head = int(last["args"]["round"]), bytes(last["args"]["modelHash"])
+        else:
+            head = 0, bytes(self.contract.functions.genesisModelHash().call())
+        if not self.contract.functions.isLatestModel(head[1]).call():
+            raise RuntimeError(
+                f"round {head[0]}'s model 0x{head[1].hex()} is the last anchored one in the "
+                f"events of {self.address}, but not its head: the node serves partial logs"
+            )
+        return head
+
+    def genesis_hash(self) -> bytes:
+        """Return the initial model's hash (round 0), fixed at deployment."""
+        return bytes(
+            self._read("genesisModelHash", self.contract.functions.genesisModelHash().call)
         )
-        return int(round_number), bytes(model)
 
     def get_round(self, round_number: int) -> bytes:
         """Return the model hash anchored for ``round_number`` (0 is the genesis).
 
+        Served from the round's ``RoundAnchored`` event: the contract keeps only its head.
+
         Raises
         ------
-        ChainRejectedError
-            With ``error_name == "RoundNotAnchored"`` if the round has no anchor.
+        RoundNotAnchoredError
+            If the round has no anchor (it rolled back or has not run).
         """
-        try:
-            return bytes(self.contract.functions.getRound(round_number).call())
-        except REJECTION_ERRORS as err:
-            raise rejected_error(self.abi, f"getRound({round_number})", err) from err
+        if round_number == 0:
+            return self.genesis_hash()
+        events = self.contract.events.RoundAnchored.get_logs(
+            from_block=self.deploy_block, argument_filters={"round": round_number}
+        )
+        if not events:
+            raise RoundNotAnchoredError(f"round {round_number} is not anchored")
+        return bytes(events[0]["args"]["modelHash"])
+
+    def get_blockchain(
+        self, from_round: int = 0, to_round: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """Return the anchored ``(round, model hash)`` pairs in ``[from_round, to_round]``.
+
+        The paper's ``getBlockchain`` read, served from the ``RoundAnchored`` events as
+        Ethereum applications serve history; the genesis is round 0. Rolled-back rounds
+        are skipped (see :meth:`rollbacks`).
+        """
+        last = self.latest_round() if to_round is None else to_round
+        chain = [(0, self.genesis_hash())] if from_round == 0 else []
+        for event in self.contract.events.RoundAnchored.get_logs(from_block=self.deploy_block):
+            number = int(event["args"]["round"])
+            if from_round <= number <= last:
+                chain.append((number, bytes(event["args"]["modelHash"])))
+        return sorted(chain)
 
     def round_count(self) -> int:
         """Return the number of anchored rounds (not counting the genesis)."""
-        return int(self.contract.functions.roundCount().call())
+        return len(self.contract.events.RoundAnchored.get_logs(from_block=self.deploy_block))
 
     def prepare_approval(
         self,
@@ -296,13 +353,15 @@ class AuditTrail:
         model_hash: bytes,
         accepted_root: bytes,
         committee: Iterable[str],
+        state_root: bytes = bytes(32),
         *,
         timestamp: int | None = None,
     ) -> RoundApproval:
         """Return the statement miners sign for ``round_number``, linked to the chain head.
 
         ``previous_hash`` is read from the contract and ``committee_root`` computed from
-        ``committee``; ``timestamp`` defaults to now.
+        ``committee``; ``state_root`` is the hash of the round's state statement (zero
+        when none is kept); ``timestamp`` defaults to now.
         """
         _, previous = self.head()
         return RoundApproval(
@@ -311,6 +370,7 @@ class AuditTrail:
             previous_hash=previous,
             accepted_root=accepted_root,
             committee_root=committee_root(committee),
+            state_root=state_root,
             timestamp=int(time.time()) if timestamp is None else timestamp,
         )
 
@@ -321,8 +381,7 @@ class AuditTrail:
         ------
         ChainRejectedError
             If the contract reverts (e.g. ``UnexpectedRound``, ``BrokenHashLink``,
-            ``QuorumNotReached``, ``SignerNotInCommittee``, ``SignaturesNotSorted``,
-            ``SignerNotEligible``).
+            ``QuorumNotReached``, ``SignerNotInCommittee``, ``SignaturesNotSorted``).
         ChainUnavailableError
             If the chain does not answer after :attr:`retry` attempts; ``resume`` holds
             the certificate to re-send.
@@ -380,8 +439,13 @@ class AuditTrail:
             int(receipt["gasUsed"]),
         )
 
-    def record_rollback(self, round_number: int, reason: str) -> RolledBackRound:
+    def record_rollback(
+        self, round_number: int, reason: str, state_root: bytes = bytes(32)
+    ) -> RolledBackRound:
         """Record that ``round_number`` rolled back to the last anchored model.
+
+        ``state_root`` is the hash of the round's state statement: a rolled-back round
+        draws a committee too (zero when no statement is kept).
 
         Raises
         ------
@@ -404,15 +468,21 @@ class AuditTrail:
 
         receipt = self._transact(
             f"recordRollback({round_number})",
-            lambda: self.contract.functions.recordRollback(round_number, kept, reason),
+            lambda: self.contract.functions.recordRollback(round_number, kept, state_root, reason),
             gas=_ROUND_GAS_LIMIT,
-            resume={"round": round_number, "kept_model_hash": "0x" + kept.hex(), "reason": reason},
+            resume={
+                "round": round_number,
+                "kept_model_hash": "0x" + kept.hex(),
+                "state_root": "0x" + state_root.hex(),
+                "reason": reason,
+            },
             already_done=already_recorded,
         )
         log(INFO, "Recorded rollback of round %d: %s", round_number, reason)
         return RolledBackRound(
             round_number,
             kept,
+            state_root,
             reason,
             receipt["transactionHash"].to_0x_hex(),
             int(receipt["blockNumber"]),
@@ -444,6 +514,7 @@ class AuditTrail:
                 previous_hash=bytes(raw["previousHash"]),
                 accepted_root=bytes(raw["acceptedRoot"]),
                 committee_root=bytes(raw["committeeRoot"]),
+                state_root=bytes(raw["stateRoot"]),
                 timestamp=int(raw["timestamp"]),
             )
             packed = bytes(params["signatures"])
@@ -472,6 +543,7 @@ class AuditTrail:
                 RolledBackRound(
                     int(e["args"]["round"]),
                     bytes(e["args"]["keptModelHash"]),
+                    bytes(e["args"]["stateRoot"]),
                     str(e["args"]["reason"]),
                     e["transactionHash"].to_0x_hex(),
                     int(e["blockNumber"]),
@@ -505,7 +577,7 @@ class AuditTrail:
         for key in ("journal", "anvil_state"):
             if key in description:
                 description[key] = _relative(Path(description[key]), base)
-        genesis = self.get_round(0)
+        genesis = self.genesis_hash()
         head_round, head_hash = self.head()
         record = {
             "format": MANIFEST_FORMAT,

@@ -57,7 +57,10 @@ class AnchorCertificate:
 
         Each signature is recovered under ``domain``; one that does not recover to the
         address it is filed under, or whose signer is not in the committee, is dropped
-        with a warning (a faulty miner must not sink the round).
+        with a warning (a faulty miner must not sink the round). The certificate keeps
+        exactly ``ceil(2N/3)`` valid approvals, those of the lowest signer addresses: the
+        contract needs no more, and each further signature would cost ~4.9k gas to
+        recover on chain while proving nothing the quorum does not.
 
         Parameters
         ----------
@@ -106,7 +109,7 @@ class AnchorCertificate:
                 f"round {approval.round}: {len(valid)} valid approvals of {len(members)} "
                 f"miners, quorum is {required}"
             )
-        signers = tuple(sort_committee(valid))
+        signers = tuple(sort_committee(valid))[:required]
         return cls(approval, members, signers, tuple(valid[s] for s in signers))
 
     @classmethod
@@ -157,6 +160,7 @@ class AnchorCertificate:
                 previous_hash=_from_hex(data["previous_hash"]),
                 accepted_root=_from_hex(data["accepted_root"]),
                 committee_root=_from_hex(data["committee_root"]),
+                state_root=_from_hex(data["state_root"]),
                 timestamp=int(data["timestamp"]),
             )
             return cls(
@@ -210,6 +214,7 @@ class RolledBackRound:
 
     round: int
     kept_model_hash: bytes
+    state_root: bytes
     reason: str
     tx_hash: str
     block_number: int
@@ -219,6 +224,7 @@ class RolledBackRound:
         return {
             "round": self.round,
             "kept_model_hash": "0x" + self.kept_model_hash.hex(),
+            "state_root": "0x" + self.state_root.hex(),
             "reason": self.reason,
             "tx_hash": self.tx_hash,
             "block_number": self.block_number,
@@ -232,6 +238,7 @@ def _approval_dict(approval: RoundApproval) -> dict[str, Any]:
         "previous_hash": "0x" + approval.previous_hash.hex(),
         "accepted_root": "0x" + approval.accepted_root.hex(),
         "committee_root": "0x" + approval.committee_root.hex(),
+        "state_root": "0x" + approval.state_root.hex(),
         "timestamp": approval.timestamp,
     }
 

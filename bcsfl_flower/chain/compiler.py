@@ -63,14 +63,26 @@ SETTINGS: dict[str, Any] = {
 }
 """Standard-JSON settings; part of the artifact so a rebuild uses the same ones."""
 
+OPENZEPPELIN_PACKAGE = "@openzeppelin/contracts"
+"""npm package of OpenZeppelin Contracts, which the contract imports (ECDSA, EIP712)."""
+
+# solcjs resolves imports through a callback: `@openzeppelin/...` is read from the
+# node_modules folder given as the second argument, nothing else is readable.
 _SOLCJS_SCRIPT = (
-    "const solc = require(process.argv[1]);"
+    "const fs = require('fs'); const path = require('path');"
+    "const solc = require(process.argv[1]); const modules = process.argv[2];"
+    "function findImports(name) {"
+    "  if (!name.startsWith('@openzeppelin/')) return {error: 'import not allowed: ' + name};"
+    "  try { return {contents: fs.readFileSync(path.join(modules, name), 'utf8')}; }"
+    "  catch (err) { return {error: 'not found: ' + name}; }"
+    "}"
     "let input = '';"
     "process.stdin.setEncoding('utf8');"
     "process.stdin.on('data', (chunk) => { input += chunk; });"
     "process.stdin.on('end', () => {"
+    "  const output = solc.compile(input, {import: findImports});"
     "  process.stdout.write(JSON.stringify({version: solc.version(),"
-    "                                       output: JSON.parse(solc.compile(input))}));"
+    "                                       output: JSON.parse(output)}));"
     "});"
 )
 
@@ -181,18 +193,36 @@ def find_solcjs() -> Path:
     CompilerNotFoundError
         If it is not found.
     """
-    candidates: list[Path] = []
-    if env := os.environ.get(SOLCJS_ENV):
-        candidates.append(Path(env))
+    env = os.environ.get(SOLCJS_ENV)
+    return find_node_package("solc", [Path(env)] if env else [])
+
+
+def find_node_package(name: str, preferred: list[Path] | None = None) -> Path:
+    """Return the directory of the npm package ``name`` (``preferred`` places first).
+
+    Looks in ``node_modules`` of the current directory, this checkout's root, and their
+    parents.
+
+    Raises
+    ------
+    CompilerNotFoundError
+        If it is not found.
+    """
+    candidates = list(preferred or [])
     for start in (Path.cwd(), repository_root()):
-        candidates.extend(base / "node_modules" / "solc" for base in (start, *start.parents))
+        candidates.extend(base / "node_modules" / name for base in (start, *start.parents))
     for candidate in candidates:
         if (candidate / "package.json").is_file():
             return candidate
     raise CompilerNotFoundError(
-        f"no native solc {SOLC_VERSION} and no npm solc package found; run `npm install` in "
-        f"the repository root or set ${SOLCJS_ENV} to the solc package directory"
+        f"npm package {name} not found; run `npm install` in the repository root"
     )
+
+
+def node_modules() -> Path:
+    """Return the ``node_modules`` folder that holds OpenZeppelin Contracts."""
+    package = find_node_package(OPENZEPPELIN_PACKAGE)
+    return package.parents[1]
 
 
 def _native_solc() -> Path | None:
@@ -224,7 +254,10 @@ def _compile_native(solc: Path, compiler_input: dict[str, Any]) -> tuple[str, di
     version = str(get_solc_version(solc, with_commit_hash=True))
     log(INFO, "Compiling %s with native solc %s (%s)", CONTRACT_NAME, version, solc)
     try:
-        output = solcx.compile_standard(compiler_input, solc_binary=solc)
+        modules = node_modules()
+        output = solcx.compile_standard(
+            compiler_input, base_path=modules, allow_paths=[modules], solc_binary=solc
+        )
     except SolcError as err:
         raise CompilationError(str(err)) from err
     return version, output
@@ -239,7 +272,7 @@ def _compile_solcjs(compiler_input: dict[str, Any]) -> tuple[str, dict[str, Any]
     package = find_solcjs()
     log(INFO, "Compiling %s with solcjs from %s", CONTRACT_NAME, package)
     completed = subprocess.run(
-        [node, "-e", _SOLCJS_SCRIPT, str(package)],
+        [node, "-e", _SOLCJS_SCRIPT, str(package), str(node_modules())],
         input=json.dumps(compiler_input),
         capture_output=True,
         text=True,

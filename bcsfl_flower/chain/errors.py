@@ -37,6 +37,10 @@ class ChainUnavailableError(RuntimeError):
         self.resume = dict(resume)
 
 
+class RoundNotAnchoredError(LookupError):
+    """No ``RoundAnchored`` event exists for the round asked for."""
+
+
 class ChainRejectedError(RuntimeError):
     """The contract reverted: the statement is invalid and retrying cannot help.
 
