@@ -6,6 +6,7 @@
     bcsfl audit show ROUND
     bcsfl audit verify-model FILE [--round N]
     bcsfl audit verify
+    bcsfl audit replay [ROUND ...]
 
 Every command reads the run's ``chain.json`` (written by the strategy next to its other
 outputs; see :class:`~bcsfl_flower.chain.audit.ChainManifest`) and reconnects to the
@@ -17,7 +18,12 @@ state dump is loaded into a temporary anvil, and a URL is dialled.
 broken hash link, a certificate that does not recover to a quorum of distinct,
 registered committee members under this chain's and contract's EIP-712 domain, a
 contract record that disagrees with the transaction that wrote it, or a stored model
-that is missing or does not re-hash to its anchored hash.
+that is missing or does not re-hash to its anchored hash, a state statement that
+does not hash to its anchored root, or a committee that is not the stake-weighted draw.
+
+``replay`` recomputes rounds (every round by default) from their stored updates and
+recorded votes (:mod:`~bcsfl_flower.chain.replay`) and exits non-zero with the first
+difference.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from pathlib import Path
 
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.certificates import AnchoredRound
-from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError
+from bcsfl_flower.chain.errors import ChainUnavailableError, RoundNotAnchoredError
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore, load_model_file
+from bcsfl_flower.chain.replay import ReplayMismatchError, replay_round
 from bcsfl_flower.chain.verification import timeline, verify_trail
 from bcsfl_flower.packets import model_hash
 
@@ -100,6 +107,14 @@ def _parser() -> argparse.ArgumentParser:
         parents=[where],
     )
     verify.set_defaults(handler=_cmd_verify)
+
+    replay = actions.add_parser(
+        "replay",
+        help="recompute a round from its stored updates and votes, compare with the chain",
+        parents=[where],
+    )
+    replay.add_argument("rounds", type=int, nargs="*", help="round numbers (default: every round)")
+    replay.set_defaults(handler=_cmd_replay)
     return parser
 
 
@@ -179,7 +194,7 @@ def _cmd_verify_model(args: argparse.Namespace, manifest: ChainManifest, trail: 
     if args.round is not None:
         try:
             anchored = trail.get_round(args.round)
-        except ChainRejectedError as err:
+        except RoundNotAnchoredError as err:
             print(f"FAIL round {args.round}: {err}", file=sys.stderr)
             return EXIT_MISMATCH
         if anchored != digest:
@@ -216,6 +231,21 @@ def _cmd_verify(args: argparse.Namespace, manifest: ChainManifest, trail: AuditT
         f"audit trail OK: {report.anchored} anchored and {report.rolled_back} rolled-back "
         f"rounds, {report.checks} checks passed ({trail.address} on chain {manifest.chain_id})"
     )
+    return EXIT_OK
+
+
+def _cmd_replay(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
+    for number in args.rounds or range(1, trail.latest_round() + 1):
+        try:
+            result = replay_round(trail, manifest, number)
+        except ReplayMismatchError as err:
+            print(f"FAIL {err}")
+            return EXIT_MISMATCH
+        outcome = "commits" if result.committed else "rolls back to"
+        print(
+            f"replay OK: round {result.round} {outcome} 0x{result.model_hash.hex()}, as the "
+            f"chain records ({result.reason})"
+        )
     return EXIT_OK
 
 

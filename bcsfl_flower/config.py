@@ -85,6 +85,7 @@ class RunSettings:
     chain_retry_base_delay: float = 0.5
     packet_window_s: float = 300.0
     require_signed: bool = True
+    replayable_rounds: bool = False
     resume: bool = False
     round_timeout: float = 3600.0
     fault: str = "none"

@@ -49,7 +49,8 @@ from bcsfl_flower.protocol import (
     signing_config,
 )
 from bcsfl_flower.round.checks import PacketCheck
-from bcsfl_flower.round.state import Certification
+from bcsfl_flower.round.state import Certification, ValidatorReport
+from bcsfl_flower.round.statement import RoundStatement, votes_document
 
 MANIFEST_FILE = "chain.json"
 MODELS_DIR = "models"
@@ -101,6 +102,10 @@ class RoundNotary:
         Admit only signed replies: an unsigned reply is rejected like a forged one.
         Without it, a client that does not run the bcsfl mod takes part unsigned (and
         so anonymously: any node could join the vote without a registered key).
+    keep_updates : bool
+        Keep every round's accepted updates and votes in the store, so that
+        ``bcsfl audit replay`` can recompute the round (run config
+        ``replayable-rounds``).
     """
 
     # pylint: disable=too-many-arguments
@@ -114,8 +119,10 @@ class RoundNotary:
         registered: Iterable[str] = (),
         packet_window_s: float = 300.0,
         require_signed: bool = False,
+        keep_updates: bool = False,
     ) -> None:
         self.connection = connection
+        self.keep_updates = keep_updates
         self.trail = trail
         self.store = store
         self.output_dir = Path(output_dir)
@@ -137,6 +144,7 @@ class RoundNotary:
         retry: RetryPolicy | None = None,
         packet_window_s: float = 300.0,
         require_signed: bool = False,
+        keep_updates: bool = False,
     ) -> RoundNotary:
         """Connect to the chain, store the initial model and deploy (or attach to) the contract.
 
@@ -170,6 +178,7 @@ class RoundNotary:
                 registered=addresses,
                 packet_window_s=packet_window_s,
                 require_signed=require_signed,
+                keep_updates=keep_updates,
             )
             notary.write_manifest()
         except BaseException:
@@ -210,6 +219,7 @@ class RoundNotary:
         candidates: Mapping[str, ArrayRecord],
         supports: Mapping[str, Sequence[SignedModelPacket]],
         miners: Sequence[str],
+        state_root: bytes,
         reachable: Collection[str] | None = None,
     ) -> MiningPlan:
         """Prepare every candidate's approval for the round's miners to sign.
@@ -218,8 +228,9 @@ class RoundNotary:
         candidate gets its approval (its model hash and its supporters' packets); the
         one that commits is anchored and the others' signatures are discarded.
 
-        Miners are the committee's node ids; only those whose address is known from a
-        verified packet can sign, and of those only the ``reachable`` ones (that serve
+        ``state_root`` is the hash of the round's state statement, which every approval
+        signs. Miners are the committee's node ids; only those whose address is known
+        from a verified packet can sign, and of those only the ``reachable`` ones (that serve
         committee duties this round; all by default). An address known from several
         node ids (a restarted node with the same key) is asked once, through the first
         of them in draw order: the committee may not list it twice.
@@ -234,7 +245,9 @@ class RoundNotary:
         committee = list(signing.values()) or [self.connection.operator.address]
         # One chain read (the head) and one committee root serve every candidate; each
         # fills in its own model hash and its supporters' packet root.
-        shared = self.trail.prepare_approval(server_round, bytes(32), bytes(32), committee)
+        shared = self.trail.prepare_approval(
+            server_round, bytes(32), bytes(32), committee, state_root
+        )
         approvals = {
             name: dataclasses.replace(
                 shared,
@@ -314,13 +327,37 @@ class RoundNotary:
             "miner_refusals": certification.refusals,
             "tx": anchored.tx_hash,
             "gas_used": anchored.gas_used,
+            "state_root": "0x" + anchored.approval.state_root.hex(),
         }
 
-    def rollback(self, server_round: int, reason: str) -> dict[str, Any]:
-        """Record a rolled-back round on chain."""
-        rolled = self.trail.record_rollback(server_round, reason[:200])
+    def rollback(self, server_round: int, reason: str, state_root: bytes) -> dict[str, Any]:
+        """Record a rolled-back round on chain, with the hash of its state statement."""
+        rolled = self.trail.record_rollback(server_round, reason[:200], state_root)
         self.write_manifest()
-        return {"anchored": False, "rollback_tx": rolled.tx_hash}
+        return {
+            "anchored": False,
+            "rollback_tx": rolled.tx_hash,
+            "state_root": "0x" + state_root.hex(),
+        }
+
+    def keep_round(
+        self,
+        statement: RoundStatement,
+        updates: Sequence[ArrayRecord],
+        reports: Sequence[ValidatorReport],
+    ) -> None:
+        """Store the round's state statement, and its updates and votes if replayable.
+
+        The statement (a few kB) is always kept: ``bcsfl audit verify`` re-derives the
+        committee from it. The accepted updates (one model each) and the validators'
+        votes are kept only with ``keep_updates``, for ``bcsfl audit replay``.
+        """
+        self.store.save_document(statement.to_bytes())
+        if not self.keep_updates:
+            return
+        for arrays in updates:
+            self.store.save(arrays)
+        self.store.save_votes(statement.round, votes_document(reports))
 
     def write_manifest(self) -> None:
         """Rewrite ``chain.json`` with the trail's current head."""

@@ -510,7 +510,7 @@ class RoundApproval:
                 "previous-hash": self.previous_hash,
                 "accepted-root": self.accepted_root,
                 "committee-root": self.committee_root,
-                "stake-root": self.state_root,
+                "state-root": self.state_root,
                 "timestamp": self.timestamp,
             }
         )
@@ -531,7 +531,7 @@ class RoundApproval:
             ("previous-hash", bytes),
             ("accepted-root", bytes),
             ("committee-root", bytes),
-            ("stake-root", bytes),
+            ("state-root", bytes),
             ("timestamp", int),
         ):
             if name not in record:

@@ -182,6 +182,7 @@ def open_notary(
         ),
         packet_window_s=settings.packet_window_s,
         require_signed=settings.require_signed,
+        keep_updates=settings.replayable_rounds,
     )
 
 

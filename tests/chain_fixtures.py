@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.backends import ChainConnection, spawn_anvil, stop_anvil
 from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.keys import client_dev_account, dev_account
+from bcsfl_flower.chain.model_store import ModelStore
 from bcsfl_flower.packets import RoundApproval, committee_root, model_hash
+from bcsfl_flower.round.statement import DecisionSettings, RoundStatement, redraw
 
 
 @contextmanager
@@ -55,7 +58,11 @@ def deploy(connection: ChainConnection, registered: Sequence[LocalAccount]) -> A
 
 
 def approval_for(
-    trail: AuditTrail, round_number: int, value: float, miners: Sequence[LocalAccount]
+    trail: AuditTrail,
+    round_number: int,
+    value: float,
+    miners: Sequence[LocalAccount],
+    state_root: bytes = bytes(32),
 ) -> RoundApproval:
     """The approval of round ``round_number`` anchoring ``toy_model(value)``."""
     return trail.prepare_approval(
@@ -63,6 +70,7 @@ def approval_for(
         model_hash(toy_model(value)),
         bytes(32),
         [miner.address for miner in miners],
+        state_root,
         timestamp=1_700_000_000 + round_number,
     )
 
@@ -85,3 +93,42 @@ def certificate(
 
 def committee_of(miners: Sequence[LocalAccount]) -> bytes:
     return committee_root([miner.address for miner in miners])
+
+
+def stated_round(
+    store: ModelStore,
+    round_number: int,
+    previous_hash: bytes,
+    members: Sequence[LocalAccount],
+    stakes: Mapping[str, float] | None = None,
+) -> tuple[bytes, list[LocalAccount]]:
+    """Store round ``round_number``'s state statement; return its root and drawn miners.
+
+    The committee is the stake-weighted draw over ``members`` (equal stakes unless
+    given) with a miner seat for each, so every member with stake is drawn: the
+    statement is what :func:`~bcsfl_flower.chain.verification.verify_trail` checks an
+    anchored committee against.
+    """
+    addresses = sorted(m.address for m in members)
+    statement = RoundStatement(
+        round=round_number,
+        previous_hash="0x" + previous_hash.hex(),
+        settings=DecisionSettings(
+            num_validators=min(2, len(members)),
+            num_miners=len(members),
+            vote_tolerance=0.0,
+            outlier_norm_ratio=3.0,
+            split_margin=0.0,
+            example_cap_ratio=2.0,
+            selection="best",
+            space="plain",
+        ),
+        stakes=dict(stakes) if stakes is not None else dict.fromkeys(addresses, 10.0),
+        candidates=tuple(addresses),
+    )
+    drawn = redraw(statement)
+    statement = replace(statement, validators=drawn.validators, miners=drawn.miners)
+    root = store.save_document(statement.to_bytes())
+    assert root == statement.digest()
+    account = {m.address: m for m in members}
+    return root, [account[address] for address in drawn.miners]

@@ -62,7 +62,8 @@ def test_anchoring_on_a_chain_that_went_down_retries_then_stops_resumably(tmp_pa
         trail.register_clients({m.address: 1 for m in miners})
         first = certificate(trail, approval_for(trail, 1, 1.0, miners), miners, miners)
         trail.anchor_round(first)
-        second = certificate(trail, approval_for(trail, 2, 2.0, miners), miners, miners)
+        state_root = b"\x02" * 32
+        second = certificate(trail, approval_for(trail, 2, 2.0, miners, state_root), miners, miners)
         pid = connection.pid
         connection.close()  # the chain goes down (anvil dumps its state and exits)
         with pytest.raises(ChainUnavailableError) as raised:
@@ -76,7 +77,9 @@ def test_anchoring_on_a_chain_that_went_down_retries_then_stops_resumably(tmp_pa
     assert error.attempts == 4 and error.action == "anchorRound(2)"
     assert error.resume["round"] == 2
     assert error.resume["model_hash"] == "0x" + model_hash(toy_model(2.0)).hex()
+    assert error.resume["state_root"] == "0x" + state_root.hex()
     assert len(error.resume["signatures"]) == 5
+    assert AnchorCertificate.from_dict(error.resume) == second
     assert pid is not None and (state_dir / ANVIL_STATE_FILE).is_file()
 
     # restart: anvil reloads its state, the trail attaches and the round goes through
@@ -88,6 +91,11 @@ def test_anchoring_on_a_chain_that_went_down_retries_then_stops_resumably(tmp_pa
         resumed.anchor_round(AnchorCertificate.from_dict(error.resume))
         assert [r.round for r in resumed.anchored_rounds()] == [1, 2]
         assert resumed.anchored_rounds()[1].signatures == second.signatures
+        assert resumed.anchored_rounds()[1].approval.state_root == state_root
+        assert resumed.get_blockchain(1) == [
+            (1, model_hash(toy_model(1.0))),
+            (2, model_hash(toy_model(2.0))),
+        ]
 
 
 def test_a_lost_receipt_is_not_anchored_twice(tmp_path):
@@ -123,7 +131,8 @@ def test_a_round_is_reported_anchored_only_after_a_successful_receipt(tmp_path):
         real_send = connection.send
 
         def failed_receipt(transaction):
-            receipt = dict(real_send({**transaction, "gas": 60_000}))  # runs out of gas
+            # above the intrinsic gas (~28k), below what the anchor uses (~52k): out of gas
+            receipt = dict(real_send({**transaction, "gas": 40_000}))
             assert receipt["status"] == 0
             return receipt
 

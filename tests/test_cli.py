@@ -9,29 +9,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from chain_fixtures import GENESIS, approval_for, certificate, clients, toy_model
+from chain_fixtures import GENESIS, approval_for, certificate, clients, stated_round, toy_model
 
 from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.backends import JOURNAL_FILE, connect
 from bcsfl_flower.chain.model_store import ModelStore
 from bcsfl_flower.cli import main
 from bcsfl_flower.packets import model_hash
+from bcsfl_flower.round.statement import RoundStatement
 
 
-def make_run(run_dir: Path, backend: str = "embedded") -> ModelStore:
-    """A finished run: rounds 1 and 3 anchored, round 2 rolled back, models stored."""
+def make_run(run_dir: Path, backend: str = "embedded", *, register_all=True) -> ModelStore:
+    """A finished run: rounds 1 and 3 anchored, round 2 rolled back, models stored.
+
+    Each round stores its state statement, whose draw seats all four miners. With
+    ``register_all=False`` the first miner, who signs every anchor, is never registered:
+    the contract accepts its signature (it checks committee membership only),
+    verification must not.
+    """
     miners = clients(4)
     store = ModelStore(run_dir / "models")
     store.save(toy_model(0.0))
     with connect(backend, run_dir / "chain") as connection:
         trail = AuditTrail.open(connection, GENESIS)
-        trail.register_clients({m.address: 10 for m in miners})
+        registered = miners if register_all else miners[1:]
+        trail.register_clients({m.address: 10 for m in registered})
         for round_number in (1, 2, 3):
+            _, head = trail.head()
+            state_root, drawn = stated_round(store, round_number, head, miners)
+            assert sorted(m.address for m in drawn) == sorted(m.address for m in miners)
             if round_number == 2:
-                trail.record_rollback(2, "validators did not reach 2/3")
+                trail.record_rollback(2, "validators did not reach 2/3", state_root)
                 continue
             store.save(toy_model(float(round_number)))
-            approval = approval_for(trail, round_number, float(round_number), miners)
+            approval = approval_for(trail, round_number, float(round_number), miners, state_root)
             trail.anchor_round(certificate(trail, approval, miners, miners[:3]))
         trail.write_manifest(run_dir / "chain.json", store.root)
     return store
@@ -68,7 +79,16 @@ def test_list_and_show(run_dir, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["model_hash"] == "0x" + model_hash(toy_model(3.0)).hex()
     assert shown["previous_hash"] == "0x" + model_hash(toy_model(1.0)).hex()
+    store = ModelStore(run_dir / "models")
+    assert RoundStatement.from_bytes(store.load_document(shown["state_root"])).round == 3
     assert len(shown["signatures"]) == 3 and shown["operator_signed"] is False
+    assert audit(run_dir, "show", "2") == 0
+    rolled = json.loads(capsys.readouterr().out)
+    assert rolled["kept_model_hash"] == "0x" + model_hash(toy_model(1.0)).hex()
+    assert RoundStatement.from_bytes(store.load_document(rolled["state_root"])).round == 2
+    assert rolled["reason"] == "validators did not reach 2/3"
+    assert audit(run_dir, "show", "0") == 0
+    assert json.loads(capsys.readouterr().out) == {"round": 0, "genesis_hash": "0x" + GENESIS.hex()}
     assert audit(run_dir, "show", "7") == 1
 
 
@@ -79,7 +99,12 @@ def test_verify_model_against_its_anchor(run_dir, tmp_path, capsys):
     assert audit(run_dir, "verify-model", str(file)) == 0
     assert "round(s) [1]" in capsys.readouterr().out
     assert audit(run_dir, "verify-model", str(file), "--round", "3") == 1
+    capsys.readouterr()
+    # a rolled-back round and one that never ran anchor no model: a mismatch, not a crash
     assert audit(run_dir, "verify-model", str(file), "--round", "2") == 1
+    assert "FAIL round 2" in capsys.readouterr().err
+    assert audit(run_dir, "verify-model", str(file), "--round", "7") == 1
+    assert "FAIL round 7" in capsys.readouterr().err
     stranger = tmp_path / "other.npz"
     np.savez(stranger, w=np.ones(3))
     assert audit(run_dir, "verify-model", str(stranger)) == 1
@@ -99,6 +124,16 @@ def test_verify_fails_after_one_byte_of_one_stored_model_changes(tmp_path, capsy
     out = capsys.readouterr().out
     assert f"FAIL round 3: model store: {path}" in out
     assert "audit trail INVALID: 1 of" in out
+
+
+def test_verify_fails_when_a_signer_was_not_registered(tmp_path, capsys):
+    make_run(tmp_path, register_all=False)
+    unregistered = clients(1)[0].address
+    assert audit(tmp_path, "verify") == 1
+    out = capsys.readouterr().out
+    assert f"FAIL round 1: signer {unregistered} was not registered at block" in out
+    assert f"FAIL round 3: signer {unregistered} was not registered at block" in out
+    assert "audit trail INVALID: 2 of" in out
 
 
 def test_verify_fails_when_a_model_is_missing(tmp_path, capsys):

@@ -219,6 +219,7 @@ def approval(round_number: int = 3, value: float = 1.0, packets=()) -> RoundAppr
         previous_hash=b"\x07" * 32,
         accepted_root=accepted_root(packets, DOMAIN),
         committee_root=committee_root([m.address for m in MINERS]),
+        state_root=b"\x05" * 32,
         timestamp=int(time.time()),
     )
 

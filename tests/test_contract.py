@@ -20,18 +20,21 @@ from chain_fixtures import (
     deploy,
     http_connection,
     running_anvil,
+    stated_round,
     toy_model,
 )
 from eth_keys.backends.native import ecdsa
 from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError
 
-from bcsfl_flower.chain.audit import AuditTrail
+from bcsfl_flower.chain.audit import DEPLOYMENT_FILE, AuditTrail, ChainManifest
 from bcsfl_flower.chain.backends import connect, spawn_anvil, stop_anvil
 from bcsfl_flower.chain.certificates import AnchorCertificate, quorum
 from bcsfl_flower.chain.compiler import ARTIFACT_PATH, compile_contract, load_artifact
-from bcsfl_flower.chain.errors import ChainRejectedError, rejected_error
+from bcsfl_flower.chain.errors import ChainRejectedError, RoundNotAnchoredError, rejected_error
 from bcsfl_flower.chain.keys import dev_account
+from bcsfl_flower.chain.model_store import ModelStore
+from bcsfl_flower.chain.verification import TrailFailure, verify_trail
 from bcsfl_flower.packets import Eip712Domain, committee_root, model_hash
 
 CURVE_ORDER = ecdsa.N
@@ -114,6 +117,21 @@ def by_address(accounts):
     return sorted(accounts, key=lambda account: int(account.address, 16))
 
 
+def head_digest(model: bytes) -> str:
+    """The contract's head digest of ``model``: bytes24(keccak256(abi.encode(model)))."""
+    return "0x" + keccak(model)[:24].hex()
+
+
+def anchor_directly(trail: AuditTrail, approval, committee, signatures):
+    """Send ``anchorRound`` built by hand (not through the binding); return the receipt."""
+    function = trail.contract.functions.anchorRound(
+        approval.as_contract_tuple(), list(committee), b"".join(signatures)
+    )
+    owner = trail.connection.operator.address
+    function.call({"from": owner})
+    return trail.connection.send(function.build_transaction({"from": owner, "gas": 1_000_000}))
+
+
 # --------------------------------------------------------------------------------------
 # Compilation
 # --------------------------------------------------------------------------------------
@@ -143,6 +161,50 @@ def test_the_contract_has_no_stake_updates_or_deregistration():
     assert not names & removed
     assert not hasattr(AuditTrail, "set_stake")
     assert not hasattr(AuditTrail, "stake_of")
+
+
+def test_per_round_storage_views_are_gone_and_events_serve_history():
+    abi = load_artifact(ARTIFACT_PATH)["abi"]
+    names = {entry.get("name") for entry in abi}
+    # the contract keeps one slot (its head): rounds are read back from events
+    assert not names & {
+        "getLatestModel",
+        "getRound",
+        "getBlockchain",
+        "roundCount",
+        "rollbackCount",
+        "SignerNotEligible",
+        "RoundNotAnchored",
+    }
+    assert {
+        "isLatestModel",
+        "latestRound",
+        "genesisModelHash",
+        "deploymentBlock",
+        "owner",
+        "clientCount",
+        "isRegistered",
+        "DOMAIN_SEPARATOR",
+        "approvalDigest",
+        "quorum",
+        "eip712Domain",
+    } <= names
+    events = {entry["name"]: entry for entry in abi if entry["type"] == "event"}
+    assert [(i["name"], i["type"], i["indexed"]) for i in events["RoundAnchored"]["inputs"]] == [
+        ("round", "uint64", True),
+        ("modelHash", "bytes32", True),
+        ("previousHash", "bytes32", False),
+        ("acceptedRoot", "bytes32", False),
+        ("committeeRoot", "bytes32", False),
+        ("stateRoot", "bytes32", False),
+        ("timestamp", "uint64", False),
+    ]
+    assert [(i["name"], i["type"], i["indexed"]) for i in events["RoundRolledBack"]["inputs"]] == [
+        ("round", "uint64", True),
+        ("keptModelHash", "bytes32", True),
+        ("stateRoot", "bytes32", False),
+        ("reason", "string", False),
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -220,14 +282,15 @@ def test_owner_only_functions_revert_for_anyone_else(anvil_connection, name):
         "anchorRound": lambda: functions.anchorRound(
             cert.approval.as_contract_tuple(), list(cert.committee), cert.packed_signatures
         ),
-        "recordRollback": lambda: functions.recordRollback(1, GENESIS, "no quorum"),
+        "recordRollback": lambda: functions.recordRollback(1, GENESIS, bytes(32), "no quorum"),
     }[name]()
 
     def state():
         return (
             trail.latest_round(),
+            trail.head(),
             trail.round_count(),
-            functions.rollbackCount().call(),
+            len(trail.rollbacks()),
             trail.client_count(),
             trail.is_registered(newcomer),
         )
@@ -260,40 +323,128 @@ def test_owner_only_functions_revert_for_anyone_else(anvil_connection, name):
 # --------------------------------------------------------------------------------------
 
 
-def test_anchoring_stores_links_and_lists_rounds(anvil_connection):
+def test_anchoring_links_rounds_and_reads_them_back_from_events(anvil_connection):
     accounts = clients(6)
     miners = accounts[:5]
     trail = deploy(anvil_connection, accounts)
+    functions = trail.contract.functions
     assert trail.head() == (0, GENESIS)
+    assert trail.get_blockchain() == [(0, GENESIS)]
+    assert trail.round_count() == 0
 
-    first = approval_for(trail, 1, 1.0, miners)
+    first = approval_for(trail, 1, 1.0, miners, state_root=b"\x11" * 32)
     assert first.previous_hash == GENESIS
-    assert trail.contract.functions.approvalDigest(first.as_contract_tuple()).call() == (
+    assert functions.approvalDigest(first.as_contract_tuple()).call() == (
         first.digest(trail.domain)
     )
     anchored = trail.anchor_round(certificate(trail, first, miners, miners))
     assert anchored.round == 1
     assert anvil_connection.web3.eth.get_transaction_receipt(anchored.tx_hash)["status"] == 1
 
-    second = approval_for(trail, 2, 2.0, miners)
+    second = approval_for(trail, 2, 2.0, miners, state_root=b"\x22" * 32)
     assert second.previous_hash == model_hash(toy_model(1.0))
     trail.anchor_round(certificate(trail, second, miners, miners[:4]))
 
-    assert trail.head() == (2, model_hash(toy_model(2.0)))
-    assert trail.get_round(1) == model_hash(toy_model(1.0))
+    one, two = model_hash(toy_model(1.0)), model_hash(toy_model(2.0))
+    assert trail.head() == (2, two)
+    assert trail.latest_round() == 2
+    # the head keeps a digest only: it confirms the last anchored hash and nothing else
+    assert functions.isLatestModel(two).call()
+    assert not functions.isLatestModel(one).call()
+    assert not functions.isLatestModel(GENESIS).call()
+    assert trail.get_round(0) == GENESIS
+    assert trail.get_round(1) == one
+    assert trail.get_round(2) == two
     assert trail.round_count() == 2
-    rounds, hashes = trail.contract.functions.getBlockchain(0, 99).call()
-    assert rounds == [0, 1, 2]
-    assert hashes == [GENESIS, model_hash(toy_model(1.0)), model_hash(toy_model(2.0))]
-    assert trail.contract.functions.getBlockchain(2, 1).call() == [[], []]
+    assert trail.get_blockchain() == [(0, GENESIS), (1, one), (2, two)]
+    assert trail.get_blockchain(0, 99) == [(0, GENESIS), (1, one), (2, two)]
+    assert trail.get_blockchain(1) == [(1, one), (2, two)]
+    assert trail.get_blockchain(2, 2) == [(2, two)]
+    assert trail.get_blockchain(0, 0) == [(0, GENESIS)]
+    assert trail.get_blockchain(2, 1) == []
+    assert trail.get_blockchain(3) == []
+
+    events = trail.contract.events.RoundAnchored.get_logs(from_block=trail.deploy_block)
+    assert [dict(e["args"]) for e in events] == [
+        {
+            "round": a.round,
+            "modelHash": a.model_hash,
+            "previousHash": a.previous_hash,
+            "acceptedRoot": a.accepted_root,
+            "committeeRoot": a.committee_root,
+            "stateRoot": a.state_root,
+            "timestamp": a.timestamp,
+        }
+        for a in (first, second)
+    ]
     read_back = trail.anchored_rounds()
     assert [r.round for r in read_back] == [1, 2]
     assert [len(r.signers) for r in read_back] == [5, 4]
-    assert read_back[1].approval == second
-    with pytest.raises(ChainRejectedError) as raised:
+    assert [r.approval for r in read_back] == [first, second]
+    assert [r.approval.state_root for r in read_back] == [b"\x11" * 32, b"\x22" * 32]
+
+    with pytest.raises(RoundNotAnchoredError, match="round 3 is not anchored"):
         trail.get_round(3)
-    assert raised.value.error_name == "RoundNotAnchored"
-    assert raised.value.arguments == {"round": 3}
+    with pytest.raises(LookupError):
+        trail.get_round(99)
+
+
+def test_head_is_checked_against_the_contract(anvil_connection):
+    miners = clients(3)
+    trail = deploy(anvil_connection, miners)
+    trail.anchor_round(certificate(trail, approval_for(trail, 1, 1.0, miners), miners, miners))
+    assert trail.head() == (1, model_hash(toy_model(1.0)))
+    # a node that serves no logs: the reader's "last event" (the genesis) is not the head
+    real_get_logs = trail.contract.events.RoundAnchored.get_logs
+    trail.contract.events.RoundAnchored.get_logs = lambda **_: []
+    try:
+        with pytest.raises(RuntimeError, match="partial logs"):
+            trail.head()
+    finally:
+        trail.contract.events.RoundAnchored.get_logs = real_get_logs
+    assert trail.head() == (1, model_hash(toy_model(1.0)))
+
+
+def test_deployment_immutables(anvil_connection):
+    trail = deploy(anvil_connection, [])
+    functions = trail.contract.functions
+    receipt = anvil_connection.web3.eth.get_transaction_receipt(
+        trail.contract.events.GenesisAnchored.get_logs(from_block=trail.deploy_block)[0][
+            "transactionHash"
+        ]
+    )
+    assert receipt["contractAddress"] == trail.address
+    assert functions.deploymentBlock().call() == trail.deploy_block == receipt["blockNumber"]
+    assert functions.genesisModelHash().call() == GENESIS == trail.genesis_hash()
+    assert functions.owner().call() == anvil_connection.operator.address
+    assert functions.latestRound().call() == 0
+    assert functions.isLatestModel(GENESIS).call()
+    # a second trail on the same chain starts where it was deployed
+    other = AuditTrail.deploy(anvil_connection, model_hash(toy_model(7.0)))
+    assert other.contract.functions.deploymentBlock().call() == other.deploy_block
+    assert other.deploy_block > trail.deploy_block
+    assert other.genesis_hash() == model_hash(toy_model(7.0))
+    assert other.head() == (0, model_hash(toy_model(7.0)))
+
+
+def test_zero_genesis_is_rejected_at_deployment(anvil_connection):
+    artifact = load_artifact(ARTIFACT_PATH)
+    web3 = anvil_connection.web3
+    factory = web3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    owner = anvil_connection.operator.address
+    creation = {"from": owner, "data": factory.constructor(bytes(32)).data_in_transaction}
+    with pytest.raises(ContractLogicError) as raised:
+        web3.eth.call(creation)
+    rejected = rejected_error(artifact["abi"], "deploy", raised.value)
+    assert (rejected.error_name, rejected.arguments) == ("ZeroModelHash", {})
+    # the binding refuses before sending anything, and records nothing to attach to
+    nonce = web3.eth.get_transaction_count(owner)
+    with pytest.raises(ValueError, match="genesis_hash is zero"):
+        AuditTrail.deploy(anvil_connection, bytes(32))
+    assert not (anvil_connection.state_dir / DEPLOYMENT_FILE).exists()
+    assert web3.eth.get_transaction_count(owner) == nonce
+    # any other hash deploys
+    web3.eth.call({**creation, "data": factory.constructor(GENESIS).data_in_transaction})
 
 
 def test_domain_views_match_the_off_chain_signer(anvil_connection):
@@ -314,7 +465,7 @@ def test_domain_views_match_the_off_chain_signer(anvil_connection):
     ]
     assert functions.ROUND_APPROVAL_TYPEHASH().call() == keccak(
         text="RoundApproval(uint64 round,bytes32 modelHash,bytes32 previousHash,"
-        "bytes32 acceptedRoot,bytes32 committeeRoot,uint64 timestamp)"
+        "bytes32 acceptedRoot,bytes32 committeeRoot,bytes32 stateRoot,uint64 timestamp)"
     )
     assert functions.owner().call() == anvil_connection.operator.address
     assert functions.MAX_COMMITTEE_SIZE().call() == 64
@@ -362,6 +513,79 @@ def test_off_chain_builder_refuses_below_quorum(anvil_connection):
         AnchorCertificate.build(approval, [m.address for m in miners], signatures, trail.domain)
 
 
+def test_builder_keeps_exactly_the_quorum_of_lowest_addresses(anvil_connection):
+    miners = clients(5)
+    trail = deploy(anvil_connection, miners)
+    committee = [m.address for m in miners]
+    ordered = [m.address for m in by_address(miners)]
+    approval = approval_for(trail, 1, 1.0, miners, state_root=b"\x33" * 32)
+    signatures = {m.address: approval.sign(m, trail.domain) for m in miners}
+
+    built = AnchorCertificate.build(approval, committee, signatures, trail.domain)
+    assert quorum(5) == 4
+    assert built.committee == tuple(ordered)
+    assert built.signers == tuple(ordered[:4])  # the highest address is left out
+    assert built.signatures == tuple(signatures[a] for a in ordered[:4])
+    assert len(built.packed_signatures) == 4 * 65
+
+    # when the lowest miner's approval is invalid, the next four valid ones are kept
+    broken = {**signatures, ordered[0]: signatures[ordered[1]]}
+    rebuilt = AnchorCertificate.build(approval, committee, broken, trail.domain)
+    assert rebuilt.signers == tuple(ordered[1:])
+
+    anchored = trail.anchor_round(built)
+    assert anchored.signers == built.signers
+    (read_back,) = trail.anchored_rounds()
+    assert read_back.signers == tuple(ordered[:4])
+    assert read_back.signatures == built.signatures
+    assert read_back.approval.state_root == b"\x33" * 32
+    assert read_back.gas_used == anchored.gas_used
+
+
+def test_more_signatures_than_the_quorum_are_accepted(anvil_connection):
+    miners = clients(5)
+    trail = deploy(anvil_connection, miners)
+    ordered = by_address(miners)
+    approval = approval_for(trail, 1, 1.0, miners)
+    receipt = anchor_directly(
+        trail,
+        approval,
+        [m.address for m in ordered],
+        [approval.sign(m, trail.domain) for m in ordered],
+    )
+    assert receipt["status"] == 1
+    assert trail.head() == (1, approval.model_hash)
+    (read_back,) = trail.anchored_rounds()
+    assert read_back.signers == tuple(m.address for m in ordered)
+    assert len(read_back.signatures) == 5
+
+
+def test_gas_of_a_quorum_certificate_is_at_most_60k(anvil_connection):
+    miners = clients(5)
+    trail = deploy(anvil_connection, clients(10))
+    gas = []
+    for r in (1, 2, 3):
+        approval = approval_for(trail, r, float(r), miners, state_root=bytes([r]) * 32)
+        signatures = {m.address: approval.sign(m, trail.domain) for m in miners}
+        built = AnchorCertificate.build(
+            approval, [m.address for m in miners], signatures, trail.domain
+        )
+        gas.append(trail.anchor_round(built).gas_used)
+    # the head is non-zero from deployment: the first round costs what later ones do
+    assert max(gas) <= 60_000, gas
+    assert max(gas) - min(gas) < 100, gas  # calldata zero bytes differ, storage does not
+    # each signature beyond the quorum costs a recovery (several thousand gas)
+    approval = approval_for(trail, 4, 4.0, miners, state_root=bytes([4]) * 32)
+    ordered = by_address(miners)
+    receipt = anchor_directly(
+        trail,
+        approval,
+        [m.address for m in ordered],
+        [approval.sign(m, trail.domain) for m in ordered],
+    )
+    assert int(receipt["gasUsed"]) > max(gas) + 3_000
+
+
 def test_signer_outside_the_committee_is_rejected(anvil_connection):
     accounts = clients(7)
     miners = accounts[:5]
@@ -375,15 +599,46 @@ def test_signer_outside_the_committee_is_rejected(anvil_connection):
     assert trail.round_count() == 0
 
 
-def test_unregistered_committee_member_cannot_sign(anvil_connection):
+def test_unregistered_committee_member_is_accepted_on_chain_and_fails_verification(
+    anvil_connection, tmp_path
+):
+    """Registration is checked off chain: the contract counts any committee member."""
     miners = clients(3)
+    outsider = miners[2]
     trail = deploy(anvil_connection, miners[:2])
-    approval = approval_for(trail, 1, 1.0, miners)
-    rejected = anchor_rejection(trail, certificate(trail, approval, miners, miners))
-    assert rejected.error_name == "SignerNotEligible"
-    assert rejected.arguments == {"signer": miners[2].address}
-    # the two registered members are a quorum of three on their own
-    trail.anchor_round(certificate(trail, approval, miners, miners[:2]))
+    assert not trail.is_registered(outsider.address)
+    store = ModelStore(tmp_path / "models")
+    store.save(toy_model(0.0))
+
+    def approval(round_number):
+        # each round's statement draws all three (the off-chain stake table has them)
+        state_root, drawn = stated_round(store, round_number, trail.head()[1], miners)
+        assert {m.address for m in drawn} == {m.address for m in miners}
+        store.save(toy_model(float(round_number)))
+        return approval_for(trail, round_number, float(round_number), miners, state_root)
+
+    # round 1: the unregistered member's signature is among the certificate's
+    anchored = trail.anchor_round(certificate(trail, approval(1), miners, miners))
+    assert outsider.address in anchored.signers
+    # round 2: the two registered members are a quorum of three on their own
+    trail.anchor_round(certificate(trail, approval(2), miners, miners[:2]))
+    # round 3: registered by then, the same member signs a valid round
+    assert trail.register_clients({outsider.address: 100}) == 1
+    trail.anchor_round(certificate(trail, approval(3), miners, miners))
+    assert trail.head() == (3, model_hash(toy_model(3.0)))
+
+    manifest = ChainManifest.load(trail.write_manifest(tmp_path / "chain.json", store.root))
+    report = verify_trail(trail, manifest)
+    assert not report.ok
+    assert (report.anchored, report.rolled_back, report.latest_round) == (3, 0, 3)
+    assert report.failures == [
+        TrailFailure(
+            1,
+            f"round 1: signer {outsider.address} was not registered at block "
+            f"{anchored.block_number}",
+        )
+    ]
+    assert report.first_broken_round() == 1
 
 
 def test_signature_of_another_statement_is_rejected(anvil_connection):
@@ -670,31 +925,81 @@ def test_broken_hash_link_is_rejected(anvil_connection):
     approval = dataclasses.replace(approval_for(trail, 1, 1.0, miners), previous_hash=stray)
     rejected = anchor_rejection(trail, certificate(trail, approval, miners, miners))
     assert rejected.error_name == "BrokenHashLink"
-    assert rejected.arguments == {"expected": "0x" + GENESIS.hex(), "got": "0x" + stray.hex()}
+    # the head keeps the first 24 bytes of keccak256(abi.encode(hash)), not the hash
+    expected = {"expectedDigest": head_digest(GENESIS), "got": "0x" + stray.hex()}
+    assert rejected.arguments == expected
     # a rollback must keep the last anchored model, too
-    rejected = owner_sends(trail, trail.contract.functions.recordRollback(1, stray, "no quorum"))
-    assert rejected.error_name == "BrokenHashLink"
-    assert rejected.arguments == {"expected": "0x" + GENESIS.hex(), "got": "0x" + stray.hex()}
+    functions = trail.contract.functions
+    rejected = owner_sends(trail, functions.recordRollback(1, stray, bytes(32), "no quorum"))
+    assert (rejected.error_name, rejected.arguments) == ("BrokenHashLink", expected)
     assert trail.latest_round() == 0
+
+    # after an anchor, the link is to the new head and no longer to the genesis
+    trail.anchor_round(certificate(trail, approval_for(trail, 1, 1.0, miners), miners, miners))
+    one = model_hash(toy_model(1.0))
+    back_to_genesis = dataclasses.replace(
+        approval_for(trail, 2, 2.0, miners), previous_hash=GENESIS
+    )
+    rejected = anchor_rejection(trail, certificate(trail, back_to_genesis, miners, miners))
+    assert (rejected.error_name, rejected.arguments) == (
+        "BrokenHashLink",
+        {"expectedDigest": head_digest(one), "got": "0x" + GENESIS.hex()},
+    )
+    rejected = owner_sends(trail, functions.recordRollback(2, GENESIS, bytes(32), "stale"))
+    assert (rejected.error_name, rejected.arguments) == (
+        "BrokenHashLink",
+        {"expectedDigest": head_digest(one), "got": "0x" + GENESIS.hex()},
+    )
+    assert trail.head() == (1, one)
+    assert trail.latest_round() == 1
 
 
 def test_rollback_keeps_the_head_and_the_next_round_links_past_it(anvil_connection):
     miners = clients(3)
     trail = deploy(anvil_connection, miners)
+    one = model_hash(toy_model(1.0))
     trail.anchor_round(certificate(trail, approval_for(trail, 1, 1.0, miners), miners, miners))
-    rolled = trail.record_rollback(2, "validators did not reach 2/3")
-    assert rolled.kept_model_hash == model_hash(toy_model(1.0))
+    state_root = b"\x5a" * 32
+    rolled = trail.record_rollback(2, "validators did not reach 2/3", state_root)
+    assert rolled.kept_model_hash == one
+    assert rolled.state_root == state_root
     assert trail.latest_round() == 2
+    # the head's model is unchanged, still round 1's
+    assert trail.head() == (1, one)
+    assert trail.contract.functions.isLatestModel(one).call()
+    (event,) = trail.contract.events.RoundRolledBack.get_logs(from_block=trail.deploy_block)
+    assert dict(event["args"]) == {
+        "round": 2,
+        "keptModelHash": one,
+        "stateRoot": state_root,
+        "reason": "validators did not reach 2/3",
+    }
+    assert event["transactionHash"].to_0x_hex() == rolled.tx_hash
     with pytest.raises(ChainRejectedError) as raised:
         trail.record_rollback(2, "again")
     assert raised.value.error_name == "UnexpectedRound"
     assert raised.value.arguments == {"expected": 3, "got": 2}
     third = approval_for(trail, 3, 3.0, miners)
-    assert third.previous_hash == model_hash(toy_model(1.0))
+    assert third.previous_hash == one
     trail.anchor_round(certificate(trail, third, miners, miners))
-    assert [r.round for r in trail.rollbacks()] == [2]
-    assert trail.contract.functions.getBlockchain(0, 9).call()[0] == [0, 1, 3]
-    assert trail.contract.functions.rollbackCount().call() == 1
+    # a rollback without a state statement records the zero root
+    trail.record_rollback(4, "no candidate")
+
+    three = model_hash(toy_model(3.0))
+    rollbacks = trail.rollbacks()
+    assert rollbacks[0] == rolled
+    assert [(r.round, r.kept_model_hash, r.state_root, r.reason) for r in rollbacks] == [
+        (2, one, state_root, "validators did not reach 2/3"),
+        (4, three, bytes(32), "no candidate"),
+    ]
+    assert trail.get_blockchain() == [(0, GENESIS), (1, one), (3, three)]
+    assert trail.get_blockchain(2, 2) == []
+    assert trail.get_blockchain(2) == [(3, three)]
+    assert trail.round_count() == 2
+    assert trail.latest_round() == 4
+    assert trail.head() == (3, three)
+    with pytest.raises(RoundNotAnchoredError):
+        trail.get_round(2)
 
 
 def test_gas_per_anchor_does_not_grow_with_registered_clients(tmp_path):

@@ -6,6 +6,7 @@ ServerApp fails; the second test proves that a broken federation is reported.
 """
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -111,14 +112,45 @@ def test_every_committed_round_is_anchored_and_verifiable(attacked_runs):
     ok = subprocess.run([*audit, "verify"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
-    # Change one byte of one stored model: verification must now fail.
-    victim = sorted((run.output_dir / "models").glob("*.npz"))[-1]
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
+    # The example app keeps every round replayable: each round recomputes, from its
+    # stored updates and votes, to exactly what the chain anchored.
+    replayed = subprocess.run([*audit, "replay"], capture_output=True, text=True)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    lines = replayed.stdout.splitlines()
+    assert [line.split(":")[1].split()[1] for line in lines] == ["1", "2", "3", "4"], lines
+
+    # Change one stored update of round 2: its replay must now fail, naming the update.
+    root = next(r for r in trail_rounds(run) if r["round"] == 2)["state_root"]
+    statement = json.loads((run.output_dir / "models" / f"{root[2:]}.json").read_text())
+    update = statement["replies"][0]["update_hash"]
+    flip_one_byte(run.output_dir / "models" / f"{update[2:]}.npz")
+    broken = subprocess.run([*audit, "replay", "2"], capture_output=True, text=True)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert broken.stdout.startswith("FAIL round 2, reply 0") and update[2:] in broken.stdout
+
+    # Change one byte of the last anchored model: verification must now fail.
+    victim = run.output_dir / "models" / (rounds[-1]["model_hash"][2:] + ".npz")
+    flip_one_byte(victim)
     broken = subprocess.run([*audit, "verify"], capture_output=True, text=True)
     assert broken.returncode != 0
     assert victim.stem[:16] in broken.stdout + broken.stderr
+
+
+def trail_rounds(run) -> list[dict]:
+    """The rounds as ``bcsfl audit show`` reads them back from the chain."""
+    audit = [sys.executable, "-m", "bcsfl_flower.cli", "audit", "--run-dir", str(run.output_dir)]
+    shown = []
+    for number in range(1, 5):
+        out = subprocess.run([*audit, "show", str(number)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        shown.append(json.loads(out.stdout))
+    return shown
+
+
+def flip_one_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 def test_a_users_pytorch_app_runs_with_only_the_strategy_line_changed(tmp_path):

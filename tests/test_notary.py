@@ -13,6 +13,7 @@ import pytest
 from flower_messages import FakeGrid, train_reply
 from flwr.app import Array, ArrayRecord
 
+from bcsfl_flower.chain.certificates import quorum
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.packets import ModelPacket, model_hash
@@ -171,7 +172,11 @@ def test_two_nodes_signing_with_one_key_do_not_stop_mining(tmp_path):
         assert record["outcome"] == "commit", record["reason"]
         assert record["mining"]["certified_by"] == "miners"
         signers = record["chain"]["signers"]
-        assert len(signers) == len(set(signers)) == 6  # six distinct keys among seven miners
+        (anchored,) = [r for r in notary.trail.anchored_rounds() if r.round == 2]
+        assert len(anchored.committee) == 6  # six distinct keys among seven miners
+        # the certificate keeps exactly the quorum, the lowest addresses that approved
+        assert len(signers) == len(set(signers)) == quorum(6) == 4
+        assert tuple(signers) == anchored.signers == anchored.committee[:4]
         assert notary.trail.get_round(2) == model_hash(arrays)
     finally:
         notary.close()
@@ -190,7 +195,9 @@ def test_refusing_miners_are_recorded_and_count_against_the_quorum(tmp_path, ref
         assert all("old" in reason for reason in record["mining"]["refusals"].values())
         assert record["outcome"] == outcome
         if outcome == "commit":
-            assert len(record["chain"]["signers"]) == 5
+            # five approved; the certificate carries the quorum of six (4), not all five
+            assert len(record["chain"]["signers"]) == quorum(6) == 4
+            assert client_dev_account(0).address not in record["chain"]["signers"]
         else:
             assert "quorum certificate failed (3 refused)" in record["reason"]
             assert [r.round for r in notary.trail.rollbacks()] == [1]
@@ -231,7 +238,7 @@ def test_certification_is_frozen_and_anchoring_needs_a_certificate(tmp_path):
         with pytest.raises(ValueError, match="without a certificate"):
             notary.anchor(GLOBAL, refused)
         # No miner has a known address: the operator certifies alone.
-        plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2"])
+        plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2"], bytes(32))
         assert plan.signing == {}
         certification = notary.certify(plan, "mean", {})
         assert certification.certified and certification.certified_by == "operator"
@@ -267,8 +274,10 @@ def test_a_miner_cannot_answer_for_another_miner(tmp_path):
     notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
     try:
         notary.addresses.update({str(n): client_dev_account(n - 1).address for n in (1, 2, 3)})
-        plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2", "3"])
+        state_root = b"\x5a" * 32
+        plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2", "3"], state_root)
         approval = plan.approvals["mean"]
+        assert approval.state_root == state_root
         signatures = {
             node: approval.sign(client_dev_account(int(node) - 1), notary.trail.domain)
             for node in plan.signing

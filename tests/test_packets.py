@@ -210,14 +210,42 @@ def test_round_approval_round_trips_and_recovers():
         previous_hash=b"\x02" * 32,
         accepted_root=b"\x03" * 32,
         committee_root=committee_root([client_dev_account(0).address]),
+        state_root=b"\x04" * 32,
         timestamp=int(NOW),
     )
     miner = client_dev_account(0)
     signature = approval.sign(miner, DOMAIN)
     assert approval.recover(signature, DOMAIN) == miner.address
-    assert RoundApproval.from_config_record(approval.to_config_record()) == approval
     later = dataclasses.replace(approval, round=5)
     assert later.recover(signature, DOMAIN) != miner.address
+    # the state root is part of the signed statement, between committee root and timestamp
+    other_state = dataclasses.replace(approval, state_root=b"\x05" * 32)
+    assert other_state.recover(signature, DOMAIN) != miner.address
+    assert approval.as_contract_tuple() == (
+        4,
+        b"\x01" * 32,
+        b"\x02" * 32,
+        b"\x03" * 32,
+        approval.committee_root,
+        b"\x04" * 32,
+        int(NOW),
+    )
+    with pytest.raises(ValueError, match="state_root must be 32 bytes"):
+        dataclasses.replace(approval, state_root=b"\x04" * 31)
+
+
+def test_round_approval_survives_a_config_record():
+    """A miner duty message carries the approval, state root included, as a ConfigRecord."""
+    approval = RoundApproval(
+        round=4,
+        model_hash=b"\x01" * 32,
+        previous_hash=b"\x02" * 32,
+        accepted_root=b"\x03" * 32,
+        committee_root=committee_root([client_dev_account(0).address]),
+        state_root=b"\x04" * 32,
+        timestamp=int(NOW),
+    )
+    assert RoundApproval.from_config_record(approval.to_config_record()) == approval
 
 
 def test_typed_data_rejects_out_of_range_fields():

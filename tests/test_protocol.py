@@ -243,6 +243,7 @@ def approval(packets=()) -> RoundApproval:
         previous_hash=b"\x01" * 32,
         accepted_root=accepted_root(list(packets), DOMAIN),
         committee_root=committee_root(MINERS),
+        state_root=b"\x05" * 32,
         timestamp=int(time.time()),
     )
 

@@ -7,7 +7,7 @@ A round's life on chain, as the strategy drives it::
     approval = trail.prepare_approval(round, model_hash, accepted_root, committee, state_root)
     # ... miners sign ``approval`` (see bcsfl_flower.client.mod) ...
     certificate = AnchorCertificate.build(approval, committee, signatures, trail.domain)
-    anchored = trail.anchor_round(certificate)  # or trail.record_rollback(round, state_root, why)
+    anchored = trail.anchor_round(certificate)  # or trail.record_rollback(round, why, state_root)
 
 The contract stores only its rolling head (the last anchored model hash and the round
 counters); every round's fields are read back from its events (:meth:`anchored_rounds`,
@@ -124,6 +124,8 @@ class AuditTrail:
         :meth:`open` attaches to it next time.
         """
         check_hash("genesis_hash", genesis_hash)
+        if genesis_hash == bytes(32):
+            raise ValueError("genesis_hash is zero: the contract needs the initial model's hash")
         artifact = load_artifact()
         factory = connection.web3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
         operator = connection.operator.address

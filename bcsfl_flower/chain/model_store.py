@@ -4,6 +4,8 @@ The chain holds only each round's 32-byte model hash; the models themselves live
 one file per model, named by the hex of :func:`~bcsfl_flower.packets.model_hash`::
 
     <root>/<64 hex digits>.npz
+    <root>/<64 hex digits>.json        round state statements (SHA-256 of the file)
+    <root>/votes/round-<n>.json        validators' votes, for replayable rounds
 
 A file is an ordinary NumPy ``.npz`` archive (one ``<key>.npy`` member per array, no
 pickles), so ``numpy.load`` opens it anywhere. Its name is only an index: verification
@@ -13,6 +15,7 @@ renamed to another hash, fails.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import zipfile
@@ -26,6 +29,8 @@ from bcsfl_flower.packets import ArraysLike, model_hash
 
 _HEX_HASH = re.compile(r"[0-9a-f]{64}")
 SUFFIX = ".npz"
+DOCUMENT_SUFFIX = ".json"
+VOTES_DIR = "votes"
 
 
 class ModelIntegrityError(ValueError):
@@ -103,6 +108,57 @@ class ModelStore:
         """
         self.load(digest, verify=True)
 
+    def save_document(self, data: bytes) -> bytes:
+        """Store a document (a round statement) under its SHA-256 hash and return the hash."""
+        digest = hashlib.sha256(data).digest()
+        target = self.root / f"{digest.hex()}{DOCUMENT_SUFFIX}"
+        if not target.is_file():
+            _write_atomically(target, data)
+        return digest
+
+    def load_document(self, digest: bytes | str) -> bytes:
+        """Load the document stored under ``digest``, checking that it still hashes to it.
+
+        Raises
+        ------
+        FileNotFoundError
+            If no document is stored under that hash.
+        ModelIntegrityError
+            If the file does not hash to ``digest``: it was modified.
+        """
+        target = self.root / f"{_hex(digest)}{DOCUMENT_SUFFIX}"
+        if not target.is_file():
+            raise FileNotFoundError(f"no document 0x{_hex(digest)} in {self.root}")
+        data = target.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != _hex(digest):
+            raise ModelIntegrityError(
+                f"{target} hashes to 0x{actual}, not 0x{_hex(digest)}: the file was modified"
+            )
+        return data
+
+    def save_votes(self, server_round: int, data: bytes) -> Path:
+        """Store a round's votes document (replaced if the round is run again)."""
+        target = self.root / VOTES_DIR / f"round-{server_round}{DOCUMENT_SUFFIX}"
+        _write_atomically(target, data)
+        return target
+
+    def load_votes(self, server_round: int) -> bytes:
+        """Load a round's votes document.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the round's votes were not kept (the run was not replayable).
+        """
+        target = self.root / VOTES_DIR / f"round-{server_round}{DOCUMENT_SUFFIX}"
+        if not target.is_file():
+            raise FileNotFoundError(
+                f"no votes for round {server_round} in {self.root}: run with "
+                f"replayable-rounds=true to keep them"
+            )
+        return target.read_bytes()
+
     def hashes(self) -> list[str]:
         """Return the hex hashes of all stored files (by name; not verified)."""
         if not self.root.is_dir():
@@ -125,6 +181,14 @@ def load_model_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise ModelIntegrityError(f"{path} is not a readable model archive: {err}") from err
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    """Write to a temporary name and rename, so a crash never leaves a half-written file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_suffix(".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, target)
 
 
 def _as_numpy(arrays: ArraysLike) -> dict[str, np.ndarray]:

@@ -12,17 +12,25 @@ does not verify, naming the first broken round. The checks:
   its signatures recover to a quorum of distinct miners of that committee, each
   registered (or the operator) when the round was anchored;
 * each rollback keeps the last anchored model;
-* every anchored model (and the genesis) is in the model store and re-hashes correctly.
+* every round's state statement is in the store and hashes to the anchored
+  ``stateRoot``; its committee is the stake-weighted draw recomputed from (previous
+  model hash, round, stakes), and an anchored round's miners are exactly the drawn
+  miners that sign (or the operator alone, when no drawn miner signs);
+* every anchored model (and the genesis) is in the model store and re-hashes correctly,
+  and the last one is the contract's head.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from eth_utils import is_address
+
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound, quorum
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.packets import committee_root, sort_committee
+from bcsfl_flower.round.statement import RoundStatement, redraw
 
 
 @dataclass(frozen=True)
@@ -100,10 +108,12 @@ def verify_trail(
         _first_gap(numbers),
     )
     registry = _RegistryHistory.read(trail)
+    store = ModelStore(manifest.models_dir)
     head = genesis
     anchored_hashes = [(0, genesis)]
     for record in records:
         if isinstance(record, RolledBackRound):
+            _verify_statement(report, store, record.round, record.state_root, head)
             report.rolled_back += 1
             report.check(
                 record.kept_model_hash == head,
@@ -113,10 +123,17 @@ def verify_trail(
             )
             continue
         report.anchored += 1
+        statement = _verify_statement(report, store, record.round, record.approval.state_root, head)
+        if statement is not None:
+            _verify_anchored_miners(report, statement, record, manifest.operator)
         _verify_anchor(report, trail, manifest, registry, record, head)
         head = record.model_hash
         anchored_hashes.append((record.round, record.model_hash))
-    store = ModelStore(manifest.models_dir)
+    report.check(
+        bool(trail.contract.functions.isLatestModel(head).call()),
+        f"head: the last anchored model 0x{head.hex()} is not the contract's head",
+        anchored_hashes[-1][0],
+    )
     for round_number, digest in anchored_hashes:
         try:
             store.verify(digest)
@@ -168,13 +185,6 @@ def _verify_anchor(
         f"{label}: links to 0x{approval.previous_hash.hex()}, previous anchor is 0x{head.hex()}",
         record.round,
     )
-    stored = trail.get_round(record.round)
-    report.check(
-        stored == approval.model_hash,
-        f"{label}: contract stores 0x{stored.hex()}, its transaction anchored "
-        f"0x{approval.model_hash.hex()}",
-        record.round,
-    )
     committee = list(record.committee)
     report.check(
         committee == sort_committee(committee),
@@ -208,6 +218,70 @@ def _verify_anchor(
     report.check(
         len(set(signers)) >= required,
         f"{label}: {len(set(signers))} approvals, quorum of {len(committee)} miners is {required}",
+        record.round,
+    )
+
+
+def load_statement(store: ModelStore, round_number: int, state_root: bytes) -> RoundStatement:
+    """Load a round's state statement from the store, checked against its anchored hash.
+
+    Raises
+    ------
+    ValueError
+        If no statement was anchored, it is missing, it does not hash to
+        ``state_root`` (it was modified) or it is not a statement of that round.
+    """
+    if state_root == bytes(32):
+        raise ValueError(f"round {round_number} anchors no state statement")
+    try:
+        statement = RoundStatement.from_bytes(store.load_document(state_root))
+    except (FileNotFoundError, ModelIntegrityError) as err:
+        raise ValueError(f"round {round_number}: state statement: {err}") from err
+    if statement.round != round_number:
+        raise ValueError(f"round {round_number}: its state statement is round {statement.round}'s")
+    return statement
+
+
+def _verify_statement(
+    report: TrailReport, store: ModelStore, round_number: int, state_root: bytes, head: bytes
+) -> RoundStatement | None:
+    """Check a round's statement and its committee draw; return it if it loads."""
+    label = f"round {round_number}"
+    try:
+        statement = load_statement(store, round_number, state_root)
+    except ValueError as err:
+        report.check(False, str(err), round_number)
+        return None
+    report.check(
+        statement.previous_hash == "0x" + head.hex(),
+        f"{label}: the state statement starts from {statement.previous_hash}, the last "
+        f"anchored model is 0x{head.hex()}",
+        round_number,
+    )
+    drawn = redraw(statement)
+    report.check(
+        (drawn.validators, drawn.miners) == (statement.validators, statement.miners),
+        f"{label}: the committee is not the stake-weighted draw from its statement: it "
+        f"lists validators {list(statement.validators)} and miners {list(statement.miners)}, "
+        f"the draw gives {list(drawn.validators)} and {list(drawn.miners)}",
+        round_number,
+    )
+    return statement
+
+
+def _verify_anchored_miners(
+    report: TrailReport, statement: RoundStatement, record: AnchoredRound, operator: str
+) -> None:
+    """Check that the anchored committee is the drawn miners that sign, or the operator.
+
+    Every drawn miner with an address signed its train reply, so it runs the bcsfl mod
+    and is asked to mine; the operator signs alone only when no drawn miner has a key.
+    """
+    signing = sort_committee(m for m in statement.miners if is_address(m)) or [operator]
+    report.check(
+        list(record.committee) == signing,
+        f"round {record.round}: the anchored committee {list(record.committee)} is not "
+        f"the drawn miners {signing}",
         record.round,
     )
 

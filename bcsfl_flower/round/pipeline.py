@@ -2,9 +2,10 @@
 
 ::
 
-    replies -> check -> bound -> screen -> draw committee -> committee exchange
-            (validators score every candidate, miners sign every candidate) -> decide
-            -> certify -> anchor or record the rollback -> settle stakes -> RoundRecord
+    replies -> check -> bound -> screen -> state statement -> draw committee
+            -> committee exchange (validators score every candidate, miners sign every
+            candidate) -> decide -> certify -> anchor or record the rollback
+            -> settle stakes -> RoundRecord
 
 Each stage is a pure function or a small object in its own module and returns a frozen
 result (:mod:`bcsfl_flower.round.state`) that the next stage takes. The round has one
@@ -40,11 +41,21 @@ from bcsfl_flower.round.state import (
     CandidateSet,
     Certification,
     CheckedReplies,
+    Contribution,
     Decision,
     GramResult,
     RoundRecord,
     Screening,
     ValidatorReport,
+)
+from bcsfl_flower.round.statement import (
+    DecisionSettings,
+    RoundStatement,
+    StatedReply,
+    by_node,
+    identity_of,
+    packet_fields,
+    redraw,
 )
 from bcsfl_flower.round.timing import StageClock
 from bcsfl_flower.round.validation import CommitteeAnswers, exchange_with_committee
@@ -55,6 +66,7 @@ class _Stages:
     """The results of the stages between check and decide (None where a stage did not run)."""
 
     decision: Decision
+    statement: RoundStatement | None = None
     gram: GramResult | None = None
     bounds: Bounds | None = None
     screening: Screening | None = None
@@ -128,6 +140,9 @@ class RoundPipeline:
             stages = self._decide(server_round, grid, global_arrays, checked, previous_hash, clock)
         else:
             stages = _Stages(_rollback("rollback: no valid reply"))
+        if stages.statement is None:
+            statement = self._statement(server_round, global_arrays, previous_hash, checked, ())
+            stages = replace(stages, statement=statement)
         return self._finish(server_round, global_arrays, checked, stages, previous_hash, clock)
 
     def _decide(
@@ -154,7 +169,7 @@ class RoundPipeline:
         )
         gram = self.space.gram(checked.batch, exchange)
         if gram.matrix is None:
-            return _Stages(_rollback(f"rollback: {gram.reason}"), gram)
+            return _Stages(_rollback(f"rollback: {gram.reason}"), gram=gram)
         bounds = bound_updates(
             np.sqrt(np.clip(np.diag(gram.matrix), 0.0, None)),
             np.array([c.num_examples for c in checked.accepted]),
@@ -174,20 +189,18 @@ class RoundPipeline:
             len(screening.rejected),
             len(checked.rejected),
         )
-        committee = draw_committee(
-            stakes,
-            [names[row] for row in screening.trusted],
-            self.settings.num_validators,
-            self.settings.num_miners,
-            previous_hash,
-            server_round,
+        statement = self._statement(
+            server_round, global_arrays, previous_hash, checked, screening.trusted
         )
+        committee = by_node(redraw(statement), statement.node_of())
         plan = self.selection.plan(gram.matrix, bounds, screening, names)
         candidates = CandidateSet(
             plan, self.space.combine(global_arrays, checked.batch, plan.coefficients)
         )
         duty_nodes = {c.name for c in checked.accepted if c.serves_duty}
-        mining = self._mining_plan(server_round, checked, candidates, committee, duty_nodes)
+        mining = self._mining_plan(
+            server_round, checked, candidates, committee, duty_nodes, statement.digest()
+        )
         with clock.stage("committee"):
             answers = exchange_with_committee(
                 grid,
@@ -205,7 +218,9 @@ class RoundPipeline:
             plan, answers.reports, committee.validators, self.settings.vote_tolerance
         )
         log(INFO, "consensus: %s", decision.reason)
-        return _Stages(decision, gram, bounds, screening, committee, candidates, mining, answers)
+        return _Stages(
+            decision, statement, gram, bounds, screening, committee, candidates, mining, answers
+        )
 
     def _finish(
         self,
@@ -233,7 +248,7 @@ class RoundPipeline:
                 )
                 arrays = global_arrays
         with clock.stage("anchoring"):
-            anchoring = self._anchor(server_round, arrays, decision, certification)
+            anchoring = self._anchor(server_round, checked, stages, arrays, decision, certification)
         if not decision.committed:
             log(WARNING, "round %d rolled back: %s", server_round, decision.reason)
         settlement = settle(
@@ -285,6 +300,56 @@ class RoundPipeline:
             if contribution.address is not None:
                 self._node_of_address[contribution.address] = contribution.name
 
+    def _statement(
+        self,
+        server_round: int,
+        global_arrays: ArrayRecord,
+        previous_hash: bytes,
+        checked: CheckedReplies,
+        trusted: Iterable[int],
+    ) -> RoundStatement:
+        """State what the round decides from, and draw its committee from that statement.
+
+        The stake table is keyed by identity (address, or ``node:<id>`` unsigned); the
+        draw is :func:`~bcsfl_flower.round.statement.redraw` of the statement itself, so
+        an auditor recomputes it with the very same call.
+        """
+        address_of = {node: address for address, node in self._node_of_address.items()}
+        stakes = {
+            identity_of(node, address_of.get(node)): stake
+            for node, stake in self.ledger.as_dict().items()
+        }
+        replies = tuple(
+            StatedReply(
+                node=c.name,
+                identity=identity_of(c.name, c.address),
+                num_examples=float(c.num_examples),
+                update_hash="0x" + self._update_hash(c).hex(),
+                packet=None if c.packet is None else packet_fields(c.packet),
+            )
+            for c in checked.accepted
+        )
+        stakes.update({r.identity: self.ledger.stake(r.node) for r in replies})
+        statement = RoundStatement(
+            round=server_round,
+            previous_hash="0x" + previous_hash.hex(),
+            settings=DecisionSettings.of(self.settings, self.selection.name, self.space.name),
+            stakes=stakes,
+            replies=replies,
+            candidates=tuple(replies[row].identity for row in trusted),
+            sketch_seed=checked.batch.sketch_seed,
+            model_keys=tuple(global_arrays.keys()),
+        )
+        drawn = redraw(statement)
+        return replace(statement, validators=drawn.validators, miners=drawn.miners)
+
+    @staticmethod
+    def _update_hash(contribution: Contribution) -> bytes:
+        """Return the hash of a reply's arrays: its verified packet's, or computed unsigned."""
+        if contribution.packet is not None:
+            return contribution.packet.packet.model_hash
+        return model_hash(next(iter(contribution.content.array_records.values())))
+
     def _mining_plan(
         self,
         server_round: int,
@@ -292,6 +357,7 @@ class RoundPipeline:
         candidates: CandidateSet,
         committee: Committee,
         duty_nodes: set[str],
+        state_root: bytes,
     ) -> MiningPlan | None:
         """Prepare every candidate's approval for the miners (None without a notary)."""
         if self.notary is None:
@@ -305,6 +371,7 @@ class RoundPipeline:
             candidates.by_name(),
             supports,  # type: ignore[arg-type]
             committee.miners,
+            state_root,
             duty_nodes,
         )
 
@@ -318,16 +385,29 @@ class RoundPipeline:
     def _anchor(
         self,
         server_round: int,
+        checked: CheckedReplies,
+        stages: _Stages,
         arrays: ArrayRecord,
         decision: Decision,
         certification: Certification | None,
     ) -> dict[str, Any] | None:
-        """Anchor a committed round, or record a rollback, on chain (None without a notary)."""
+        """Keep the round's statement, then anchor it or record its rollback on chain.
+
+        With ``replayable-rounds`` the accepted updates and the votes are kept too.
+        Returns None without a notary.
+        """
         if self.notary is None:
             return None
+        statement = stages.statement
+        assert statement is not None  # every path through run() states the round
+        self.notary.keep_round(
+            statement,
+            [next(iter(c.content.array_records.values())) for c in checked.accepted],
+            stages.reports,
+        )
         if decision.committed and certification is not None:
             return self.notary.anchor(arrays, certification)
-        return self.notary.rollback(server_round, decision.reason)
+        return self.notary.rollback(server_round, decision.reason, statement.digest())
 
     def _rewarded(
         self, checked: CheckedReplies, screening: Screening | None, decision: Decision

@@ -90,11 +90,15 @@ class DirectionSketch:
         self._folded = (dimension // SKETCH_DIMENSION) * SKETCH_DIMENSION
 
     @classmethod
-    def for_round(cls, dimension: int) -> DirectionSketch | None:
-        """Return a sketch with fresh secret signs, or None for a model compared exactly."""
+    def for_round(cls, dimension: int, seed: int | None = None) -> DirectionSketch | None:
+        """Return a sketch, or None for a model compared exactly.
+
+        Its signs are fresh and secret during the round (a client cannot aim at them);
+        ``seed`` replays a past round's sketch from its statement.
+        """
         if dimension <= EXACT_DIMENSION:
             return None
-        return cls(dimension, secrets.randbits(63))
+        return cls(dimension, secrets.randbits(63) if seed is None else seed)
 
     def __call__(self, unit_row: np.ndarray) -> np.ndarray:
         """Return the sketch of one unit-length row."""
@@ -133,11 +137,13 @@ class PlainBatch(UpdateBatch):
 class PlainCollector(UpdateCollector):
     """Check replies against ``w_t`` and write their updates into one matrix."""
 
-    def __init__(self, global_arrays: ArrayRecord, capacity: int) -> None:
+    def __init__(
+        self, global_arrays: ArrayRecord, capacity: int, sketch_seed: int | None = None
+    ) -> None:
         self._slots, self._base = _layout(global_arrays)
         self._keys = {slot.key for slot in self._slots}
         self._matrix = np.empty((max(capacity, 0), self._base.size), dtype=np.float32)
-        self._sketch = DirectionSketch.for_round(self._base.size)
+        self._sketch = DirectionSketch.for_round(self._base.size, sketch_seed)
         width = self._base.size if self._sketch is None else SKETCH_DIMENSION
         self._features = np.zeros((max(capacity, 0), width), dtype=np.float32)
         self._unit = np.empty(self._base.size, dtype=np.float32)  # reused for every row

@@ -82,6 +82,9 @@ class UpdateBatch:
     """
 
     size: int
+    sketch_seed: int | None = None
+    """Seed of the screening's random direction sketch, kept so the round can be replayed
+    (None where updates are compared exactly)."""
 
 
 @dataclass(frozen=True)

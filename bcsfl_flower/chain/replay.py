@@ -1,0 +1,239 @@
+"""Replay one round from the trail: recompute its decision and compare it with the chain.
+
+``bcsfl audit replay ROUND`` takes nothing from the ServerApp's memory. From the model
+store it loads the round's state statement (checked against the anchored ``stateRoot``),
+the model the round started from, every accepted update (checked against its hash and
+its client's signed packet) and the validators' recorded votes. It then runs the round's
+own stages again, the same functions the ServerApp ran:
+
+    checks -> bounds -> screening -> committee draw -> candidates -> decision
+
+and compares each result with what the round recorded: the trusted clients with the
+statement's draw candidates, the committee with the statement's, the committed
+candidate's hash and its supporters' packet root with the anchored ones (or a rollback
+with a rollback). The first difference is reported.
+
+Only plaintext rounds can be replayed: a CKKS round's updates are ciphertexts that only
+the committee can decrypt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
+from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound
+from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
+from bcsfl_flower.chain.verification import load_statement, timeline
+from bcsfl_flower.packets import Eip712Domain, accepted_root, model_hash
+from bcsfl_flower.round.bounds import bound_updates
+from bcsfl_flower.round.plain import PlainBatch, PlainCollector, PlainSpace
+from bcsfl_flower.round.screening import screen_updates
+from bcsfl_flower.round.selection import selection_rule
+from bcsfl_flower.round.statement import (
+    RoundStatement,
+    StatedReply,
+    by_node,
+    read_votes,
+    redraw,
+    signed_packet,
+)
+
+
+class ReplayMismatchError(Exception):
+    """The replayed round differs from the recorded one (the message says where)."""
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What a replay recomputed.
+
+    Attributes
+    ----------
+    round : int
+        The replayed round.
+    committed : bool
+        Whether the replayed decision commits a candidate.
+    model_hash : bytes
+        The replayed round's model: the committed candidate's, or ``w_t`` on rollback.
+    reason : str
+        The replayed decision's reason.
+    """
+
+    round: int
+    committed: bool
+    model_hash: bytes
+    reason: str
+
+
+def replay_round(trail: AuditTrail, manifest: ChainManifest, round_number: int) -> ReplayResult:
+    """Recompute ``round_number`` from the stored round and compare it with the chain.
+
+    Raises
+    ------
+    ReplayMismatchError
+        At the first difference, or when an input the replay needs is missing or was
+        modified.
+    """
+    record = _record_of(trail, round_number)
+    root = record.approval.state_root if isinstance(record, AnchoredRound) else record.state_root
+    store = ModelStore(manifest.models_dir)
+    try:
+        statement = load_statement(store, round_number, root)
+    except ValueError as err:
+        raise ReplayMismatchError(str(err)) from err
+    if statement.settings.space != PlainSpace.name:
+        raise ReplayMismatchError(
+            f"round {round_number} ran in the {statement.settings.space!r} update space; "
+            "only plaintext rounds can be replayed"
+        )
+    result = _recompute(statement, store, trail.domain)
+    _compare(record, result, trail.domain)
+    return result.outcome
+
+
+@dataclass(frozen=True)
+class _Recomputed:
+    outcome: ReplayResult
+    supporters: tuple[StatedReply, ...]
+
+
+def _record_of(trail: AuditTrail, round_number: int) -> AnchoredRound | RolledBackRound:
+    for record in timeline(trail):
+        if record.round == round_number:
+            return record
+    raise ReplayMismatchError(f"round {round_number} is not on chain")
+
+
+def _recompute(statement: RoundStatement, store: ModelStore, domain: Eip712Domain) -> _Recomputed:
+    """Run the round's stages again on the stored inputs."""
+    label = f"round {statement.round}"
+    start = _load_model(store, statement.previous_hash, statement.model_keys, "w_t")
+    if not statement.replies:
+        return _Recomputed(
+            ReplayResult(statement.round, False, model_hash(start), "no valid reply"), ()
+        )
+    batch = _checked_batch(statement, store, start, domain)
+    gram = PlainSpace().gram(batch, None)  # type: ignore[arg-type]  # plaintext needs no exchange
+    assert gram.matrix is not None
+    settings = statement.settings
+    bounds = bound_updates(
+        np.sqrt(np.clip(np.diag(gram.matrix), 0.0, None)),
+        np.array([reply.num_examples for reply in statement.replies]),
+        np.array([statement.stakes[reply.identity] for reply in statement.replies]),
+        example_cap_ratio=settings.example_cap_ratio,
+    )
+    screening = screen_updates(
+        gram.matrix,
+        bounds,
+        outlier_ratio=settings.outlier_norm_ratio,
+        split_margin=settings.split_margin,
+    )
+    trusted = tuple(statement.replies[row].identity for row in screening.trusted)
+    _expect(
+        trusted == statement.candidates,
+        f"{label}: screening trusts {list(trusted)}, the round drew its committee from "
+        f"{list(statement.candidates)}",
+    )
+    drawn = redraw(statement)
+    _expect(
+        (drawn.validators, drawn.miners) == (statement.validators, statement.miners),
+        f"{label}: the committee draw gives {list(drawn.validators)} / {list(drawn.miners)}, "
+        f"the round recorded {list(statement.validators)} / {list(statement.miners)}",
+    )
+    committee = by_node(drawn, statement.node_of())
+    names = [reply.node for reply in statement.replies]
+    rule = selection_rule(settings.selection)
+    plan = rule.plan(gram.matrix, bounds, screening, names)
+    models = dict(
+        zip(plan.names, PlainSpace().combine(start, batch, plan.coefficients), strict=True)
+    )
+    try:
+        reports = read_votes(store.load_votes(statement.round))
+    except (FileNotFoundError, ValueError) as err:
+        raise ReplayMismatchError(f"{label}: {err}") from err
+    decision = rule.decide(plan, reports, committee.validators, settings.vote_tolerance)
+    if not decision.committed or decision.candidate is None:
+        outcome = ReplayResult(statement.round, False, model_hash(start), decision.reason)
+        return _Recomputed(outcome, ())
+    support = plan.supports[plan.names.index(decision.candidate)]
+    outcome = ReplayResult(
+        statement.round, True, model_hash(models[decision.candidate]), decision.reason
+    )
+    return _Recomputed(outcome, tuple(statement.replies[row] for row in support))
+
+
+def _checked_batch(
+    statement: RoundStatement, store: ModelStore, start: ArrayRecord, domain: Eip712Domain
+) -> PlainBatch:
+    """Load and check every accepted update, as the round's check stage did."""
+    collector = PlainCollector(start, len(statement.replies), statement.sketch_seed)
+    for index, reply in enumerate(statement.replies):
+        label = f"round {statement.round}, reply {index} (node {reply.node})"
+        arrays = _load_model(store, reply.update_hash, statement.model_keys, label)
+        if reply.packet is not None:
+            packet = signed_packet(reply.packet)
+            _expect(
+                packet.recover(domain) == reply.identity
+                and "0x" + packet.packet.model_hash.hex() == reply.update_hash
+                and packet.packet.round == statement.round,
+                f"{label}: its signed packet does not sign update {reply.update_hash} of "
+                f"round {statement.round} by {reply.identity}",
+            )
+        fault = collector.add(arrays)
+        _expect(fault is None, f"{label}: the round accepted it, but the check fails: {fault}")
+    return collector.finish()
+
+
+def _load_model(store: ModelStore, digest: str, keys: Sequence[str], label: str) -> ArrayRecord:
+    """Load a stored model in the round's key order (replay's sums then match bit for bit)."""
+    try:
+        arrays = store.load(digest)
+    except (FileNotFoundError, ModelIntegrityError) as err:
+        raise ReplayMismatchError(f"{label}: {err}") from err
+    ordered = [key for key in keys if key in arrays] + sorted(set(arrays) - set(keys))
+    return ArrayRecord({key: Array(arrays[key]) for key in ordered})
+
+
+def _compare(
+    record: AnchoredRound | RolledBackRound,
+    result: _Recomputed,
+    domain: Eip712Domain,
+) -> None:
+    """Compare the replayed decision with what the chain recorded."""
+    label = f"round {record.round}"
+    outcome = result.outcome
+    if isinstance(record, RolledBackRound):
+        # Validators may commit a candidate whose miners then fail to certify it: the
+        # chain then records a rollback with that reason.
+        _expect(
+            not outcome.committed or "quorum certificate" in record.reason,
+            f"{label}: replay commits 0x{outcome.model_hash.hex()} ({outcome.reason}), the "
+            f"chain records a rollback ({record.reason})",
+        )
+        return
+    _expect(
+        outcome.committed,
+        f"{label}: replay rolls back ({outcome.reason}), the chain anchors "
+        f"0x{record.model_hash.hex()}",
+    )
+    _expect(
+        outcome.model_hash == record.model_hash,
+        f"{label}: replay commits 0x{outcome.model_hash.hex()}, the chain anchors "
+        f"0x{record.model_hash.hex()}",
+    )
+    packets = [signed_packet(r.packet) for r in result.supporters if r.packet is not None]
+    _expect(
+        accepted_root(packets, domain) == record.approval.accepted_root,
+        f"{label}: the committed candidate's supporters do not hash to the anchored "
+        f"accepted root 0x{record.approval.accepted_root.hex()}",
+    )
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise ReplayMismatchError(message)

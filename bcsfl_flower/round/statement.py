@@ -1,0 +1,290 @@
+"""The round's state statement: what an auditor needs to re-derive its committee and replay it.
+
+The contract keeps one slot, so a round's inputs live off chain, in the model store, as
+one canonical JSON document whose SHA-256 hash every miner signs (``stateRoot`` in the
+``RoundApproval``) and the chain records (in ``RoundAnchored`` or ``RoundRolledBack``).
+The statement holds, as the round saw them before its committee was drawn:
+
+* the stake table (every participant the ledger knows, by identity), which weighs the
+  draw and the aggregate; successive statements give the stake each round settled;
+* the decision settings (seats, tolerances, screening thresholds, selection rule);
+* the accepted replies, in order: node, identity, example count and the hash of the
+  update (with its signed packet, when the client signed one);
+* the draw's candidates (the clients screening trusted) and the drawn validators and
+  miners, by identity.
+
+An identity is the client's Ethereum address when it signed its reply, else
+``node:<id>``: node ids are not on chain and change when a SuperNode reconnects, so the
+draw is over addresses and anyone can recompute it (:func:`redraw`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bcsfl_flower.committee import Committee, draw_committee
+from bcsfl_flower.packets import ModelPacket, SignedModelPacket
+from bcsfl_flower.round.settings import RoundSettings
+from bcsfl_flower.round.state import ValidatorReport
+
+STATEMENT_FORMAT = "bcsfl-round-statement/1"
+"""Value of ``format`` in a statement document."""
+
+UNSIGNED_PREFIX = "node:"
+"""Identity prefix of a client that did not sign its reply."""
+
+
+@dataclass(frozen=True)
+class StatedReply:
+    """One accepted training reply, as the statement records it.
+
+    Attributes
+    ----------
+    node : str
+        The Flower node id (as ``str``), as the round's other records key it.
+    identity : str
+        The signer's address, or ``node:<id>`` for an unsigned reply.
+    num_examples : float
+        The example count the client reported (the bounds cap it).
+    update_hash : str
+        ``0x``-hex :func:`~bcsfl_flower.packets.model_hash` of the reply's arrays.
+    packet : Mapping[str, Any] | None
+        The signed packet's fields, or None for an unsigned reply.
+    """
+
+    node: str
+    identity: str
+    num_examples: float
+    update_hash: str
+    packet: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DecisionSettings:
+    """The settings that decide a round, as replay needs them."""
+
+    num_validators: int
+    num_miners: int
+    vote_tolerance: float
+    outlier_norm_ratio: float
+    split_margin: float
+    example_cap_ratio: float
+    selection: str
+    space: str
+
+    @classmethod
+    def of(cls, settings: RoundSettings, selection: str, space: str) -> DecisionSettings:
+        """Return the decision settings of a pipeline."""
+        return cls(
+            settings.num_validators,
+            settings.num_miners,
+            settings.vote_tolerance,
+            settings.outlier_norm_ratio,
+            settings.split_margin,
+            settings.example_cap_ratio,
+            selection,
+            space,
+        )
+
+
+@dataclass(frozen=True)
+class RoundStatement:
+    """One round's state statement; its :meth:`digest` is the anchored ``stateRoot``.
+
+    Attributes
+    ----------
+    round : int
+        The round.
+    previous_hash : str
+        ``0x``-hex hash of ``w_t``, the model the round starts from.
+    settings : DecisionSettings
+        How the round decides.
+    stakes : Mapping[str, float]
+        The stake table by identity when the committee was drawn.
+    replies : tuple[StatedReply, ...]
+        The accepted replies, in the order the round checked them.
+    candidates : tuple[str, ...]
+        Identities the committee was drawn from (the trusted clients).
+    validators, miners : tuple[str, ...]
+        The drawn committee by identity, in draw order.
+    sketch_seed : int | None
+        Seed of the screening's direction sketch (None when compared exactly).
+    model_keys : tuple[str, ...]
+        The global model's array keys in the round's order: the order the updates were
+        flattened in, which replay repeats so its sums are bit-identical.
+    """
+
+    round: int
+    previous_hash: str
+    settings: DecisionSettings
+    stakes: Mapping[str, float]
+    replies: tuple[StatedReply, ...] = ()
+    candidates: tuple[str, ...] = ()
+    validators: tuple[str, ...] = ()
+    miners: tuple[str, ...] = ()
+    sketch_seed: int | None = None
+    model_keys: tuple[str, ...] = ()
+    format: str = field(default=STATEMENT_FORMAT)
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.stakes.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"stakes must be finite and >= 0, got {bad}")
+        unknown = [c for c in self.candidates if c not in self.stakes]
+        if unknown:
+            raise ValueError(f"draw candidates {unknown} have no stake in the statement")
+
+    def to_bytes(self) -> bytes:
+        """Return the canonical encoding (sorted keys, no spaces, exact floats)."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    def digest(self) -> bytes:
+        """Return SHA-256 of :meth:`to_bytes`: the ``stateRoot`` the miners sign."""
+        return hashlib.sha256(self.to_bytes()).digest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RoundStatement:
+        """Parse a statement written by :meth:`to_bytes`.
+
+        Raises
+        ------
+        ValueError
+            If it is not a statement of this format, naming what is wrong.
+        """
+        try:
+            raw = json.loads(data)
+            if raw.get("format") != STATEMENT_FORMAT:
+                raise ValueError(f"format is {raw.get('format')!r}, not {STATEMENT_FORMAT!r}")
+            return cls(
+                round=int(raw["round"]),
+                previous_hash=str(raw["previous_hash"]),
+                settings=DecisionSettings(**raw["settings"]),
+                stakes={str(k): float(v) for k, v in raw["stakes"].items()},
+                replies=tuple(StatedReply(**reply) for reply in raw["replies"]),
+                candidates=tuple(raw["candidates"]),
+                validators=tuple(raw["validators"]),
+                miners=tuple(raw["miners"]),
+                sketch_seed=raw["sketch_seed"],
+                model_keys=tuple(raw["model_keys"]),
+            )
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+            raise ValueError(f"not a round statement: {err!r}") from err
+
+    def node_of(self) -> dict[str, str]:
+        """Return identity -> node id for the round's accepted replies."""
+        return {reply.identity: reply.node for reply in self.replies}
+
+
+def packet_fields(signed: SignedModelPacket) -> dict[str, Any]:
+    """Return a signed packet as the statement records it (hex strings)."""
+    return {
+        "model_hash": "0x" + signed.packet.model_hash.hex(),
+        "timestamp": signed.packet.timestamp,
+        "round": signed.packet.round,
+        "client": signed.packet.client,
+        "signature": "0x" + signed.signature.hex(),
+    }
+
+
+def signed_packet(fields: Mapping[str, Any]) -> SignedModelPacket:
+    """Rebuild a signed packet from :func:`packet_fields`."""
+    return SignedModelPacket(
+        ModelPacket(
+            model_hash=bytes.fromhex(str(fields["model_hash"])[2:]),
+            timestamp=int(fields["timestamp"]),
+            round=int(fields["round"]),
+            client=str(fields["client"]),
+        ),
+        bytes.fromhex(str(fields["signature"])[2:]),
+    )
+
+
+def identity_of(node: str, address: str | None) -> str:
+    """Return a client's identity: its address when it signed, else ``node:<id>``."""
+    return address if address is not None else f"{UNSIGNED_PREFIX}{node}"
+
+
+def redraw(statement: RoundStatement) -> Committee:
+    """Recompute the round's committee from the statement alone, by identity.
+
+    The draw is :func:`~bcsfl_flower.committee.draw_committee` over the candidates with
+    the statement's stakes, seeded by (previous model hash, round), exactly as the
+    round drew it.
+    """
+    return draw_committee(
+        {c: statement.stakes[c] for c in statement.candidates},
+        statement.candidates,
+        statement.settings.num_validators,
+        statement.settings.num_miners,
+        statement.previous_hash,
+        statement.round,
+    )
+
+
+def by_node(drawn: Committee, node_of: Mapping[str, str]) -> Committee:
+    """Return a committee drawn by identity with its members as node ids.
+
+    The pipeline talks to node ids; the statement and the chain record identities.
+    """
+    return Committee(
+        drawn.server_round,
+        drawn.seed,
+        tuple(node_of[v] for v in drawn.validators),
+        tuple(node_of[m] for m in drawn.miners),
+    )
+
+
+def votes_document(reports: Sequence[ValidatorReport]) -> bytes:
+    """Encode the validators' reports for replay (a missing loss is ``null``)."""
+
+    def number(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    return json.dumps(
+        [
+            {
+                "validator": report.validator,
+                "baseline_loss": number(report.baseline_loss),
+                "candidate_losses": {
+                    name: number(loss) for name, loss in report.candidate_losses.items()
+                },
+                "problems": list(report.problems),
+            }
+            for report in reports
+        ],
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+
+
+def read_votes(data: bytes) -> tuple[ValidatorReport, ...]:
+    """Decode :func:`votes_document`.
+
+    Raises
+    ------
+    ValueError
+        If it is not a votes document.
+    """
+
+    def number(value: object) -> float:
+        return math.nan if value is None else float(value)  # type: ignore[arg-type]
+
+    try:
+        return tuple(
+            ValidatorReport(
+                validator=str(entry["validator"]),
+                baseline_loss=number(entry["baseline_loss"]),
+                candidate_losses={
+                    str(name): number(loss) for name, loss in entry["candidate_losses"].items()
+                },
+                problems=tuple(entry["problems"]),
+            )
+            for entry in json.loads(data)
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"not a votes document: {err!r}") from err

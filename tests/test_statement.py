@@ -1,0 +1,215 @@
+"""Round state statements: encoding, the committee redraw, and what ``verify`` does with them.
+
+The chain tests run on the embedded chain (a real EVM in process) with real signatures;
+the statements are built the way the pipeline builds them, and the committee is the one
+:func:`redraw` gives, so a test that swaps it is a malicious operator's move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+from chain_fixtures import GENESIS, clients, toy_model
+
+from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
+from bcsfl_flower.chain.backends import connect
+from bcsfl_flower.chain.certificates import AnchorCertificate
+from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
+from bcsfl_flower.chain.verification import verify_trail
+from bcsfl_flower.packets import model_hash
+from bcsfl_flower.round.settings import RoundSettings
+from bcsfl_flower.round.state import ValidatorReport
+from bcsfl_flower.round.statement import (
+    DecisionSettings,
+    RoundStatement,
+    StatedReply,
+    by_node,
+    identity_of,
+    read_votes,
+    redraw,
+    votes_document,
+)
+
+ACCOUNTS = clients(8)
+SETTINGS = DecisionSettings.of(
+    RoundSettings(num_validators=3, num_miners=3), "trusted-mean", "plain"
+)
+
+
+def statement_for(round_number: int, previous: bytes, stakes: dict[str, float]) -> RoundStatement:
+    """A round whose 8 signed replies are all trusted, with its committee drawn."""
+    replies = tuple(
+        StatedReply(str(100 + i), a.address, 50.0, "0x" + bytes([i + 1]).hex() * 32)
+        for i, a in enumerate(ACCOUNTS)
+    )
+    statement = RoundStatement(
+        round=round_number,
+        previous_hash="0x" + previous.hex(),
+        settings=SETTINGS,
+        stakes=stakes,
+        replies=replies,
+        candidates=tuple(r.identity for r in replies),
+        model_keys=("w", "b"),
+    )
+    drawn = redraw(statement)
+    return dataclasses.replace(statement, validators=drawn.validators, miners=drawn.miners)
+
+
+EQUAL = {a.address: 1.0 for a in ACCOUNTS}
+
+
+def test_statement_round_trips_byte_for_byte_and_hashes_its_encoding():
+    statement = statement_for(3, GENESIS, {**EQUAL, ACCOUNTS[0].address: 0.1 + 0.2})
+    data = statement.to_bytes()
+    again = RoundStatement.from_bytes(data)
+    assert again == statement and again.to_bytes() == data
+    assert again.stakes[ACCOUNTS[0].address] == 0.1 + 0.2  # floats survive exactly
+    assert len(statement.digest()) == 32
+    changed = dataclasses.replace(statement, stakes={**statement.stakes, ACCOUNTS[1].address: 2.0})
+    assert changed.digest() != statement.digest()
+
+
+def test_statement_rejects_bad_stakes_and_unstaked_candidates():
+    with pytest.raises(ValueError, match="finite"):
+        statement_for(1, GENESIS, {**EQUAL, ACCOUNTS[0].address: math.nan})
+    missing = dict(EQUAL)
+    del missing[ACCOUNTS[2].address]
+    with pytest.raises(ValueError, match="no stake"):
+        statement_for(1, GENESIS, missing)
+    with pytest.raises(ValueError, match="format"):
+        RoundStatement.from_bytes(json.dumps({"format": "other"}).encode())
+    with pytest.raises(ValueError, match="not a round statement"):
+        RoundStatement.from_bytes(b"{")
+
+
+def test_redraw_depends_on_stakes_round_and_previous_hash_and_maps_to_nodes():
+    base = statement_for(1, GENESIS, EQUAL)
+    assert redraw(base).miners == base.miners  # the same call, the same committee
+    heavy = {**EQUAL, **{a.address: 100.0 for a in ACCOUNTS[5:]}}
+    draws = {
+        redraw(statement_for(1, GENESIS, heavy)).miners,
+        redraw(statement_for(2, GENESIS, EQUAL)).miners,
+        redraw(statement_for(1, model_hash(toy_model(9.0)), EQUAL)).miners,
+        base.miners,
+    }
+    assert len(draws) == 4
+    nodes = by_node(redraw(base), base.node_of())
+    assert {int(n) for n in nodes.miners} <= set(range(100, 108))
+    assert identity_of("7", None) == "node:7" and identity_of("7", "0xA") == "0xA"
+
+
+def test_votes_document_round_trips_missing_losses():
+    reports = (
+        ValidatorReport("3", 0.5, {"mean": 0.25, "core": math.nan}, ("core: no reply",)),
+        ValidatorReport("4", math.nan, {}),
+    )
+    again = read_votes(votes_document(reports))
+    assert again[0].candidate_losses["mean"] == 0.25
+    assert math.isnan(again[0].candidate_losses["core"]) and math.isnan(again[1].baseline_loss)
+    assert again[0].problems == ("core: no reply",)
+    with pytest.raises(ValueError, match="votes"):
+        read_votes(b'[{"validator": "3"}]')
+
+
+def test_store_refuses_a_modified_document(tmp_path):
+    store = ModelStore(tmp_path)
+    digest = store.save_document(b'{"a":1}')
+    assert store.load_document(digest) == b'{"a":1}'
+    (tmp_path / f"{digest.hex()}.json").write_bytes(b'{"a":2}')
+    with pytest.raises(ModelIntegrityError, match="modified"):
+        store.load_document(digest)
+    with pytest.raises(FileNotFoundError):
+        store.load_document(bytes(32))
+
+
+# -- verify against the chain ---------------------------------------------------------------
+
+
+def anchor(trail: AuditTrail, store: ModelStore, statement: RoundStatement, miners) -> None:
+    """Store the statement and the round's model, then anchor it signed by ``miners``."""
+    digest = store.save_document(statement.to_bytes())
+    store.save(toy_model(float(statement.round)))
+    approval = trail.prepare_approval(
+        statement.round,
+        model_hash(toy_model(float(statement.round))),
+        bytes(32),
+        [m.address for m in miners],
+        digest,
+        timestamp=1_700_000_000,
+    )
+    signatures = {m.address: approval.sign(m, trail.domain) for m in miners}
+    trail.anchor_round(
+        AnchorCertificate.build(approval, [m.address for m in miners], signatures, trail.domain)
+    )
+
+
+def run(tmp_path: Path, tamper) -> list[str]:
+    """Anchor rounds 1 and 2 (round 2 through ``tamper``); return verify's failures."""
+    store = ModelStore(tmp_path / "models")
+    store.save(toy_model(0.0))
+    by_address = {a.address: a for a in ACCOUNTS}
+    with connect("embedded", tmp_path / "chain") as connection:
+        trail = AuditTrail.open(connection, GENESIS)
+        trail.register_clients({a.address: 1 for a in ACCOUNTS})
+        first = statement_for(1, GENESIS, EQUAL)
+        anchor(trail, store, first, [by_address[m] for m in first.miners])
+        second = statement_for(2, model_hash(toy_model(1.0)), {**EQUAL, ACCOUNTS[3].address: 0.5})
+        tamper(trail, store, second, by_address)
+        trail.write_manifest(tmp_path / "chain.json", store.root)
+        report = verify_trail(trail, ChainManifest.load(tmp_path / "chain.json"))
+    return [failure.message for failure in report.failures]
+
+
+def honest(trail, store, statement, by_address):
+    anchor(trail, store, statement, [by_address[m] for m in statement.miners])
+
+
+def test_verify_passes_when_every_committee_is_the_draw(tmp_path):
+    assert run(tmp_path, honest) == []
+
+
+def test_verify_fails_on_a_tampered_stake_table(tmp_path):
+    def tampered(trail, store, statement, by_address):
+        honest(trail, store, statement, by_address)
+        path = store.root / f"{statement.digest().hex()}.json"
+        raw = json.loads(path.read_bytes())
+        raw["stakes"][ACCOUNTS[3].address] = 5.0  # the slashed client's stake, restored
+        path.write_bytes(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode())
+
+    failures = run(tmp_path, tampered)
+    assert len(failures) == 1
+    assert failures[0].startswith("round 2: state statement") and "modified" in failures[0]
+
+
+def test_verify_fails_when_the_operator_anchors_a_swapped_committee(tmp_path):
+    def swapped(trail, store, statement, by_address):
+        outsiders = [a for a in ACCOUNTS if a.address not in statement.miners][:3]
+        anchor(trail, store, statement, outsiders)  # valid signatures, wrong miners
+
+    failures = run(tmp_path, swapped)
+    assert len(failures) == 1
+    assert failures[0].startswith("round 2: the anchored committee")
+
+
+def test_verify_fails_when_the_statement_records_a_committee_the_draw_does_not_give(tmp_path):
+    def forged(trail, store, statement, by_address):
+        outsiders = tuple(a.address for a in ACCOUNTS if a.address not in statement.miners)[:3]
+        forged = dataclasses.replace(statement, miners=outsiders)  # signed, but not drawn
+        anchor(trail, store, forged, [by_address[m] for m in outsiders])
+
+    failures = run(tmp_path, forged)
+    assert len(failures) == 1
+    assert "is not the stake-weighted draw" in failures[0]
+
+
+def test_verify_fails_when_a_round_anchors_no_statement(tmp_path):
+    def missing(trail, store, statement, by_address):
+        honest(trail, store, statement, by_address)
+        (store.root / f"{statement.digest().hex()}.json").unlink()
+
+    failures = run(tmp_path, missing)
+    assert len(failures) == 1 and "no document" in failures[0]
