@@ -203,8 +203,9 @@ def test_a_packet_can_only_be_signed_by_its_client():
         packet.sign(client_dev_account(1), DOMAIN)
 
 
-def test_round_approval_round_trips_and_recovers():
-    approval = RoundApproval(
+def round_four() -> RoundApproval:
+    """A round-4 approval by a one-miner committee, with distinct byte patterns."""
+    return RoundApproval(
         round=4,
         model_hash=b"\x01" * 32,
         previous_hash=b"\x02" * 32,
@@ -213,6 +214,10 @@ def test_round_approval_round_trips_and_recovers():
         state_root=b"\x04" * 32,
         timestamp=int(NOW),
     )
+
+
+def test_round_approval_round_trips_and_recovers():
+    approval = round_four()
     miner = client_dev_account(0)
     signature = approval.sign(miner, DOMAIN)
     assert approval.recover(signature, DOMAIN) == miner.address
@@ -236,15 +241,7 @@ def test_round_approval_round_trips_and_recovers():
 
 def test_round_approval_survives_a_config_record():
     """A miner duty message carries the approval, state root included, as a ConfigRecord."""
-    approval = RoundApproval(
-        round=4,
-        model_hash=b"\x01" * 32,
-        previous_hash=b"\x02" * 32,
-        accepted_root=b"\x03" * 32,
-        committee_root=committee_root([client_dev_account(0).address]),
-        state_root=b"\x04" * 32,
-        timestamp=int(NOW),
-    )
+    approval = round_four()
     assert RoundApproval.from_config_record(approval.to_config_record()) == approval
 
 
