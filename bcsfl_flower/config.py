@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bcsfl_flower.baselines import BASELINES
+from bcsfl_flower.extras import MissingExtraError, require_extra
 from bcsfl_flower.round.screening import OUTLIER_NORM_RATIO, SPLIT_MARGIN
 from bcsfl_flower.round.selection import selection_rule
 from bcsfl_flower.round.settings import (
@@ -168,6 +169,12 @@ class RunSettings:
         _require(self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")
         _require(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
         _require(self.ckks_key_seed >= 0, "ckks-key-seed", "must be >= 0")
+        for flag, extra in ((self.dp, "dp"), (self.ckks, "ckks")):
+            if flag:
+                try:
+                    require_extra(extra, f"run config '{extra}=true'")
+                except MissingExtraError as err:
+                    raise ConfigError(str(err)) from err
         if self.ckks:
             _require(
                 self.strategy == "bcsfl",

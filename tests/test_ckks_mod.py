@@ -9,10 +9,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp.strategy import FedAvg
 
 from bcsfl_flower.chain.keys import client_dev_account
+from bcsfl_flower.client.ckks_app import bcsfl_ckks_client_app
 from bcsfl_flower.client.ckks_mod import (
     KEY_SEED_RUN_KEY,
     SECRET_CONTEXT_NODE_KEY,
-    bcsfl_ckks_client_app,
     ckks_gram,
     ckks_mod,
     key_seed_bytes,

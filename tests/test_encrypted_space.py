@@ -26,7 +26,8 @@ from flwr.app import (
 )
 
 import bcsfl_flower.round.encrypted as encrypted_space
-from bcsfl_flower.client.ckks_mod import KEY_SEED_RUN_KEY, bcsfl_ckks_client_app, key_seed_bytes
+from bcsfl_flower.client.ckks_app import bcsfl_ckks_client_app
+from bcsfl_flower.client.ckks_mod import KEY_SEED_RUN_KEY, key_seed_bytes
 from bcsfl_flower.privacy.ckks import (
     ENCRYPTED_ARRAY_KEY,
     EncryptedModel,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from bcsfl_flower.client.ckks_mod import bcsfl_ckks_client_app
+from bcsfl_flower.client.ckks_app import bcsfl_ckks_client_app
 from bcsfl_flower.config import RunSettings
 from bcsfl_flower.task.attacks import UPDATE_ATTACKS, choose_attackers, poison_update
 from bcsfl_flower.task.data import ClientData, load_client_data

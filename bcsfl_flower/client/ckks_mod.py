@@ -25,7 +25,8 @@ Order of mods
     mod then signs the encrypted update that is actually sent, and miners hash the
     encrypted candidate they receive. Flower only routes a message to a registered
     handler, and mods wrap registered handlers, so the two queries also need handlers;
-    :func:`bcsfl_ckks_client_app` builds a ClientApp with all of it::
+    :func:`~bcsfl_flower.client.ckks_app.bcsfl_ckks_client_app` builds a ClientApp with
+    all of it, importing this module (and TenSEAL) only for CKKS work::
 
         app = bcsfl_ckks_client_app()     # instead of app = ClientApp()
 
@@ -44,13 +45,11 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import tenseal as ts
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -61,12 +60,12 @@ from flwr.app import (
     MessageType,
     RecordDict,
 )
-from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from bcsfl_flower.client.mod import bcsfl_client_app
+from bcsfl_flower.client.ckks_app import is_ckks_work
+from bcsfl_flower.extras import import_extra
 from bcsfl_flower.privacy.ckks import (
     EncryptedModel,
     array_specs,
@@ -83,17 +82,15 @@ from bcsfl_flower.privacy.ckks_keys import (
 )
 from bcsfl_flower.privacy.encrypted_screening import EncryptedGram, decrypt_gram
 from bcsfl_flower.protocol import (
-    CKKS_CONFIG_KEY,
-    GRAM_ACTION,
     GRAM_MESSAGE_TYPE,
-    PUBLIC_ACTION,
     PUBLIC_MESSAGE_TYPE,
-    config_value,
     gram_reply_content,
     model_record,
     public_context_content,
     read_gram_request,
 )
+
+ts = import_extra("ckks", "tenseal", "CKKS aggregation")
 
 SECRET_CONTEXT_NODE_KEY = "bcsfl-ckks-secret-context"
 """Node-config key naming this node's secret context file (deployment)."""
@@ -146,7 +143,7 @@ def ckks_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         return ckks_gram(msg, context)
     if message_type == PUBLIC_MESSAGE_TYPE:
         return ckks_public(msg, context)
-    if message_type not in (MessageType.TRAIN, MessageType.EVALUATE) or not _ckks_on(msg):
+    if not is_ckks_work(msg):
         return call_next(msg, context)
     try:
         secret = node_secret_context(context)
@@ -216,25 +213,6 @@ def ckks_public(msg: Message, context: Context) -> Message:
     except (MissingCKKSKeyError, ValueError) as err:
         return _error_reply(msg, f"ckks_public has no key: {err}")
     return Message(public_context_content(data), reply_to=msg)
-
-
-def bcsfl_ckks_client_app(mods: Iterable[Mod] = (), **kwargs: Any) -> ClientApp:
-    """Return a ClientApp with ``[bcsfl_mod, ckks_mod, *mods]`` and every duty registered.
-
-    The Gram decryption and the public context query are registered, so Flower routes
-    them to the mods; the committee duty arrives as ``evaluate``.
-
-    Parameters
-    ----------
-    mods : Iterable[Mod], optional
-        Further mods, applied inside ``ckks_mod`` (they see plaintext models).
-    **kwargs
-        Passed to :class:`flwr.clientapp.ClientApp`.
-    """
-    app = bcsfl_client_app(mods=[ckks_mod, *mods], **kwargs)
-    app.query(GRAM_ACTION)(ckks_gram)
-    app.query(PUBLIC_ACTION)(ckks_public)
-    return app
 
 
 # ------------------------------------------------------------------------------------------
@@ -317,10 +295,6 @@ def _public_context_bytes(context: Context) -> bytes:
 # ------------------------------------------------------------------------------------------
 # Internals
 # ------------------------------------------------------------------------------------------
-
-
-def _ckks_on(msg: Message) -> bool:
-    return msg.has_content() and config_value(msg.content, CKKS_CONFIG_KEY) is True
 
 
 def _decrypted_content(content: RecordDict, secret: ts.Context) -> RecordDict:

@@ -10,41 +10,10 @@
   updates, so screening decrypts only inner products.
 """
 
-from bcsfl_flower.privacy.ckks import (
-    ENCRYPTED_ARRAY_KEY,
-    ArraySpec,
-    EncryptedModel,
-    add,
-    add_plain,
-    array_specs,
-    ciphertext_digest,
-    decrypt_arrays,
-    encrypt_arrays,
-    from_array_record,
-    is_encrypted_record,
-    to_array_record,
-    weighted_mean,
-    weighted_sum,
-)
-from bcsfl_flower.privacy.ckks_keys import (
-    CKKSParams,
-    create_secret_context,
-    load_context,
-    load_public_context,
-    load_secret_context,
-    public_context,
-    save_secret_context,
-    slot_count,
-)
-from bcsfl_flower.privacy.encrypted_screening import (
-    EncryptedGram,
-    decrypt_gram,
-    encrypted_gram,
-    gram_to_cosine,
-)
+import importlib
 
-_DP_NAMES = frozenset(
-    {
+_MODULES = {
+    "dp": (
         "AccountantState",
         "DPConfig",
         "PrivateTraining",
@@ -53,23 +22,52 @@ _DP_NAMES = frozenset(
         "load_accountant_state",
         "make_private",
         "save_accountant_state",
-    }
-)
+    ),
+    "ckks": (
+        "ENCRYPTED_ARRAY_KEY",
+        "ArraySpec",
+        "EncryptedModel",
+        "add",
+        "add_plain",
+        "array_specs",
+        "ciphertext_digest",
+        "decrypt_arrays",
+        "encrypt_arrays",
+        "from_array_record",
+        "is_encrypted_record",
+        "to_array_record",
+        "weighted_mean",
+        "weighted_sum",
+    ),
+    "ckks_keys": (
+        "CKKSParams",
+        "create_secret_context",
+        "load_context",
+        "load_public_context",
+        "load_secret_context",
+        "public_context",
+        "save_secret_context",
+        "slot_count",
+    ),
+    "encrypted_screening": ("EncryptedGram", "decrypt_gram", "encrypted_gram", "gram_to_cosine"),
+}
+_MODULE_OF = {name: module for module, names in _MODULES.items() for name in names}
 
 
 def __getattr__(name: str) -> object:
-    """Import the DP helpers on first use.
+    """Import a name's module on first use.
 
-    Opacus configures the root logger when it is imported (``logging.basicConfig`` in
-    ``opacus.utils.module_utils``), which doubles every Flower log line of the process.
-    The ServerApp needs the CKKS half of this package but never DP-SGD, so the DP names
-    are resolved lazily and Opacus is only imported where DP training runs.
+    Both halves are optional extras (``dp``: PyTorch and Opacus; ``ckks``: TenSEAL), so
+    importing this package imports neither; a name whose extra is missing raises
+    :class:`~bcsfl_flower.extras.MissingExtraError` naming the extra. Opacus also
+    configures the root logger when imported (``logging.basicConfig`` in
+    ``opacus.utils.module_utils``), which would double every Flower log line of a
+    process that never trains with DP.
     """
-    if name in _DP_NAMES:
-        from bcsfl_flower.privacy import dp
-
-        return getattr(dp, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 __all__ = [

@@ -44,10 +44,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-import tenseal as ts
 from flwr.app import Array, ArrayRecord
 
+from bcsfl_flower.extras import import_extra
 from bcsfl_flower.privacy.ckks_keys import slot_count
+
+ts = import_extra("ckks", "tenseal", "CKKS aggregation")
 
 ENCRYPTED_ARRAY_KEY = "bcsfl.ckks"
 """The only key of an ``ArrayRecord`` that carries an encrypted model."""

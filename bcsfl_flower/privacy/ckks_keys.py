@@ -52,9 +52,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tenseal as ts
-import tenseal.sealapi as sealapi
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from bcsfl_flower.extras import import_extra
+
+ts = import_extra("ckks", "tenseal", "CKKS aggregation")
+sealapi = import_extra("ckks", "tenseal.sealapi", "CKKS aggregation")
 
 _SEED_DOMAIN = b"bcsfl-flower/ckks/secret-key/v1"
 _MIN_SEED_BYTES = 16

@@ -37,14 +37,20 @@ from dataclasses import dataclass
 from logging import INFO
 from types import TracebackType
 
-import torch
 from flwr.common.logger import log
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
-from torch import nn
-from torch.utils.data import DataLoader
+
+from bcsfl_flower.extras import missing_extra
+
+try:
+    import torch
+    from opacus import PrivacyEngine
+    from opacus.accountants import RDPAccountant
+    from opacus.optimizers import DPOptimizer
+    from opacus.validators import ModuleValidator
+    from torch import nn
+    from torch.utils.data import DataLoader
+except ImportError as err:
+    raise missing_extra("dp", "Differential privacy (DP-SGD)") from err
 
 AccountantState = dict[str, list[float] | list[int]]
 """Accountant history as plain lists: ``noise_multipliers``, ``sample_rates``, ``steps``."""

@@ -54,9 +54,11 @@ import struct
 from collections.abc import Sequence
 
 import numpy as np
-import tenseal as ts
 
+from bcsfl_flower.extras import import_extra
 from bcsfl_flower.privacy.ckks import EncryptedModel, load_header
+
+ts = import_extra("ckks", "tenseal", "CKKS aggregation")
 
 _MAGIC = b"BCSFL-CKKS-GRAM\x01"
 _LENGTH = struct.Struct(">Q")

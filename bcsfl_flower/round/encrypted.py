@@ -38,11 +38,11 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-import tenseal as ts
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from bcsfl_flower.extras import import_extra
 from bcsfl_flower.privacy.ckks import (
     ENCRYPTED_ARRAY_KEY,
     ArraySpec,
@@ -69,6 +69,8 @@ from bcsfl_flower.protocol import (
 from bcsfl_flower.round.consensus import quorum_size
 from bcsfl_flower.round.space import GramExchange, UpdateCollector, UpdateSpace
 from bcsfl_flower.round.state import GramResult, UpdateBatch
+
+ts = import_extra("ckks", "tenseal", "CKKS aggregation")
 
 
 def fetch_public_context(grid: Grid, node_id: int, timeout: float) -> ts.Context:
