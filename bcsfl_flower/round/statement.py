@@ -214,13 +214,16 @@ def redraw(statement: RoundStatement) -> Committee:
 
     The draw is :func:`~bcsfl_flower.committee.draw_committee` over the candidates with
     the statement's stakes, seeded by (previous model hash, round), exactly as the
-    round drew it.
+    round drew it. Seats beyond the candidates with stake are clamped here, silently
+    (the draw consumes one uniform per candidate whatever the seats, so clamping first
+    changes nothing but the warning an auditor would otherwise see every round).
     """
+    eligible = sum(1 for c in statement.candidates if statement.stakes[c] > 0)
     return draw_committee(
         {c: statement.stakes[c] for c in statement.candidates},
         statement.candidates,
-        statement.settings.num_validators,
-        statement.settings.num_miners,
+        min(statement.settings.num_validators, eligible),
+        min(statement.settings.num_miners, eligible),
         statement.previous_hash,
         statement.round,
     )
