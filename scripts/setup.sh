@@ -12,10 +12,11 @@ fi
 # constraints.txt pins the torch/torchvision pair that installs quickly here.
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 
-# Dev-chain tools: anvil (local Ethereum node) and solcjs (offline Solidity compiler).
-# `npm ci` rejects this lock file (it omits the other platforms' optional anvil binaries),
-# so install from the lock with `npm install`; scripts are not needed (see FACTS.md).
-npm install --ignore-scripts --no-audit --no-fund --loglevel=error
+# Dev-chain tools: anvil (local Ethereum node), solcjs (offline Solidity compiler) and
+# OpenZeppelin Contracts, exactly as the committed lock file pins them (it lists every
+# platform's optional anvil binary, so `npm ci` accepts it and changes nothing); install
+# scripts are not needed (see FACTS.md).
+npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 
 # MNIST: copy the official files from ../shared/data when present (never write there).
 if [ ! -f data/MNIST/raw/train-images-idx3-ubyte.gz ] && [ -d ../shared/data/MNIST/raw ]; then

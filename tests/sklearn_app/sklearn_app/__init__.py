@@ -1,0 +1,1 @@
+"""sklearn-app: a Flower / scikit-learn app."""
