@@ -32,10 +32,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import psutil
+from flwr.common.logger import log
 from rich.progress import Progress
 
 from bcsfl_flower.config import DATA_DIR_ENV
@@ -45,6 +47,13 @@ from bcsfl_flower.results import RESULTS_FILE, load_results
 
 APP_DIR = Path(__file__).resolve().parent.parent
 """The Flower App directory (the one holding ``pyproject.toml``) when run from a checkout."""
+
+SUPERLINK_START_ATTEMPTS = 3
+"""``flwr run`` gives its local SuperLink 15 s to start; on a loaded 2-core machine it can
+take longer, and the run is then retried on fresh ports (nothing of it has run yet)."""
+
+SUPERLINK_START_FAILURE = "Failed to start local SuperLink"
+"""What ``flwr run`` prints when its local SuperLink does not start in time."""
 
 LAUNCH_FILE = "launch.json"
 """How a run was launched (supernodes, run config, data and app directories)."""
@@ -130,13 +139,7 @@ def run_federation(
         "client_cpus": client_cpus,
     }
     (output_dir / LAUNCH_FILE).write_text(json.dumps(launch, indent=2) + "\n")
-    http_port, control_port = free_port(), free_port()
-    env = _run_environment(output_dir / "flwr-home", http_port, control_port)
-    command = [
-        str(Path(sys.executable).parent / "flwr"),
-        "run",
-        str(app_dir),
-        "--stream",
+    federation = [
         "--federation-config",
         f"num-supernodes={num_supernodes}"
         + ("" if client_cpus is None else f" client-resources-num-cpus={client_cpus}"),
@@ -145,16 +148,13 @@ def run_federation(
     ]
     log_path = output_dir / "run.log"
     started = time.monotonic()
-    flower_status = None
-    try:
-        with _follow(output_dir, progress) as follow:
-            returncode = _stream(
-                command, env, log_path, timeout, stream, follow.refresh if follow else None
-            )
-        if returncode == 0:
-            flower_status = _flower_status(env)
-    finally:
-        _stop_superlink(control_port)
+    for attempt in range(1, SUPERLINK_START_ATTEMPTS + 1):
+        returncode, flower_status, superlink_started = _flwr_run(
+            app_dir, federation, output_dir, log_path, timeout, stream, progress
+        )
+        if superlink_started or attempt == SUPERLINK_START_ATTEMPTS:
+            break
+        log(WARNING, "The local SuperLink did not start in time (attempt %d); retrying", attempt)
     elapsed = time.monotonic() - started
 
     if returncode != 0:
@@ -185,6 +185,45 @@ def run_federation(
             f"the SuperLink reports the run {flower_status}; see {log_path}"
         )
     return FederationRun(output_dir, results, log_path, flower_status)
+
+
+def _flwr_run(
+    app_dir: Path,
+    federation: Sequence[str],
+    output_dir: Path,
+    log_path: Path,
+    timeout: float,
+    stream: bool,
+    progress: Progress | None,
+) -> tuple[int, str | None, bool]:
+    """Run ``flwr run`` once on fresh ports.
+
+    Returns its exit code, the SuperLink's run status, and whether the local SuperLink
+    started at all.
+    """
+    http_port, control_port = free_port(), free_port()
+    env = _run_environment(output_dir / "flwr-home", http_port, control_port)
+    command = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), "--stream"]
+    offset = log_path.stat().st_size if log_path.is_file() else 0
+    flower_status = None
+    try:
+        with _follow(output_dir, progress) as follow:
+            returncode = _stream(
+                [*command, *federation],
+                env,
+                log_path,
+                timeout,
+                stream,
+                follow.refresh if follow else None,
+            )
+        if returncode == 0:
+            flower_status = _flower_status(env)
+    finally:
+        _stop_superlink(control_port)
+    with log_path.open("rb") as log_file:
+        log_file.seek(offset)
+        started = SUPERLINK_START_FAILURE not in log_file.read().decode(errors="replace")
+    return returncode, flower_status, started or returncode == 0
 
 
 def resume_federation(
