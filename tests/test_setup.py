@@ -35,4 +35,3 @@ def test_npm_ci_installs_the_dev_chain_tools_from_the_committed_lock_unchanged(t
         modules / "@openzeppelin" / "contracts" / "utils" / "cryptography" / "ECDSA.sol"
     ).is_file()
     assert list((modules / "@foundry-rs").glob("anvil-*"))  # this platform's anvil binary
-
