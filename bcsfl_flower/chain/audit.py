@@ -103,6 +103,8 @@ class AuditTrail:
         self.address = to_checksum_address(address)
         self.contract: Contract = connection.web3.eth.contract(address=self.address, abi=self.abi)
         self.deploy_block = deploy_block
+        self._head_block = deploy_block
+        """Block of the last head :meth:`head` read: later reads scan the logs from there."""
         self.retry = retry if retry is not None else RetryPolicy()
         self._sleep = sleep
         self.domain = Eip712Domain(connection.chain_id, self.address)
@@ -290,17 +292,22 @@ class AuditTrail:
         return self._read("getLatestModel", lambda: self._read_head())
 
     def _read_head(self) -> tuple[int, bytes]:
-        events = self.contract.events.RoundAnchored.get_logs(from_block=self.deploy_block)
+        # Scan from the block of the head read last (its own event included), not from
+        # deployment: every round reads the head, and the trail only grows.
+        events = self.contract.events.RoundAnchored.get_logs(from_block=self._head_block)
         if events:
             last = max(events, key=lambda event: int(event["args"]["round"]))
             head = int(last["args"]["round"]), bytes(last["args"]["modelHash"])
+            head_block = int(last["blockNumber"])
         else:
             head = 0, bytes(self.contract.functions.genesisModelHash().call())
+            head_block = self.deploy_block
         if not self.contract.functions.isLatestModel(head[1]).call():
             raise RuntimeError(
                 f"round {head[0]}'s model 0x{head[1].hex()} is the last anchored one in the "
                 f"events of {self.address}, but not its head: the node serves partial logs"
             )
+        self._head_block = head_block
         return head
 
     def genesis_hash(self) -> bytes:

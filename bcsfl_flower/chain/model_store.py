@@ -137,9 +137,13 @@ class ModelStore:
             )
         return data
 
+    def votes_path(self, server_round: int) -> Path:
+        """Return the path of a round's votes document."""
+        return self.root / VOTES_DIR / f"round-{server_round}{DOCUMENT_SUFFIX}"
+
     def save_votes(self, server_round: int, data: bytes) -> Path:
         """Store a round's votes document (replaced if the round is run again)."""
-        target = self.root / VOTES_DIR / f"round-{server_round}{DOCUMENT_SUFFIX}"
+        target = self.votes_path(server_round)
         _write_atomically(target, data)
         return target
 
@@ -151,7 +155,7 @@ class ModelStore:
         FileNotFoundError
             If the round's votes were not kept (the run was not replayable).
         """
-        target = self.root / VOTES_DIR / f"round-{server_round}{DOCUMENT_SUFFIX}"
+        target = self.votes_path(server_round)
         if not target.is_file():
             raise FileNotFoundError(
                 f"no votes for round {server_round} in {self.root}: run with "

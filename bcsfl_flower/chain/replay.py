@@ -30,16 +30,15 @@ from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.chain.verification import load_statement, timeline
 from bcsfl_flower.packets import Eip712Domain, accepted_root, model_hash
-from bcsfl_flower.round.bounds import bound_updates
 from bcsfl_flower.round.plain import PlainBatch, PlainCollector, PlainSpace
-from bcsfl_flower.round.screening import screen_updates
+from bcsfl_flower.round.screening import bound_and_screen
 from bcsfl_flower.round.selection import selection_rule
 from bcsfl_flower.round.statement import (
     RoundStatement,
     StatedReply,
     by_node,
     read_votes,
-    redraw,
+    recorded_draw,
     signed_packet,
 )
 
@@ -121,17 +120,11 @@ def _recompute(statement: RoundStatement, store: ModelStore, domain: Eip712Domai
     gram = PlainSpace().gram(batch, None)  # type: ignore[arg-type]  # plaintext needs no exchange
     assert gram.matrix is not None
     settings = statement.settings
-    bounds = bound_updates(
-        np.sqrt(np.clip(np.diag(gram.matrix), 0.0, None)),
+    bounds, screening = bound_and_screen(
+        gram.matrix,
         np.array([reply.num_examples for reply in statement.replies]),
         np.array([statement.stakes[reply.identity] for reply in statement.replies]),
-        example_cap_ratio=settings.example_cap_ratio,
-    )
-    screening = screen_updates(
-        gram.matrix,
-        bounds,
-        outlier_ratio=settings.outlier_norm_ratio,
-        split_margin=settings.split_margin,
+        settings,
     )
     trusted = tuple(statement.replies[row].identity for row in screening.trusted)
     _expect(
@@ -139,12 +132,8 @@ def _recompute(statement: RoundStatement, store: ModelStore, domain: Eip712Domai
         f"{label}: screening trusts {list(trusted)}, the round drew its committee from "
         f"{list(statement.candidates)}",
     )
-    drawn = redraw(statement)
-    _expect(
-        (drawn.validators, drawn.miners) == (statement.validators, statement.miners),
-        f"{label}: the committee draw gives {list(drawn.validators)} / {list(drawn.miners)}, "
-        f"the round recorded {list(statement.validators)} / {list(statement.miners)}",
-    )
+    drawn, problem = recorded_draw(statement)
+    _expect(problem is None, problem or "")
     committee = by_node(drawn, statement.node_of())
     names = [reply.node for reply in statement.replies]
     rule = selection_rule(settings.selection)

@@ -28,10 +28,10 @@ from flwr.serverapp import Grid
 from bcsfl_flower.committee import Committee, draw_committee
 from bcsfl_flower.notary import MiningPlan, RoundNotary
 from bcsfl_flower.packets import model_hash
-from bcsfl_flower.round.bounds import bound_updates, weighted_median
+from bcsfl_flower.round.bounds import weighted_median
 from bcsfl_flower.round.checks import check_replies
 from bcsfl_flower.round.metrics import MetricsAggregation, aggregate_client_metrics
-from bcsfl_flower.round.screening import screen_updates
+from bcsfl_flower.round.screening import bound_and_screen
 from bcsfl_flower.round.selection import SelectionRule
 from bcsfl_flower.round.settings import RoundSettings
 from bcsfl_flower.round.space import GramExchange, UpdateSpace
@@ -170,17 +170,11 @@ class RoundPipeline:
         gram = self.space.gram(checked.batch, exchange)
         if gram.matrix is None:
             return _Stages(_rollback(f"rollback: {gram.reason}"), gram=gram)
-        bounds = bound_updates(
-            np.sqrt(np.clip(np.diag(gram.matrix), 0.0, None)),
+        bounds, screening = bound_and_screen(
+            gram.matrix,
             np.array([c.num_examples for c in checked.accepted]),
             self.ledger.stakes_for(names),
-            example_cap_ratio=self.settings.example_cap_ratio,
-        )
-        screening = screen_updates(
-            gram.matrix,
-            bounds,
-            outlier_ratio=self.settings.outlier_norm_ratio,
-            split_margin=self.settings.split_margin,
+            self.settings,
         )
         log(
             INFO,
@@ -192,7 +186,9 @@ class RoundPipeline:
         statement = self._statement(
             server_round, global_arrays, previous_hash, checked, screening.trusted
         )
-        committee = by_node(redraw(statement), statement.node_of())
+        drawn = redraw(statement)
+        statement = replace(statement, validators=drawn.validators, miners=drawn.miners)
+        committee = by_node(drawn, statement.node_of())
         plan = self.selection.plan(gram.matrix, bounds, screening, names)
         candidates = CandidateSet(
             plan, self.space.combine(global_arrays, checked.batch, plan.coefficients)
@@ -308,11 +304,11 @@ class RoundPipeline:
         checked: CheckedReplies,
         trusted: Iterable[int],
     ) -> RoundStatement:
-        """State what the round decides from, and draw its committee from that statement.
+        """State what the round decides from (its committee is drawn from this statement).
 
-        The stake table is keyed by identity (address, or ``node:<id>`` unsigned); the
-        draw is :func:`~bcsfl_flower.round.statement.redraw` of the statement itself, so
-        an auditor recomputes it with the very same call.
+        The stake table is keyed by identity (address, or ``node:<id>`` unsigned). The
+        caller draws the committee with :func:`~bcsfl_flower.round.statement.redraw` of
+        the statement itself, so an auditor recomputes it with the very same call.
         """
         address_of = {node: address for address, node in self._node_of_address.items()}
         stakes = {
@@ -330,7 +326,7 @@ class RoundPipeline:
             for c in checked.accepted
         )
         stakes.update({r.identity: self.ledger.stake(r.node) for r in replies})
-        statement = RoundStatement(
+        return RoundStatement(
             round=server_round,
             previous_hash="0x" + previous_hash.hex(),
             settings=DecisionSettings.of(self.settings, self.selection.name, self.space.name),
@@ -340,8 +336,6 @@ class RoundPipeline:
             sketch_seed=checked.batch.sketch_seed,
             model_keys=tuple(global_arrays.keys()),
         )
-        drawn = redraw(statement)
-        return replace(statement, validators=drawn.validators, miners=drawn.miners)
 
     @staticmethod
     def _update_hash(contribution: Contribution) -> bytes:

@@ -30,10 +30,13 @@ side holds 60% of the stake, it is trusted even as half the clients.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 from scipy.cluster.hierarchy import ClusterNode, linkage, to_tree
 from scipy.spatial.distance import squareform
 
+from bcsfl_flower.round.bounds import bound_updates
 from bcsfl_flower.round.state import Bounds, Screening
 
 OUTLIER_NORM_RATIO = 2.5
@@ -145,6 +148,37 @@ def screen_updates(
         cosines, path, trusted = None, [], rows
     reasons = _reasons(bounds, too_long, rows, trusted, cosines, path, threshold, outlier_ratio)
     return Screening(tuple(int(i) for i in trusted), reasons, threshold, bool(path))
+
+
+class ScreeningSettings(Protocol):
+    """The settings the bound and screen stages read (a pipeline's or a statement's)."""
+
+    example_cap_ratio: float
+    outlier_norm_ratio: float
+    split_margin: float
+
+
+def bound_and_screen(
+    gram: np.ndarray, num_examples: np.ndarray, stakes: np.ndarray, settings: ScreeningSettings
+) -> tuple[Bounds, Screening]:
+    """Run a round's bound and screen stages on its Gram matrix.
+
+    The pipeline and ``bcsfl audit replay`` both call this, so a replayed round bounds
+    and screens exactly as the round did.
+    """
+    bounds = bound_updates(
+        np.sqrt(np.clip(np.diag(gram), 0.0, None)),
+        num_examples,
+        stakes,
+        example_cap_ratio=settings.example_cap_ratio,
+    )
+    screening = screen_updates(
+        gram,
+        bounds,
+        outlier_ratio=settings.outlier_norm_ratio,
+        split_margin=settings.split_margin,
+    )
+    return bounds, screening
 
 
 def majority_cluster(

@@ -25,10 +25,13 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
+from flwr.app import ConfigRecord
+
 from bcsfl_flower.committee import Committee, draw_committee
-from bcsfl_flower.packets import ModelPacket, SignedModelPacket
+from bcsfl_flower.packets import SignedModelPacket
 from bcsfl_flower.round.settings import RoundSettings
 from bcsfl_flower.round.state import ValidatorReport
 
@@ -37,6 +40,9 @@ STATEMENT_FORMAT = "bcsfl-round-statement/1"
 
 UNSIGNED_PREFIX = "node:"
 """Identity prefix of a client that did not sign its reply."""
+
+_PACKET_BYTES = ("model-hash", "signature")
+"""The packet record's fields that are bytes (hex in the statement's JSON)."""
 
 
 @dataclass(frozen=True)
@@ -141,11 +147,20 @@ class RoundStatement:
 
     def to_bytes(self) -> bytes:
         """Return the canonical encoding (sorted keys, no spaces, exact floats)."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return self._encoded
 
     def digest(self) -> bytes:
         """Return SHA-256 of :meth:`to_bytes`: the ``stateRoot`` the miners sign."""
-        return hashlib.sha256(self.to_bytes()).digest()
+        return self._digest
+
+    # A round encodes its statement for the miners, the chain and the store: once.
+    @cached_property
+    def _encoded(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @cached_property
+    def _digest(self) -> bytes:
+        return hashlib.sha256(self._encoded).digest()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RoundStatement:
@@ -181,26 +196,22 @@ class RoundStatement:
 
 
 def packet_fields(signed: SignedModelPacket) -> dict[str, Any]:
-    """Return a signed packet as the statement records it (hex strings)."""
+    """Return a signed packet as the statement records it: its wire record, bytes as hex."""
     return {
-        "model_hash": "0x" + signed.packet.model_hash.hex(),
-        "timestamp": signed.packet.timestamp,
-        "round": signed.packet.round,
-        "client": signed.packet.client,
-        "signature": "0x" + signed.signature.hex(),
+        key: "0x" + value.hex() if isinstance(value, bytes) else value
+        for key, value in signed.to_config_record().items()
     }
 
 
 def signed_packet(fields: Mapping[str, Any]) -> SignedModelPacket:
-    """Rebuild a signed packet from :func:`packet_fields`."""
-    return SignedModelPacket(
-        ModelPacket(
-            model_hash=bytes.fromhex(str(fields["model_hash"])[2:]),
-            timestamp=int(fields["timestamp"]),
-            round=int(fields["round"]),
-            client=str(fields["client"]),
-        ),
-        bytes.fromhex(str(fields["signature"])[2:]),
+    """Rebuild a signed packet from :func:`packet_fields` (its wire reader checks it)."""
+    return SignedModelPacket.from_config_record(
+        ConfigRecord(
+            {
+                key: bytes.fromhex(value[2:]) if key in _PACKET_BYTES else value
+                for key, value in fields.items()
+            }
+        )
     )
 
 
@@ -226,6 +237,23 @@ def redraw(statement: RoundStatement) -> Committee:
         min(statement.settings.num_miners, eligible),
         statement.previous_hash,
         statement.round,
+    )
+
+
+def recorded_draw(statement: RoundStatement) -> tuple[Committee, str | None]:
+    """Redraw the committee; return it and, if the statement records another one, why not.
+
+    ``bcsfl audit verify`` and ``bcsfl audit replay`` both judge a recorded committee
+    with this one check.
+    """
+    drawn = redraw(statement)
+    if (drawn.validators, drawn.miners) == (statement.validators, statement.miners):
+        return drawn, None
+    return drawn, (
+        f"round {statement.round}: the committee is not the stake-weighted draw from its "
+        f"statement: it lists validators {list(statement.validators)} and miners "
+        f"{list(statement.miners)}, the draw gives {list(drawn.validators)} and "
+        f"{list(drawn.miners)}"
     )
 
 
