@@ -143,7 +143,7 @@ def direction_test(features: Callable[[np.ndarray, slice], np.ndarray], centre: 
         chosen = features(updates[rows].astype(np.float64), output)
         unit = unit_gram(chosen @ chosen.T)
         cosines = centred_cosines(unit) if centre else unit
-        members, _ = majority_cluster(cosines, unit, stakes[rows], split_threshold(rows.size))
+        members = majority_cluster(cosines, unit, stakes[rows], split_threshold(rows.size)).members
         return set(range(len(updates))) - set(rows[members].tolist())
 
     return rule

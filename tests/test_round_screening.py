@@ -88,9 +88,12 @@ def test_long_updates_are_rejected_before_clustering_with_their_ratio():
 def test_half_the_clients_with_half_the_stake_are_not_split_but_a_third_of_the_stake_is():
     rng = np.random.default_rng(2)
     updates, attackers = planted(rng, 10, 10)
-    assert screen(updates).rejected == ()  # no stake majority: both sides stay (bounded mean)
+    even = screen(updates)
+    assert even.rejected == () and even.contested  # no stake majority: both sides stay
+    assert "contested" in even.reasons[0] and "60% of the stake" in even.reasons[0]
     stakes = np.array([0.5 if row in attackers else 1.0 for row in range(20)])
-    assert set(screen(updates, stakes).rejected) == attackers
+    minority = screen(updates, stakes)
+    assert set(minority.rejected) == attackers and not minority.contested
     # The majority of clients does not win against the majority of stake.
     stakes = np.array([1.0 if row in attackers else 0.4 for row in range(20)])
     assert set(screen(updates, stakes).trusted) == attackers

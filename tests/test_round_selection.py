@@ -106,6 +106,34 @@ def test_silent_and_failing_validators_count_against_the_quorum():
     assert not decision.committed and decision.votes_for == 3 and decision.quorum == 4
 
 
+def test_a_contested_round_offers_the_bounded_mean_of_both_groups_alone():
+    plan, bounds, screening = trusted_mean_plan(n_honest=5, n_attackers=5)
+    assert screening.contested and screening.trusted == tuple(range(10))
+    assert plan.contested and plan.names == ("federation-mean",)
+    # Every update clipped to the median norm and equally weighted: neither group's core,
+    # median or mean alone is offered, so a committee drawn from one side cannot pick it.
+    np.testing.assert_allclose(plan.coefficients[0], bounds.clip / 10)
+    assert bounds.clip.min() < 1.0
+    assert plan.supports == (tuple(range(10)),) and plan.fallback_suspects == ()
+
+
+def test_a_contested_round_commits_its_candidate_without_the_quorum_and_says_so():
+    plan = CandidatePlan(("federation-mean",), np.ones((1, 4)), ((0, 1, 2, 3),), contested=True)
+    split = [report(f"v{i}", 1.0, federation_mean=0.5 if i < 3 else 2.0) for i in range(5)]
+    decision = TrustedMeanSelection().decide(plan, split, [f"v{i}" for i in range(5)], TOLERANCE)
+    assert decision.committed and decision.candidate == "federation-mean"
+    assert decision.votes_for == 3 and decision.quorum == 4 and decision.support == (0, 1, 2, 3)
+    assert decision.reason.startswith("commit (contested)")
+    assert decision.ballots["v4"]["federation-mean"]["accept"] is False
+    # The same votes roll an uncontested round back.
+    uncontested = CandidatePlan(("federation-mean",), np.ones((1, 4)), ((0, 1, 2, 3),))
+    assert (
+        not TrustedMeanSelection()
+        .decide(uncontested, split, ["v0", "v1", "v2", "v3", "v4"], TOLERANCE)
+        .committed
+    )
+
+
 def test_no_validator_rolls_back():
     plan = CandidatePlan(("a",), np.eye(1), ((0,),), (0,))
     decision = TrustedMeanSelection().decide(plan, [], [], 0.05)

@@ -23,13 +23,16 @@ separation a real group adds. Both constants were chosen with
 rejected at 0% attackers at 20 clients; see the README).
 
 Why stake decides and not head count: when no side holds a qualified share of the stake
-(half the clients attack and hold half the stake) the screen trusts both and the
-aggregate is a bounded mean, as no rule could tell the sides apart; once the honest
-side holds 60% of the stake, it is trusted even as half the clients.
+(half the clients attack and hold half the stake) the screen trusts both and reports
+the round as *contested*: no rule could tell the sides apart, and the validators, drawn
+from both sides, will split along the same line (see
+:class:`~bcsfl_flower.round.selection.TrustedMeanSelection`). Once the honest side holds
+60% of the stake, it is trusted even as half the clients.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -131,7 +134,7 @@ def screen_updates(
     """
     size = gram.shape[0]
     if size == 0:
-        return Screening((), (), float("inf"), False)
+        return Screening((), (), float("inf"))
     too_long = (
         bounds.norms > outlier_ratio * bounds.norm_bound
         if bounds.norm_bound > 0
@@ -142,12 +145,18 @@ def screen_updates(
     if rows.size >= MIN_CLUSTERED:
         units = unit_gram(gram[np.ix_(rows, rows)])
         cosines = centred_cosines(units)
-        members, path = majority_cluster(cosines, units, bounds.stakes[rows], threshold)
-        trusted = rows[members]
+        cluster = majority_cluster(cosines, units, bounds.stakes[rows], threshold)
+        trusted = rows[cluster.members]
     else:
-        cosines, path, trusted = None, [], rows
-    reasons = _reasons(bounds, too_long, rows, trusted, cosines, path, threshold, outlier_ratio)
-    return Screening(tuple(int(i) for i in trusted), reasons, threshold, bool(path))
+        cosines, cluster, trusted = None, ClusterDescent(np.arange(rows.size)), rows
+    reasons = _reasons(bounds, too_long, rows, trusted, cosines, cluster, threshold, outlier_ratio)
+    return Screening(
+        tuple(int(i) for i in trusted),
+        reasons,
+        threshold,
+        split=bool(cluster.path),
+        contested=cluster.contested,
+    )
 
 
 class ScreeningSettings(Protocol):
@@ -181,32 +190,54 @@ def bound_and_screen(
     return bounds, screening
 
 
+@dataclass(frozen=True)
+class ClusterDescent:
+    """Where :func:`majority_cluster` stopped.
+
+    Attributes
+    ----------
+    members : np.ndarray
+        Indices (into the screened rows) of the node reached, ascending.
+    path : tuple[float, ...]
+        Average-linkage distances of the splits taken on the way down.
+    contested : bool
+        Whether the descent stopped at a significant split of two disagreeing groups
+        because neither holds :data:`TRUSTED_STAKE_SHARE` of the stake.
+    """
+
+    members: np.ndarray
+    path: tuple[float, ...] = ()
+    contested: bool = False
+
+
 def majority_cluster(
     cosines: np.ndarray, units: np.ndarray, stakes: np.ndarray, threshold: float
-) -> tuple[np.ndarray, list[float]]:
+) -> ClusterDescent:
     """Descend the tree into the child holding a qualified share of the stake at each split.
 
     A split is taken when its average-linkage distance exceeds ``threshold``, the two
     groups' mean directions disagree (cosine below :data:`AGREEING_COSINE`, from the
     uncentred unit inner products ``units``), and the heavier group holds at least
-    :data:`TRUSTED_STAKE_SHARE` of the stake. Returns the members (indices into
-    ``cosines``) of the node reached, and the distances of the splits taken.
+    :data:`TRUSTED_STAKE_SHARE` of the stake. A significant, disagreeing split where
+    neither group holds that share ends the descent as *contested*.
     """
     distances = np.clip(1.0 - cosines, 0.0, 2.0)
     np.fill_diagonal(distances, 0.0)
     tree: ClusterNode = to_tree(linkage(squareform(distances, checks=False), method="average"))
     total = float(stakes.sum())
-    node, path = tree, []
+    node, path, contested = tree, [], False
     while not node.is_leaf() and node.dist > threshold:
         left, right = node.get_left(), node.get_right()
         if _mean_direction_cosine(units, left.pre_order(), right.pre_order()) >= AGREEING_COSINE:
             break
         heavier = max((left, right), key=lambda c: _stake(c, stakes))
         if _stake(heavier, stakes) < TRUSTED_STAKE_SHARE * total:
+            contested = True
             break
         path.append(float(node.dist))
         node = heavier
-    return np.sort(np.asarray(node.pre_order(), dtype=np.int64)), path
+    members = np.sort(np.asarray(node.pre_order(), dtype=np.int64))
+    return ClusterDescent(members, tuple(path), contested)
 
 
 def _mean_direction_cosine(units: np.ndarray, first: list[int], second: list[int]) -> float:
@@ -214,6 +245,18 @@ def _mean_direction_cosine(units: np.ndarray, first: list[int], second: list[int
     cross = float(units[np.ix_(first, second)].sum())
     scale = float(units[np.ix_(first, first)].sum()) * float(units[np.ix_(second, second)].sum())
     return cross / np.sqrt(scale) if scale > 0 else 0.0
+
+
+def _trusted_detail(cluster: ClusterDescent, size: int, threshold: float) -> str:
+    if cluster.contested:
+        return (
+            f"contested, {size} clients in two groups and neither holds "
+            f"{TRUSTED_STAKE_SHARE:.0%} of the stake"
+        )
+    detail = "no split"
+    if cluster.path:
+        detail = f"split at distance {cluster.path[-1]:.3f} > {threshold:.3f}"
+    return f"in the stake-majority cluster ({size} clients, {detail})"
 
 
 def _stake(node: ClusterNode, stakes: np.ndarray) -> float:
@@ -226,7 +269,7 @@ def _reasons(
     rows: np.ndarray,
     trusted: np.ndarray,
     cosines: np.ndarray | None,
-    path: list[float],
+    cluster: ClusterDescent,
     threshold: float,
     outlier_ratio: float,
 ) -> tuple[str, ...]:
@@ -236,10 +279,7 @@ def _reasons(
     reasons = []
     for row in range(bounds.norms.size):
         if row in trusted_set:
-            detail = f"split at distance {path[-1]:.3f} > {threshold:.3f}" if path else "no split"
-            reasons.append(
-                f"trusted: in the stake-majority cluster ({len(trusted_set)} clients, {detail})"
-            )
+            reasons.append(f"trusted: {_trusted_detail(cluster, len(trusted_set), threshold)}")
         elif too_long[row]:
             reasons.append(
                 f"update norm {bounds.norms[row] / bounds.norm_bound:.2f}x the stake-weighted "

@@ -13,7 +13,8 @@ A rule has two halves, one on each side of the validation exchange:
     2/3 quorum, the one with the highest median loss delta commits (within
     :data:`TIE_MARGIN`, the preferred one). When poison slips into the trusted
     cluster, the mean is voted down but its robust fallbacks still carry the round,
-    so a round does not stall while a safe step exists.
+    so a round does not stall while a safe step exists. A contested round (no side holds
+    the qualified stake share) commits the bounded mean of both sides, quorum or not.
 
 ``paper``
     BCS-FL's own selection as a PBFT step: every trusted local model is a candidate,
@@ -91,16 +92,37 @@ def no_validators(plan: CandidatePlan) -> Decision:
 
 
 class TrustedMeanSelection(SelectionRule):
-    """The trusted cluster's mean, with its core and geometric median as fallbacks."""
+    """The trusted cluster's mean, with its core and geometric median as fallbacks.
+
+    A *contested* round (the screen found two disagreeing groups and neither holds the
+    qualified stake share) has one candidate, the federation mean: the bounded mean of
+    both groups. The validators are drawn from both groups and split along the same
+    line, so no 2/3 quorum can form, and a quorum that does form means the draw gave
+    one side the committee: a vote decides nothing here. The federation mean commits
+    with or without the quorum, and the decision says so. PBFT's guarantees need less
+    than a third of the stake to be Byzantine; past that no vote is safe, and the
+    bounded mean neither stalls nor lets either side take the model.
+    """
 
     name = "trusted-mean"
     MEAN, CORE, MEDIAN = "trusted-mean", "core-mean", "geometric-median"
+    FEDERATION = "federation-mean"
 
     def plan(
         self, gram: np.ndarray, bounds: Bounds, screening: Screening, names: Sequence[str]
     ) -> CandidatePlan:
-        """Return the mean, core mean and geometric median of the trusted cluster."""
+        """Return the mean, core mean and geometric median of the trusted cluster.
+
+        A contested round gets the federation mean alone (see the class docstring).
+        """
         trusted = np.asarray(screening.trusted, dtype=np.int64)
+        if screening.contested:
+            return CandidatePlan(
+                names=(self.FEDERATION,),
+                coefficients=mean_coefficients(trusted, bounds.weights, bounds.clip)[np.newaxis],
+                supports=(tuple(int(i) for i in trusted),),
+                contested=True,
+            )
         inner = bounds.clipped_gram(gram)[np.ix_(trusted, trusted)]
         weights = bounds.weights[trusted]
         median = geometric_median_weights(inner, weights)
@@ -132,7 +154,11 @@ class TrustedMeanSelection(SelectionRule):
         validators: Sequence[str],
         tolerance: float,
     ) -> Decision:
-        """Commit the quorum-reaching candidate with the highest median loss delta."""
+        """Commit the quorum-reaching candidate with the highest median loss delta.
+
+        A contested plan's candidate commits without the quorum (see the class
+        docstring); its votes are still counted and recorded.
+        """
         if not validators:
             return no_validators(plan)
         quorum = quorum_size(len(validators))
@@ -142,6 +168,8 @@ class TrustedMeanSelection(SelectionRule):
         ballots = _ballots(reports, plan.names, votes)
         eligible = [name for name in plan.names if counts[name] >= quorum]
         tally = ", ".join(f"{name} {counts[name]}" for name in plan.names)
+        if not eligible and plan.contested:
+            return _contested_commit(plan, counts[plan.names[0]], quorum, len(validators), ballots)
         if not eligible:
             best = max(plan.names, key=lambda name: counts[name])
             return Decision(
@@ -284,6 +312,25 @@ def selection_rule(name: str, *, encrypted: bool = False) -> SelectionRule:
             f"{name!r} cannot run with CKKS: validators would decrypt single clients' models",
         )
     return rule()
+
+
+def _contested_commit(
+    plan: CandidatePlan, votes_for: int, quorum: int, num_validators: int, ballots: dict
+) -> Decision:
+    """Return the commit of a contested plan's candidate that missed the quorum."""
+    chosen = plan.names[0]
+    return Decision(
+        committed=True,
+        candidate=chosen,
+        votes_for=votes_for,
+        quorum=quorum,
+        num_validators=num_validators,
+        reason=f"commit (contested): {chosen!r} with {votes_for}/{num_validators} accept votes, "
+        f"below quorum {quorum}; the screen found two groups and neither holds the qualified "
+        "stake share, so the committee splits as the federation does",
+        ballots=ballots,
+        support=plan.supports[0],
+    )
 
 
 def _median_delta(reports: Sequence[ValidatorReport], candidate: str) -> float:

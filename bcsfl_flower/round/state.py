@@ -178,12 +178,16 @@ class Screening:
     split : bool
         Whether the direction test set a group apart (the trusted cluster is not
         everyone left after the length test).
+    contested : bool
+        Whether the trusted clients form two disagreeing groups and neither holds the
+        qualified share of the stake, so the screen could not choose between them.
     """
 
     trusted: tuple[int, ...]
     reasons: tuple[str, ...]
     split_threshold: float
     split: bool = False
+    contested: bool = False
 
     @property
     def rejected(self) -> tuple[int, ...]:
@@ -214,6 +218,9 @@ class CandidatePlan:
     owners : tuple[str | None, ...]
         For a candidate that is one client's model, that client's node id (a validator
         does not propose its own model); empty when no candidate has a single owner.
+    contested : bool
+        Whether the screen left the round contested (:attr:`Screening.contested`): the
+        plan's first candidate then commits even without the validators' quorum.
     """
 
     names: tuple[str, ...]
@@ -221,6 +228,7 @@ class CandidatePlan:
     supports: tuple[tuple[int, ...], ...]
     fallback_suspects: tuple[int, ...] = ()
     owners: tuple[str | None, ...] = ()
+    contested: bool = False
 
 
 @dataclass(frozen=True)
