@@ -7,6 +7,7 @@ config onto their arguments so that every strategy sees the same federation.
 
 from __future__ import annotations
 
+from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAvg,
     FedMedian,
@@ -15,8 +16,29 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from bcsfl_flower.protocol import DP_EPSILON_KEY
 
 BASELINES = ("fedavg", "krum", "multikrum", "fedmedian", "fedtrimmedavg")
+
+
+def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Return Flower's weighted averages, except ``dp-epsilon``: the largest a client spent.
+
+    A federation's privacy guarantee is its weakest client's; an average of epsilons
+    would understate it. Only the metrics change: the strategies' models do not.
+    """
+    metrics = aggregate_metricrecords(records, weighted_by_key)
+    spent = [
+        float(record[DP_EPSILON_KEY])  # type: ignore[arg-type]
+        for content in records
+        for record in content.metric_records.values()
+        if DP_EPSILON_KEY in record
+    ]
+    if spent:
+        metrics[DP_EPSILON_KEY] = max(spent)
+    return metrics
 
 
 def build_baseline(
@@ -30,7 +52,11 @@ def build_baseline(
     FedTrimmedAvg trims ``beta = max(0.1, attacker_fraction)`` from each end, capped
     below 0.5.
     """
-    common = {"fraction_train": fraction_train, "fraction_evaluate": 0.0}
+    common = {
+        "fraction_train": fraction_train,
+        "fraction_evaluate": 0.0,
+        "train_metrics_aggr_fn": aggregate_train_metrics,
+    }
     malicious = round(attacker_fraction * num_nodes)
     if name == "fedavg":
         return FedAvg(**common)

@@ -10,6 +10,7 @@ start-up with a message naming the offending key instead of deep inside a round.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -99,6 +100,7 @@ class RunSettings:
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
+    dp_target_epsilon: float = 0.0
     ckks: bool = False
     ckks_key_seed: int = 0
 
@@ -168,6 +170,16 @@ class RunSettings:
         _require(self.dp_noise_multiplier >= 0, "dp-noise-multiplier", "must be >= 0")
         _require(self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")
         _require(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
+        _require(
+            math.isfinite(self.dp_target_epsilon) and self.dp_target_epsilon >= 0,
+            "dp-target-epsilon",
+            "must be a finite number >= 0 (0: no budget)",
+        )
+        _require(
+            self.dp or self.dp_target_epsilon == 0,
+            "dp-target-epsilon",
+            "needs dp=true (a budget means nothing without DP-SGD)",
+        )
         _require(self.ckks_key_seed >= 0, "ckks-key-seed", "must be >= 0")
         for flag, extra in ((self.dp, "dp"), (self.ckks, "ckks")):
             if flag:

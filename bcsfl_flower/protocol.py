@@ -82,6 +82,20 @@ PACKET_RECORD_KEY = "bcsfl.packet"
 """Train reply: the ConfigRecord with the client's signed model packet."""
 
 
+DP_EPSILON_KEY = "dp-epsilon"
+"""Train metric in which a DP client reports the epsilon it has spent so far."""
+
+BUDGET_REFUSAL = "privacy budget exceeded"
+"""A DP client that would overspend ``dp-target-epsilon`` refuses to train with an error
+reply whose reason contains this (:mod:`bcsfl_flower.privacy.budget`)."""
+
+
+def all_refused_for_budget(reasons: Iterable[str]) -> bool:
+    """Return whether there were reasons and every one is a privacy budget refusal."""
+    reasons = list(reasons)
+    return bool(reasons) and all(BUDGET_REFUSAL in reason for reason in reasons)
+
+
 def config_value(content: RecordDict, key: str) -> ConfigValue | list[Any] | None:
     """Return ``key`` from the first ConfigRecord of ``content`` that holds it.
 

@@ -22,6 +22,7 @@ from bcsfl_flower.chain.retry import RetryPolicy
 from bcsfl_flower.checkpoint import ResumeError, load_checkpoint
 from bcsfl_flower.config import RunSettings
 from bcsfl_flower.notary import MANIFEST_FILE, RoundNotary
+from bcsfl_flower.protocol import DP_EPSILON_KEY
 from bcsfl_flower.results import RunRecorder, load_results
 from bcsfl_flower.strategy import BCSFL
 from bcsfl_flower.task.attacks import choose_attackers, rejection_scores
@@ -133,6 +134,10 @@ def _run(
     finally:
         if notary is not None:
             notary.close()
+    if settings.strategy != "bcsfl":  # BCSFL records its rounds itself, epsilon included
+        for server_round, metrics in result.train_metrics_clientapp.items():
+            if DP_EPSILON_KEY in metrics:
+                recorder.record(server_round, {"max_dp_epsilon": float(metrics[DP_EPSILON_KEY])})
     final = result.evaluate_metrics_serverapp.get(settings.num_server_rounds)
     if final is not None:
         recorder.set("final_test_accuracy", final["test_accuracy"])

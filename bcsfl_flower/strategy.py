@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.prompt_grid import PromptGrid
+from bcsfl_flower.protocol import all_refused_for_budget
 from bcsfl_flower.round.metrics import aggregate_evaluate_metrics, round_metrics
 from bcsfl_flower.round.pipeline import RoundPipeline
 from bcsfl_flower.round.screening import OUTLIER_NORM_RATIO, SPLIT_MARGIN
@@ -44,6 +45,10 @@ RoundSink = Callable[[int, dict[str, Any]], None]
 
 
 # pylint: disable=too-many-instance-attributes
+class PrivacyBudgetExhaustedError(RuntimeError):
+    """Every client of a round refused to train: the run would overspend ``dp-target-epsilon``."""
+
+
 class BCSFL(FedAvg):
     """BCS-FL: stake-drawn committees, robust screening and 2/3-quorum consensus.
 
@@ -270,6 +275,11 @@ class BCSFL(FedAvg):
             record = replace(record, timing=replace(record.timing, training_s=training_s))
         if self.round_sink is not None:
             self.round_sink(server_round, record.to_json())
+        if not record.checked.accepted and all_refused_for_budget(record.checked.rejected.values()):
+            raise PrivacyBudgetExhaustedError(
+                f"round {server_round}: every client refused to train; "
+                + next(iter(record.checked.rejected.values()))
+            )
         return record.arrays, round_metrics(record)
 
     def aggregate_evaluate(

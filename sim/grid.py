@@ -178,6 +178,9 @@ class ExperimentSpec:
         Share of the total initial stake the attackers hold together, in (0, 1); sets
         run config ``attacker-stake`` (see :attr:`attacker_stake`). None (the default)
         leaves every client at the app's equal stake.
+    dp_noise_multiplier : float | None
+        Train every client with DP-SGD at this noise multiplier (run config ``dp`` and
+        ``dp-noise-multiplier``); None (the default) trains without DP.
     """
 
     strategy: str
@@ -189,6 +192,7 @@ class ExperimentSpec:
     dirichlet_alpha: float = 0.5
     seed: int = 42
     attacker_stake_share: float | None = None
+    dp_noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -208,6 +212,8 @@ class ExperimentSpec:
                 f"num_clients and num_rounds must be >= 1, got {self.num_clients}, "
                 f"{self.num_rounds}"
             )
+        if self.dp_noise_multiplier is not None and not self.dp_noise_multiplier > 0:
+            raise ValueError(f"dp_noise_multiplier must be > 0, got {self.dp_noise_multiplier}")
         if self.attacker_stake_share is not None:
             if not 0.0 < self.attacker_stake_share < 1.0:
                 raise ValueError(
@@ -259,11 +265,14 @@ class ExperimentSpec:
         """Directory name of the run, unique within a grid.
 
         E.g. ``mnist-bcsfl-label-flip-30-s42``; a stake cell adds the attackers' share in
-        percent: ``mnist-bcsfl-label-flip-50-stake33-s42``.
+        percent: ``mnist-bcsfl-label-flip-50-stake33-s42``; a DP run its noise multiplier:
+        ``mnist-bcsfl-label-flip-30-dp1.5-s42``.
         """
         cell = f"{self.attack}-{self.percent:02d}"
         if self.attacker_stake_share is not None:
             cell += f"-stake{round(self.attacker_stake_share * 100):02d}"
+        if self.dp_noise_multiplier is not None:
+            cell += f"-dp{self.dp_noise_multiplier:g}"
         return f"{self.dataset}-{self.strategy}-{cell}-s{self.seed}"
 
     def run_config(self) -> dict[str, Any]:
@@ -280,18 +289,21 @@ class ExperimentSpec:
         }
         if self.attacker_stake is not None:
             config["attacker-stake"] = self.attacker_stake
+        if self.dp_noise_multiplier is not None:
+            config.update({"dp": True, "dp-noise-multiplier": self.dp_noise_multiplier})
         return config
 
     def to_record(self) -> dict[str, Any]:
         """Return the spec as ``spec.json`` stores it.
 
-        The fields of :func:`dataclasses.asdict`, less ``attacker_stake_share`` when it
-        is None: a run made before the field existed recorded no such key, and the same
-        federation must still match its record.
+        The fields of :func:`dataclasses.asdict`, less ``attacker_stake_share`` and
+        ``dp_noise_multiplier`` when they are None: a run made before a field existed
+        recorded no such key, and the same federation must still match its record.
         """
         record = dataclasses.asdict(self)
-        if self.attacker_stake_share is None:
-            del record["attacker_stake_share"]
+        for optional in ("attacker_stake_share", "dp_noise_multiplier"):
+            if record[optional] is None:
+                del record[optional]
         return record
 
 

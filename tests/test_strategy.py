@@ -11,9 +11,9 @@ from flower_messages import FakeGrid, error_reply, reply_to, train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from bcsfl_flower.protocol import DUTY_CAPABLE_RECORD_KEY, DUTY_RECORD_KEY
+from bcsfl_flower.protocol import BUDGET_REFUSAL, DUTY_CAPABLE_RECORD_KEY, DUTY_RECORD_KEY
 from bcsfl_flower.round.settings import SettingError
-from bcsfl_flower.strategy import BCSFL
+from bcsfl_flower.strategy import BCSFL, PrivacyBudgetExhaustedError
 
 DIM = 200
 TARGET = np.random.default_rng(0).normal(size=DIM).astype(np.float32)
@@ -162,6 +162,17 @@ def test_one_bad_reply_cannot_stop_the_round_and_only_bad_replies_keep_the_model
     assert record["outcome"] == "commit" and set(record["rejected"]) == {"90", "91", "92"}
     assert metrics["bcsfl-num-rejected"] == 3
     arrays, metrics, record = run_round(BCSFL(), bad, FakeGrid(squared_distance))
+    assert arrays is GLOBAL and record["reason"] == "rollback: no valid reply"
+
+
+def test_the_run_stops_when_every_client_refuses_for_its_privacy_budget():
+    refusal = f"Exception: {BUDGET_REFUSAL}: training the 3 remaining round(s) would ..."
+    refusals = [error_reply(node, refusal) for node in (90, 91, 92)]
+    with pytest.raises(PrivacyBudgetExhaustedError, match="round 4: every client refused"):
+        run_round(BCSFL(), refusals, FakeGrid(squared_distance), server_round=4)
+    # One client refusing, or refusals beside a crash, is an ordinary rejection.
+    mixed = [*refusals[:2], error_reply(93, "node crashed")]
+    arrays, _, record = run_round(BCSFL(), mixed, FakeGrid(squared_distance))
     assert arrays is GLOBAL and record["reason"] == "rollback: no valid reply"
 
 

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from bcsfl_flower.client.ckks_app import bcsfl_ckks_client_app
 from bcsfl_flower.config import RunSettings
+from bcsfl_flower.protocol import DP_EPSILON_KEY
 from bcsfl_flower.task.attacks import UPDATE_ATTACKS, choose_attackers, poison_update
 from bcsfl_flower.task.data import ClientData, load_client_data
 from bcsfl_flower.task.models import build_model
@@ -64,8 +65,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     learning_rate = float(config.get("learning-rate", settings.learning_rate))
     extra_metrics: dict[str, float] = {}
     if settings.dp:
-        train_loss, extra_metrics["dp-epsilon"] = _train_private(
-            model, data, context, settings, epochs, learning_rate
+        train_loss, extra_metrics[DP_EPSILON_KEY] = _train_private(
+            model, data, context, settings, epochs, learning_rate, int(config["server-round"])
         )
     else:
         train_loss = train(
@@ -94,23 +95,28 @@ def _train_private(
     settings: RunSettings,
     epochs: int,
     learning_rate: float,
+    server_round: int,
 ) -> tuple[float, float]:
     """Train with Opacus DP-SGD; return the loss and the cumulative epsilon.
 
     The accountant's history lives in ``context.state`` between rounds (the ClientApp
-    itself is rebuilt for every message), so epsilon accumulates over the run.
+    itself is rebuilt for every message), so epsilon accumulates over the run. With
+    ``dp-target-epsilon`` the round is refused before any data is touched if the rest
+    of the run would overspend it.
     """
     # Imported here: importing Opacus configures the root logger, which would double
     # every log line of clients that do not train with DP.
     from bcsfl_flower.privacy.dp import DPConfig, make_private
 
+    state = context.state.config_records.get(DP_STATE_KEY)
+    if settings.dp_target_epsilon > 0:
+        _check_budget(settings, data, epochs, server_round, state)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
     dp_config = DPConfig(
         noise_multiplier=settings.dp_noise_multiplier,
         max_grad_norm=settings.dp_max_grad_norm,
         delta=settings.dp_delta,
     )
-    state = context.state.config_records.get(DP_STATE_KEY)
     with make_private(
         model,
         optimizer,
@@ -128,6 +134,30 @@ def _train_private(
         )
         context.state[DP_STATE_KEY] = ConfigRecord(private.accountant_state())
         return loss, float(private.epsilon())
+
+
+def _check_budget(
+    settings: RunSettings,
+    data: ClientData,
+    epochs: int,
+    server_round: int,
+    state: ConfigRecord | None,
+) -> None:
+    """Refuse this round if the rest of the run would take this client past its budget.
+
+    Opacus samples each batch with rate ``1 / batches per epoch``; this client is
+    assumed to train in every remaining round, which is the worst case.
+    """
+    from bcsfl_flower.privacy.budget import PlannedTraining, check_budget
+
+    batches = len(data.train)
+    plan = PlannedTraining(
+        noise_multiplier=settings.dp_noise_multiplier,
+        sample_rate=1.0 / batches,
+        steps_per_round=epochs * batches,
+        rounds=max(settings.num_server_rounds - server_round + 1, 1),
+    )
+    check_budget(settings.dp_target_epsilon, settings.dp_delta, plan, state)
 
 
 def _inject_fault(msg: Message, context: Context, settings: RunSettings) -> None:

@@ -277,6 +277,30 @@ def epsilon_from_state(state: Mapping[str, Sequence[float] | Sequence[int]], del
     return float(accountant.get_epsilon(delta=delta))
 
 
+def projected_epsilon(
+    state: Mapping[str, Sequence[float] | Sequence[int]] | None,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+) -> float:
+    """Return the epsilon after ``steps`` more DP-SGD steps on top of a saved history.
+
+    The same RDP analysis as :meth:`PrivateTraining.epsilon`, run on the history plus
+    the planned steps, so a client can tell before training what training will spend.
+    """
+    _require_positive_finite("noise_multiplier", noise_multiplier)
+    _require_delta(delta)
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    accountant = RDPAccountant()
+    history = _history_from_state(state) if state else []
+    if steps > 0:
+        history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+    accountant.history = history
+    return float(accountant.get_epsilon(delta=delta)) if history else 0.0
+
+
 def _history_from_state(
     state: Mapping[str, Sequence[float] | Sequence[int]],
 ) -> list[tuple[float, float, int]]:

@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from bcsfl_flower.protocol import DP_EPSILON_KEY
 from bcsfl_flower.round.bounds import EXAMPLE_CAP_RATIO, weighted_median
 from bcsfl_flower.round.checks import example_weight, metric_fault
 from bcsfl_flower.round.state import RoundRecord
@@ -95,7 +96,7 @@ def round_metrics(record: RoundRecord) -> MetricRecord:
     metrics["bcsfl-votes-for"] = record.decision.votes_for
     metrics["bcsfl-quorum"] = record.decision.quorum
     epsilons = [
-        c.metrics["dp-epsilon"] for c in record.checked.accepted if "dp-epsilon" in c.metrics
+        c.metrics[DP_EPSILON_KEY] for c in record.checked.accepted if DP_EPSILON_KEY in c.metrics
     ]
     if epsilons:
         metrics["bcsfl-max-dp-epsilon"] = max(float(e) for e in epsilons)  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from bcsfl_flower.committee import Committee
 from bcsfl_flower.packets import SignedModelPacket
-from bcsfl_flower.protocol import serves_duty
+from bcsfl_flower.protocol import DP_EPSILON_KEY, serves_duty
 from bcsfl_flower.round.timing import StageTimes
 
 
@@ -438,7 +438,7 @@ class RoundRecord:
         if self.timing is not None:
             record["timing"] = self.timing.to_json()
         epsilons = [
-            c.metrics["dp-epsilon"] for c in self.checked.accepted if "dp-epsilon" in c.metrics
+            c.metrics[DP_EPSILON_KEY] for c in self.checked.accepted if DP_EPSILON_KEY in c.metrics
         ]
         if epsilons:
             record["max_dp_epsilon"] = max(float(e) for e in epsilons)  # type: ignore[arg-type]
