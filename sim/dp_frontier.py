@@ -19,7 +19,6 @@ and the command that made it), ``frontier.csv`` and ``accuracy_vs_epsilon.png``.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from flwr.common.logger import log  # noqa: E402
 
-from bcsfl_flower.config import DATA_DIR_ENV  # noqa: E402
+from sim.experiments import add_data_dir_argument  # noqa: E402
 from sim.grid import CLEAN, LABEL_FLIP, STRATEGIES, Cell, ExperimentSpec  # noqa: E402
 from sim.records import RunResult  # noqa: E402
 from sim.report import write_csv  # noqa: E402
@@ -204,12 +203,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m sim.dp_frontier", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--out", type=Path, default=Path("sim/results/dp_frontier"))
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(os.environ.get(DATA_DIR_ENV, "data")),
-        help=f"dataset root (default: ${DATA_DIR_ENV} or ./data)",
-    )
+    add_data_dir_argument(parser)
     parser.add_argument(
         "--strategies", nargs="+", choices=list(STRATEGIES), default=list(FRONTIER_STRATEGIES)
     )

@@ -182,6 +182,16 @@ def write_outputs(
     ]
 
 
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--data-dir``, the dataset root every run of a grid reads."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get(DATA_DIR_ENV, "data")),
+        help=f"dataset root (default: ${DATA_DIR_ENV} or ./data)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sim.experiments", description=__doc__.split("\n\n")[0]
@@ -199,12 +209,7 @@ def _parser() -> argparse.ArgumentParser:
         help="output directory (default sim/results/<preset>, or <preset>-<dataset> off MNIST)",
     )
     parser.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(os.environ.get(DATA_DIR_ENV, "data")),
-        help=f"dataset root (default: ${DATA_DIR_ENV} or ./data)",
-    )
+    add_data_dir_argument(parser)
     parser.add_argument(
         "--strategies", nargs="+", choices=list(STRATEGIES), help="run only these strategies"
     )
