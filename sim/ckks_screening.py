@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run (or reuse) the CKKS federation and write the comparison."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    run_dir = args.out / f"{PLAINTEXT_SPEC.run_id.replace('bcsfl', 'bcsfl-ckks')}"
+    # Under runs/, as the grid's runs, so that models and Flower's home stay out of git.
+    run_dir = args.out / "runs" / PLAINTEXT_SPEC.run_id.replace("bcsfl", "bcsfl-ckks", 1)
     results_path = run_dir / RESULTS_FILE
     done = results_path.exists() and json.loads(results_path.read_text()).get("status")
     if done != "completed":
