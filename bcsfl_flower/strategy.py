@@ -44,11 +44,11 @@ RoundSink = Callable[[int, dict[str, Any]], None]
 """Receives ``(server_round, record)`` once per round, e.g. :meth:`RunRecorder.record`."""
 
 
-# pylint: disable=too-many-instance-attributes
 class PrivacyBudgetExhaustedError(RuntimeError):
     """Every client of a round refused to train: the run would overspend ``dp-target-epsilon``."""
 
 
+# pylint: disable=too-many-instance-attributes
 class BCSFL(FedAvg):
     """BCS-FL: stake-drawn committees, robust screening and 2/3-quorum consensus.
 

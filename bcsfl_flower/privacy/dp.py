@@ -271,10 +271,7 @@ def epsilon_from_state(state: Mapping[str, Sequence[float] | Sequence[int]], del
     Lets a server (or an auditor) recompute the epsilon a client reports from the
     history it reports.
     """
-    _require_delta(delta)
-    accountant = RDPAccountant()
-    accountant.history = _history_from_state(state)
-    return float(accountant.get_epsilon(delta=delta))
+    return _epsilon_of(_history_from_state(state), delta)
 
 
 def projected_epsilon(
@@ -290,15 +287,22 @@ def projected_epsilon(
     the planned steps, so a client can tell before training what training will spend.
     """
     _require_positive_finite("noise_multiplier", noise_multiplier)
-    _require_delta(delta)
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    accountant = RDPAccountant()
     history = _history_from_state(state) if state else []
     if steps > 0:
         history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+    return _epsilon_of(history, delta)
+
+
+def _epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Return the RDP accountant's epsilon at ``delta`` for ``history`` (0.0 when empty)."""
+    _require_delta(delta)
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
     accountant.history = history
-    return float(accountant.get_epsilon(delta=delta)) if history else 0.0
+    return float(accountant.get_epsilon(delta=delta))
 
 
 def _history_from_state(

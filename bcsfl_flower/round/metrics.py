@@ -21,7 +21,6 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from bcsfl_flower.protocol import DP_EPSILON_KEY
 from bcsfl_flower.round.bounds import EXAMPLE_CAP_RATIO, weighted_median
 from bcsfl_flower.round.checks import example_weight, metric_fault
 from bcsfl_flower.round.state import RoundRecord
@@ -95,9 +94,6 @@ def round_metrics(record: RoundRecord) -> MetricRecord:
     metrics["bcsfl-num-rejected"] = len(record.rejected())
     metrics["bcsfl-votes-for"] = record.decision.votes_for
     metrics["bcsfl-quorum"] = record.decision.quorum
-    epsilons = [
-        c.metrics[DP_EPSILON_KEY] for c in record.checked.accepted if DP_EPSILON_KEY in c.metrics
-    ]
-    if epsilons:
-        metrics["bcsfl-max-dp-epsilon"] = max(float(e) for e in epsilons)  # type: ignore[arg-type]
+    if record.max_dp_epsilon is not None:
+        metrics["bcsfl-max-dp-epsilon"] = record.max_dp_epsilon
     return metrics

@@ -391,6 +391,19 @@ class RoundRecord:
             return ()
         return tuple(self.checked.names[row] for row in self.screening.trusted)
 
+    @property
+    def max_dp_epsilon(self) -> float | None:
+        """The largest epsilon an accepted DP client reports (None without DP clients).
+
+        A federation's privacy guarantee is its weakest client's.
+        """
+        epsilons = [
+            float(c.metrics[DP_EPSILON_KEY])  # type: ignore[arg-type]
+            for c in self.checked.accepted
+            if DP_EPSILON_KEY in c.metrics
+        ]
+        return max(epsilons) if epsilons else None
+
     def to_json(self) -> dict[str, Any]:
         """Return the JSON-serialisable record the round sink receives."""
         names = self.checked.names
@@ -437,11 +450,8 @@ class RoundRecord:
             record["chain"] = dict(self.anchoring)
         if self.timing is not None:
             record["timing"] = self.timing.to_json()
-        epsilons = [
-            c.metrics[DP_EPSILON_KEY] for c in self.checked.accepted if DP_EPSILON_KEY in c.metrics
-        ]
-        if epsilons:
-            record["max_dp_epsilon"] = max(float(e) for e in epsilons)  # type: ignore[arg-type]
+        if self.max_dp_epsilon is not None:
+            record["max_dp_epsilon"] = self.max_dp_epsilon
         return record
 
 
