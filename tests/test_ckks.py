@@ -5,6 +5,7 @@ import stat
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
+from tenseal import sealapi
 from torch import nn
 
 from bcsfl_flower.privacy.ckks import (
@@ -388,16 +389,44 @@ def test_encrypted_screening_rejects_the_flipped_update_like_plaintext(secret, s
     assert encrypted.split_threshold == plain.split_threshold
 
 
-def test_gram_can_be_split_over_several_packed_ciphertexts(secret, server):
+@pytest.mark.parametrize("pairs_per_ciphertext", [1, 4, 16])
+def test_gram_can_be_split_over_several_packed_ciphertexts(secret, server, pairs_per_ciphertext):
     rng = np.random.default_rng(11)
     vectors = rng.normal(size=(4, 8))
     received = [_to_server(encrypt_arrays({"w": v}, secret), server) for v in vectors]
-    encrypted = encrypted_gram(received, pack_size=4)  # 10 entries -> 4 + 4 + 2
-    assert [v.size() for v in encrypted.packed] == [4, 4, 2]
+    encrypted = encrypted_gram(received, pairs_per_ciphertext=pairs_per_ciphertext)
+    # 10 entries: 10 ciphertexts of 1, 3 of 4 (4 + 4 + 2), or 1 of 16
+    assert len(encrypted.packed) == -(-10 // pairs_per_ciphertext)
     restored = EncryptedGram.deserialize(encrypted.serialize(), secret)
     np.testing.assert_allclose(decrypt_gram(restored, secret), vectors @ vectors.T, atol=1e-4)
-    with pytest.raises(ValueError, match="pack_size"):
-        encrypted_gram(received, pack_size=0)
+
+
+def test_every_decrypted_slot_holds_a_whole_gram_entry(secret, server):
+    """The committee sees Gram entries only: no slot holds a partial inner product."""
+    rng = np.random.default_rng(12)
+    vectors = rng.normal(size=(4, 5000))  # two ciphertexts per update
+    received = [_to_server(encrypt_arrays({"w": v}, secret), server) for v in vectors]
+    encrypted = encrypted_gram(received, pairs_per_ciphertext=4)
+    rows, columns = np.triu_indices(4)
+    expected = (vectors @ vectors.T)[rows, columns]
+    seal_context = secret.seal_context().data
+    decryptor = sealapi.Decryptor(seal_context, secret.secret_key().data)
+    encoder = sealapi.CKKSEncoder(seal_context)
+    for index, ciphertext in enumerate(encrypted.packed):
+        plaintext = sealapi.Plaintext()
+        decryptor.decrypt(ciphertext, plaintext)
+        slots = np.asarray(encoder.decode_double(plaintext))
+        entries = np.zeros(4)
+        chunk = expected[4 * index : 4 * index + 4]
+        entries[: len(chunk)] = chunk  # residues without a pair hold 0
+        np.testing.assert_allclose(slots, np.tile(entries, len(slots) // 4), atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [0, 3, 12, True, 2.0])
+def test_gram_refuses_a_pair_count_that_is_not_a_power_of_two(secret, server, bad):
+    received = [_to_server(encrypt_arrays({"w": np.ones(4)}, secret), server)]
+    with pytest.raises(ValueError, match="pairs_per_ciphertext"):
+        encrypted_gram(received, pairs_per_ciphertext=bad)
 
 
 def test_gram_refuses_aggregated_ciphertexts(secret, server):

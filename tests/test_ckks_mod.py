@@ -366,7 +366,8 @@ def test_gram_query_decrypts_one_gram_per_round(secret, public):
 
 def test_gram_query_refuses_a_fresh_ciphertext(secret):
     # A curious server disguises six fresh encrypted values as a 3-model Gram matrix.
-    fake = EncryptedGram(3, [ts.ckks_vector(secret, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0])])
+    fresh = ts.ckks_vector(secret, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]).ciphertext()[0]
+    fake = EncryptedGram(3, 8, [fresh])
     msg = Message(gram_request(fake.serialize(), 1), dst_node_id=1, message_type=GRAM_MESSAGE_TYPE)
     reply = ckks_gram(msg, node_context())
     assert reply.has_error()

@@ -347,8 +347,7 @@ def _encrypted_update(
 def _check_gram_levels(gram: EncryptedGram, secret: ts.Context) -> None:
     """Refuse ciphertexts that have not been through a Gram computation's rescalings."""
     fresh = len(secret.seal_context().data.first_context_data().parms().coeff_modulus())
-    for index, vector in enumerate(gram.packed):
-        ciphertext = vector.ciphertext()[0]
+    for index, ciphertext in enumerate(gram.packed):
         if ciphertext.coeff_modulus_size() > fresh - _RESCALINGS_IN_A_GRAM:
             raise ValueError(
                 f"packed ciphertext {index} has {ciphertext.coeff_modulus_size()} moduli "

@@ -169,12 +169,12 @@ def create_secret_context(
     sealapi.KeyGenerator(context, secret_key).create_public_key(public_key)
 
     proto = _context_proto_class()()
-    proto.encryption_parameters = _seal_bytes(parms)
+    proto.encryption_parameters = seal_bytes(parms)
     proto.encryption_type = int(ts.ENCRYPTION_TYPE.ASYMMETRIC.value)
-    proto.public_context.public_key = _seal_bytes(public_key)
+    proto.public_context.public_key = seal_bytes(public_key)
     proto.public_context.auto_flags = _AUTO_RELIN_RESCALE_MOD_SWITCH
     proto.public_context.scale = float(2**params.global_scale_bits)
-    proto.private_context.secret_key = _seal_bytes(secret_key)
+    proto.private_context.secret_key = seal_bytes(secret_key)
     return load_context(proto.SerializeToString(), n_threads=n_threads)
 
 
@@ -208,7 +208,7 @@ def public_context(secret_context: ts.Context) -> bytes:
     )
     parms = _load_parms(private.encryption_parameters)
     context = _seal_context(parms)
-    secret_key = _load_seal(sealapi.SecretKey(), context, private.private_context.secret_key)
+    secret_key = load_seal(sealapi.SecretKey(), context, private.private_context.secret_key)
     keygen = sealapi.KeyGenerator(context, secret_key)
     degree = parms.poly_modulus_degree()
     steps = [1 << i for i in range(int(math.log2(degree // 2)))]
@@ -220,8 +220,8 @@ def public_context(secret_context: ts.Context) -> bytes:
     public.public_context.public_key = private.public_context.public_key
     public.public_context.auto_flags = private.public_context.auto_flags
     public.public_context.scale = private.public_context.scale
-    public.public_context.relin_keys = _seal_bytes(keygen.create_relin_keys())
-    public.public_context.galois_keys = _seal_bytes(keygen.create_galois_keys(galois_elements))
+    public.public_context.relin_keys = seal_bytes(keygen.create_relin_keys())
+    public.public_context.galois_keys = seal_bytes(keygen.create_galois_keys(galois_elements))
     return public.SerializeToString()
 
 
@@ -321,7 +321,7 @@ def _seed_words(seed: bytes) -> list[int]:
     return [int(word) for word in np.frombuffer(digest, dtype="<u8")]
 
 
-def _seal_bytes(obj: object) -> bytes:
+def seal_bytes(obj: object) -> bytes:
     """Return SEAL's own serialisation of ``obj`` (sealapi only writes to files)."""
     with tempfile.TemporaryDirectory(dir=_SCRATCH_DIR) as directory:
         path = os.path.join(directory, "object")
@@ -330,7 +330,7 @@ def _seal_bytes(obj: object) -> bytes:
             return handle.read()
 
 
-def _load_seal(obj: object, context: sealapi.SEALContext, data: bytes) -> object:
+def load_seal(obj: object, context: sealapi.SEALContext, data: bytes) -> object:
     """Load SEAL-serialised ``data`` into ``obj`` (sealapi only reads from files)."""
     with tempfile.TemporaryDirectory(dir=_SCRATCH_DIR) as directory:
         path = os.path.join(directory, "object")
