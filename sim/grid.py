@@ -152,6 +152,10 @@ CLEAN = Cell(LABEL_FLIP, 0.0)
 """The clean reference cell: no attackers (run as label flipping at 0%)."""
 
 
+_OPTIONAL_SETTINGS = {"dp_noise_multiplier": "dp", "batch_size": "b", "learning_rate": "lr"}
+"""Optional training settings of a spec, with their run-id tags (``-dp1.5``, ``-b256``)."""
+
+
 @dataclass(frozen=True)
 class ExperimentSpec:
     """One federation of the grid.
@@ -181,6 +185,10 @@ class ExperimentSpec:
     dp_noise_multiplier : float | None
         Train every client with DP-SGD at this noise multiplier (run config ``dp`` and
         ``dp-noise-multiplier``); None (the default) trains without DP.
+    batch_size : int | None
+        Clients' (expected) batch size, run config ``batch-size``; None keeps the app's.
+    learning_rate : float | None
+        Clients' SGD learning rate, run config ``learning-rate``; None keeps the app's.
     """
 
     strategy: str
@@ -193,6 +201,8 @@ class ExperimentSpec:
     seed: int = 42
     attacker_stake_share: float | None = None
     dp_noise_multiplier: float | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -212,8 +222,10 @@ class ExperimentSpec:
                 f"num_clients and num_rounds must be >= 1, got {self.num_clients}, "
                 f"{self.num_rounds}"
             )
-        if self.dp_noise_multiplier is not None and not self.dp_noise_multiplier > 0:
-            raise ValueError(f"dp_noise_multiplier must be > 0, got {self.dp_noise_multiplier}")
+        for name in _OPTIONAL_SETTINGS:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if self.attacker_stake_share is not None:
             if not 0.0 < self.attacker_stake_share < 1.0:
                 raise ValueError(
@@ -266,13 +278,16 @@ class ExperimentSpec:
 
         E.g. ``mnist-bcsfl-label-flip-30-s42``; a stake cell adds the attackers' share in
         percent: ``mnist-bcsfl-label-flip-50-stake33-s42``; a DP run its noise multiplier:
-        ``mnist-bcsfl-label-flip-30-dp1.5-s42``.
+        ``mnist-bcsfl-label-flip-30-dp1.5-s42``; a batch size or learning rate
+        ``-b256-lr0.4``.
         """
         cell = f"{self.attack}-{self.percent:02d}"
         if self.attacker_stake_share is not None:
             cell += f"-stake{round(self.attacker_stake_share * 100):02d}"
-        if self.dp_noise_multiplier is not None:
-            cell += f"-dp{self.dp_noise_multiplier:g}"
+        for name, tag in _OPTIONAL_SETTINGS.items():
+            value = getattr(self, name)
+            if value is not None:
+                cell += f"-{tag}{value:g}"
         return f"{self.dataset}-{self.strategy}-{cell}-s{self.seed}"
 
     def run_config(self) -> dict[str, Any]:
@@ -291,17 +306,22 @@ class ExperimentSpec:
             config["attacker-stake"] = self.attacker_stake
         if self.dp_noise_multiplier is not None:
             config.update({"dp": True, "dp-noise-multiplier": self.dp_noise_multiplier})
+        if self.batch_size is not None:
+            config["batch-size"] = self.batch_size
+        if self.learning_rate is not None:
+            config["learning-rate"] = self.learning_rate
         return config
 
     def to_record(self) -> dict[str, Any]:
         """Return the spec as ``spec.json`` stores it.
 
-        The fields of :func:`dataclasses.asdict`, less ``attacker_stake_share`` and
-        ``dp_noise_multiplier`` when they are None: a run made before a field existed
-        recorded no such key, and the same federation must still match its record.
+        The fields of :func:`dataclasses.asdict`, less ``attacker_stake_share`` and the
+        settings of :data:`_OPTIONAL_SETTINGS` when they are None: a run made before a
+        field existed recorded no such key, and the same federation must still match
+        its record.
         """
         record = dataclasses.asdict(self)
-        for optional in ("attacker_stake_share", "dp_noise_multiplier"):
+        for optional in ("attacker_stake_share", *_OPTIONAL_SETTINGS):
             if record[optional] is None:
                 del record[optional]
         return record

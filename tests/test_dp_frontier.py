@@ -7,6 +7,8 @@ from flwr.app import MetricRecord, RecordDict
 
 from bcsfl_flower.baselines import aggregate_train_metrics
 from sim.dp_frontier import (
+    DP_BATCH_SIZE,
+    DP_LEARNING_RATE,
     NOISE_MULTIPLIERS,
     FrontierPoint,
     frontier_specs,
@@ -29,6 +31,20 @@ def test_a_dp_spec_names_its_noise_and_turns_dp_on():
         ExperimentSpec("fedavg", "label-flip", 0.3, dp_noise_multiplier=0.0)
 
 
+def test_a_spec_with_training_settings_names_and_passes_them():
+    spec = ExperimentSpec(
+        "bcsfl", "label-flip", 0.0, dp_noise_multiplier=2.0, batch_size=256, learning_rate=0.4
+    )
+    assert spec.run_id == "mnist-bcsfl-label-flip-00-dp2-b256-lr0.4-s42"
+    config = spec.run_config()
+    assert config["batch-size"] == 256 and config["learning-rate"] == 0.4
+    assert spec.to_record()["batch_size"] == 256
+    plain = ExperimentSpec("fedavg", "label-flip", 0.3)
+    assert "batch-size" not in plain.run_config() and "batch_size" not in plain.to_record()
+    with pytest.raises(ValueError, match="batch_size must be > 0"):
+        ExperimentSpec("fedavg", "label-flip", 0.3, batch_size=0)
+
+
 def test_the_frontier_covers_every_noise_cell_and_strategy():
     specs = frontier_specs()
     assert len(specs) == len(NOISE_MULTIPLIERS) * 2 * 2
@@ -36,6 +52,7 @@ def test_the_frontier_covers_every_noise_cell_and_strategy():
         (strategy, fraction) for strategy in ("fedavg", "bcsfl") for fraction in (0.0, 0.3)
     }
     assert {s.dp_noise_multiplier for s in specs} == set(NOISE_MULTIPLIERS)
+    assert {(s.batch_size, s.learning_rate) for s in specs} == {(DP_BATCH_SIZE, DP_LEARNING_RATE)}
     assert {(s.num_clients, s.num_rounds, s.dirichlet_alpha) for s in specs} == {(20, 20, 0.5)}
 
 
