@@ -73,3 +73,8 @@ def test_the_pyproject_defaults_are_the_settings_defaults():
     for key, value in config.items():
         assert getattr(settings, key.replace("-", "_")) == value, key
     assert RunSettings.from_run_config({"chain": "none", "require-signed": False}).chain == "none"
+
+
+def test_dp_turns_on_the_validators_noise_reference():
+    assert not RunSettings.from_run_config({}).round_settings().noise_reference
+    assert RunSettings.from_run_config({"dp": True}).round_settings().noise_reference

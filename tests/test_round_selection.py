@@ -85,7 +85,11 @@ def test_the_best_candidate_that_reaches_the_quorum_commits():
     decision = TrustedMeanSelection().decide(plan, reports, validators, TOLERANCE)
     assert decision.committed and decision.candidate == "b"
     assert decision.votes_for == 4 and decision.quorum == 4 and decision.support == (1,)
-    assert decision.ballots["v4"]["b"] == {"accept": False, "delta": pytest.approx(-0.5)}
+    assert decision.ballots["v4"]["b"] == {
+        "accept": False,
+        "delta": pytest.approx(-0.5),
+        "tolerance": TOLERANCE,
+    }
 
 
 def test_no_quorum_rolls_back_and_names_the_suspects():

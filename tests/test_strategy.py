@@ -317,3 +317,30 @@ def test_a_client_that_runs_the_mod_gets_one_committee_message_even_without_a_ch
     # One message or several, the validators report the same losses: the same decision.
     assert (marked["outcome"], marked["candidate"]) == (plain["outcome"], plain["candidate"])
     assert marked["votes"] == plain["votes"] and marked["model_hash"] == plain["model_hash"]
+
+
+def noisy_federation(signal, num_clients=10, seed=3):
+    """Updates dominated by independent noise, as DP-SGD's are."""
+    rng = np.random.default_rng(seed)
+    return [
+        train_reply(node, {"w": (signal * TARGET + rng.normal(size=DIM)).astype(np.float32)}, 100)
+        for node in range(1, num_clients + 1)
+    ]
+
+
+def test_with_the_noise_reference_noisy_honest_rounds_commit_and_harmful_ones_do_not():
+    # The mean moves 5% towards the target but carries noise that costs more than that.
+    replies = noisy_federation(0.05)
+    _, _, fixed = run_round(BCSFL(), replies, FakeGrid(squared_distance))
+    assert fixed["outcome"] == "rollback"
+    grid = FakeGrid(squared_distance)
+    arrays, _, judged = run_round(BCSFL(noise_reference=True), replies, grid)
+    assert judged["outcome"] == "commit"
+    assert squared_distance(0, arrays) < squared_distance(0, GLOBAL) + 25
+    ballot = next(iter(judged["votes"].values()))[judged["candidate"]]
+    assert ballot["tolerance"] > 10  # pure noise of this size raised the loss by ~20
+    # Moving away from the target costs far more than noise of the same size: rollback.
+    _, _, harmful = run_round(
+        BCSFL(noise_reference=True), noisy_federation(-0.3), FakeGrid(squared_distance)
+    )
+    assert harmful["outcome"] == "rollback"

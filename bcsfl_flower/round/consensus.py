@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from bcsfl_flower.round.noise_reference import noise_allowance
 from bcsfl_flower.round.state import ValidatorReport
 
 
@@ -56,8 +57,16 @@ def accepts(delta: float, tolerance: float) -> bool | None:
 def accept_votes(
     reports: Sequence[ValidatorReport], candidate: str, tolerance: float
 ) -> dict[str, bool | None]:
-    """Return every validator's vote on ``candidate`` (None: abstained or silent)."""
-    return {report.validator: accepts(report.delta(candidate), tolerance) for report in reports}
+    """Return every validator's vote on ``candidate`` (None: abstained or silent).
+
+    Each validator's tolerance is ``tolerance`` plus what the round's noise reference
+    cost it (:func:`~bcsfl_flower.round.noise_reference.noise_allowance`; nothing when
+    the round built none).
+    """
+    return {
+        report.validator: accepts(report.delta(candidate), tolerance + noise_allowance(report))
+        for report in reports
+    }
 
 
 def count_accepts(votes: dict[str, bool | None]) -> int:

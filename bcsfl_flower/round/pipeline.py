@@ -31,6 +31,7 @@ from bcsfl_flower.packets import model_hash
 from bcsfl_flower.round.bounds import weighted_median
 from bcsfl_flower.round.checks import check_replies
 from bcsfl_flower.round.metrics import MetricsAggregation, aggregate_client_metrics
+from bcsfl_flower.round.noise_reference import NOISE_REFERENCE, reference_norm, reference_rng
 from bcsfl_flower.round.screening import bound_and_screen
 from bcsfl_flower.round.selection import SelectionRule
 from bcsfl_flower.round.settings import RoundSettings
@@ -38,6 +39,7 @@ from bcsfl_flower.round.space import GramExchange, UpdateSpace
 from bcsfl_flower.round.stakes import InitialStake, StakeLedger, settle
 from bcsfl_flower.round.state import (
     Bounds,
+    CandidatePlan,
     CandidateSet,
     Certification,
     CheckedReplies,
@@ -197,13 +199,17 @@ class RoundPipeline:
         mining = self._mining_plan(
             server_round, checked, candidates, committee, duty_nodes, statement.digest()
         )
+        scored = {
+            **candidates.by_name(),
+            **self._noise_reference(global_arrays, gram.matrix, plan, previous_hash, server_round),
+        }
         with clock.stage("committee"):
             answers = exchange_with_committee(
                 grid,
                 server_round,
                 committee.validators,
                 global_arrays,
-                candidates.by_name(),
+                scored,
                 self.settings.validation,
                 self.space.message_config(),
                 duty_nodes=duty_nodes,
@@ -217,6 +223,26 @@ class RoundPipeline:
         return _Stages(
             decision, statement, gram, bounds, screening, committee, candidates, mining, answers
         )
+
+    def _noise_reference(
+        self,
+        global_arrays: ArrayRecord,
+        gram: np.ndarray,
+        plan: CandidatePlan,
+        previous_hash: bytes,
+        server_round: int,
+    ) -> dict[str, ArrayRecord]:
+        """Return the committee's noise reference by name, or nothing when it is off."""
+        if not self.settings.noise_reference:
+            return {}
+        norm = reference_norm(gram, plan.coefficients[0])
+        reference = self.space.shifted(
+            global_arrays, norm, reference_rng(previous_hash, server_round)
+        )
+        if reference is None:
+            return {}
+        log(INFO, "noise reference: w_t moved by a random direction of length %.4f", norm)
+        return {NOISE_REFERENCE: reference}
 
     def _finish(
         self,

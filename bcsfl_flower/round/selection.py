@@ -36,6 +36,7 @@ import numpy as np
 
 from bcsfl_flower.round.candidates import core_rows, geometric_median_weights, mean_coefficients
 from bcsfl_flower.round.consensus import accept_votes, count_accepts, quorum_size
+from bcsfl_flower.round.noise_reference import noise_allowance
 from bcsfl_flower.round.settings import SettingError
 from bcsfl_flower.round.state import (
     Bounds,
@@ -165,7 +166,7 @@ class TrustedMeanSelection(SelectionRule):
         votes = {name: accept_votes(reports, name, tolerance) for name in plan.names}
         counts = {name: count_accepts(votes[name]) for name in plan.names}
         scores = {name: _median_delta(reports, name) for name in plan.names}
-        ballots = _ballots(reports, plan.names, votes)
+        ballots = _ballots(reports, plan.names, votes, tolerance)
         eligible = [name for name in plan.names if counts[name] >= quorum]
         tally = ", ".join(f"{name} {counts[name]}" for name in plan.names)
         if not eligible and plan.contested:
@@ -352,10 +353,16 @@ def _ballots(
     reports: Sequence[ValidatorReport],
     names: Sequence[str],
     votes: Mapping[str, Mapping[str, bool | None]],
+    tolerance: float,
 ) -> dict[str, dict[str, Any]]:
+    """Return each validator's vote, loss delta and the tolerance it voted with."""
     return {
         report.validator: {
-            name: {"accept": votes[name][report.validator], "delta": _finite(report.delta(name))}
+            name: {
+                "accept": votes[name][report.validator],
+                "delta": _finite(report.delta(name)),
+                "tolerance": tolerance + noise_allowance(report),
+            }
             for name in names
         }
         for report in reports
