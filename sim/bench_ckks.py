@@ -9,28 +9,40 @@ Measures, in one run:
   encrypt the update) and the server's time per client (deserialise, weight, add);
 - encrypted screening as the number of clients grows: the homomorphic Gram matrix,
   the committee's decryption and the bytes it receives, against the plaintext Gram
-  (screening, bounds and candidates are computed from the Gram matrix in both modes).
+  (screening, bounds and candidates are computed from the Gram matrix in both modes);
+- the round as users see it: two real ``flwr run`` federations of the grid's label-flip
+  30% cell (MNIST, 20 clients, Dirichlet 0.5, BCSFL), one plaintext and one with
+  ``ckks=true``. A round's wall time is the sum of its record's ``timing`` (training,
+  decision, committee, anchoring; see :mod:`bcsfl_flower.round.timing`), the median
+  over rounds 2 to ``--rounds`` (round 1 also loads data and keys). The plaintext
+  server's evaluation of the global model is left out: a CKKS server cannot do it.
 
 Times are printed in milliseconds and as multiples of the raw operations measured in
-the same run, so the ratios carry over to other machines.
+the same run, so the ratios carry over to other machines. The last line is the
+encrypted round's wall time over the plaintext round's.
 
 Usage::
 
-    python sim/bench_ckks.py                # n = 2, 5, 10, 20 (under a minute on 2 cores)
-    python sim/bench_ckks.py --clients 2 5 --repeats 3
+    python -m sim.bench_ckks --data-dir ../shared/data   # about 4 minutes on 2 cores
+    python -m sim.bench_ckks --clients 2 5 --repeats 3 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tenseal as ts
 from flwr.app import Array, ArrayRecord
 
+from bcsfl_flower.launch import run_federation
 from bcsfl_flower.privacy.ckks import (
     ENCRYPTED_ARRAY_KEY,
     EncryptedModel,
@@ -47,7 +59,10 @@ from bcsfl_flower.privacy.ckks_keys import (
     slot_count,
 )
 from bcsfl_flower.privacy.encrypted_screening import decrypt_gram, encrypted_gram, gram_to_cosine
+from bcsfl_flower.results import RESULTS_FILE
 from bcsfl_flower.task.models import MnistCNN
+from sim.experiments import add_data_dir_argument
+from sim.grid import LABEL_FLIP, ExperimentSpec
 
 
 def timed(function: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -71,9 +86,23 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 5, 10, 20])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each federation")
+    parser.add_argument(
+        "--runs-dir", type=Path, help="keep the two federations' runs here (default: discard)"
+    )
+    parser.add_argument(
+        "--federations-only", action="store_true", help="skip the single-operation timings"
+    )
+    add_data_dir_argument(parser)
     args = parser.parse_args()
-    rng = np.random.default_rng(args.seed)
-    repeats = args.repeats
+    if not args.federations_only:
+        time_operations(args.clients, args.repeats, args.seed)
+    compare_federation_rounds(args.rounds, args.data_dir, args.runs_dir)
+
+
+def time_operations(clients: list[int], repeats: int, seed: int) -> None:
+    """Print raw TenSEAL costs, one client's round, and encrypted screening as n grows."""
+    rng = np.random.default_rng(seed)
 
     t_keys, secret = timed(lambda: create_secret_context(seed=b"bench-ckks-seed-0123"), 1)
     t_public, public_bytes = timed(lambda: public_context(secret), 1)
@@ -152,7 +181,7 @@ def main() -> None:
         f"{'to committee kB':>16} {'max |cos err|':>14}"
     )
     direction = model_arrays(rng, 0.02)
-    for n in args.clients:
+    for n in clients:
         updates = [
             {k: direction[k] + v for k, v in model_arrays(rng, 0.01).items()} for _ in range(n)
         ]
@@ -176,6 +205,54 @@ def main() -> None:
             f"{t_gram / per_chunk_dots:>17.2f} {t_decrypt_gram * 1e3:>11.2f} "
             f"{len(gram_bytes) / 1e3:>16.1f} {error:>14.2e}"
         )
+
+
+def round_timings(results: Mapping[str, Any]) -> list[dict[str, float]]:
+    """Return the ``timing`` of every round after the first, from ``results.json``.
+
+    Each is split into training (messages out to replies in), decision, committee and
+    anchoring; their sum is the round's wall time.
+    """
+    return [
+        record["timing"]
+        for key, record in sorted(results["rounds"].items(), key=lambda item: int(item[0]))
+        if int(key) > 1 and "timing" in record
+    ]
+
+
+def compare_federation_rounds(num_rounds: int, data_dir: Path, runs_dir: Path | None) -> None:
+    """Run the plaintext and the CKKS federation and print their round wall times."""
+    spec = ExperimentSpec("bcsfl", LABEL_FLIP, 0.3, num_rounds=num_rounds)
+    print(
+        f"\nreal federations: {spec.run_id} for {num_rounds} rounds, plaintext and "
+        "ckks=true (round wall = training + decision + committee + anchoring, median of "
+        "rounds 2+)"
+    )
+    medians = {}
+    with tempfile.TemporaryDirectory(prefix="bench-ckks-") as scratch:
+        for mode, extra in (("plaintext", {}), ("CKKS", {"ckks": True})):
+            run_dir = Path(runs_dir or scratch) / mode
+            run_federation(
+                run_dir,
+                num_supernodes=spec.num_clients,
+                run_config={**spec.run_config(), **extra},
+                data_dir=data_dir,
+                stream=False,
+            )
+            results = json.loads((run_dir / RESULTS_FILE).read_text())
+            timings = round_timings(results)
+            parts = {
+                part: statistics.median(timing.get(part, 0.0) for timing in timings)
+                for part in ("training_s", "decision_s", "committee_s", "anchoring_s")
+            }
+            medians[mode] = statistics.median(sum(timing.values()) for timing in timings)
+            print(
+                f"  {mode:>9}: round {medians[mode]:.2f} s ("
+                + ", ".join(f"{part[:-2]} {value:.2f}" for part, value in parts.items())
+                + ")"
+            )
+    ratio = medians["CKKS"] / medians["plaintext"]
+    print(f"CKKS/plaintext round wall {ratio:.2f}x ({spec.num_clients} clients)")
 
 
 if __name__ == "__main__":
