@@ -211,7 +211,7 @@ class RunSettings:
             num_validators=self.num_validators,
             num_miners=self.num_miners,
             vote_tolerance=self.vote_tolerance,
-            noise_reference=self.dp,
+            noisy_updates=self.dp,
             outlier_norm_ratio=self.outlier_norm_ratio,
             split_margin=self.split_margin,
             stake_policy=StakePolicy(self.stake_reward, self.stake_slash),

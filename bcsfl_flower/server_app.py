@@ -235,7 +235,7 @@ def build_strategy(
         stake_reward=settings.stake_reward,
         stake_slash=settings.stake_slash,
         vote_tolerance=settings.vote_tolerance,
-        noise_reference=settings.dp,
+        noisy_updates=settings.dp,
         outlier_norm_ratio=settings.outlier_norm_ratio,
         split_margin=settings.split_margin,
         loss_metric_key=settings.loss_metric_key,

@@ -77,13 +77,13 @@ class BCSFL(FedAvg):
     vote_tolerance : float (default: 0.05)
         Loss increase a validator tolerates when it accepts a candidate (absorbs
         evaluation noise on non-IID data).
-    noise_reference : bool (default: False)
-        For clients that train with differential privacy: the validators also score
-        ``w_t`` moved by a random direction as long as the noise the trusted mean would
-        carry if its updates shared no direction, and each tolerates, on top of
-        ``vote_tolerance``, the loss increase that pure noise caused it. DP noise then
-        no longer votes honest rounds down, and a candidate worse than noise of its
-        size still is. Plaintext updates only (CKKS keeps the fixed tolerance).
+    noisy_updates : bool (default: False)
+        The clients train with differential privacy, so noise dominates every update.
+        Screening then compares updates by their inner products with the others, which
+        the noise leaves unbiased, instead of by their noise-inflated lengths; and the
+        validators also score ``w_t +- r``, ``r`` half the difference of the means of
+        two random halves of the trusted clients, and each tolerates, on top of
+        ``vote_tolerance``, what that sampling error cost it.
     outlier_norm_ratio : float (default: 2.5)
         Screening rejects updates longer than this multiple of the stake-weighted
         median norm.
@@ -124,7 +124,7 @@ class BCSFL(FedAvg):
         stake_reward: float = DEFAULT_REWARD,
         stake_slash: float = DEFAULT_SLASH_FRACTION,
         vote_tolerance: float = 0.05,
-        noise_reference: bool = False,
+        noisy_updates: bool = False,
         outlier_norm_ratio: float = OUTLIER_NORM_RATIO,
         split_margin: float = SPLIT_MARGIN,
         loss_metric_key: str = "eval_loss",
@@ -146,7 +146,7 @@ class BCSFL(FedAvg):
             num_validators=num_validators,
             num_miners=num_miners,
             vote_tolerance=vote_tolerance,
-            noise_reference=noise_reference,
+            noisy_updates=noisy_updates,
             outlier_norm_ratio=outlier_norm_ratio,
             split_margin=split_margin,
             stake_policy=StakePolicy(stake_reward, stake_slash),

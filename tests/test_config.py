@@ -76,5 +76,5 @@ def test_the_pyproject_defaults_are_the_settings_defaults():
 
 
 def test_dp_turns_on_the_validators_noise_reference():
-    assert not RunSettings.from_run_config({}).round_settings().noise_reference
-    assert RunSettings.from_run_config({"dp": True}).round_settings().noise_reference
+    assert not RunSettings.from_run_config({}).round_settings().noisy_updates
+    assert RunSettings.from_run_config({"dp": True}).round_settings().noisy_updates

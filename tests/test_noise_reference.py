@@ -1,29 +1,29 @@
-"""The noise reference: validators tolerate what noise of the candidate's size costs them."""
+"""The noise reference: validators tolerate what the trusted mean's sampling error costs them."""
 
 import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
 
 from bcsfl_flower.round.noise_reference import (
-    NOISE_REFERENCE,
+    NOISE_REFERENCES,
     noise_allowance,
-    reference_norm,
     reference_rng,
+    sampling_error_coefficients,
 )
-from bcsfl_flower.round.plain import PlainSpace
 from bcsfl_flower.round.selection import TrustedMeanSelection
 from bcsfl_flower.round.state import CandidatePlan, ValidatorReport
 
 TOLERANCE = 0.05
 VALIDATORS = ["v1", "v2", "v3", "v4", "v5"]
+PLUS, MINUS = NOISE_REFERENCES
 
 
-def report(validator, baseline, mean, reference=None):
+def report(validator, baseline, mean, plus=None, minus=None):
     losses = {"trusted-mean": mean}
-    if reference is not None:
-        losses[NOISE_REFERENCE] = reference
+    for name, loss in ((PLUS, plus), (MINUS, minus)):
+        if loss is not None:
+            losses[name] = loss
     return ValidatorReport(validator, baseline, losses)
 
 
@@ -32,57 +32,54 @@ def decide(reports):
     return TrustedMeanSelection().decide(plan, reports, VALIDATORS, TOLERANCE)
 
 
-def test_the_reference_norm_is_the_candidates_norm_if_no_two_updates_aligned():
+def test_the_sampling_error_is_half_the_difference_of_two_random_halves():
+    weights, clip = np.ones(6), np.ones(6)
+    error = sampling_error_coefficients((0, 1, 2, 3), weights, clip, reference_rng(b"h", 1))
+    assert sorted(error[:4]) == pytest.approx([-0.25, -0.25, 0.25, 0.25])
+    assert error[4:].tolist() == [0.0, 0.0]  # rejected clients take no part
+    again = sampling_error_coefficients((0, 1, 2, 3), weights, clip, reference_rng(b"h", 1))
+    np.testing.assert_array_equal(error, again)  # a replay draws the same split
+    assert not sampling_error_coefficients((0,), weights, clip, reference_rng(b"h", 1)).any()
+
+
+def test_the_sampling_error_has_the_trusted_means_variance():
+    # Independent unit-variance updates: the mean of n has variance 1/n per coordinate.
     rng = np.random.default_rng(0)
-    noise = rng.normal(size=(4, 20_000))  # independent, like DP noise
-    coefficients = np.array([0.1, 0.2, 0.3, 0.4])
-    gram = noise @ noise.T
-    expected = np.linalg.norm(coefficients @ noise)
-    assert reference_norm(gram, coefficients) == pytest.approx(expected, rel=0.02)
-    aligned = np.ones((4, 4))  # four equal unit updates: the mean is 1 long, not 0.55
-    assert reference_norm(aligned, np.full(4, 0.25)) == pytest.approx(0.5)
+    updates = rng.normal(size=(20, 50_000))
+    error = sampling_error_coefficients(range(20), np.ones(20), np.ones(20), rng) @ updates
+    assert np.var(error) == pytest.approx(1 / 20, rel=0.05)
 
 
-def test_the_reference_is_w_t_moved_by_exactly_that_length_and_replays_the_same():
-    arrays = ArrayRecord({"w": Array(np.zeros((30, 20), np.float32)), "b": Array(np.ones(7))})
-    first = PlainSpace().shifted(arrays, 2.5, reference_rng(b"\x01" * 32, 3))
-    again = PlainSpace().shifted(arrays, 2.5, reference_rng(b"\x01" * 32, 3))
-    other = PlainSpace().shifted(arrays, 2.5, reference_rng(b"\x01" * 32, 4))
-    step = np.concatenate([first["w"].numpy().ravel(), first["b"].numpy().ravel() - 1])
-    assert np.linalg.norm(step) == pytest.approx(2.5, rel=1e-5)
-    assert first["b"].numpy().dtype == np.float64 and first["w"].numpy().shape == (30, 20)
-    assert np.array_equal(first["w"].numpy(), again["w"].numpy())
-    assert not np.array_equal(first["w"].numpy(), other["w"].numpy())
-
-
-def test_the_allowance_is_what_the_reference_raised_the_loss_and_never_negative():
-    assert noise_allowance(report("v", 1.0, 1.0, reference=1.3)) == pytest.approx(0.3)
-    assert noise_allowance(report("v", 1.0, 1.0, reference=0.8)) == 0.0
+def test_the_allowance_is_the_larger_loss_increase_of_the_two_references():
+    assert noise_allowance(report("v", 1.0, 1.0, plus=1.3, minus=1.1)) == pytest.approx(0.3)
+    assert noise_allowance(report("v", 1.0, 1.0, plus=0.8, minus=1.2)) == pytest.approx(0.2)
+    assert noise_allowance(report("v", 1.0, 1.0, plus=0.8, minus=0.9)) == 0.0
     assert noise_allowance(report("v", 1.0, 1.0)) == 0.0
     for unusable in (math.nan, math.inf, -math.inf):
-        assert noise_allowance(report("v", 1.0, 1.0, reference=unusable)) == 0.0
+        assert noise_allowance(report("v", 1.0, 1.0, unusable, unusable)) == 0.0
 
 
-def test_a_noisy_honest_candidate_commits_once_validators_see_what_noise_costs():
-    # Each validator's loss rises by about what pure noise of the same size raises it.
-    noisy = [(1.0, 1.3, 1.35), (1.0, 1.2, 1.25), (1.0, 0.9, 1.0), (1.0, 1.1, 1.2), (1.0, 1.4, 1.3)]
-    without = decide([report(f"v{i + 1}", b, m) for i, (b, m, _) in enumerate(noisy)])
+def test_a_noisy_honest_candidate_commits_once_validators_see_what_sampling_costs():
+    # Each validator's loss rises by about what the sampling error alone raises it.
+    rows = [(1.3, 1.35), (1.2, 1.25), (0.9, 1.0), (1.1, 1.2), (1.4, 1.3)]
+    without = decide([report(f"v{i + 1}", 1.0, mean) for i, (mean, _) in enumerate(rows)])
     assert not without.committed
-    judged = decide([report(f"v{i + 1}", b, m, r) for i, (b, m, r) in enumerate(noisy)])
+    judged = decide(
+        [report(f"v{i + 1}", 1.0, mean, ref, 0.9) for i, (mean, ref) in enumerate(rows)]
+    )
     assert judged.committed and judged.candidate == "trusted-mean"
     assert judged.ballots["v1"]["trusted-mean"]["tolerance"] == pytest.approx(0.40)
 
 
-def test_a_candidate_worse_than_noise_of_its_size_is_still_voted_down():
-    # Poison that raises every loss by far more than the reference did.
-    poisoned = [report(f"v{i + 1}", 1.0, 2.5, reference=1.3) for i in range(5)]
+def test_a_candidate_worse_than_its_sampling_error_is_still_voted_down():
+    poisoned = [report(f"v{i + 1}", 1.0, 2.5, plus=1.3, minus=1.2) for i in range(5)]
     decision = decide(poisoned)
     assert not decision.committed
     assert "no candidate reached quorum 4 of 5" in decision.reason
 
 
 def test_a_validator_that_inflates_its_reference_loss_moves_only_its_own_vote():
-    honest = [report(f"v{i + 1}", 1.0, 2.5, reference=1.1) for i in range(4)]
-    liar = report("v5", 1.0, 2.5, reference=1e9)
+    honest = [report(f"v{i + 1}", 1.0, 2.5, plus=1.1, minus=1.1) for i in range(4)]
+    liar = report("v5", 1.0, 2.5, plus=1e9, minus=1.0)
     decision = decide([*honest, liar])
     assert not decision.committed and decision.votes_for == 1

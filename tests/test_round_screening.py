@@ -8,10 +8,14 @@ import pytest
 from bcsfl_flower.round.bounds import bound_updates
 from bcsfl_flower.round.screening import (
     MIN_CLUSTERED,
+    ProfileDirections,
+    UpdateDirections,
+    bound_and_screen,
     centred_cosines,
     screen_updates,
     split_threshold,
 )
+from bcsfl_flower.round.settings import RoundSettings
 
 
 def screen(updates, stakes=None, counts=None):
@@ -153,3 +157,48 @@ def test_five_hundred_clients():
     updates, attackers = planted(rng, 400, 100, dim=2_000)
     result = screen(updates)
     assert set(result.rejected) == attackers
+
+
+# ----- DP updates: the profile geometry ---------------------------------------------------
+def dp_federation(rng, num_honest, num_flippers, dim=20_000, noise_ratio=6.0):
+    """Updates whose own DP noise is ``noise_ratio`` times as long as their signal.
+
+    Honest signals share a direction with heterogeneity; a flipper's signal leans
+    against it and towards the flipped classes' own direction.
+    """
+    shared, flipped = rng.normal(size=(2, dim)) / math.sqrt(dim)
+    signals = [shared + 0.6 * rng.normal(size=dim) / math.sqrt(dim) for _ in range(num_honest)]
+    signals += [
+        -0.5 * shared + flipped + 0.6 * rng.normal(size=dim) / math.sqrt(dim)
+        for _ in range(num_flippers)
+    ]
+    noise = rng.normal(size=(len(signals), dim)) * noise_ratio / math.sqrt(dim)
+    return np.array(signals) + noise, set(range(num_honest, num_honest + num_flippers))
+
+
+def screen_noisy(updates, settings):
+    gram = updates @ updates.T
+    return bound_and_screen(gram, np.full(len(gram), 100.0), np.ones(len(gram)), settings)[1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_under_dp_noise_profiles_find_the_flippers_that_unit_updates_cannot(seed):
+    updates, flippers = dp_federation(np.random.default_rng(seed), 14, 6)
+    plain = screen_noisy(updates, RoundSettings())
+    assert set(plain.rejected) == set()  # every unit update is near-orthogonal
+    noisy = screen_noisy(updates, RoundSettings(noisy_updates=True))
+    assert set(noisy.rejected) == flippers
+    assert "outside the stake-majority cluster" in noisy.reasons[min(flippers)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_under_dp_noise_profiles_reject_no_honest_client(seed):
+    updates, _ = dp_federation(np.random.default_rng(seed), 20, 0)
+    assert screen_noisy(updates, RoundSettings(noisy_updates=True)).rejected == ()
+
+
+def test_profiles_are_the_gram_rows_without_the_diagonal():
+    gram = np.array([[9.0, 1.0, -2.0], [1.0, 4.0, 3.0], [-2.0, 3.0, 16.0]])
+    hollow = gram - np.diag(np.diag(gram))
+    np.testing.assert_allclose(ProfileDirections().gram(gram), hollow @ hollow.T)
+    np.testing.assert_allclose(UpdateDirections().gram(gram), gram)

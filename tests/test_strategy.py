@@ -334,13 +334,13 @@ def test_with_the_noise_reference_noisy_honest_rounds_commit_and_harmful_ones_do
     _, _, fixed = run_round(BCSFL(), replies, FakeGrid(squared_distance))
     assert fixed["outcome"] == "rollback"
     grid = FakeGrid(squared_distance)
-    arrays, _, judged = run_round(BCSFL(noise_reference=True), replies, grid)
+    arrays, _, judged = run_round(BCSFL(noisy_updates=True), replies, grid)
     assert judged["outcome"] == "commit"
     assert squared_distance(0, arrays) < squared_distance(0, GLOBAL) + 25
     ballot = next(iter(judged["votes"].values()))[judged["candidate"]]
     assert ballot["tolerance"] > 10  # pure noise of this size raised the loss by ~20
     # Moving away from the target costs far more than noise of the same size: rollback.
     _, _, harmful = run_round(
-        BCSFL(noise_reference=True), noisy_federation(-0.3), FakeGrid(squared_distance)
+        BCSFL(noisy_updates=True), noisy_federation(-0.3), FakeGrid(squared_distance)
     )
     assert harmful["outcome"] == "rollback"

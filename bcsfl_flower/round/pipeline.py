@@ -31,7 +31,11 @@ from bcsfl_flower.packets import model_hash
 from bcsfl_flower.round.bounds import weighted_median
 from bcsfl_flower.round.checks import check_replies
 from bcsfl_flower.round.metrics import MetricsAggregation, aggregate_client_metrics
-from bcsfl_flower.round.noise_reference import NOISE_REFERENCE, reference_norm, reference_rng
+from bcsfl_flower.round.noise_reference import (
+    NOISE_REFERENCES,
+    reference_rng,
+    sampling_error_coefficients,
+)
 from bcsfl_flower.round.screening import bound_and_screen
 from bcsfl_flower.round.selection import SelectionRule
 from bcsfl_flower.round.settings import RoundSettings
@@ -39,7 +43,6 @@ from bcsfl_flower.round.space import GramExchange, UpdateSpace
 from bcsfl_flower.round.stakes import InitialStake, StakeLedger, settle
 from bcsfl_flower.round.state import (
     Bounds,
-    CandidatePlan,
     CandidateSet,
     Certification,
     CheckedReplies,
@@ -48,6 +51,7 @@ from bcsfl_flower.round.state import (
     GramResult,
     RoundRecord,
     Screening,
+    UpdateBatch,
     ValidatorReport,
 )
 from bcsfl_flower.round.statement import (
@@ -201,7 +205,9 @@ class RoundPipeline:
         )
         scored = {
             **candidates.by_name(),
-            **self._noise_reference(global_arrays, gram.matrix, plan, previous_hash, server_round),
+            **self._noise_references(
+                global_arrays, checked.batch, bounds, screening, (previous_hash, server_round)
+            ),
         }
         with clock.stage("committee"):
             answers = exchange_with_committee(
@@ -224,25 +230,27 @@ class RoundPipeline:
             decision, statement, gram, bounds, screening, committee, candidates, mining, answers
         )
 
-    def _noise_reference(
+    def _noise_references(
         self,
         global_arrays: ArrayRecord,
-        gram: np.ndarray,
-        plan: CandidatePlan,
-        previous_hash: bytes,
-        server_round: int,
+        batch: UpdateBatch,
+        bounds: Bounds,
+        screening: Screening,
+        reference: tuple[bytes, int],
     ) -> dict[str, ArrayRecord]:
-        """Return the committee's noise reference by name, or nothing when it is off."""
-        if not self.settings.noise_reference:
+        """Return ``w_t + r`` and ``w_t - r`` by name, or nothing when they are off.
+
+        ``r`` is the trusted mean's sampling error (:mod:`~bcsfl_flower.round.
+        noise_reference`); ``reference`` is the previous hash and the round, which seed
+        the split.
+        """
+        if not self.settings.noisy_updates:
             return {}
-        norm = reference_norm(gram, plan.coefficients[0])
-        reference = self.space.shifted(
-            global_arrays, norm, reference_rng(previous_hash, server_round)
+        error = sampling_error_coefficients(
+            screening.trusted, bounds.weights, bounds.clip, reference_rng(*reference)
         )
-        if reference is None:
-            return {}
-        log(INFO, "noise reference: w_t moved by a random direction of length %.4f", norm)
-        return {NOISE_REFERENCE: reference}
+        models = self.space.combine(global_arrays, batch, np.stack([error, -error]))
+        return dict(zip(NOISE_REFERENCES, models, strict=True))
 
     def _finish(
         self,

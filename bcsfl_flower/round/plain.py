@@ -32,7 +32,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from bcsfl_flower.packets import npy_view
-from bcsfl_flower.round.noise_reference import reference_step
 from bcsfl_flower.round.space import GramExchange, UpdateCollector, UpdateSpace
 from bcsfl_flower.round.state import GramResult, UpdateBatch
 
@@ -275,14 +274,6 @@ class PlainSpace(UpdateSpace):
             flat += base
             models.append(ArrayRecord({s.key: Array(_restore(flat, s)) for s in slots}))
         return tuple(models)
-
-    def shifted(
-        self, global_arrays: ArrayRecord, norm: float, rng: np.random.Generator
-    ) -> ArrayRecord:
-        """Return ``w_t + xi`` for a random direction ``xi`` of length ``norm``."""
-        slots, base = _layout(global_arrays)
-        flat = base + reference_step(base.size, norm, rng)
-        return ArrayRecord({s.key: Array(_restore(flat, s)) for s in slots})
 
 
 def _restore(flat: np.ndarray, slot: _Slot) -> np.ndarray:

@@ -112,12 +112,12 @@ class RoundSettings:
         Committee seats (>= 1), clamped to the trusted clients with stake.
     vote_tolerance : float
         Loss increase a validator tolerates when it accepts a candidate (>= 0).
-    noise_reference : bool
-        Also have the committee score a noise reference, and let each validator
-        tolerate what it cost it (:mod:`bcsfl_flower.round.noise_reference`): for
-        federations whose updates carry DP noise.
-    outlier_norm_ratio : float
-        Screening's length test (> 1).
+    noisy_updates : bool
+        Updates carry DP noise: screening compares them by their inner-product
+        profiles (:class:`~bcsfl_flower.round.screening.ProfileDirections`) and the
+        committee scores the trusted mean's sampling error
+        (:mod:`bcsfl_flower.round.noise_reference`). Screening then splits with
+        :data:`~bcsfl_flower.round.screening.NOISY_SPLIT_MARGIN`, not ``split_margin``.
     split_margin : float
         Screening's direction test (>= 0).
     example_cap_ratio : float
@@ -133,7 +133,7 @@ class RoundSettings:
     num_validators: int = 5
     num_miners: int = 5
     vote_tolerance: float = 0.05
-    noise_reference: bool = False
+    noisy_updates: bool = False
     outlier_norm_ratio: float = OUTLIER_NORM_RATIO
     split_margin: float = SPLIT_MARGIN
     example_cap_ratio: float = EXAMPLE_CAP_RATIO

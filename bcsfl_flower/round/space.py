@@ -87,17 +87,6 @@ class UpdateSpace(ABC):
     ) -> tuple[ArrayRecord, ...]:
         """Return ``w_t + sum_k coefficients[c, k] d_k`` for every row ``c``."""
 
-    def shifted(  # noqa: B027
-        self, global_arrays: ArrayRecord, norm: float, rng: np.random.Generator
-    ) -> ArrayRecord | None:
-        """Return ``w_t`` moved by a random direction of length ``norm``, or None.
-
-        The committee's noise reference (:mod:`bcsfl_flower.round.noise_reference`). A
-        space that cannot build it returns None, and validators keep the fixed
-        tolerance.
-        """
-        return None
-
 
 UPDATE_SPACES: Mapping[str, str] = {
     "plain": "bcsfl_flower.round.plain:PlainSpace",

@@ -82,6 +82,7 @@ class DecisionSettings:
     example_cap_ratio: float
     selection: str
     space: str
+    noisy_updates: bool = False
 
     @classmethod
     def of(cls, settings: RoundSettings, selection: str, space: str) -> DecisionSettings:
@@ -95,6 +96,7 @@ class DecisionSettings:
             settings.example_cap_ratio,
             selection,
             space,
+            settings.noisy_updates,
         )
 
 
