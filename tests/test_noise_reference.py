@@ -83,3 +83,17 @@ def test_a_validator_that_inflates_its_reference_loss_moves_only_its_own_vote():
     liar = report("v5", 1.0, 2.5, plus=1e9, minus=1.0)
     decision = decide([*honest, liar])
     assert not decision.committed and decision.votes_for == 1
+
+
+def test_a_fallback_leading_by_less_than_the_sampling_error_does_not_beat_the_mean():
+    plan = CandidatePlan(("trusted-mean", "core-mean"), np.eye(2), ((0, 1), (0,)))
+
+    def reports(plus):
+        return [
+            ValidatorReport(v, 1.0, {"trusted-mean": 0.7, "core-mean": 0.5, PLUS: plus})
+            for v in VALIDATORS
+        ]
+
+    rule = TrustedMeanSelection()
+    assert rule.decide(plan, reports(1.0), VALIDATORS, TOLERANCE).candidate == "core-mean"
+    assert rule.decide(plan, reports(1.3), VALIDATORS, TOLERANCE).candidate == "trusted-mean"

@@ -11,10 +11,12 @@ A rule has two halves, one on each side of the validation exchange:
     its core, and its geometric median. Each validator accepts a candidate that does
     not raise its loss by more than the tolerance; among the candidates that reach the
     2/3 quorum, the one with the highest median loss delta commits (within
-    :data:`TIE_MARGIN`, the preferred one). When poison slips into the trusted
-    cluster, the mean is voted down but its robust fallbacks still carry the round,
-    so a round does not stall while a safe step exists. A contested round (no side holds
-    the qualified stake share) commits the bounded mean of both sides, quorum or not.
+    :data:`TIE_MARGIN`, or the validators' median noise allowance when larger, the
+    preferred one: a lead within the mean's own sampling error is chance). When poison
+    slips into the trusted cluster, the mean is voted down but its robust fallbacks
+    still carry the round, so a round does not stall while a safe step exists. A
+    contested round (no side holds the qualified stake share) commits the bounded mean
+    of both sides, quorum or not.
 
 ``paper``
     BCS-FL's own selection as a PBFT step: every trusted local model is a candidate,
@@ -185,7 +187,8 @@ class TrustedMeanSelection(SelectionRule):
                 suspects=plan.fallback_suspects,
             )
         best = max(scores[name] for name in eligible)
-        chosen = next(name for name in eligible if scores[name] >= best - TIE_MARGIN)
+        margin = max(TIE_MARGIN, float(np.median([noise_allowance(r) for r in reports])))
+        chosen = next(name for name in eligible if scores[name] >= best - margin)
         return Decision(
             committed=True,
             candidate=chosen,
