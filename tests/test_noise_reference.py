@@ -97,3 +97,14 @@ def test_a_fallback_leading_by_less_than_the_sampling_error_does_not_beat_the_me
     rule = TrustedMeanSelection()
     assert rule.decide(plan, reports(1.0), VALIDATORS, TOLERANCE).candidate == "core-mean"
     assert rule.decide(plan, reports(1.3), VALIDATORS, TOLERANCE).candidate == "trusted-mean"
+
+
+def test_a_candidate_that_doubles_the_median_loss_never_commits_whatever_the_allowance():
+    # The app's batch-32 DP on 4 clients: noise swamps everything, every validator accepts.
+    swamped = [report(f"v{i + 1}", 2.3, 5.2, plus=9.0, minus=8.0) for i in range(5)]
+    decision = decide(swamped)
+    assert not decision.committed
+    assert "more than 2x the validators' median loss: trusted-mean" in decision.reason
+    assert decision.ballots["v1"]["trusted-mean"]["accept"] is True  # the votes were there
+    # Below the bound the same allowance commits.
+    assert decide([report(f"v{i + 1}", 2.3, 4.5, 9.0, 8.0) for i in range(5)]).committed

@@ -37,7 +37,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from bcsfl_flower.round.candidates import core_rows, geometric_median_weights, mean_coefficients
-from bcsfl_flower.round.consensus import accept_votes, count_accepts, quorum_size
+from bcsfl_flower.round.consensus import (
+    MAX_LOSS_GROWTH,
+    accept_votes,
+    count_accepts,
+    outgrows_baseline,
+    quorum_size,
+)
 from bcsfl_flower.round.noise_reference import noise_allowance
 from bcsfl_flower.round.settings import SettingError
 from bcsfl_flower.round.state import (
@@ -169,8 +175,13 @@ class TrustedMeanSelection(SelectionRule):
         counts = {name: count_accepts(votes[name]) for name in plan.names}
         scores = {name: _median_delta(reports, name) for name in plan.names}
         ballots = _ballots(reports, plan.names, votes, tolerance)
-        eligible = [name for name in plan.names if counts[name] >= quorum]
+        outgrown = [name for name in plan.names if outgrows_baseline(reports, name)]
+        eligible = [name for name in plan.names if counts[name] >= quorum and name not in outgrown]
         tally = ", ".join(f"{name} {counts[name]}" for name in plan.names)
+        if outgrown:
+            tally += f"; more than {MAX_LOSS_GROWTH:g}x the validators' median loss: " + ", ".join(
+                outgrown
+            )
         if not eligible and plan.contested:
             return _contested_commit(plan, counts[plan.names[0]], quorum, len(validators), ballots)
         if not eligible:
@@ -260,7 +271,7 @@ class PaperSelection(SelectionRule):
             votes = accept_votes(reports, proposal, tolerance)
             count = count_accepts(votes)
             views.append({"primary": primary, "proposal": proposal, "votes": votes})
-            if count >= quorum:
+            if count >= quorum and not outgrows_baseline(reports, proposal):
                 return Decision(
                     committed=True,
                     candidate=proposal,
