@@ -108,3 +108,9 @@ def test_a_candidate_that_doubles_the_median_loss_never_commits_whatever_the_all
     assert decision.ballots["v1"]["trusted-mean"]["accept"] is True  # the votes were there
     # Below the bound the same allowance commits.
     assert decide([report(f"v{i + 1}", 2.3, 4.5, 9.0, 8.0) for i in range(5)]).committed
+
+
+def test_without_noise_references_tiny_losses_may_double_within_the_tolerance():
+    # A converged model: losses of 0.02 rising to 0.05 are within the 0.05 tolerance.
+    converged = [report(f"v{i + 1}", 0.02, 0.05) for i in range(5)]
+    assert decide(converged).committed

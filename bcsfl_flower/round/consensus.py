@@ -19,19 +19,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bcsfl_flower.round.noise_reference import noise_allowance
+from bcsfl_flower.round.noise_reference import NOISE_REFERENCES, noise_allowance
 from bcsfl_flower.round.state import ValidatorReport
 
 MAX_LOSS_GROWTH = 2.0
 """A candidate whose median validator loss exceeds this multiple of ``w_t``'s never commits.
 
-Without DP noise the quorum already implies it (two thirds of the validators saw the
-loss rise by at most the tolerance). With noisy updates each validator also tolerates
-what the trusted mean's sampling error costs it, and when clients' DP noise swamps their
-signal that can be anything: 4 clients at the app's batch 32 and noise 1 had every
-validator accept a round-1 candidate that raised the median loss from 2.3 to 5.2. A
-step that more than doubles the typical validator's loss is worse than staying put,
-whatever its cause."""
+It bounds rounds with noise references only (noisy updates), where each validator
+also tolerates what the trusted mean's sampling error costs it, and when clients' DP
+noise swamps their signal that can be anything: 4 clients at the app's batch 32 and
+noise 1 had every validator accept a round-1 candidate that raised the median loss
+from 2.3 to 5.2. A step that more than doubles the typical validator's loss is worse
+than staying put, whatever its cause."""
 
 
 def quorum_size(n: int) -> int:
@@ -90,9 +89,13 @@ def count_accepts(votes: dict[str, bool | None]) -> int:
 def outgrows_baseline(reports: Sequence[ValidatorReport], candidate: str) -> bool:
     """Whether ``candidate``'s median loss exceeds :data:`MAX_LOSS_GROWTH` times ``w_t``'s.
 
-    Medians over the validators that reported both losses; with none, nothing is known
-    and the quorum alone decides.
+    Only rounds with noise references (noisy updates) are bounded: elsewhere the quorum
+    and the fixed tolerance decide alone, as they always have (near-zero losses can
+    double within the tolerance). Medians over the validators that reported both
+    losses; with none, nothing is known.
     """
+    if not any(name in report.candidate_losses for report in reports for name in NOISE_REFERENCES):
+        return False
     pairs = [
         (report.baseline_loss, report.candidate_losses.get(candidate, math.nan))
         for report in reports
