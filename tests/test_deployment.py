@@ -108,6 +108,10 @@ def loopback_deployment(tmp_path: Path) -> Iterator[Loopback]:
         **os.environ,
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # Three machines' worth of processes share this one's cores: one PyTorch
+        # thread each, or their OpenMP threads wait on each other (see
+        # bcsfl_flower.launch.DEFAULT_CLIENT_CPUS).
+        "OMP_NUM_THREADS": "1",
         "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
     }
     with ExitStack() as stack:

@@ -235,7 +235,12 @@ def test_ckks_federation_makes_the_plaintext_decisions_and_reaches_its_accuracy(
             plain.results["rounds"][str(number)],
         )
         assert ours["gram"]["digest"]  # the committee agreed on one Gram matrix
-        for key in ("outcome", "candidate", "rejected_partitions"):
+        # Screening and the round's outcome must match. Which of the quorum-reaching
+        # candidates commits may not: the validators score models that differ by CKKS
+        # noise, amplified by every round of SGD since, and a lead of about TIE_MARGIN
+        # between the trusted mean and its core mean goes either way (measured in CI:
+        # round 2 committed the core mean with CKKS and the trusted mean without).
+        for key in ("outcome", "candidates", "rejected_partitions"):
             assert ours[key] == theirs[key], (number, key)
     # The server never evaluated: it cannot decrypt.
     assert "test_accuracy" not in encrypted.results["rounds"]["4"]

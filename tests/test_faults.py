@@ -25,7 +25,7 @@ from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.launch import FederationFailedError, resume_federation, run_federation
 from bcsfl_flower.results import load_results
 
-ROUNDS = 4
+ROUNDS = 3
 BASE = {"num-server-rounds": ROUNDS, "seed": 7}
 SILENT_TIMEOUT_S = 90.0
 
