@@ -47,3 +47,30 @@ def test_the_retries_are_bounded(tmp_path, attempts):
     with pytest.raises(FederationFailedError):
         run_federation(tmp_path, num_supernodes=2, stream=False)
     assert len(calls) == launch.SUPERLINK_START_ATTEMPTS
+
+
+def test_each_clientapp_gets_one_cpu_unless_asked_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    federations: list[str] = []
+
+    def fake(app_dir, federation, output_dir, log_path, *rest):
+        federations.append(federation[federation.index("--federation-config") + 1])
+        (output_dir / "results.json").write_text(json.dumps({"status": "failed"}))
+        return 0, "finished:completed", True
+
+    monkeypatch.setattr(launch, "_flwr_run", fake)
+    for run_dir, cpus in ((tmp_path / "default", None), (tmp_path / "two", 2)):
+        with pytest.raises(FederationFailedError):
+            run_federation(
+                run_dir,
+                num_supernodes=3,
+                stream=False,
+                **({} if cpus is None else {"client_cpus": cpus}),
+            )
+        with pytest.raises(FederationFailedError):
+            launch.resume_federation(run_dir, stream=False)
+    assert federations == [
+        "num-supernodes=3 client-resources-num-cpus=1",
+        "num-supernodes=3 client-resources-num-cpus=1",
+        "num-supernodes=3 client-resources-num-cpus=2",
+        "num-supernodes=3 client-resources-num-cpus=2",
+    ]
