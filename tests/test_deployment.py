@@ -147,29 +147,28 @@ def loopback_deployment(tmp_path: Path) -> Iterator[Loopback]:
 
 def test_a_deployment_of_three_supernodes_signs_with_their_keys_and_anchors(tmp_path):
     with loopback_deployment(tmp_path) as deployment:
-        results, manifest = _run_two_rounds(deployment, tmp_path / "run")
+        results, manifest = _run_one_round(deployment, tmp_path / "run")
         started = [(p.pid, p.create_time()) for proc in deployment.processes for p in _family(proc)]
     assert started and not [pid for pid, created in started if _running(pid, created)]
 
     nodes = set(deployment.nodes)
-    for server_round in ("1", "2"):
-        record = results["rounds"][server_round]
-        # every node's reply was admitted: require-signed is on and only the nodes'
-        # keystore addresses are registered, so each was signed by its node's own key
-        assert len(record["signed"]) == NUM_NODES and record["rejected"] == {}
-        assert record["outcome"] == "commit"
-        assert record["chain"]["anchored"] is True
-        assert set(record["chain"]["signers"]) <= nodes  # the miners signed with their keys
+    record = results["rounds"]["1"]
+    # every node's reply was admitted: require-signed is on and only the nodes' keystore
+    # addresses are registered, so each was signed by its node's own key
+    assert len(record["signed"]) == NUM_NODES and record["rejected"] == {}
+    assert record["outcome"] == "commit"
+    assert record["chain"]["anchored"] is True
+    assert set(record["chain"]["signers"]) <= nodes  # the miners signed with their keys
     assert results["final_test_accuracy"] > 0.5  # chance is 0.1
     assert manifest["operator"] == deployment.operator  # not the public development key
     assert manifest["rpc_url"] == deployment.chain_url
 
 
-def _run_two_rounds(deployment: Loopback, out: Path) -> tuple[dict, dict]:
+def _run_one_round(deployment: Loopback, out: Path) -> tuple[dict, dict]:
     """``flwr run`` the app on the ``loopback`` connection, then ``bcsfl audit verify`` it."""
     keys = deployment.keys
     run_config = (
-        f"num-server-rounds=2 chain='{deployment.chain_url}' output-dir='{out}' "
+        f"num-server-rounds=1 chain='{deployment.chain_url}' output-dir='{out}' "
         f"data-dir='{DATA_DIR.resolve()}' client-registry='{keys / 'registry.json'}' "
         f"operator-keystore='{keys / 'operator.json'}' "
         f"operator-keystore-password-file='{keys / 'password.txt'}'"
@@ -193,7 +192,7 @@ def _run_two_rounds(deployment: Loopback, out: Path) -> tuple[dict, dict]:
         check=False,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert "audit trail OK: 2 anchored and 0 rolled-back rounds" in verify.stdout
+    assert "audit trail OK: 1 anchored and 0 rolled-back rounds" in verify.stdout
     return results, json.loads((out / "chain.json").read_text())
 
 
