@@ -11,6 +11,9 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # constraints.txt pins the torch/torchvision pair that installs quickly here.
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+# byzfl (attacks and robust aggregators for the bench, sim/robust_bench.py): its declared
+# dependencies are the ones pinned above, so --no-deps keeps this environment's pins.
+.venv/bin/python -m pip install --quiet --no-deps "byzfl==0.0.11"
 
 # Dev-chain tools: anvil (local Ethereum node), solcjs (offline Solidity compiler) and
 # OpenZeppelin Contracts, exactly as the committed lock file pins them (it lists every

@@ -1,0 +1,248 @@
+"""Run one cell of the bench: a 20-round federation through the public Strategy API.
+
+Every round, each honest client trains on its own shard from the global model, the
+attackers train as their attack says and then replace their updates by the attack's
+vectors, and the strategy under test gets the replies through ``configure_train`` and
+``aggregate_train``, as in a ``flwr run``. BCSFL's committee is answered in process
+(:class:`ValidatorGrid`): an honest validator reports its real loss on its held-out
+data; a Byzantine one colludes, reporting ``2 L(w_t) - L(model)``, so it accepts what
+hurts and rejects what helps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message import make_message
+from flwr.app.metadata import Metadata
+
+from bcsfl_flower.task.attacks import choose_attackers, flip_labels
+from sim.robust.attacks import ATTACKS, RoundView
+from sim.robust.contenders import CONTENDERS
+from sim.robust.tasks import (
+    BACKDOOR_TARGET,
+    LEARNERS,
+    Federation,
+    Weights,
+    build_federation,
+    flatten,
+    stamp_trigger,
+    unflatten,
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One federation of the bench."""
+
+    model: str
+    alpha: float | None
+    attack: str
+    share: float
+    strategy: str
+    seed: int
+    rounds: int = 20
+    clients: int = 20
+    max_train: int | None = None
+
+    @property
+    def run_id(self) -> str:
+        """A file-name-safe id naming every field that changes the result."""
+        skew = "iid" if self.alpha is None else f"a{self.alpha:g}"
+        cap = "" if self.max_train is None else f"-cap{self.max_train}"
+        return (
+            f"{self.model}-{skew}-{self.attack}-{round(100 * self.share)}-{self.strategy}"
+            f"-n{self.clients}-r{self.rounds}{cap}-s{self.seed}"
+        )
+
+
+def _metadata(node: int, message_type: str) -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id=f"msg-{node}-{time.monotonic_ns()}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="ins",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=message_type,
+    )
+
+
+def train_reply(node: int, weights: Weights, num_examples: int) -> Message:
+    """Return a client's train reply as Flower delivers it."""
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+            "metrics": MetricRecord({"num-examples": num_examples}),
+        }
+    )
+    return make_message(metadata=_metadata(node, "train"), content=content)
+
+
+class ValidatorGrid:
+    """A grid that answers evaluate messages in process with each node's loss."""
+
+    def __init__(self, num_nodes: int, loss: Callable[[int, Weights], float]) -> None:
+        self.num_nodes = num_nodes
+        self.loss = loss
+
+    def get_node_ids(self) -> list[int]:
+        """Return the node ids (node ``k + 1`` holds shard ``k``)."""
+        return list(range(1, self.num_nodes + 1))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        """Answer every evaluate message with the node's loss on its validation data."""
+        replies = []
+        for number, message in enumerate(messages):
+            # Outside a run Flower leaves message ids empty; the strategy matches replies by id.
+            message.metadata.__dict__["_message_id"] = f"ins-{time.monotonic_ns()}-{number}"
+            node = message.metadata.dst_node_id
+            record = message.content.array_records[next(iter(message.content.array_records))]
+            weights = {k: record[k].numpy() for k in record}
+            metrics = MetricRecord({"eval_loss": self.loss(node, weights), "num-examples": 10})
+            meta = _metadata(node, message.metadata.message_type)
+            meta.__dict__["_reply_to_message_id"] = message.metadata.message_id
+            replies.append(make_message(metadata=meta, content=RecordDict({"metrics": metrics})))
+        return replies
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One round's outcome."""
+
+    server_round: int
+    accuracy: float
+    backdoor_success: float | None
+    committed: bool | None = None
+    honest_rejected: int = 0
+    byzantine_rejected: int = 0
+    validators: tuple[int, ...] = ()
+    stakes: tuple[float, ...] = ()
+
+
+class CellRun:
+    """State of one running cell (the global model, the attackers, the strategy)."""
+
+    def __init__(self, cell: Cell, data_dir: Path, federation: Federation | None = None) -> None:
+        self.cell = cell
+        self.federation = federation or build_federation(
+            data_dir, cell.clients, cell.alpha, cell.seed, cell.max_train
+        )
+        self.learner = LEARNERS[cell.model]()
+        self.attack = ATTACKS[cell.attack]()
+        self.attackers = sorted(choose_attackers(cell.clients, cell.share, cell.seed))
+        contender = CONTENDERS[cell.strategy]
+        self.strategy = contender.build(cell.clients, len(self.attackers))
+        self.target = contender.target(cell.clients, len(self.attackers))
+        self.records: list[dict[str, Any]] = []
+        if hasattr(self.strategy, "round_sink"):
+            self.strategy.round_sink = lambda _round, record: self.records.append(record)
+        self.weights = self.learner.initial(cell.seed)
+        self._baseline_loss: dict[int, float] = {}
+        self.grid = ValidatorGrid(cell.clients, self._validator_loss)
+
+    def _validator_loss(self, node: int, weights: Weights) -> float:
+        shard = self.federation.shards[node - 1]
+        loss = self.learner.loss(weights, shard.val_x, shard.val_y)
+        if node - 1 not in self.attackers:
+            return loss
+        if node not in self._baseline_loss:
+            self._baseline_loss[node] = self.learner.loss(self.weights, shard.val_x, shard.val_y)
+        return max(0.0, 2.0 * self._baseline_loss[node] - loss)
+
+    def _local_update(self, client: int, server_round: int, training: str) -> np.ndarray:
+        shard = self.federation.shards[client]
+        labels = shard.train_y
+        if training == "flip":
+            labels = torch.from_numpy(flip_labels(shard.train_y.numpy(), num_classes=10))
+        seed = self.cell.seed * 1_000_003 + server_round * 1_009 + client
+        trained = self.learner.train(
+            self.weights, shard.train_x, labels, seed, backdoor=training == "backdoor"
+        )
+        return flatten(trained)
+
+    def play_round(self, server_round: int) -> RoundResult:
+        """Train, attack, aggregate and evaluate one round."""
+        self._baseline_loss = {}
+        arrays = ArrayRecord({k: Array(v) for k, v in self.weights.items()})
+        list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
+        reference = flatten(self.weights)
+        updates = {}
+        training = self.attack.training(server_round)
+        for client in range(self.cell.clients):
+            kind = training if client in self.attackers else "honest"
+            updates[client] = self._local_update(client, server_round, kind) - reference
+        if self.attackers:
+            view = RoundView(
+                server_round,
+                np.stack([u for c, u in updates.items() if c not in self.attackers]),
+                np.stack([updates[c] for c in self.attackers]),
+                self.target,
+                np.random.default_rng([self.cell.seed, server_round]),
+            )
+            for client, vector in zip(self.attackers, self.attack.updates(view), strict=True):
+                updates[client] = vector
+        replies = [
+            train_reply(
+                client + 1,
+                unflatten(reference + update, self.weights),
+                self.federation.shards[client].num_examples,
+            )
+            for client, update in updates.items()
+        ]
+        with np.errstate(all="ignore"):
+            new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            self.weights = {k: new_arrays[k].numpy() for k in self.weights}
+        return self._result(server_round)
+
+    def _result(self, server_round: int) -> RoundResult:
+        federation = self.federation
+        predictions = self.learner.predict(self.weights, federation.test_x)
+        accuracy = float(np.mean(predictions == federation.test_y.numpy()))
+        backdoor = None
+        if self.cell.attack == "backdoor":
+            others = federation.test_y.numpy() != BACKDOOR_TARGET
+            stamped = stamp_trigger(federation.test_x[torch.from_numpy(others)])
+            backdoor = float(
+                np.mean(self.learner.predict(self.weights, stamped) == BACKDOOR_TARGET)
+            )
+        if not self.records or len(self.records) < server_round:
+            return RoundResult(server_round, accuracy, backdoor)
+        record = self.records[-1]
+        attackers = {str(c + 1) for c in self.attackers}
+        rejected = set(record["rejected"])
+        committee = record.get("committee", {})
+        stakes = record["stakes"]
+        return RoundResult(
+            server_round,
+            accuracy,
+            backdoor,
+            committed=record["outcome"] == "commit",
+            honest_rejected=len(rejected - attackers),
+            byzantine_rejected=len(rejected & attackers),
+            validators=tuple(int(v) for v in committee.get("validators", ())),
+            stakes=tuple(stakes.get(str(n), 1.0) for n in range(1, self.cell.clients + 1)),
+        )
+
+
+def run_cell(cell: Cell, data_dir: Path, federation: Federation | None = None) -> dict[str, Any]:
+    """Run ``cell`` and return its JSON result (the cell and every round)."""
+    started = time.perf_counter()
+    run = CellRun(cell, data_dir, federation)
+    rounds = [asdict(run.play_round(r)) for r in range(1, cell.rounds + 1)]
+    return {
+        "cell": asdict(cell),
+        "attackers": run.attackers,
+        "rounds": rounds,
+        "wall_s": time.perf_counter() - started,
+    }

@@ -1,0 +1,251 @@
+"""Tables and a figure from the bench's stored runs.
+
+Per cell the final test accuracy of every contender (mean over seeds); per model, skew
+and attacker share the worst case over attacks (how the ByzFL benchmark ranks
+defences); for BCSFL the honest and Byzantine rejection rates, rollbacks, the stakes'
+Gini coefficient and largest-to-median ratio, and the distinct validators of a run; and
+the backdoor's success rate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def gini(values: Sequence[float]) -> float:
+    """Return the Gini coefficient of non-negative ``values`` (0: equal; near 1: one holds all)."""
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    if x.size == 0 or x.sum() <= 0:
+        return 0.0
+    ranks = np.arange(1, x.size + 1)
+    return float((2 * ranks - x.size - 1) @ x / (x.size * x.sum()))
+
+
+def load_runs(directory: Path) -> list[dict[str, Any]]:
+    """Return every stored run of ``directory/runs``."""
+    return [json.loads(p.read_text()) for p in sorted((directory / "runs").glob("*.json"))]
+
+
+def summarise(run: dict[str, Any]) -> dict[str, Any]:
+    """Return one run's figures: final accuracy, backdoor success and BCSFL's diagnostics."""
+    cell, rounds = run["cell"], run["rounds"]
+    num_byzantine = len(run["attackers"])
+    num_honest = cell["clients"] - num_byzantine
+    row = {
+        **cell,
+        "accuracy": rounds[-1]["accuracy"],
+        "backdoor": rounds[-1]["backdoor_success"],
+    }
+    if rounds[-1]["committed"] is None:
+        return row
+    stakes = np.asarray(rounds[-1]["stakes"])
+    honest_stakes = np.delete(stakes, run["attackers"])
+    row.update(
+        honest_rejected=float(np.mean([r["honest_rejected"] for r in rounds])) / num_honest,
+        byzantine_rejected=(
+            float(np.mean([r["byzantine_rejected"] for r in rounds])) / num_byzantine
+            if num_byzantine
+            else None
+        ),
+        rollbacks=sum(1 for r in rounds if not r["committed"]),
+        gini=gini(stakes),
+        max_to_median=float(stakes.max() / max(np.median(stakes), 1e-12)),
+        honest_max_to_median=float(honest_stakes.max() / max(np.median(honest_stakes), 1e-12)),
+        validators=len({v for r in rounds for v in r["validators"]}),
+    )
+    return row
+
+
+def _skew(alpha: float | None) -> str:
+    return "iid" if alpha is None else f"alpha {alpha:g}"
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _group(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[k] for k in keys)].append(row)
+    return groups
+
+
+def accuracy_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> list[str]:
+    """Return the per-cell accuracy table (mean over seeds), the best baseline marked."""
+    lines = [
+        "| model | skew | attackers | attack | " + " | ".join(contenders) + " | seeds |",
+        "|---" * (len(contenders) + 5) + "|",
+    ]
+    cells = _group(rows, "model", "alpha", "share", "attack")
+    for (model, alpha, share, attack), members in sorted(cells.items(), key=_cell_order):
+        means = {c: _mean(r["accuracy"] for r in members if r["strategy"] == c) for c in contenders}
+        seeds = len({r["seed"] for r in members})
+        lines.append(
+            f"| {model} | {_skew(alpha)} | {share:.0%} | {attack} | "
+            + " | ".join(_fmt(means[c]) for c in contenders)
+            + f" | {seeds} |"
+        )
+    return lines
+
+
+def _cell_order(item: tuple) -> tuple:
+    (model, alpha, share, attack), _ = item
+    return (model, -1.0 if alpha is None else alpha, share, attack)
+
+
+def worst_cases(rows: list[dict[str, Any]], contenders: Sequence[str]) -> dict[tuple, dict]:
+    """Return ``{(model, alpha, share): {contender: (worst mean accuracy, attack)}}``."""
+    out: dict[tuple, dict] = {}
+    for key, members in _group(
+        [r for r in rows if r["share"] > 0], "model", "alpha", "share"
+    ).items():
+        per = {}
+        for contender in contenders:
+            by_attack = {
+                attack: _mean(r["accuracy"] for r in m if r["strategy"] == contender)
+                for (attack,), m in _group(members, "attack").items()
+            }
+            scored = [(acc, attack) for attack, acc in by_attack.items() if acc is not None]
+            if scored:
+                per[contender] = min(scored)
+        out[key] = per
+    return out
+
+
+def worst_case_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> list[str]:
+    """Return the worst case over attacks per model, skew and share."""
+    lines = [
+        "| model | skew | attackers | " + " | ".join(contenders) + " |",
+        "|---" * (len(contenders) + 3) + "|",
+    ]
+    for (model, alpha, share), per in sorted(
+        worst_cases(rows, contenders).items(),
+        key=lambda i: (i[0][0], -1 if i[0][1] is None else i[0][1], i[0][2]),
+    ):
+        cells = [f"{per[c][0]:.3f} ({per[c][1]})" if c in per else "-" for c in contenders]
+        lines.append(f"| {model} | {_skew(alpha)} | {share:.0%} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def bcsfl_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Return BCSFL's diagnostics per cell (means over seeds; rollbacks: the largest)."""
+    lines = [
+        "| model | skew | attackers | attack | accuracy | honest rejected/round | "
+        "Byzantine rejected/round | rollbacks (max) | stake Gini | max/median stake | "
+        "distinct validators | seeds |",
+        "|---" * 12 + "|",
+    ]
+    bcsfl = [r for r in rows if r["strategy"] == "bcsfl" and "rollbacks" in r]
+    for (model, alpha, share, attack), members in sorted(
+        _group(bcsfl, "model", "alpha", "share", "attack").items(), key=_cell_order
+    ):
+        byz = _mean(r["byzantine_rejected"] for r in members)
+        lines.append(
+            f"| {model} | {_skew(alpha)} | {share:.0%} | {attack} | "
+            f"{_fmt(_mean(r['accuracy'] for r in members))} | "
+            f"{_mean(r['honest_rejected'] for r in members):.1%} | "
+            f"{'-' if byz is None else f'{byz:.1%}'} | "
+            f"{max(r['rollbacks'] for r in members)} | "
+            f"{_mean(r['gini'] for r in members):.3f} | "
+            f"{_mean(r['max_to_median'] for r in members):.2f} | "
+            f"{_mean(r['validators'] for r in members):.1f} | {len(members)} |"
+        )
+    return lines
+
+
+def backdoor_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> list[str]:
+    """Return the backdoor's success rate per contender (mean over seeds)."""
+    lines = [
+        "| model | skew | attackers | " + " | ".join(contenders) + " |",
+        "|---" * (len(contenders) + 3) + "|",
+    ]
+    backdoor = [r for r in rows if r["attack"] == "backdoor"]
+    for (model, alpha, share), members in sorted(
+        _group(backdoor, "model", "alpha", "share").items(),
+        key=lambda i: (i[0][0], -1 if i[0][1] is None else i[0][1], i[0][2]),
+    ):
+        cells = [
+            _fmt(_mean(r["backdoor"] for r in members if r["strategy"] == c)) for c in contenders
+        ]
+        lines.append(f"| {model} | {_skew(alpha)} | {share:.0%} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def figure(rows: list[dict[str, Any]], contenders: Sequence[str], path: Path) -> None:
+    """Plot the worst case over attacks per contender, one panel per model and share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worst = worst_cases(rows, contenders)
+    panels = sorted({(k[0], k[2]) for k in worst})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (model, share) in zip(axes[0], panels, strict=True):
+        skews = sorted(
+            {k[1] for k in worst if k[0] == model and k[2] == share},
+            key=lambda a: -1 if a is None else a,
+        )
+        width = 0.8 / max(1, len(contenders))
+        for i, contender in enumerate(contenders):
+            values = [worst[(model, a, share)].get(contender, (np.nan, ""))[0] for a in skews]
+            ax.bar(np.arange(len(skews)) + i * width, values, width, label=contender)
+        ax.set_xticks(np.arange(len(skews)) + 0.4 - width / 2, [_skew(a) for a in skews])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{model}, {share:.0%} attackers: worst case over attacks")
+        ax.set_ylabel("final test accuracy")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(directory: Path, contenders: Sequence[str], made_by: str) -> str:
+    """Write ``table.md``, ``summary.csv`` and ``worst_case.png`` in ``directory``."""
+    rows = [summarise(run) for run in load_runs(directory)]
+    present = [c for c in contenders if any(r["strategy"] == c for r in rows)]
+    sections = [
+        "# Fast decision-quality bench",
+        "",
+        f"Made by: `{made_by}`",
+        "",
+        "## Final test accuracy (mean over seeds)",
+        "",
+        *accuracy_table(rows, present),
+        "",
+        "## Worst case over attacks",
+        "",
+        *worst_case_table(rows, present),
+        "",
+        "## BCSFL's decisions",
+        "",
+        *bcsfl_table(rows),
+        "",
+        "## Backdoor success rate (triggered test images classified as the target)",
+        "",
+        *backdoor_table(rows, present),
+        "",
+    ]
+    text = "\n".join(sections)
+    (directory / "table.md").write_text(text)
+    keys = sorted({k for r in rows for k in r})
+    csv = [",".join(keys)] + [
+        ",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in rows
+    ]
+    (directory / "summary.csv").write_text("\n".join(csv) + "\n")
+    figure(rows, present, directory / "worst_case.png")
+    return text

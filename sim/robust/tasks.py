@@ -1,0 +1,237 @@
+"""The bench's learning tasks: MNIST partitions, two models, local training, evaluation.
+
+Everything a client does runs in this process on real MNIST: local SGD on its own
+Dirichlet partition (or an IID share), and the loss a validator reports on its held-out
+tenth. Data are decoded once (:func:`~bcsfl_flower.task.data.load_split`) and
+partitioned with the example app's own partitioner, so the bench's skew is the grid's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bcsfl_flower.task.data import VALIDATION_FRACTION, dirichlet_partitions, load_split
+from bcsfl_flower.task.models import MnistCNN
+
+Weights = dict[str, np.ndarray]
+"""A model's state as named float32 arrays, in the model's own order."""
+
+BACKDOOR_TARGET = 0
+"""The label a backdoored image is steered to."""
+
+BACKDOOR_SHARE = 0.5
+"""Share of a backdoor attacker's training batch stamped with the trigger."""
+
+
+def logistic_regression() -> nn.Module:
+    """Multinomial logistic regression on the 784 pixels (7,850 parameters)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+
+
+def stamp_trigger(images: torch.Tensor) -> torch.Tensor:
+    """Return copies of ``images`` with a 4x4 bright square in the bottom-right corner."""
+    stamped = images.clone()
+    stamped[:, :, -5:-1, -5:-1] = float(images.max())
+    return stamped
+
+
+@dataclass(frozen=True)
+class ClientShard:
+    """One client's data: a training and a validation split."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+    @property
+    def num_examples(self) -> int:
+        """Number of training examples (what the client reports)."""
+        return len(self.train_y)
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The clients' shards and the central test split."""
+
+    shards: tuple[ClientShard, ...]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def partition_indices(
+    labels: np.ndarray, num_clients: int, alpha: float | None, seed: int
+) -> list[np.ndarray]:
+    """Return each client's sample indices: Dirichlet(alpha) label skew, or IID if None."""
+    if alpha is None:
+        order = np.random.default_rng(seed).permutation(len(labels))
+        return list(np.array_split(order, num_clients))
+    return dirichlet_partitions(labels, num_clients, alpha, seed)
+
+
+def build_federation(
+    data_dir: Path, num_clients: int, alpha: float | None, seed: int, max_train: int | None
+) -> Federation:
+    """Partition MNIST's training split into client shards (each capped at ``max_train``)."""
+    train = load_split("mnist", data_dir, train=True)
+    test = load_split("mnist", data_dir, train=False)
+    shards = []
+    for client, indices in enumerate(partition_indices(train.labels, num_clients, alpha, seed)):
+        indices = np.random.default_rng([seed, client]).permutation(indices)
+        num_val = max(1, int(len(indices) * VALIDATION_FRACTION))
+        train_idx = indices[num_val:] if max_train is None else indices[num_val:][:max_train]
+        shards.append(
+            ClientShard(
+                train_x=train.images[torch.from_numpy(train_idx)],
+                train_y=torch.from_numpy(train.labels[train_idx]),
+                val_x=train.images[torch.from_numpy(indices[:num_val])],
+                val_y=torch.from_numpy(train.labels[indices[:num_val]]),
+            )
+        )
+    return Federation(tuple(shards), test.images, torch.from_numpy(test.labels))
+
+
+class Learner:
+    """Train and evaluate a PyTorch model from and to :data:`Weights`.
+
+    Parameters
+    ----------
+    net : nn.Module
+        The model.
+    learning_rate, batch_size, epochs
+        Local SGD settings (the example app's defaults).
+    """
+
+    def __init__(
+        self, net: nn.Module, learning_rate: float = 0.05, batch_size: int = 32, epochs: int = 1
+    ) -> None:
+        self.net = net
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.epochs = epochs
+
+    def initial(self, seed: int) -> Weights:
+        """Return freshly initialised weights (seeded)."""
+        torch.manual_seed(seed)
+        for layer in self.net.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+        return self._weights()
+
+    def train(
+        self, weights: Weights, x: torch.Tensor, y: torch.Tensor, seed: int, backdoor: bool = False
+    ) -> Weights:
+        """Return the weights after local SGD on ``(x, y)``.
+
+        With ``backdoor`` a share of every batch is stamped with the trigger and
+        relabelled :data:`BACKDOOR_TARGET` (a pixel-trigger backdoor).
+        """
+        self._load(weights)
+        optimiser = torch.optim.SGD(self.net.parameters(), lr=self.learning_rate)
+        generator = torch.Generator().manual_seed(seed)
+        self.net.train()
+        for _ in range(self.epochs):
+            order = torch.randperm(len(y), generator=generator)
+            for start in range(0, len(y), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                inputs, targets = x[batch], y[batch]
+                if backdoor:
+                    poisoned = max(1, int(len(batch) * BACKDOOR_SHARE))
+                    inputs = torch.cat([stamp_trigger(inputs[:poisoned]), inputs[poisoned:]])
+                    targets = torch.cat(
+                        [torch.full((poisoned,), BACKDOOR_TARGET), targets[poisoned:]]
+                    )
+                optimiser.zero_grad()
+                nn.functional.cross_entropy(self.net(inputs), targets).backward()
+                optimiser.step()
+        return self._weights()
+
+    @torch.no_grad()
+    def loss(self, weights: Weights, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Return the mean cross-entropy of ``weights`` on ``(x, y)`` (inf if not finite)."""
+        self._load(weights)
+        self.net.eval()
+        value = float(nn.functional.cross_entropy(self.net(x), y))
+        return value if np.isfinite(value) else float("inf")
+
+    @torch.no_grad()
+    def predict(self, weights: Weights, x: torch.Tensor) -> np.ndarray:
+        """Return the predicted labels of ``x``."""
+        self._load(weights)
+        self.net.eval()
+        return np.concatenate(
+            [self.net(x[i : i + 2048]).argmax(dim=1).numpy() for i in range(0, len(x), 2048)]
+        )
+
+    def _weights(self) -> Weights:
+        return {k: v.detach().numpy().copy() for k, v in self.net.state_dict().items()}
+
+    def _load(self, weights: Weights) -> None:
+        self.net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
+
+
+class LogisticRegressionLearner(Learner):
+    """Multinomial logistic regression trained by the same SGD, written in numpy.
+
+    The model is tiny (7,850 parameters), so PyTorch's per-step overhead is most of its
+    training time; the same minibatch SGD on the cross-entropy in numpy is 10x faster
+    and lets the bench run the whole matrix. Same keys as ``nn.Linear``.
+    """
+
+    def __init__(self, learning_rate: float = 0.05, batch_size: int = 32, epochs: int = 1) -> None:
+        super().__init__(logistic_regression(), learning_rate, batch_size, epochs)
+
+    def train(
+        self, weights: Weights, x: torch.Tensor, y: torch.Tensor, seed: int, backdoor: bool = False
+    ) -> Weights:
+        """Return the weights after local SGD (see :meth:`Learner.train`)."""
+        w = np.array(weights["1.weight"], dtype=np.float32)
+        b = np.array(weights["1.bias"], dtype=np.float32)
+        inputs, labels = x.reshape(len(y), -1).numpy(), y.numpy()
+        stamped = stamp_trigger(x).reshape(len(y), -1).numpy() if backdoor else None
+        order_rng = torch.Generator().manual_seed(seed)
+        for _ in range(self.epochs):
+            order = torch.randperm(len(labels), generator=order_rng).numpy()
+            for start in range(0, len(labels), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                xb, yb = inputs[batch], labels[batch]
+                if stamped is not None:
+                    poisoned = max(1, int(len(batch) * BACKDOOR_SHARE))
+                    xb = np.concatenate([stamped[batch[:poisoned]], xb[poisoned:]])
+                    yb = np.concatenate([np.full(poisoned, BACKDOOR_TARGET), yb[poisoned:]])
+                logits = xb @ w.T + b
+                logits -= logits.max(axis=1, keepdims=True)
+                p = np.exp(logits)
+                p /= p.sum(axis=1, keepdims=True)
+                p[np.arange(len(batch)), yb] -= 1.0
+                p /= len(batch)
+                w -= self.learning_rate * (p.T @ xb)
+                b -= self.learning_rate * p.sum(axis=0)
+        return {"1.weight": w, "1.bias": b}
+
+
+LEARNERS: Mapping[str, Callable[[], Learner]] = {
+    "logreg": LogisticRegressionLearner,
+    "cnn": lambda: Learner(MnistCNN()),
+}
+"""The bench's models by name: a linear model (rows per class) and the app's CNN."""
+
+
+def flatten(weights: Weights) -> np.ndarray:
+    """Return the weights as one float64 vector, in key order."""
+    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in weights.values()])
+
+
+def unflatten(vector: np.ndarray, like: Weights) -> Weights:
+    """Return ``vector`` shaped as ``like`` (float32)."""
+    out, offset = {}, 0
+    for key, value in like.items():
+        out[key] = vector[offset : offset + value.size].reshape(value.shape).astype(np.float32)
+        offset += value.size
+    return out
