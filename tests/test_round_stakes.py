@@ -90,3 +90,22 @@ def test_initial_stakes_by_rule_and_table():
     assert ExplicitStake(table)(contribution(node=8), 100.0) == 1.0
     # The table wins in every mode: the address proved by a signed packet is the key.
     assert EqualStake(table)(contribution(node=2, address=ADDRESS), 100.0) == 0.25
+
+
+def test_rewards_stop_at_the_ceiling_so_nobody_accumulates_the_committee():
+    policy = StakePolicy(0.5, 0.5, ceiling=2.0)
+    stakes = {str(i): 1.0 for i in range(5)}
+    for _ in range(20):  # client 0 is always rewarded, client 4 always slashed
+        stakes = dict(settle(stakes, ["0"], ["4"], policy).after)
+        median = float(np.median(list(stakes.values())))
+        assert stakes["0"] <= 2.0 * median + 1e-12
+    assert stakes["0"] == 2.0 and stakes["4"] < 1e-5
+    # a stake already above the ceiling is not cut by a reward, only not raised
+    above = settle({"a": 5.0, "b": 1.0, "c": 1.0}, ["a"], [], policy).after
+    assert above["a"] == 5.0
+
+
+def test_stake_ceiling_is_validated():
+    with pytest.raises(SettingError) as error:
+        StakePolicy(0.05, 0.5, ceiling=0.5)
+    assert error.value.setting == "stake_ceiling"

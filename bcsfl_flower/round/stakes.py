@@ -9,8 +9,10 @@ it once, at the end (:func:`settle`):
   ``slash_fraction`` of its stake (half, by default), so two rejections cut a client to
   a quarter. When a round rolls back, the trusted clients its most robust candidate
   left out are slashed too, so the next round differs from the one that failed.
-* **Reward slowly**: in a committed round, each trusted client gains ``reward`` (0.05 of
-  an initial stake, by default); a slashed client needs ten honest rounds to recover.
+* **Reward slowly, up to a ceiling**: in a committed round, each trusted client gains
+  ``reward`` (0.05 of an initial stake, by default), but no reward lifts a stake above
+  ``ceiling`` (2) times the round's median stake; a slashed client needs ten honest
+  rounds to recover, and nobody can accumulate the committee.
   A rolled-back round rewards nobody. Rewards go to the whole trusted cluster, not
   only to the committed candidate's support: a reward that favoured half of a split
   federation would decide, by accident, which half is trusted next.
@@ -116,13 +118,17 @@ def settle(
 
     Slashing wins over rewarding: a client in both lists (it cannot be, in a round the
     pipeline settles) is only slashed. Unknown ids are ignored: a reply rejected before
-    its sender was ever registered has no stake to lose.
+    its sender was ever registered has no stake to lose. A reward stops at
+    ``policy.ceiling`` times the median stake before the round (a stake already above
+    it is not cut, only not raised).
     """
     slashed_ids = sorted({p for p in slashed if p in before})
     rewarded_ids = sorted({p for p in rewarded if p in before} - set(slashed_ids))
     after = dict(before)
+    ceiling = policy.ceiling * float(np.median(list(before.values()))) if before else 0.0
     for participant in rewarded_ids:
-        after[participant] = before[participant] + policy.reward
+        raised = min(before[participant] + policy.reward, ceiling)
+        after[participant] = max(before[participant], raised)
     for participant in slashed_ids:
         after[participant] = before[participant] * (1.0 - policy.slash_fraction)
     return Settlement(
