@@ -61,14 +61,57 @@ def test_accept_vote_boundary_and_abstention():
 # ----- trusted-mean ----------------------------------------------------------------------
 def test_trusted_mean_plan_offers_the_mean_its_core_and_the_geometric_median():
     plan, bounds, screening = trusted_mean_plan()
-    assert plan.names == ("trusted-mean", "core-mean", "geometric-median")
+    # The opposed group is set apart (as tight as the honest clients are with each other,
+    # so not provably coordinated): the federation mean with it comes first.
+    assert plan.names == ("federation-mean", "trusted-mean", "core-mean", "geometric-median")
     trusted = set(screening.trusted)
-    assert trusted == set(range(7))
-    for coefficients, support in zip(plan.coefficients, plan.supports, strict=True):
+    assert trusted == set(range(7)) and screening.set_apart == (7, 8, 9)
+    assert plan.supports[0] == tuple(range(10))
+    for coefficients, support in zip(plan.coefficients[1:], plan.supports[1:], strict=True):
         assert set(np.flatnonzero(coefficients)) <= trusted and set(support) <= trusted
-    np.testing.assert_allclose(plan.coefficients[0][:7], bounds.clip[:7] / 7)
-    assert set(plan.fallback_suspects) == trusted - set(plan.supports[1])
-    assert len(plan.supports[1]) >= 4  # the core holds at least half
+    np.testing.assert_allclose(plan.coefficients[1][:7], bounds.clip[:7] / 7)
+    assert set(plan.fallback_suspects) == trusted - set(plan.supports[2])
+    assert len(plan.supports[2]) >= 4  # the core holds at least half
+
+
+def test_a_coordinated_group_is_rejected_outright_and_gets_no_federation_candidate():
+    rng = np.random.default_rng(5)
+    honest = rng.normal(size=(14, 50))  # heterogeneous honest clients, no common group
+    attack = np.tile(-honest.mean(axis=0) * 3, (6, 1))  # byzfl-style: one vector for all
+    updates = np.vstack([honest, attack])
+    gram = updates @ updates.T
+    bounds = bound_updates(np.sqrt(np.diag(gram)), np.full(20, 10.0), np.ones(20))
+    screening = screen_updates(gram, bounds)
+    assert set(screening.rejected) == set(range(14, 20)) and screening.set_apart == ()
+    assert all("coordinated group" in screening.reasons[i] for i in range(14, 20))
+    plan = TrustedMeanSelection().plan(gram, bounds, screening, [str(i) for i in range(20)])
+    assert "federation-mean" not in plan.names
+
+
+def test_a_set_apart_group_is_kept_unless_the_federation_mean_costs_the_validators():
+    plan, _, _ = trusted_mean_plan()
+    rule, validators = TrustedMeanSelection(), ["v1", "v2", "v3", "v4", "v5"]
+
+    def reports(federation, trusted, fallback):
+        return [
+            report(
+                v,
+                1.0,
+                federation_mean=federation,
+                trusted_mean=trusted,
+                core_mean=fallback,
+                geometric_median=fallback,
+            )
+            for v in validators
+        ]
+
+    # within 30% of the trusted mean's gain: the group is kept, even though a fallback
+    # scores higher (the fallbacks answer another question)
+    kept = rule.decide(plan, reports(0.92, 0.90, 0.5), validators, TOLERANCE)
+    assert kept.candidate == "federation-mean" and set(kept.support) == set(range(10))
+    # the federation mean loses 40% of the gain: the group is left out
+    left_out = rule.decide(plan, reports(0.94, 0.90, 0.95), validators, TOLERANCE)
+    assert left_out.candidate == "trusted-mean" and set(left_out.support) == set(range(7))
 
 
 def test_the_best_candidate_that_reaches_the_quorum_commits():

@@ -109,3 +109,9 @@ def test_stake_ceiling_is_validated():
     with pytest.raises(SettingError) as error:
         StakePolicy(0.05, 0.5, ceiling=0.5)
     assert error.value.setting == "stake_ceiling"
+
+
+def test_a_left_out_client_loses_a_tenth_and_a_rejected_one_half():
+    policy = StakePolicy()
+    after = settle({"a": 1.0, "b": 1.0, "c": 1.0}, ["c"], ["a"], policy, left_out=["b", "a"]).after
+    assert after == {"a": 0.5, "b": pytest.approx(0.9), "c": 1.05}

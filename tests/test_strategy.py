@@ -148,7 +148,9 @@ def test_stake_is_memory_half_the_clients_attacking_with_a_third_of_the_stake_lo
         _, _, record = run_round(minority, replies, FakeGrid(squared_distance), server_round)
         assert set(record["rejected"]) == attackers
         assert record["outcome"] == "commit"
-    assert all(minority.ledger.stake(a) == 0.5**4 for a in attackers)
+    # The groups are equally tight, so the attackers are set apart, not proven
+    # coordinated: left out by the validators, they lose a tenth of their stake a round.
+    assert all(minority.ledger.stake(a) == pytest.approx(0.5 * 0.9**3) for a in attackers)
 
 
 def test_one_bad_reply_cannot_stop_the_round_and_only_bad_replies_keep_the_model():

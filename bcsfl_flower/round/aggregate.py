@@ -6,8 +6,9 @@ a committee and a chain. Attack optimisers, such as ``byzfl``'s
 aggregate as ``f(vectors) -> vector`` so they can search for the update that moves it
 furthest. :func:`screened_mean` is that function: the bound and screen stages the
 pipeline runs (:func:`~bcsfl_flower.round.screening.bound_and_screen`), then the
-preferred candidate of the trusted-mean rule, which is what commits whenever the
-validators accept it. An attack tuned against it is an attack tuned against BCSFL.
+trusted-mean rule's trusted-cluster mean: what commits whenever the validators accept
+it and reject the federation mean with any group the screen set apart. An attack
+tuned against it is an attack tuned to pass BCSFL's screen.
 """
 
 from __future__ import annotations
@@ -49,5 +50,7 @@ def screened_mean(
     stake = np.ones(size) if stakes is None else np.asarray(stakes, np.float64)
     gram = matrix @ matrix.T
     bounds, screening = bound_and_screen(gram, counts, stake, settings or RoundSettings())
-    plan = TrustedMeanSelection().plan(gram, bounds, screening, [str(i) for i in range(size)])
-    return plan.coefficients[0] @ matrix
+    rule = TrustedMeanSelection()
+    plan = rule.plan(gram, bounds, screening, [str(i) for i in range(size)])
+    row = plan.names.index(rule.MEAN) if rule.MEAN in plan.names else 0  # 0: contested
+    return plan.coefficients[row] @ matrix

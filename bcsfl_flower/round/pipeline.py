@@ -286,6 +286,7 @@ class RoundPipeline:
             self._rewarded(checked, stages.screening, decision),
             self._slashed(checked, stages.screening, decision),
             self.settings.stake_policy,
+            self._left_out(checked, stages.screening, decision),
         )
         self.ledger.apply(settlement)
         return RoundRecord(
@@ -440,20 +441,44 @@ class RoundPipeline:
     def _rewarded(
         self, checked: CheckedReplies, screening: Screening | None, decision: Decision
     ) -> list[str]:
-        """Return the trusted clients of a committed round (a rollback rewards nobody)."""
+        """Return the trusted clients of a committed round and the set-apart ones it drew on.
+
+        A rollback rewards nobody.
+        """
         if not decision.committed or screening is None:
             return []
-        return [checked.names[row] for row in screening.trusted]
+        rows = set(screening.trusted) | (set(screening.set_apart) & set(decision.support))
+        return [checked.names[row] for row in sorted(rows)]
 
     def _slashed(
         self, checked: CheckedReplies, screening: Screening | None, decision: Decision
     ) -> list[str]:
-        """Clients rejected by a check or by screening, and a rolled-back round's suspects."""
+        """Clients rejected by a check or by screening, and a rolled-back round's suspects.
+
+        A client the screen only set apart is not slashed here (see :meth:`_left_out`).
+        """
         slashed = list(checked.rejected)
-        rows = list(screening.rejected) if screening is not None else []
+        if screening is None:
+            return slashed
+        spared = set(screening.set_apart) | set(decision.support)
+        rows = [row for row in screening.rejected if row not in spared]
         if not decision.committed:
             rows += decision.suspects
         return slashed + [checked.names[row] for row in rows]
+
+    def _left_out(
+        self, checked: CheckedReplies, screening: Screening | None, decision: Decision
+    ) -> list[str]:
+        """Set-apart clients the committed candidate did not draw on (a lighter slash).
+
+        On skewed data an honest group with its own classes costs the trusted
+        validators some of their gain: reason to leave it out of this round's model,
+        weak evidence of an attack. A full slash every such round compounded into
+        stakes too small to count even in the rounds it was kept.
+        """
+        if screening is None or not decision.committed:
+            return []
+        return [checked.names[r] for r in screening.set_apart if r not in decision.support]
 
     def _client_metrics(
         self, checked: CheckedReplies, bounds: Bounds | None, decision: Decision

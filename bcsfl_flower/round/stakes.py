@@ -9,6 +9,9 @@ it once, at the end (:func:`settle`):
   ``slash_fraction`` of its stake (half, by default), so two rejections cut a client to
   a quarter. When a round rolls back, the trusted clients its most robust candidate
   left out are slashed too, so the next round differs from the one that failed.
+* **Doubt lightly**: a client the screen only set apart (different, not provably
+  coordinated) and the validators then left out loses ``left_out_fraction`` (a tenth)
+  of its stake: honest groups with their own classes are left out now and then.
 * **Reward slowly, up to a ceiling**: in a committed round, each trusted client gains
   ``reward`` (0.05 of an initial stake, by default), but no reward lifts a stake above
   ``ceiling`` (2) times the round's median stake; a slashed client needs ten honest
@@ -113,6 +116,7 @@ def settle(
     rewarded: Iterable[str],
     slashed: Iterable[str],
     policy: StakePolicy,
+    left_out: Iterable[str] = (),
 ) -> Settlement:
     """Return the stake table after a round.
 
@@ -120,10 +124,12 @@ def settle(
     pipeline settles) is only slashed. Unknown ids are ignored: a reply rejected before
     its sender was ever registered has no stake to lose. A reward stops at
     ``policy.ceiling`` times the median stake before the round (a stake already above
-    it is not cut, only not raised).
+    it is not cut, only not raised). Clients in ``left_out`` (set apart by the screen,
+    then left out by the validators) lose ``policy.left_out_fraction`` instead.
     """
     slashed_ids = sorted({p for p in slashed if p in before})
-    rewarded_ids = sorted({p for p in rewarded if p in before} - set(slashed_ids))
+    light_ids = sorted({p for p in left_out if p in before} - set(slashed_ids))
+    rewarded_ids = sorted({p for p in rewarded if p in before} - set(slashed_ids) - set(light_ids))
     after = dict(before)
     ceiling = policy.ceiling * float(np.median(list(before.values()))) if before else 0.0
     for participant in rewarded_ids:
@@ -131,8 +137,13 @@ def settle(
         after[participant] = max(before[participant], raised)
     for participant in slashed_ids:
         after[participant] = before[participant] * (1.0 - policy.slash_fraction)
+    for participant in light_ids:
+        after[participant] = before[participant] * (1.0 - policy.left_out_fraction)
     return Settlement(
-        before=dict(before), after=after, rewarded=tuple(rewarded_ids), slashed=tuple(slashed_ids)
+        before=dict(before),
+        after=after,
+        rewarded=tuple(rewarded_ids),
+        slashed=tuple(sorted([*slashed_ids, *light_ids])),
     )
 
 

@@ -181,6 +181,10 @@ class Screening:
     contested : bool
         Whether the trusted clients form two disagreeing groups and neither holds the
         qualified share of the stake, so the screen could not choose between them.
+    set_apart : tuple[int, ...]
+        Rows the direction test alone set apart (their length passed), ascending. A
+        group that differs is not yet a group that harms: the validators score the
+        federation with them, and they are rejected only if that candidate loses.
     """
 
     trusted: tuple[int, ...]
@@ -188,6 +192,7 @@ class Screening:
     split_threshold: float
     split: bool = False
     contested: bool = False
+    set_apart: tuple[int, ...] = ()
 
     @property
     def rejected(self) -> tuple[int, ...]:
@@ -377,12 +382,18 @@ class RoundRecord:
         return self.decision.committed
 
     def rejected(self) -> dict[str, str]:
-        """Node id -> reason, for every client rejected by a check or by screening."""
+        """Node id -> reason, for every client rejected by a check or by screening.
+
+        A client the screen set apart is not rejected when the committed candidate
+        drew on its update (the validators found the federation better with it).
+        """
         rejected = dict(self.checked.rejected)
         if self.screening is not None:
             names = self.checked.names
+            support = set(self.decision.support)
             for row in self.screening.rejected:
-                rejected[names[row]] = self.screening.reasons[row]
+                if row not in support:
+                    rejected[names[row]] = self.screening.reasons[row]
         return rejected
 
     def trusted(self) -> tuple[str, ...]:
