@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.message import make_message
-from flwr.app.metadata import Metadata
 
 from bcsfl_flower.client.mod import bcsfl_mod
 from bcsfl_flower.protocol import DUTY_RECORD_KEY
-
-
-def metadata(src_node_id: int, message_type: str = "train") -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id=f"msg-{src_node_id}-{time.monotonic_ns()}",
-        src_node_id=src_node_id,
-        dst_node_id=0,
-        reply_to_message_id="ins",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=message_type,
-    )
+from sim.robust.messages import reply_metadata as metadata
 
 
 def train_reply(

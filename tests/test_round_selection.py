@@ -278,3 +278,23 @@ def test_a_primary_does_not_propose_its_own_model():
     decision = PaperSelection().decide(plan, reports, ["10", "11", "12"], TOLERANCE)
     assert decision.ballots["views"][0]["proposal"] == "client-11"
     assert decision.committed and decision.candidate == "client-11"
+
+
+def test_a_contested_round_commits_both_groups_without_quorum_the_set_apart_one_with_it():
+    rule, validators = TrustedMeanSelection(), ["v1", "v2", "v3", "v4", "v5"]
+    plan = CandidatePlan(
+        ("federation-mean", "trusted-mean"), np.eye(2), ((0, 1), (0,)), contested=True
+    )
+    split = [report(v, 1.0, federation_mean=1.2, trusted_mean=1.2) for v in validators[:3]]
+    split += [report(v, 1.0, federation_mean=0.8, trusted_mean=0.8) for v in validators[3:]]
+    below = rule.decide(plan, split, validators, TOLERANCE)
+    assert below.committed and below.candidate == "trusted-mean" and below.support == (0,)
+    assert below.reason.startswith("commit (contested)")
+    # a quorum for the federation with the set-apart group carries it even when the
+    # two contested groups' mean has none
+    backed = [report(v, 1.0, federation_mean=0.5, trusted_mean=1.2) for v in validators[:3]]
+    backed += [report(v, 1.0, federation_mean=0.5, trusted_mean=0.8) for v in validators[3:]]
+    assert rule.decide(plan, backed, validators, TOLERANCE).candidate == "federation-mean"
+    agreed = [report(v, 1.0, federation_mean=0.85, trusted_mean=0.9) for v in validators]
+    kept = rule.decide(plan, agreed, validators, TOLERANCE)
+    assert kept.candidate == "federation-mean" and kept.support == (0, 1)

@@ -196,7 +196,9 @@ class TrustedMeanSelection(SelectionRule):
             tally += f"; more than {MAX_LOSS_GROWTH:g}x the validators' median loss: " + ", ".join(
                 outgrown
             )
-        if plan.contested and plan.names[-1] not in eligible:
+        margin = max(TIE_MARGIN, float(np.median([noise_allowance(r) for r in reports])))
+        chosen = self._with_set_apart(plan, eligible, scores, margin)
+        if chosen is None and plan.contested and plan.names[-1] not in eligible:
             # Both groups' bounded mean commits, quorum or not.
             return _contested_commit(plan, counts[plan.names[-1]], quorum, len(validators), ballots)
         if not eligible:
@@ -212,8 +214,6 @@ class TrustedMeanSelection(SelectionRule):
                 ballots=ballots,
                 suspects=plan.fallback_suspects,
             )
-        margin = max(TIE_MARGIN, float(np.median([noise_allowance(r) for r in reports])))
-        chosen = self._with_set_apart(plan, eligible, scores, margin)
         if chosen is None:
             eligible = [name for name in eligible if name != self.FEDERATION] or eligible
             best = max(scores[name] for name in eligible)

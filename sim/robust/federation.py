@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message import make_message
-from flwr.app.metadata import Metadata
 
 from bcsfl_flower.task.attacks import choose_attackers, flip_labels
 from sim.robust.attacks import ATTACKS, RoundView
 from sim.robust.contenders import CONTENDERS
+from sim.robust.messages import reply_metadata
 from sim.robust.tasks import (
     BACKDOOR_TARGET,
     LEARNERS,
@@ -63,20 +63,6 @@ class Cell:
         )
 
 
-def _metadata(node: int, message_type: str) -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id=f"msg-{node}-{time.monotonic_ns()}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="ins",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=message_type,
-    )
-
-
 def train_reply(node: int, weights: Weights, num_examples: int) -> Message:
     """Return a client's train reply as Flower delivers it."""
     content = RecordDict(
@@ -85,7 +71,7 @@ def train_reply(node: int, weights: Weights, num_examples: int) -> Message:
             "metrics": MetricRecord({"num-examples": num_examples}),
         }
     )
-    return make_message(metadata=_metadata(node, "train"), content=content)
+    return make_message(metadata=reply_metadata(node, "train"), content=content)
 
 
 class ValidatorGrid:
@@ -109,7 +95,7 @@ class ValidatorGrid:
             record = message.content.array_records[next(iter(message.content.array_records))]
             weights = {k: record[k].numpy() for k in record}
             metrics = MetricRecord({"eval_loss": self.loss(node, weights), "num-examples": 10})
-            meta = _metadata(node, message.metadata.message_type)
+            meta = reply_metadata(node, message.metadata.message_type)
             meta.__dict__["_reply_to_message_id"] = message.metadata.message_id
             replies.append(make_message(metadata=meta, content=RecordDict({"metrics": metrics})))
         return replies
