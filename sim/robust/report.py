@@ -111,6 +111,9 @@ def worst_cases(rows: list[dict[str, Any]], contenders: Sequence[str]) -> dict[t
     for key, members in _group(
         [r for r in rows if r["share"] > 0], "model", "alpha", "share"
     ).items():
+        seeds = {r["seed"] for r in members if r["strategy"] == "bcsfl"}
+        if seeds:  # compare on the seeds BCSFL ran
+            members = [r for r in members if r["seed"] in seeds]
         per = {}
         for contender in contenders:
             by_attack = {
@@ -136,6 +139,38 @@ def worst_case_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> l
     ):
         cells = [f"{per[c][0]:.3f} ({per[c][1]})" if c in per else "-" for c in contenders]
         lines.append(f"| {model} | {_skew(alpha)} | {share:.0%} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def gap_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> list[str]:
+    """Return BCSFL against the best baseline of each cell (FedAvg in clean cells).
+
+    The issue's per-cell target: BCSFL at least the best baseline minus 3 points in every
+    attacked cell, and at least FedAvg minus 1 point when clean. Means over the seeds
+    BCSFL ran.
+    """
+    lines = [
+        "| model | skew | attackers | attack | BCSFL | best baseline | gap (points) | target met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    baselines = [c for c in contenders if c != "bcsfl"]
+    cells = _group(rows, "model", "alpha", "share", "attack")
+    for (model, alpha, share, attack), members in sorted(cells.items(), key=_cell_order):
+        seeds = {r["seed"] for r in members if r["strategy"] == "bcsfl"}
+        members = [r for r in members if r["seed"] in seeds]  # compare on the same seeds
+        ours = _mean(r["accuracy"] for r in members if r["strategy"] == "bcsfl")
+        pool = ["fedavg"] if share == 0 else baselines
+        theirs = {c: _mean(r["accuracy"] for r in members if r["strategy"] == c) for c in pool}
+        theirs = {c: v for c, v in theirs.items() if v is not None}
+        if ours is None or not theirs:
+            continue
+        best = max(theirs, key=lambda c: theirs[c])
+        gap = 100 * (ours - theirs[best])
+        allowed = -1.0 if share == 0 else -3.0
+        lines.append(
+            f"| {model} | {_skew(alpha)} | {share:.0%} | {attack} | {ours:.3f} | "
+            f"{best} {theirs[best]:.3f} | {gap:+.1f} | {'yes' if gap >= allowed else 'no'} |"
+        )
     return lines
 
 
@@ -230,6 +265,10 @@ def write_report(directory: Path, contenders: Sequence[str], made_by: str) -> st
         "## Worst case over attacks",
         "",
         *worst_case_table(rows, present),
+        "",
+        "## BCSFL against the best baseline of each cell",
+        "",
+        *gap_table(rows, present),
         "",
         "## BCSFL's decisions",
         "",
