@@ -73,7 +73,9 @@ class ByzflStrategy(FedAvg):
         for pre_aggregator in self.pre_aggregators:
             vectors = np.asarray(pre_aggregator(vectors.copy()), dtype=np.float64)
         step = np.asarray(self.aggregate_updates(vectors), dtype=np.float64)
-        _, metrics = super().aggregate_train(server_round, valid)
+        # Only the metrics of FedAvg's aggregation: its weighted mean of the arrays is
+        # what the byzfl aggregator replaces, so it is not computed.
+        metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
         return _unflatten(reference + step, self._global), metrics
 
     def aggregate_updates(self, vectors: np.ndarray) -> np.ndarray:
