@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,31 @@ def _select(preset: Preset, args: argparse.Namespace) -> list[Cell]:
     return cells
 
 
+@contextmanager
+def _bench_process() -> Iterator[None]:
+    """Quiet Flower, give messages a task identity and use one thread, then restore.
+
+    The strategies build Flower messages, which need a task identity (a run sets one).
+    Restoring matters when the bench runs inside another process (its tests do): a
+    logger left at WARNING silences every later log record of Flower's.
+    """
+    level = FLOWER_LOGGER.level
+    # The private fields: the public getters raise while no identity is set.
+    fields = ("_run_id", "_node_id", "_task_id")
+    identity = [getattr(TaskIdentity, name) for name in fields]
+    threads = torch.get_num_threads()
+    FLOWER_LOGGER.setLevel(logging.WARNING)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.setLevel(level)
+        for name, value in zip(fields, identity, strict=True):
+            setattr(TaskIdentity, name, value)
+        torch.set_num_threads(threads)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the preset's missing cells, then write the report."""
     args = _parse(argv)
@@ -129,16 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     contenders = (*BASELINES, "bcsfl")
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    FLOWER_LOGGER.setLevel(logging.WARNING)
-    # The strategies build Flower messages, which need a task identity (a run sets one).
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    torch.set_num_threads(1)
     cells = [] if args.report_only else _select(PRESETS[args.preset], args)
     todo = [c for c in cells if not (runs / f"{c.run_id}.json").exists()]
     print(f"{len(cells) - len(todo)} of {len(cells)} runs done, {len(todo)} to run", flush=True)
     federations: dict[tuple, object] = {}
     started = time.perf_counter()
-    with threadpool_limits(limits=1):
+    with _bench_process(), threadpool_limits(limits=1):
         for index, cell in enumerate(todo, 1):
             key = (cell.alpha, cell.seed, cell.clients, cell.max_train)
             if key not in federations:

@@ -1,6 +1,7 @@
 """The fast decision-quality bench: its attacks, baselines, pure BCSFL aggregate and report."""
 
 import json
+import logging
 
 import byzfl
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from conftest import DATA_DIR
 from flower_messages import train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.common.logger import FLOWER_LOGGER
 
 from bcsfl_flower.byzfl_strategy import ByzflStrategy, CenteredClippingStrategy
 from bcsfl_flower.round.aggregate import screened_mean
@@ -132,3 +134,13 @@ def test_bench_runs_resumes_and_reports_on_real_mnist(tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert robust_bench.main(args) == 0
     assert "4 of 4 runs done, 0 to run" in capsys.readouterr().out
+
+
+
+def test_the_bench_leaves_flowers_logger_as_it_found_it(tmp_path):
+    """An in-process bench must not silence Flower's logs for whatever runs next."""
+    before = FLOWER_LOGGER.level
+    assert before != logging.WARNING
+    args = ["--preset", "quick", "--out", str(tmp_path), "--report-only"]
+    assert robust_bench.main(args) == 0
+    assert FLOWER_LOGGER.level == before
