@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import DATA_DIR
 from eth_account import Account
 from web3 import Web3
@@ -30,6 +31,9 @@ from web3 import Web3
 from bcsfl_flower.chain.backends import spawn_anvil, stop_anvil
 from bcsfl_flower.launch import APP_DIR
 from bcsfl_flower.processes import free_port, port_in_use, terminate_tree
+
+# The slow tier (`pytest -m slow`): .ci/run runs it after the README's fast tier.
+pytestmark = pytest.mark.slow
 
 NUM_NODES = 3
 PASSWORD = "loopback-only"

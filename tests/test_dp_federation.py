@@ -5,6 +5,9 @@ from conftest import DATA_DIR
 
 from bcsfl_flower.launch import FederationFailedError, run_federation
 
+# The slow tier (`pytest -m slow`): .ci/run runs it after the README's fast tier.
+pytestmark = pytest.mark.slow
+
 
 def dp_run(run_dir, budget):
     """Run 2 clients for 2 rounds with DP-SGD at noise 1.0 and the privacy budget ``budget``."""

@@ -47,6 +47,7 @@ def test_two_round_federation_on_mnist_completes_above_chance(tmp_path):
     assert followed.description.endswith(", anchored")
 
 
+@pytest.mark.slow
 def test_a_failing_federation_is_reported_as_failed(tmp_path):
     with pytest.raises(FederationFailedError, match="did not complete.*not found in data"):
         run_federation(
@@ -80,6 +81,7 @@ def attacked_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_bcsfl_rejects_label_flippers_and_beats_fedavg(attacked_runs):
     bcsfl = attacked_runs["bcsfl"].results
     fedavg = attacked_runs["fedavg"].results
@@ -100,6 +102,7 @@ def test_bcsfl_rejects_label_flippers_and_beats_fedavg(attacked_runs):
     assert bcsfl["final_test_accuracy"] > fedavg["final_test_accuracy"]
 
 
+@pytest.mark.slow
 def test_every_committed_round_is_anchored_and_verifiable(attacked_runs):
     run = attacked_runs["bcsfl"]
     rounds = [run.results["rounds"][str(r)] for r in range(1, ATTACK_ROUNDS + 1)]
@@ -157,6 +160,7 @@ def flip_one_byte(path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_users_pytorch_app_runs_with_only_the_strategy_line_changed(tmp_path):
     app_dir = Path(__file__).parent / "dropin_app"
     server = (app_dir / "dropin_app" / "server_app.py").read_text()
@@ -221,6 +225,7 @@ def _decrypt_and_test(run, key_seed: int) -> float:
     return test(model, load_test_data("mnist", DATA_DIR), torch.device("cpu"))[1]
 
 
+@pytest.mark.slow
 def test_ckks_federation_makes_the_plaintext_decisions_and_reaches_its_accuracy(tmp_path):
     plain = run_federation(
         tmp_path / "plain",

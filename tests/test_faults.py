@@ -25,6 +25,9 @@ from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.launch import FederationFailedError, resume_federation, run_federation
 from bcsfl_flower.results import load_results
 
+# The slow tier (`pytest -m slow`): .ci/run runs it after the README's fast tier.
+pytestmark = pytest.mark.slow
+
 ROUNDS = 3
 BASE = {"num-server-rounds": ROUNDS, "seed": 7}
 SILENT_TIMEOUT_S = 60.0

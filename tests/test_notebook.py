@@ -8,9 +8,13 @@ stored model verifies and reproduces its accuracy, a tampered one does not.
 import sys
 
 import nbformat
+import pytest
 from conftest import DATA_DIR, REPO
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
+
+# The slow tier (`pytest -m slow`): .ci/run runs it after the README's fast tier.
+pytestmark = pytest.mark.slow
 
 NOTEBOOK = REPO / "notebooks" / "walkthrough.ipynb"
 

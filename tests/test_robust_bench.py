@@ -136,7 +136,6 @@ def test_bench_runs_resumes_and_reports_on_real_mnist(tmp_path, monkeypatch, cap
     assert "4 of 4 runs done, 0 to run" in capsys.readouterr().out
 
 
-
 def test_the_bench_leaves_flowers_logger_as_it_found_it(tmp_path):
     """An in-process bench must not silence Flower's logs for whatever runs next."""
     before = FLOWER_LOGGER.level

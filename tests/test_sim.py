@@ -692,6 +692,7 @@ def test_the_table_names_the_command_that_makes_the_runs():
 # -- end to end: the fast preset, real federations -------------------------------------------
 
 
+@pytest.mark.slow
 def test_fast_preset_runs_end_to_end_and_resumes_without_recomputing(tmp_path):
     # BCSFL's two runs (clean, label-flip 30%): Flower's strategies go through the same
     # runner, and tests/test_e2e.py runs FedAvg for real.

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# The slow tier (`pytest -m slow`): .ci/run runs it after the README's fast tier.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "sklearn_app"
 EXTRA_MODULES = ("torch", "torchvision", "opacus", "tenseal", "flwr_datasets")
