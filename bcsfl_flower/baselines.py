@@ -1,11 +1,16 @@
-"""Flower's own robust-aggregation strategies, configured for comparison with BCSFL.
+"""The baselines, Flower's own strategies and byzfl's, configured for comparison with BCSFL.
 
 The experiments compare BCSFL against the baselines a Flower user would reach for
-first. They are Flower's implementations, unchanged; this module only maps the run
-config onto their arguments so that every strategy sees the same federation.
+first, Flower's implementations unchanged, and against the robust aggregators of the
+``byzfl`` library (EPFL/INRIA) wrapped as Flower strategies. This module only maps the
+run config onto their arguments so that every strategy sees the same federation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
@@ -18,9 +23,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from bcsfl_flower.byzfl_strategy import BYZFL_BASELINES, byzfl_strategies
 from bcsfl_flower.protocol import DP_EPSILON_KEY
-
-BASELINES = ("fedavg", "krum", "multikrum", "fedmedian", "fedtrimmedavg")
 
 
 def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -41,35 +45,67 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> 
     return metrics
 
 
+@dataclass(frozen=True)
+class ThreatModel:
+    """What a baseline is told about the federation it defends."""
+
+    num_nodes: int
+    attacker_fraction: float
+
+    @property
+    def malicious(self) -> int:
+        """The expected number of attackers, ``round(attacker_fraction * num_nodes)``."""
+        return round(self.attacker_fraction * self.num_nodes)
+
+
+BaselineBuilder = Callable[[ThreatModel, dict[str, Any]], Strategy]
+"""``(threat model, FedAvg's common arguments) -> strategy``."""
+
+
+def _byzfl(name: str) -> BaselineBuilder:
+    def build(threat: ThreatModel, common: dict[str, Any]) -> Strategy:
+        return byzfl_strategies(threat.malicious)[name](**common)
+
+    return build
+
+
+BASELINE_BUILDERS: Mapping[str, BaselineBuilder] = {
+    "fedavg": lambda threat, common: FedAvg(**common),
+    "krum": lambda threat, common: Krum(num_malicious_nodes=threat.malicious, **common),
+    "multikrum": lambda threat, common: MultiKrum(
+        num_malicious_nodes=threat.malicious,
+        num_nodes_to_select=max(1, threat.num_nodes - threat.malicious),
+        **common,
+    ),
+    "fedmedian": lambda threat, common: FedMedian(**common),
+    "fedtrimmedavg": lambda threat, common: FedTrimmedAvg(
+        beta=min(max(0.1, threat.attacker_fraction), 0.45), **common
+    ),
+    **{name: _byzfl(name) for name in BYZFL_BASELINES},
+}
+"""The baselines by run-config name: Flower's own, then byzfl's (``byzfl`` is imported
+only when one of those is built)."""
+
+BASELINES = tuple(BASELINE_BUILDERS)
+
+
 def build_baseline(
     name: str, *, num_nodes: int, attacker_fraction: float, fraction_train: float = 1.0
 ) -> Strategy:
-    """Return Flower's strategy ``name`` with federated evaluation off.
+    """Return the baseline strategy ``name`` with federated evaluation off.
 
-    Krum and MultiKrum need the number of malicious nodes ``f``; they get the expected
-    number, ``round(attacker_fraction * num_nodes)``, as an operator who knows the
-    threat model would set it (which favours them). MultiKrum keeps ``n - f`` updates.
-    FedTrimmedAvg trims ``beta = max(0.1, attacker_fraction)`` from each end, capped
-    below 0.5.
+    Krum, MultiKrum and byzfl's aggregators need the number of malicious nodes ``f``;
+    they get the expected number, ``round(attacker_fraction * num_nodes)``, as an
+    operator who knows the threat model would set it (which favours them). MultiKrum
+    keeps ``n - f`` updates. FedTrimmedAvg trims ``beta = max(0.1, attacker_fraction)``
+    from each end, capped below 0.5. byzfl's are wrapped by
+    :mod:`bcsfl_flower.byzfl_strategy` (centered clipping at the round's median norm).
     """
+    if name not in BASELINE_BUILDERS:
+        raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
     common = {
         "fraction_train": fraction_train,
         "fraction_evaluate": 0.0,
         "train_metrics_aggr_fn": aggregate_train_metrics,
     }
-    malicious = round(attacker_fraction * num_nodes)
-    if name == "fedavg":
-        return FedAvg(**common)
-    if name == "krum":
-        return Krum(num_malicious_nodes=malicious, **common)
-    if name == "multikrum":
-        return MultiKrum(
-            num_malicious_nodes=malicious,
-            num_nodes_to_select=max(1, num_nodes - malicious),
-            **common,
-        )
-    if name == "fedmedian":
-        return FedMedian(**common)
-    if name == "fedtrimmedavg":
-        return FedTrimmedAvg(beta=min(max(0.1, attacker_fraction), 0.45), **common)
-    raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
+    return BASELINE_BUILDERS[name](ThreatModel(num_nodes, attacker_fraction), common)

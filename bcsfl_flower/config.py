@@ -10,6 +10,7 @@ start-up with a message naming the offending key instead of deep inside a round.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bcsfl_flower.baselines import BASELINES
+from bcsfl_flower.byzfl_strategy import BYZFL_BASELINES
 from bcsfl_flower.extras import MissingExtraError, require_extra
 from bcsfl_flower.round.screening import OUTLIER_NORM_RATIO, SPLIT_MARGIN
 from bcsfl_flower.round.selection import selection_rule
@@ -124,6 +126,11 @@ class RunSettings:
         )
 
         _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}")
+        _require(
+            self.strategy not in BYZFL_BASELINES or importlib.util.find_spec("byzfl") is not None,
+            "strategy",
+            f"{self.strategy!r} is byzfl's: pip install --no-deps 'byzfl==0.0.11'",
+        )
         _require(self.attacker_stake >= 0.0, "attacker-stake", "must be >= 0")
         try:
             self.round_settings()

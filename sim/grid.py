@@ -45,6 +45,8 @@ ATTACK_SCALES: Mapping[str, float] = {
 """``attack-scale`` used for each attack (see the module docstring for why)."""
 
 LABEL_FLIP = "label-flip"
+DEFAULT_ALPHA = 0.5
+"""The grid's Dirichlet alpha (label skew of the partitions)."""
 UPDATE_ATTACKS = ("sign-flip", "gaussian-noise", "scale")
 
 
@@ -79,9 +81,16 @@ STRATEGIES: Mapping[str, StrategyVariant] = {
         StrategyVariant("multikrum", "MultiKrum", (("strategy", "multikrum"),)),
         StrategyVariant("fedmedian", "FedMedian", (("strategy", "fedmedian"),)),
         StrategyVariant("fedtrimmedavg", "FedTrimmedAvg", (("strategy", "fedtrimmedavg"),)),
+        StrategyVariant(
+            "centered-clipping", "CenteredClipping", (("strategy", "centered-clipping"),)
+        ),
+        StrategyVariant("arc-nnm-trmean", "ARC+NNM+TrMean", (("strategy", "arc-nnm-trmean"),)),
     )
 }
 """Every strategy of the grid, in the order tables and figures show them."""
+
+FLOWER_GRID_STRATEGIES = tuple(STRATEGIES)[:7]
+"""The paper grid's strategies: BCSFL's two selections and Flower's own baselines."""
 
 
 def share_label(share: float) -> str:
@@ -197,7 +206,7 @@ class ExperimentSpec:
     dataset: str = "mnist"
     num_clients: int = 20
     num_rounds: int = 20
-    dirichlet_alpha: float = 0.5
+    dirichlet_alpha: float = DEFAULT_ALPHA
     seed: int = 42
     attacker_stake_share: float | None = None
     dp_noise_multiplier: float | None = None
@@ -279,7 +288,7 @@ class ExperimentSpec:
         E.g. ``mnist-bcsfl-label-flip-30-s42``; a stake cell adds the attackers' share in
         percent: ``mnist-bcsfl-label-flip-50-stake33-s42``; a DP run its noise multiplier:
         ``mnist-bcsfl-label-flip-30-dp1.5-s42``; a batch size or learning rate
-        ``-b256-lr0.4``.
+        ``-b256-lr0.4``; a Dirichlet alpha other than :data:`DEFAULT_ALPHA` ``-a0.1``.
         """
         cell = f"{self.attack}-{self.percent:02d}"
         if self.attacker_stake_share is not None:
@@ -288,6 +297,8 @@ class ExperimentSpec:
             value = getattr(self, name)
             if value is not None:
                 cell += f"-{tag}{value:g}"
+        if self.dirichlet_alpha != DEFAULT_ALPHA:
+            cell += f"-a{self.dirichlet_alpha:g}"
         return f"{self.dataset}-{self.strategy}-{cell}-s{self.seed}"
 
     def run_config(self) -> dict[str, Any]:
@@ -353,7 +364,7 @@ class Preset:
     cells: tuple[Cell, ...]
     num_clients: int
     num_rounds: int
-    dirichlet_alpha: float = 0.5
+    dirichlet_alpha: float = DEFAULT_ALPHA
     seeds: tuple[int, ...] = (42,)
 
     def specs(
@@ -416,7 +427,7 @@ PRESETS: Mapping[str, Preset] = {
     ),
     "full": Preset(
         name="full",
-        strategies=tuple(STRATEGIES),
+        strategies=FLOWER_GRID_STRATEGIES,
         cells=(
             CLEAN,
             *(Cell(LABEL_FLIP, fraction) for fraction in (0.1, 0.3, 0.5)),
@@ -425,6 +436,14 @@ PRESETS: Mapping[str, Preset] = {
         ),
         num_clients=20,
         num_rounds=20,
+    ),
+    "skewed": Preset(
+        name="skewed",
+        strategies=("fedavg", "bcsfl", "multikrum", "centered-clipping"),
+        cells=(CLEAN, Cell(LABEL_FLIP, 0.3), Cell("sign-flip", 0.3)),
+        num_clients=20,
+        num_rounds=20,
+        dirichlet_alpha=0.1,
     ),
     "seeds": Preset(
         name="seeds",
@@ -448,6 +467,10 @@ PRESETS: Mapping[str, Preset] = {
   the stake-minority cell, sign-flip and scale 30%), 10 clients x 8 rounds: 20 runs;
 - ``full``: the paper's grid and the stake-minority cell, 7 strategies x 8 cells = 56
   runs of 20 clients x 20 rounds, seed 42;
+- ``skewed``: the heterogeneity check of the fast bench in real federations: FedAvg,
+  BCSFL, MultiKrum and byzfl's centered clipping (the best baseline of the bench's
+  attacked alpha-0.1 cells) at Dirichlet alpha 0.1, clean, label flip 30% and sign
+  flip 30% (12 runs of 20 clients x 20 rounds; run ids end in ``-a0.1``);
 - ``seeds``: the decisive cells of ``full`` again for 5 strategies with seeds 43 and
   44 (40 runs), meant to share ``full``'s output directory so that its report shows
   the spread over three seeds.

@@ -1,5 +1,7 @@
 """The run config is read once into typed settings; bad values name their key."""
 
+import importlib.util
+
 import pytest
 
 from bcsfl_flower.config import ConfigError, RunSettings
@@ -78,3 +80,14 @@ def test_the_pyproject_defaults_are_the_settings_defaults():
 def test_dp_turns_on_the_validators_noise_reference():
     assert not RunSettings.from_run_config({}).round_settings().noisy_updates
     assert RunSettings.from_run_config({"dp": True}).round_settings().noisy_updates
+
+
+def test_a_byzfl_baseline_is_a_strategy_and_needs_byzfl(monkeypatch):
+    settings = RunSettings.from_run_config({"strategy": "centered-clipping"})
+    assert settings.strategy == "centered-clipping"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "byzfl" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match="'centered-clipping' is byzfl's: pip install"):
+        RunSettings.from_run_config({"strategy": "centered-clipping"})

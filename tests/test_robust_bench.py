@@ -10,7 +10,9 @@ from conftest import DATA_DIR
 from flower_messages import train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common.logger import FLOWER_LOGGER
+from flwr.serverapp.strategy import FedAvg
 
+from bcsfl_flower.baselines import BASELINES, build_baseline
 from bcsfl_flower.byzfl_strategy import ByzflStrategy, CenteredClippingStrategy
 from bcsfl_flower.round.aggregate import screened_mean
 from sim import robust_bench
@@ -143,3 +145,15 @@ def test_the_bench_leaves_flowers_logger_as_it_found_it(tmp_path):
     args = ["--preset", "quick", "--out", str(tmp_path), "--report-only"]
     assert robust_bench.main(args) == 0
     assert FLOWER_LOGGER.level == before
+
+
+def test_every_baseline_builds_from_its_run_config_name():
+    for name in BASELINES:
+        assert isinstance(build_baseline(name, num_nodes=20, attacker_fraction=0.3), FedAvg)
+    clipping = build_baseline("centered-clipping", num_nodes=20, attacker_fraction=0.3)
+    assert isinstance(clipping, CenteredClippingStrategy)
+    trimmed = build_baseline("arc-nnm-trmean", num_nodes=20, attacker_fraction=0.3)
+    assert trimmed.aggregator.f == 6  # told the expected number of attackers
+    assert [type(p).__name__ for p in trimmed.pre_aggregators] == ["ARC", "NNM"]
+    with pytest.raises(ValueError, match="unknown baseline 'bulyan'"):
+        build_baseline("bulyan", num_nodes=20, attacker_fraction=0.3)

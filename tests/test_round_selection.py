@@ -63,13 +63,21 @@ def test_trusted_mean_plan_offers_the_mean_its_core_and_the_geometric_median():
     plan, bounds, screening = trusted_mean_plan()
     # The opposed group is set apart (as tight as the honest clients are with each other,
     # so not provably coordinated): the federation mean with it comes first.
-    assert plan.names == ("federation-mean", "trusted-mean", "core-mean", "geometric-median")
+    assert plan.names == (
+        "federation-mean",
+        "trusted-mean",
+        "core-mean",
+        "geometric-median",
+        "trusted-half-step",
+    )
     trusted = set(screening.trusted)
     assert trusted == set(range(7)) and screening.set_apart == (7, 8, 9)
+    assert screening.committee_pool == tuple(range(10))  # the group can validate
     assert plan.supports[0] == tuple(range(10))
     for coefficients, support in zip(plan.coefficients[1:], plan.supports[1:], strict=True):
         assert set(np.flatnonzero(coefficients)) <= trusted and set(support) <= trusted
     np.testing.assert_allclose(plan.coefficients[1][:7], bounds.clip[:7] / 7)
+    np.testing.assert_allclose(plan.coefficients[4], 0.5 * plan.coefficients[1])
     assert set(plan.fallback_suspects) == trusted - set(plan.supports[2])
     assert len(plan.supports[2]) >= 4  # the core holds at least half
 
@@ -83,6 +91,7 @@ def test_a_coordinated_group_is_rejected_outright_and_gets_no_federation_candida
     bounds = bound_updates(np.sqrt(np.diag(gram)), np.full(20, 10.0), np.ones(20))
     screening = screen_updates(gram, bounds)
     assert set(screening.rejected) == set(range(14, 20)) and screening.set_apart == ()
+    assert screening.committee_pool == tuple(range(14))  # a coordinated group never validates
     assert all("coordinated group" in screening.reasons[i] for i in range(14, 20))
     plan = TrustedMeanSelection().plan(gram, bounds, screening, [str(i) for i in range(20)])
     assert "federation-mean" not in plan.names
@@ -112,6 +121,46 @@ def test_a_set_apart_group_is_kept_unless_the_federation_mean_costs_the_validato
     # the federation mean loses 40% of the gain: the group is left out
     left_out = rule.decide(plan, reports(0.94, 0.90, 0.95), validators, TOLERANCE)
     assert left_out.candidate == "trusted-mean" and set(left_out.support) == set(range(7))
+
+
+def test_when_the_full_step_overshoots_for_too_many_validators_the_half_step_commits():
+    """Late in training on skewed data the mean step raises some honest validators' loss."""
+    plan, _, _ = trusted_mean_plan(n_attackers=0)
+    assert plan.names == ("trusted-mean", "core-mean", "geometric-median", "trusted-half-step")
+    validators = ["v1", "v2", "v3", "v4", "v5"]
+    losses = {  # v4 and v5 lose 0.08 from every full step, 0.02 from the half step
+        v: dict(trusted_mean=1.08, core_mean=1.08, geometric_median=1.08, trusted_half_step=1.02)
+        if v in ("v4", "v5")
+        else dict(trusted_mean=0.9, core_mean=0.92, geometric_median=0.92, trusted_half_step=0.95)
+        for v in validators
+    }
+    reports = [report(v, 1.0, **losses[v]) for v in validators]
+    decision = TrustedMeanSelection().decide(plan, reports, validators, TOLERANCE)
+    assert decision.committed and decision.candidate == "trusted-half-step"
+    assert decision.votes_for == 5
+
+
+def test_set_apart_validators_cannot_veto_the_candidates_that_leave_them_out():
+    plan, _, _ = trusted_mean_plan()
+    assert plan.parties == ("7", "8", "9")
+    rule, validators = TrustedMeanSelection(), ["1", "8", "2", "9", "3"]
+    # Two of the set-apart group sit on the committee and reject everything that leaves
+    # them out (their loss rises); the three others accept the trusted side's models
+    # and find the federation mean 40% worse.
+    reports = [
+        report(v, 1.0, federation_mean=1.5, trusted_mean=1.5, core_mean=1.5, geometric_median=1.5)
+        if v in ("8", "9")
+        else report(
+            v, 1.0, federation_mean=0.94, trusted_mean=0.9, core_mean=0.95, geometric_median=0.95
+        )
+        for v in validators
+    ]
+    decision = rule.decide(plan, reports, validators, TOLERANCE)
+    assert decision.committed and decision.candidate == "trusted-mean"
+    assert decision.votes_for == 3 and decision.quorum == 2  # 2 of the 3 other validators
+    assert "federation-mean 3, trusted-mean 3 of 3" in decision.reason
+    # They do vote on the federation mean: with them it needs 4 of 5, and has 3.
+    assert decision.ballots["8"]["federation-mean"]["accept"] is False
 
 
 def test_the_best_candidate_that_reaches_the_quorum_commits():

@@ -30,7 +30,14 @@ from sim.experiments import (
     report_parts,
 )
 from sim.figures import figure_seed
-from sim.grid import CLEAN, PRESETS, STRATEGIES, Cell, ExperimentSpec, share_label
+from sim.grid import (
+    CLEAN,
+    FLOWER_GRID_STRATEGIES,
+    PRESETS,
+    Cell,
+    ExperimentSpec,
+    share_label,
+)
 from sim.metrics import (
     FLIP_ALL,
     attack_success_rate,
@@ -213,7 +220,7 @@ def test_full_preset_is_the_paper_grid_and_the_stake_cell():
     specs = PRESETS["full"].specs()
     assert len(specs) == 7 * (4 + 1 + 3) == 56
     assert len({s.run_id for s in specs}) == len(specs)
-    assert {s.strategy for s in specs} == set(STRATEGIES)
+    assert {s.strategy for s in specs} == set(FLOWER_GRID_STRATEGIES)
     cells = {(s.attack, s.attacker_fraction, s.attacker_stake_share) for s in specs}
     assert cells == (
         {("label-flip", f, None) for f in (0.0, 0.1, 0.3, 0.5)}
@@ -228,7 +235,7 @@ def test_full_preset_is_the_paper_grid_and_the_stake_cell():
     assert len(committed) == 49
     assert "mnist-krum-label-flip-30-s42" in {s.run_id for s in committed}
     stake = [s.run_id for s in specs if s.attacker_stake_share is not None]
-    assert stake == [f"mnist-{name}-label-flip-50-stake33-s42" for name in STRATEGIES]
+    assert stake == [f"mnist-{name}-label-flip-50-stake33-s42" for name in FLOWER_GRID_STRATEGIES]
 
 
 def test_fast_preset_is_unchanged():
@@ -278,6 +285,20 @@ def test_small_and_seeds_presets():
     for preset in PRESETS.values():
         if CLEAN in preset.cells:
             assert preset.cells[0] == CLEAN
+
+
+def test_skewed_preset_runs_alpha_01_cells_against_the_byzfl_baseline():
+    specs = PRESETS["skewed"].specs()
+    assert len(specs) == 4 * 3 == len({s.run_id for s in specs})
+    assert {s.strategy for s in specs} == {"fedavg", "bcsfl", "multikrum", "centered-clipping"}
+    assert {s.cell.label for s in specs} == {"clean", "label-flip 30%", "sign-flip 30%"}
+    assert all(s.run_config()["dirichlet-alpha"] == 0.1 for s in specs)
+    assert all(s.run_id.endswith("-a0.1-s42") for s in specs)
+    clipping = next(s for s in specs if s.strategy == "centered-clipping")
+    assert clipping.run_config()["strategy"] == "centered-clipping"
+    # The paper grid keeps its seven strategies and its run ids (alpha 0.5 is not named).
+    assert ExperimentSpec("bcsfl", "label-flip", 0.3).run_id == "mnist-bcsfl-label-flip-30-s42"
+    assert "centered-clipping" not in {s.strategy for s in PRESETS["full"].specs()}
 
 
 def test_stake_share_sets_attacker_stake_and_names_the_run():

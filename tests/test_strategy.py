@@ -67,7 +67,12 @@ def test_attackers_are_rejected_and_a_candidate_of_the_honest_clients_commits():
     arrays, metrics, record = run_round(BCSFL(), replies, FakeGrid(squared_distance))
     assert set(record["rejected"]) == attackers
     assert record["outcome"] == "commit" and metrics["bcsfl-committed"] == 1
-    assert record["candidates"] == ["trusted-mean", "core-mean", "geometric-median"]
+    assert record["candidates"] == [
+        "trusted-mean",
+        "core-mean",
+        "geometric-median",
+        "trusted-half-step",
+    ]
     assert set(record["committee"]["validators"]).isdisjoint(attackers)
     assert len(record["committee"]["validators"]) == 5
     # The committed model moved towards the target, and no attacker is in its support.
@@ -151,6 +156,21 @@ def test_stake_is_memory_half_the_clients_attacking_with_a_third_of_the_stake_lo
     # The groups are equally tight, so the attackers are set apart, not proven
     # coordinated: left out by the validators, they lose a tenth of their stake a round.
     assert all(minority.ledger.stake(a) == pytest.approx(0.5 * 0.9**3) for a in attackers)
+
+
+def test_a_set_apart_group_can_sit_on_the_committee_a_rejected_client_cannot():
+    """The validators who judge a set-apart group must be able to hold its data."""
+    replies, attackers = federation(num_honest=5, num_attackers=5)
+    replies.append(train_reply(11, {"w": (40.0 * TARGET).astype(np.float32)}, 100))
+    strategy = BCSFL(initial_stakes={a: 0.5 for a in attackers})
+    validators = set()
+    for server_round in (1, 2, 3):
+        _, _, record = run_round(strategy, replies, FakeGrid(squared_distance), server_round)
+        assert "norm" in record["rejected"]["11"]
+        assert {k for k, why in record["rejected"].items() if "set apart" in why} == attackers
+        validators |= set(record["committee"]["validators"])
+    assert validators & attackers
+    assert "11" not in validators
 
 
 def test_one_bad_reply_cannot_stop_the_round_and_only_bad_replies_keep_the_model():

@@ -126,10 +126,10 @@ def _recompute(statement: RoundStatement, store: ModelStore, domain: Eip712Domai
         np.array([statement.stakes[reply.identity] for reply in statement.replies]),
         settings,
     )
-    trusted = tuple(statement.replies[row].identity for row in screening.trusted)
+    pool = tuple(statement.replies[row].identity for row in screening.committee_pool)
     _expect(
-        trusted == statement.candidates,
-        f"{label}: screening trusts {list(trusted)}, the round drew its committee from "
+        pool == statement.candidates,
+        f"{label}: screening keeps {list(pool)} for the committee, the round drew it from "
         f"{list(statement.candidates)}",
     )
     drawn, problem = recorded_draw(statement)

@@ -190,7 +190,7 @@ class RoundPipeline:
             len(checked.rejected),
         )
         statement = self._statement(
-            server_round, global_arrays, previous_hash, checked, screening.trusted
+            server_round, global_arrays, previous_hash, checked, screening.committee_pool
         )
         drawn = redraw(statement)
         statement = replace(statement, validators=drawn.validators, miners=drawn.miners)
@@ -337,7 +337,7 @@ class RoundPipeline:
         global_arrays: ArrayRecord,
         previous_hash: bytes,
         checked: CheckedReplies,
-        trusted: Iterable[int],
+        pool: Iterable[int],
     ) -> RoundStatement:
         """State what the round decides from (its committee is drawn from this statement).
 
@@ -367,7 +367,7 @@ class RoundPipeline:
             settings=DecisionSettings.of(self.settings, self.selection.name, self.space.name),
             stakes=stakes,
             replies=replies,
-            candidates=tuple(replies[row].identity for row in trusted),
+            candidates=tuple(replies[row].identity for row in pool),
             sketch_seed=checked.batch.sketch_seed,
             model_keys=tuple(global_arrays.keys()),
         )

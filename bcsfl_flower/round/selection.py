@@ -7,9 +7,10 @@ A rule has two halves, one on each side of the validation exchange:
 :data:`SELECTION_RULES`, the way Opacus maps mechanism names to accountants.
 
 ``trusted-mean`` (the default)
-    Three candidates, in order of preference: the trusted cluster's mean, the mean of
-    its core, and its geometric median. Each validator accepts a candidate that does
-    not raise its loss by more than the tolerance; among the candidates that reach the
+    Four candidates, in order of preference: the trusted cluster's mean, the mean of
+    its core, its geometric median, and the trusted mean's half step (its direction at
+    :data:`HALF_STEP` of its length). Each validator accepts a candidate that does not
+    raise its loss by more than the tolerance; among the candidates that reach the
     2/3 quorum, the one with the highest median loss delta commits (within
     :data:`TIE_MARGIN`, or the validators' median noise allowance when larger, the
     preferred one: a lead within the mean's own sampling error is chance). When poison
@@ -62,6 +63,16 @@ but often tiny once the model has converged; the trusted mean uses every trusted
 client's data and is the candidate that generalises like FedAvg, so it should not lose
 to a fallback by a thousandth of a loss unit."""
 
+
+HALF_STEP = 0.5
+"""Length of the last candidate, the trusted mean's shorter step, as a share of it.
+
+Late in training on skewed data a full step that helps most clients raises some honest
+validators' loss beyond the tolerance, and a round where two of five do so rolls back
+although its direction is right (the fast bench's alpha-0.1 logistic regression, sign
+flip 30%: rounds 18-20 rolled back with no attacker on the committee). Half the step
+keeps the direction and roughly halves the overshoot: those rounds commit it, and
+nothing changes where the full step reaches the quorum (it scores higher)."""
 
 INCLUSION_SHARE = 0.15
 """Share of the trusted mean's loss gain a set-apart group may cost and still be kept.
@@ -127,6 +138,7 @@ class TrustedMeanSelection(SelectionRule):
 
     name = "trusted-mean"
     MEAN, CORE, MEDIAN = "trusted-mean", "core-mean", "geometric-median"
+    HALF_STEP = "trusted-half-step"
     FEDERATION = "federation-mean"
 
     def plan(
@@ -138,12 +150,15 @@ class TrustedMeanSelection(SelectionRule):
         mean of the trusted cluster and that group) comes first: on skewed data a
         group of honest clients with their own classes looks as distinct as a
         coordinated attack, and only its effect on the validators' loss tells them
-        apart. The validators are drawn from the trusted cluster, so the group is
-        kept only if the trusted clients' own data do not suffer from it. A contested
+        apart. The validators are drawn from the trusted cluster and the set-apart
+        group together (:attr:`~bcsfl_flower.round.state.Screening.committee_pool`), so
+        the committee can hold the group's own classes; its median still belongs to
+        the trusted side as long as it holds most of the stake. A contested
         round gets the bounded mean of both its groups (see the class docstring), last,
         after the federation mean with the set-apart group when there is one.
         """
         trusted = np.asarray(screening.trusted, dtype=np.int64)
+        parties = tuple(names[row] for row in screening.set_apart)
         options: list[tuple[str, np.ndarray, np.ndarray]] = []
         if screening.set_apart:
             everyone = np.union1d(trusted, screening.set_apart)
@@ -157,7 +172,7 @@ class TrustedMeanSelection(SelectionRule):
         if screening.contested:
             both = self.MEAN if screening.set_apart else self.FEDERATION
             options.append((both, mean_coefficients(trusted, bounds.weights, bounds.clip), trusted))
-            return _plan(options, contested=True)
+            return _plan(options, contested=True, parties=parties)
         inner = bounds.clipped_gram(gram)[np.ix_(trusted, trusted)]
         weights = bounds.weights[trusted]
         median = geometric_median_weights(inner, weights)
@@ -168,9 +183,14 @@ class TrustedMeanSelection(SelectionRule):
             (self.MEAN, mean_coefficients(trusted, bounds.weights, bounds.clip), trusted),
             (self.CORE, mean_coefficients(core, bounds.weights, bounds.clip), core),
             (self.MEDIAN, median_coefficients, trusted),
+            (
+                self.HALF_STEP,
+                HALF_STEP * mean_coefficients(trusted, bounds.weights, bounds.clip),
+                trusted,
+            ),
         ]
         suspects = tuple(int(i) for i in np.setdiff1d(trusted, core)) if screening.split else ()
-        return _plan(options, fallback_suspects=suspects)
+        return _plan(options, fallback_suspects=suspects, parties=parties)
 
     def decide(
         self,
@@ -188,12 +208,22 @@ class TrustedMeanSelection(SelectionRule):
             return no_validators(plan)
         quorum = quorum_size(len(validators))
         votes = {name: accept_votes(reports, name, tolerance) for name in plan.names}
-        counts = {name: count_accepts(votes[name]) for name in plan.names}
+        seats = {name: self._seats(plan, name, validators) for name in plan.names}
+        counts = {
+            name: count_accepts({v: votes[name].get(v) for v in seats[name]}) for name in plan.names
+        }
+        quorums = {name: quorum_size(len(seats[name])) for name in plan.names}
         scores = {name: _median_delta(reports, name) for name in plan.names}
         ballots = _ballots(reports, plan.names, votes, tolerance)
         outgrown = [name for name in plan.names if outgrows_baseline(reports, name)]
-        eligible = [name for name in plan.names if counts[name] >= quorum and name not in outgrown]
-        tally = ", ".join(f"{name} {counts[name]}" for name in plan.names)
+        eligible = [
+            name for name in plan.names if counts[name] >= quorums[name] and name not in outgrown
+        ]
+        tally = ", ".join(
+            f"{name} {counts[name]}"
+            + (f" of {len(seats[name])}" if len(seats[name]) < len(validators) else "")
+            for name in plan.names
+        )
         if outgrown:
             tally += f"; more than {MAX_LOSS_GROWTH:g}x the validators' median loss: " + ", ".join(
                 outgrown
@@ -224,13 +254,29 @@ class TrustedMeanSelection(SelectionRule):
             committed=True,
             candidate=chosen,
             votes_for=counts[chosen],
-            quorum=quorum,
+            quorum=quorums[chosen],
             num_validators=len(validators),
-            reason=f"commit: {chosen!r} with {counts[chosen]}/{len(validators)} accept votes, "
-            f"quorum {quorum}, median loss delta {scores[chosen]:+.4f} (accept votes: {tally})",
+            reason=f"commit: {chosen!r} with {counts[chosen]}/{len(seats[chosen])} accept votes, "
+            f"quorum {quorums[chosen]}, median loss delta {scores[chosen]:+.4f} "
+            f"(accept votes: {tally})",
             ballots=ballots,
             support=plan.supports[plan.names.index(chosen)],
         )
+
+    def _seats(self, plan: CandidatePlan, name: str, validators: Sequence[str]) -> list[str]:
+        """Return the validators whose votes count towards ``name``'s quorum.
+
+        A candidate that leaves the set-apart group out is decided by the other
+        validators: the group's members are a party to that question, and with them
+        on the committee a coordinated minority of them could block every round (seen
+        in the end-to-end CNN federation: two label flippers on a committee of five
+        rolled back a round the other three accepted). Every validator votes on the
+        federation mean, and on everything when only parties were drawn.
+        """
+        if name == self.FEDERATION or not plan.parties:
+            return list(validators)
+        others = [v for v in validators if v not in plan.parties]
+        return others or list(validators)
 
     def _with_set_apart(
         self, plan: CandidatePlan, eligible: list[str], scores: Mapping[str, float], margin: float
@@ -239,9 +285,9 @@ class TrustedMeanSelection(SelectionRule):
 
         The group's effect is the difference between the same bounded mean with and
         without it; the robust fallbacks answer another question (poison inside the
-        trusted cluster) and do not take part. The validators come from the trusted
-        cluster, so on skewed data the mean fitted to their own classes always looks a
-        little better to them: the group is kept unless the federation mean falls short
+        trusted cluster) and do not take part. Most validators come from the trusted
+        cluster, so on skewed data the mean fitted to their own classes looks a little
+        better to them: the group is kept unless the federation mean falls short
         of the trusted mean's gain by more than :data:`INCLUSION_SHARE` of it (or the
         tie margin). If the trusted mean missed the quorum, an eligible federation mean
         is kept outright.
@@ -376,6 +422,7 @@ def _plan(
     *,
     contested: bool = False,
     fallback_suspects: tuple[int, ...] = (),
+    parties: tuple[str, ...] = (),
 ) -> CandidatePlan:
     """Return the plan of ``(name, coefficients, support rows)`` options, duplicates dropped.
 
@@ -391,6 +438,7 @@ def _plan(
         supports=tuple(tuple(int(i) for i in rows) for _, _, rows in kept),
         fallback_suspects=fallback_suspects,
         contested=contested,
+        parties=parties,
     )
 
 

@@ -200,6 +200,19 @@ class Screening:
         trusted = set(self.trusted)
         return tuple(i for i in range(len(self.reasons)) if i not in trusted)
 
+    @property
+    def committee_pool(self) -> tuple[int, ...]:
+        """Rows the round's committee is drawn from: the trusted and the set-apart, ascending.
+
+        A set-apart group is kept or left out by the validators' losses, so it must be
+        able to sit on the committee: drawn from the trusted side alone, the validators
+        never hold the group's own classes and always prefer the model fitted to theirs
+        (measured on the fast bench's alpha-0.1 logistic regression: the same six honest
+        clients left out every other round). Clients rejected outright (too long, or in a
+        coordinated group) do not validate.
+        """
+        return tuple(sorted(set(self.trusted) | set(self.set_apart)))
+
 
 @dataclass(frozen=True)
 class CandidatePlan:
@@ -226,6 +239,11 @@ class CandidatePlan:
     contested : bool
         Whether the screen left the round contested (:attr:`Screening.contested`): the
         plan's first candidate then commits even without the validators' quorum.
+    parties : tuple[str, ...]
+        Node ids of the set-apart clients. They may validate (they hold the data that
+        show what leaving them out costs) but are a party to the round's question:
+        they count towards the quorum of the candidate that includes them, not of the
+        candidates that leave them out.
     """
 
     names: tuple[str, ...]
@@ -234,6 +252,7 @@ class CandidatePlan:
     fallback_suspects: tuple[int, ...] = ()
     owners: tuple[str | None, ...] = ()
     contested: bool = False
+    parties: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

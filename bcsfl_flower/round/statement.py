@@ -10,8 +10,8 @@ The statement holds, as the round saw them before its committee was drawn:
 * the decision settings (seats, tolerances, screening thresholds, selection rule);
 * the accepted replies, in order: node, identity, example count and the hash of the
   update (with its signed packet, when the client signed one);
-* the draw's candidates (the clients screening trusted) and the drawn validators and
-  miners, by identity.
+* the draw's candidates (the clients screening trusted or set apart) and the drawn
+  validators and miners, by identity.
 
 An identity is the client's Ethereum address when it signed its reply, else
 ``node:<id>``: node ids are not on chain and change when a SuperNode reconnects, so the
@@ -117,7 +117,7 @@ class RoundStatement:
     replies : tuple[StatedReply, ...]
         The accepted replies, in the order the round checked them.
     candidates : tuple[str, ...]
-        Identities the committee was drawn from (the trusted clients).
+        Identities the committee was drawn from (the trusted and set-apart clients).
     validators, miners : tuple[str, ...]
         The drawn committee by identity, in draw order.
     sketch_seed : int | None
