@@ -17,7 +17,7 @@ from bcsfl_flower.byzfl_strategy import ByzflStrategy, CenteredClippingStrategy
 from bcsfl_flower.round.aggregate import screened_mean
 from sim import robust_bench
 from sim.robust.attacks import ATTACKS, RoundView
-from sim.robust.report import gini, summarise
+from sim.robust.report import accuracy_table, gini, summarise
 
 DIM = 40
 
@@ -157,3 +157,14 @@ def test_every_baseline_builds_from_its_run_config_name():
     assert [type(p).__name__ for p in trimmed.pre_aggregators] == ["ARC", "NNM"]
     with pytest.raises(ValueError, match="unknown baseline 'bulyan'"):
         build_baseline("bulyan", num_nodes=20, attacker_fraction=0.3)
+
+
+def test_the_accuracy_table_compares_contenders_on_the_seeds_they_all_ran():
+    cell = {"model": "logreg", "alpha": 0.1, "share": 0.0, "attack": "clean"}
+    rows = [
+        {**cell, "strategy": "fedavg", "seed": 42, "accuracy": 0.8},
+        {**cell, "strategy": "fedavg", "seed": 43, "accuracy": 0.2},  # BCSFL has no seed 43
+        {**cell, "strategy": "bcsfl", "seed": 42, "accuracy": 0.9},
+    ]
+    (line,) = accuracy_table(rows, ["fedavg", "bcsfl"])[2:]
+    assert line == "| logreg | alpha 0.1 | 0% | clean | 0.800 | 0.900 | 1 |"

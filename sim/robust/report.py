@@ -83,13 +83,18 @@ def _group(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str,
 
 
 def accuracy_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> list[str]:
-    """Return the per-cell accuracy table (mean over seeds), the best baseline marked."""
+    """Return the per-cell accuracy table: means over the seeds every contender ran there.
+
+    A resumed bench has some contenders on more seeds than others; a mean over
+    different seeds would compare different federations.
+    """
     lines = [
         "| model | skew | attackers | attack | " + " | ".join(contenders) + " | seeds |",
         "|---" * (len(contenders) + 5) + "|",
     ]
     cells = _group(rows, "model", "alpha", "share", "attack")
     for (model, alpha, share, attack), members in sorted(cells.items(), key=_cell_order):
+        members = _on_common_seeds(members)
         means = {c: _mean(r["accuracy"] for r in members if r["strategy"] == c) for c in contenders}
         seeds = len({r["seed"] for r in members})
         lines.append(
@@ -98,6 +103,15 @@ def accuracy_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> lis
             + f" | {seeds} |"
         )
     return lines
+
+
+def _on_common_seeds(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the runs on the seeds that every contender of the cell ran."""
+    by_contender: dict[str, set[int]] = {}
+    for run in members:
+        by_contender.setdefault(run["strategy"], set()).add(run["seed"])
+    common = set.intersection(*by_contender.values()) if by_contender else set()
+    return [run for run in members if run["seed"] in common]
 
 
 def _cell_order(item: tuple) -> tuple:
@@ -258,7 +272,7 @@ def write_report(directory: Path, contenders: Sequence[str], made_by: str) -> st
         "",
         f"Made by: `{made_by}`",
         "",
-        "## Final test accuracy (mean over seeds)",
+        "## Final test accuracy (mean over the seeds every contender ran)",
         "",
         *accuracy_table(rows, present),
         "",
