@@ -628,7 +628,10 @@ def test_screening_rejects_a_planted_attacker_exactly_as_in_plaintext(secret, at
 
 def test_encrypted_rounds_track_the_plaintext_rounds(secret):
     """Three CKKS rounds with a flipper, under non-default record names, follow plaintext."""
-    names = {"arrayrecord_key": "weights", "configrecord_key": "fit-config"}
+    # Every client validates: the committee is drawn with the previous model's hash, a
+    # ciphertext's in one run and a plaintext's in the other, and the set-apart flipper
+    # can be drawn; with all six on the committee both runs ask the same validators.
+    names = {"arrayrecord_key": "weights", "configrecord_key": "fit-config", "num_validators": 6}
     attackers = {6: "flip"}
     encrypted_grid = Federation(attackers=attackers)
     encrypted, records = run_rounds(BCSFL(ckks=True, **names), encrypted_grid, 3)
