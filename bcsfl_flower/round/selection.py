@@ -138,7 +138,7 @@ class TrustedMeanSelection(SelectionRule):
 
     name = "trusted-mean"
     MEAN, CORE, MEDIAN = "trusted-mean", "core-mean", "geometric-median"
-    HALF_STEP = "trusted-half-step"
+    HALF = "trusted-half-step"
     FEDERATION = "federation-mean"
 
     def plan(
@@ -179,15 +179,12 @@ class TrustedMeanSelection(SelectionRule):
         core = trusted[core_rows(inner, median, weights)]
         median_coefficients = np.zeros(gram.shape[0])
         median_coefficients[trusted] = median * bounds.clip[trusted]
+        mean = mean_coefficients(trusted, bounds.weights, bounds.clip)
         options += [
-            (self.MEAN, mean_coefficients(trusted, bounds.weights, bounds.clip), trusted),
+            (self.MEAN, mean, trusted),
             (self.CORE, mean_coefficients(core, bounds.weights, bounds.clip), core),
             (self.MEDIAN, median_coefficients, trusted),
-            (
-                self.HALF_STEP,
-                HALF_STEP * mean_coefficients(trusted, bounds.weights, bounds.clip),
-                trusted,
-            ),
+            (self.HALF, HALF_STEP * mean, trusted),
         ]
         suspects = tuple(int(i) for i in np.setdiff1d(trusted, core)) if screening.split else ()
         return _plan(options, fallback_suspects=suspects, parties=parties)
