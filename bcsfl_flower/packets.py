@@ -128,6 +128,8 @@ def model_hash(arrays: ArraysLike) -> bytes:
     TypeError
         If ``arrays`` is neither, a key is not a ``str``, a value is not an array, or an
         array's dtype is not hashable.
+    ValueError
+        If an ``Array``'s bytes are not a readable ``.npy`` (a client's garbage).
     """
     digest = sha256()
     for key, array in _sorted_arrays(arrays):
@@ -178,6 +180,13 @@ def npy_view(array: Array) -> np.ndarray:
         raise TypeError(f"expected a flwr Array, got {type(array).__name__}")
     if array.stype != "numpy.ndarray":
         raise TypeError(f"cannot hash an Array serialized as {array.stype!r}")
+    try:
+        return _read_npy(array)
+    except (ValueError, SyntaxError, EOFError) as err:  # what numpy raises on garbage
+        raise ValueError(f"array bytes are not a readable .npy: {err}") from err
+
+
+def _read_npy(array: Array) -> np.ndarray:
     stream = io.BytesIO(array.data)
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
@@ -185,7 +194,7 @@ def npy_view(array: Array) -> np.ndarray:
     elif version == (2, 0):
         shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
     else:  # .npy 3.0 only differs for non-latin-1 structured field names: take the slow path
-        return array.numpy()
+        return np.load(stream, allow_pickle=False)
     if dtype.hasobject:
         raise TypeError(f"cannot hash an Array of dtype {dtype} (object)")
     count = int(np.prod(shape, dtype=np.int64))
@@ -739,7 +748,7 @@ class PacketVerifier:
             )
         try:
             actual = model_hash(arrays)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise PacketRejectedError(RejectReason.MALFORMED, str(err)) from err
         if actual != packet.model_hash:
             raise PacketRejectedError(

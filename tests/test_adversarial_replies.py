@@ -71,6 +71,20 @@ def with_nonfinite(value):
     return attack
 
 
+def garbled(data: Callable[[bytes], bytes]) -> Attack:
+    """A reply whose array declares the right dtype and shape over unreadable bytes."""
+
+    def attack(rng, w, h):
+        good = Array((w + h).astype(np.float32))
+        bytes_ = data(good.data)
+        bad = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=bytes_)
+        return with_content(
+            reply(w + h), lambda c: c.__setitem__("arrays", ArrayRecord({"w": bad}))
+        )
+
+    return attack
+
+
 def counted(count, step=1.0):
     def attack(rng, w, h):
         return reply((w + step * h).astype(np.float32), num_examples=count)
@@ -106,6 +120,9 @@ ATTACKS: dict[str, Attack] = {
     "zero update": lambda rng, w, h: reply(w.copy()),
     "noise x100": lambda rng, w, h: reply((w + 100 * rng.normal(size=DIM)).astype(np.float32)),
     "sign flip x10": lambda rng, w, h: reply((w - 10 * h).astype(np.float32)),
+    "garbage array bytes": garbled(lambda data: b"\x93NUMPY garbage"),
+    "truncated array bytes": garbled(lambda data: data[:-9]),
+    "array header claiming more elements": garbled(lambda data: data.replace(b"(64,)", b"(99,)")),
     "zero examples": counted(0),
     "negative examples": counted(-5),
     "NaN examples": counted(float("nan")),
@@ -143,8 +160,12 @@ def bad_step(message, weights):
     record = message.content["arrays"]
     if "w" not in record or record["w"].shape != (DIM,):
         return None
+    try:
+        model = record["w"].numpy()
+    except ValueError:  # garbled bytes
+        return None
     with np.errstate(all="ignore"):
-        return record["w"].numpy().astype(np.float64) - weights
+        return model.astype(np.float64) - weights
 
 
 def test_a_thousand_adversarial_replies_never_crash_stall_or_dominate_a_round():

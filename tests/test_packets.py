@@ -353,6 +353,29 @@ def test_verifier_rejects_bad_signatures_and_impersonation():
     assert rejection(lambda: check.verify(forged, tiny_model(), 3)) == RejectReason.BAD_SIGNATURE
 
 
+def _garbled_arrays() -> dict[str, bytes]:
+    good = Array(np.arange(6, dtype=np.float32)).data
+    header_end = good.index(b"\n") + 1
+    return {
+        "not npy at all": b"\x00garbage",
+        "truncated payload": good[:-5],
+        "header that claims a larger shape": good.replace(b"(6,)", b"(9,)"),
+        "header that does not parse": good[:10] + b"{'descr': <f4" + good[23:header_end],
+        "empty": b"",
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_garbled_arrays()))
+def test_a_signed_packet_whose_array_bytes_are_garbage_is_malformed_not_a_crash(case):
+    # A registered client signs the hash it claims and sends bytes numpy cannot read.
+    garbled = Array(
+        dtype="float32", shape=(6,), stype="numpy.ndarray", data=_garbled_arrays()[case]
+    )
+    record = ArrayRecord({"weight": garbled})
+    reason = rejection(lambda: verifier().verify(signed_packet(), record, 3))
+    assert reason == RejectReason.MALFORMED
+
+
 def test_verifier_reports_malformed_records():
     record = signed_packet().to_config_record()
     del record["signature"]
