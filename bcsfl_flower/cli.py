@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
+from bcsfl_flower.chain.backends import BACKEND_ANVIL, BACKEND_EMBEDDED
 from bcsfl_flower.chain.certificates import AnchoredRound
 from bcsfl_flower.chain.errors import ChainUnavailableError, RoundNotAnchoredError
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore, load_model_file
@@ -62,8 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    print(manifest.claims(), file=sys.stderr)
     try:
-        connection, trail = manifest.open()
+        connection, trail = manifest.open(args.chain)
     except (FileNotFoundError, ValueError, ChainUnavailableError) as err:
         print(f"error: cannot open the audit trail of {manifest.path}: {err}", file=sys.stderr)
         return EXIT_MISMATCH
@@ -133,6 +135,14 @@ def _location(*, suppress: bool = False) -> argparse.ArgumentParser:
         type=Path,
         default=argparse.SUPPRESS if suppress else None,
         help=f"path of the run's {MANIFEST_NAME}",
+    )
+    parser.add_argument(
+        "--chain",
+        default=argparse.SUPPRESS if suppress else BACKEND_EMBEDDED,
+        metavar="BACKEND",
+        help=f"'{BACKEND_EMBEDDED}' (default: replay the run's journal), '{BACKEND_ANVIL}' "
+        "(load its state dump into this machine's anvil) or a JSON-RPC URL: the auditor "
+        f"chooses; a run directory whose {MANIFEST_NAME} claims another backend is refused",
     )
     return parser
 

@@ -154,10 +154,14 @@ def test_verify_fails_on_a_journal_that_was_cut_short(tmp_path, capsys):
     assert audit(tmp_path, "show", "3") == 1
 
 
-def test_anvil_run_is_verified_from_its_state_dump(tmp_path, capsys):
+def test_anvil_run_is_verified_from_its_state_dump_when_the_auditor_chooses_anvil(tmp_path, capsys):
     make_run(tmp_path, backend="anvil")
     assert json.loads((tmp_path / "chain.json").read_text())["backend"] == "anvil"
-    assert audit(tmp_path, "verify") == 0
+    # The directory's claim alone does not make the auditor start anvil.
+    assert audit(tmp_path, "verify") == 1
+    err = capsys.readouterr().err
+    assert "claims backend 'anvil'" in err and "the auditor chose 'embedded'" in err
+    assert audit(tmp_path, "--chain", "anvil", "verify") == 0
     assert "audit trail OK" in capsys.readouterr().out
 
 

@@ -189,7 +189,7 @@ def _run_one_round(deployment: Loopback, out: Path) -> tuple[dict, dict]:
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed", results.get("error")
     verify = subprocess.run(
-        [BIN / "bcsfl", "audit", "verify", "--run-dir", out],
+        [BIN / "bcsfl", "audit", "verify", "--run-dir", out, "--chain", deployment.chain_url],
         capture_output=True,
         text=True,
         timeout=300,

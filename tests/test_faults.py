@@ -35,8 +35,11 @@ SILENT_TIMEOUT_S = 60.0
 
 def assert_trail_matches_results(run_dir: Path) -> dict:
     """Audit verify passes, and results.json's anchored rounds are the chain's, once each."""
+    # This test made the run, so it may take the chain's backend from it.
+    chain = json.loads((run_dir / "chain.json").read_text())["backend"]
     verify = subprocess.run(
-        [sys.executable, "-m", "bcsfl_flower.cli", "audit", "--run-dir", str(run_dir), "verify"],
+        [sys.executable, "-m", "bcsfl_flower.cli", "audit", "--run-dir", str(run_dir)]
+        + ["--chain", chain, "verify"],
         capture_output=True,
         text=True,
     )

@@ -710,11 +710,10 @@ class ChainManifest:
             raise ValueError(f"{manifest_path} is not JSON: {err}") from err
         if data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"{manifest_path}: format must be {MANIFEST_FORMAT!r}")
-        base = manifest_path.parent
         try:
             backend = str(data["backend"])
             paths = {
-                key: (base / data[key]) if key in data else None
+                key: _inside(manifest_path, key, data[key]) if key in data else None
                 for key in ("journal", "anvil_state")
             }
             return cls(
@@ -725,7 +724,7 @@ class ChainManifest:
                 deploy_block=int(data["deploy_block"]),
                 genesis_hash=bytes.fromhex(str(data["genesis_hash"])[2:]),
                 operator=to_checksum_address(data["operator"]),
-                models_dir=base / data["models"],
+                models_dir=_inside(manifest_path, "models", data["models"]),
                 journal=paths["journal"],
                 anvil_state=paths["anvil_state"],
                 rpc_url=data.get("rpc_url"),
@@ -738,8 +737,25 @@ class ChainManifest:
         except KeyError as err:
             raise ValueError(f"{manifest_path} lacks the field {err.args[0]!r}") from err
 
-    def open(self) -> tuple[ChainConnection, AuditTrail]:
+    def claims(self) -> str:
+        """Return what the manifest says about its chain, for an auditor to read, not trust."""
+        where = f", rpc_url {self.rpc_url}" if self.rpc_url else ""
+        return (
+            f"{self.path} claims backend {self.backend!r}{where}, chain id {self.chain_id}, "
+            f"contract {self.contract}, genesis 0x{self.genesis_hash.hex()}"
+        )
+
+    def open(self, chain: str | None = None) -> tuple[ChainConnection, AuditTrail]:
         """Reconnect read-only: replay the journal, load anvil's state, or dial the URL.
+
+        Parameters
+        ----------
+        chain : str, optional
+            The backend the caller chooses: ``"embedded"``, ``"anvil"`` or a JSON-RPC
+            URL. An auditor of an untrusted run directory passes its own choice, so the
+            directory cannot make it spawn a process or dial a node it did not pick; a
+            manifest that claims another backend is refused. ``None`` trusts the
+            manifest (the ServerApp reopening its own run).
 
         The caller must ``close()`` the connection (it may have spawned anvil).
         """
@@ -751,6 +767,10 @@ class ChainManifest:
             connect,
         )
 
+        if chain is not None and chain not in (BACKEND_EMBEDDED, BACKEND_ANVIL):
+            return self._attached(connect(chain, self.path.parent, read_only=True))
+        if chain is not None and chain != self.backend:
+            raise ValueError(f"{self.claims()}; the auditor chose {chain!r}")
         if self.backend == BACKEND_EMBEDDED:
             if self.journal is None or self.journal.name != JOURNAL_FILE:
                 raise ValueError(f"{self.path}: embedded backend needs a '{JOURNAL_FILE}' journal")
@@ -763,6 +783,10 @@ class ChainManifest:
             connection = connect(self.rpc_url, self.path.parent, read_only=True)
         else:
             raise ValueError(f"{self.path}: unknown backend {self.backend!r} without rpc_url")
+        return self._attached(connection)
+
+    def _attached(self, connection: ChainConnection) -> tuple[ChainConnection, AuditTrail]:
+        """Attach to the manifest's contract on ``connection``; close it on failure."""
         try:
             if connection.chain_id != self.chain_id:
                 raise ValueError(
@@ -774,6 +798,23 @@ class ChainManifest:
             connection.close()
             raise
         return connection, trail
+
+
+def _inside(manifest_path: Path, key: str, value: object) -> Path:
+    """Return ``value`` below the manifest's directory, refusing one that resolves outside it.
+
+    An audited run directory is untrusted input: an absolute path, ``..`` or a symbolic
+    link in ``chain.json`` would point ``verify`` at files elsewhere, such as a pristine
+    copy of a tampered model.
+    """
+    path = manifest_path.parent / str(value)
+    root = manifest_path.parent.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise ValueError(
+            f"{manifest_path}: {key!r} is {value!r}, which resolves outside the run "
+            f"directory {root}"
+        )
+    return path
 
 
 def _relative(path: Path, base: Path) -> str:

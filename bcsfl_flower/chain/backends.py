@@ -298,9 +298,10 @@ def find_anvil() -> Path:
     """Return the path of a native anvil binary.
 
     Looks at ``$BCSFL_ANVIL``; then the binary that npm's ``@foundry-rs/anvil`` installs
-    (``node_modules/@foundry-rs/anvil-<platform>/bin/anvil``) in the current directory,
-    this checkout and their parents; then ``anvil`` on ``PATH`` unless it is npm's node
-    wrapper (whose child would outlive it when stopped by pid).
+    (``node_modules/@foundry-rs/anvil-<platform>/bin/anvil``) in this checkout and its
+    parents; then ``anvil`` on ``PATH`` unless it is npm's node wrapper (whose child would
+    outlive it when stopped by pid). Never the current directory: ``bcsfl audit`` is run
+    from untrusted run directories, which could ship their own ``node_modules``.
 
     Raises
     ------
@@ -312,11 +313,11 @@ def find_anvil() -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"${ANVIL_ENV}={env} is not a file")
         return path
-    for start in (Path.cwd(), repository_root()):
-        for base in (start, *start.parents):
-            found = sorted((base / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil"))
-            if found:
-                return found[0]
+    root = repository_root()
+    for base in (root, *root.parents):
+        found = sorted((base / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil"))
+        if found:
+            return found[0]
     on_path = shutil.which("anvil")
     if on_path is not None and not _is_script(Path(on_path)):
         return Path(on_path)
