@@ -38,6 +38,7 @@ from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.backends import BACKEND_ANVIL, BACKEND_EMBEDDED
 from bcsfl_flower.chain.certificates import AnchoredRound
 from bcsfl_flower.chain.errors import ChainUnavailableError, RoundNotAnchoredError
+from bcsfl_flower.chain.head import TrailHead
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore, load_model_file
 from bcsfl_flower.chain.replay import ReplayMismatchError, replay_round
 from bcsfl_flower.chain.verification import timeline, verify_trail
@@ -108,7 +109,19 @@ def _parser() -> argparse.ArgumentParser:
         help="verify hash links, certificates and every stored model",
         parents=[where],
     )
+    verify.add_argument(
+        "--head",
+        type=Path,
+        help="a head recorded earlier by `bcsfl audit head`: fail unless the trail extends it",
+    )
     verify.set_defaults(handler=_cmd_verify)
+
+    head = actions.add_parser(
+        "head",
+        help="print the trail's head (round, hash, contract, chain, genesis) as JSON",
+        parents=[where],
+    )
+    head.set_defaults(handler=_cmd_head)
 
     replay = actions.add_parser(
         "replay",
@@ -232,15 +245,31 @@ def _cmd_verify_model(args: argparse.Namespace, manifest: ChainManifest, trail: 
 
 def _cmd_verify(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
     report = verify_trail(trail, manifest)
-    for failure in report.failures:
-        print(f"FAIL {failure.message}")
-    if report.failures:
-        print(f"audit trail INVALID: {len(report.failures)} of {report.checks} checks failed")
+    failures = [failure.message for failure in report.failures]
+    if args.head is not None:
+        try:
+            recorded = TrailHead.load(args.head)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        failures += [
+            f"{problem} (head {args.head})"
+            for problem in recorded.extended_by(trail, manifest.chain_id)
+        ]
+    for failure in failures:
+        print(f"FAIL {failure}")
+    if failures:
+        print(f"audit trail INVALID: {len(failures)} checks failed")
         return EXIT_MISMATCH
     print(
         f"audit trail OK: {report.anchored} anchored and {report.rolled_back} rolled-back "
         f"rounds, {report.checks} checks passed ({trail.address} on chain {manifest.chain_id})"
     )
+    return EXIT_OK
+
+
+def _cmd_head(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
+    print(TrailHead.read(trail, manifest.chain_id).to_json())
     return EXIT_OK
 
 

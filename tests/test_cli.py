@@ -154,6 +154,51 @@ def test_verify_fails_on_a_journal_that_was_cut_short(tmp_path, capsys):
     assert audit(tmp_path, "show", "3") == 1
 
 
+def test_a_recorded_head_catches_a_truncation_that_chain_json_was_edited_to_hide(tmp_path, capsys):
+    make_run(tmp_path)
+    assert audit(tmp_path, "head") == 0
+    head = json.loads(capsys.readouterr().out)
+    assert (head["latest_round"], head["round"]) == (3, 3)
+    assert head["model_hash"] == "0x" + model_hash(toy_model(3.0)).hex()
+    assert head["genesis_hash"] == "0x" + GENESIS.hex()
+    recorded = tmp_path.parent / "head.json"  # kept outside the run directory
+    recorded.write_text(json.dumps(head))
+    assert audit(tmp_path, "verify", "--head", str(recorded)) == 0
+    # Drop the round-3 anchor, and make chain.json agree: no key is needed for either.
+    journal = tmp_path / "chain" / JOURNAL_FILE
+    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:-1]))
+    manifest = json.loads((tmp_path / "chain.json").read_text())
+    manifest["latest_round"] = 2
+    manifest["head"] = {"round": 1, "model_hash": "0x" + model_hash(toy_model(1.0)).hex()}
+    (tmp_path / "chain.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert audit(tmp_path, "verify") == 0  # what the directory says is consistent
+    assert audit(tmp_path, "verify", "--head", str(recorded)) == 1
+    out = capsys.readouterr().out
+    assert "round 3: the trail ends at round 2, but the recorded head had reached round 3" in out
+    assert f"round 3: the recorded head anchored {head['model_hash']}, the trail has no" in out
+
+
+def test_a_recorded_head_of_another_trail_is_refused(tmp_path, capsys):
+    make_run(tmp_path)
+    recorded = tmp_path.parent / "other-head.json"
+    other = {
+        "chain_id": 1,
+        "contract": "0x" + "11" * 20,
+        "genesis_hash": "0x" + "22" * 32,
+        "latest_round": 1,
+        "round": 1,
+        "model_hash": "0x" + "33" * 32,
+    }
+    recorded.write_text(json.dumps(other))
+    assert audit(tmp_path, "verify", "--head", str(recorded)) == 1
+    out = capsys.readouterr().out
+    assert "the recorded head is on chain 1" in out and "the recorded head is on genesis" in out
+    recorded.write_text("{}")
+    assert audit(tmp_path, "verify", "--head", str(recorded)) == 2
+    assert "lacks the field 'chain_id'" in capsys.readouterr().err
+
+
 def test_anvil_run_is_verified_from_its_state_dump_when_the_auditor_chooses_anvil(tmp_path, capsys):
     make_run(tmp_path, backend="anvil")
     assert json.loads((tmp_path / "chain.json").read_text())["backend"] == "anvil"

@@ -7,6 +7,7 @@ eagerly, so client processes that only need keys do not load web3's contract sta
   a spawned ``anvil``, or an ``http(s)://`` URL;
 - :mod:`~bcsfl_flower.chain.audit`: :class:`AuditTrail` (deploy/attach, register,
   anchor, record rollbacks, read back) and ``chain.json`` (:class:`ChainManifest`);
+- :mod:`~bcsfl_flower.chain.head`: :class:`TrailHead`, a checkpoint `verify --head` checks;
 - :mod:`~bcsfl_flower.chain.certificates`: :class:`AnchorCertificate` (the miners'
   quorum certificate) and the anchored and rolled-back rounds read back;
 - :mod:`~bcsfl_flower.chain.retry`: :class:`RetryPolicy` and the backoff loop shared
