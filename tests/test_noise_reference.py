@@ -85,18 +85,19 @@ def test_a_validator_that_inflates_its_reference_loss_moves_only_its_own_vote():
     assert not decision.committed and decision.votes_for == 1
 
 
-def test_a_fallback_leading_by_less_than_the_sampling_error_does_not_beat_the_mean():
-    plan = CandidatePlan(("trusted-mean", "core-mean"), np.eye(2), ((0, 1), (0,)))
+def test_a_fallback_leading_by_less_than_the_sampling_error_does_not_beat_the_preferred_one():
+    names = ("trusted-mean", "core-mean", "geometric-median")
+    plan = CandidatePlan(names, np.eye(3), ((0, 1), (0,), (0, 1)))
 
     def reports(plus):
-        return [
-            ValidatorReport(v, 1.0, {"trusted-mean": 0.7, "core-mean": 0.5, PLUS: plus})
-            for v in VALIDATORS
-        ]
+        losses = {"trusted-mean": 2.5, "core-mean": 0.7, "geometric-median": 0.5, PLUS: plus}
+        return [ValidatorReport(v, 1.0, losses) for v in VALIDATORS]
 
     rule = TrustedMeanSelection()
-    assert rule.decide(plan, reports(1.0), VALIDATORS, TOLERANCE).candidate == "core-mean"
-    assert rule.decide(plan, reports(1.3), VALIDATORS, TOLERANCE).candidate == "trusted-mean"
+    # The mean is voted down; the median leads the core by 0.2.
+    assert rule.decide(plan, reports(1.0), VALIDATORS, TOLERANCE).candidate == "geometric-median"
+    # A sampling error of 0.3 makes that lead chance: the core, preferred, commits.
+    assert rule.decide(plan, reports(1.3), VALIDATORS, TOLERANCE).candidate == "core-mean"
 
 
 def test_a_candidate_that_doubles_the_median_loss_never_commits_whatever_the_allowance():

@@ -184,6 +184,22 @@ def test_the_best_candidate_that_reaches_the_quorum_commits():
     }
 
 
+def test_a_trusted_mean_that_reaches_the_quorum_commits_over_higher_scoring_fallbacks():
+    names = ("trusted-mean", "core-mean", "geometric-median")
+    plan = CandidatePlan(names, np.eye(3), ((0, 1, 2), (0, 1), (0, 1, 2)))
+    validators = ["v1", "v2", "v3", "v4", "v5"]
+    # The core fits the majority's classes: it lowers their loss five times as much.
+    losses = {"trusted-mean": 0.98, "core-mean": 0.9, "geometric-median": 0.92}
+    reports = [report(v, 1.0, **losses) for v in validators]
+    decision = TrustedMeanSelection().decide(plan, reports, validators, TOLERANCE)
+    assert decision.candidate == "trusted-mean" and decision.support == (0, 1, 2)
+    # Voted down, the mean gives way to the best-scoring fallback.
+    losses["trusted-mean"] = 1.5
+    reports = [report(v, 1.0, **losses) for v in validators]
+    decision = TrustedMeanSelection().decide(plan, reports, validators, TOLERANCE)
+    assert decision.candidate == "core-mean"
+
+
 def test_no_quorum_rolls_back_and_names_the_suspects():
     plan = CandidatePlan(("a", "b"), np.eye(2), ((0, 1), (0,)), (1,))
     reports = [report(f"v{i}", 1.0, a=2.0, b=2.0) for i in range(3)]

@@ -7,6 +7,7 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 
 from bcsfl_flower.packets import ModelPacket, SignedModelPacket
+from bcsfl_flower.round.bounds import EXAMPLE_CAP_RATIO
 from bcsfl_flower.round.settings import SettingError, StakePolicy
 from bcsfl_flower.round.stakes import (
     INITIAL_STAKES,
@@ -81,9 +82,11 @@ def test_stake_policy_is_validated(reward, slash, setting):
 def test_initial_stakes_by_rule_and_table():
     assert set(INITIAL_STAKES) == {"equal", "data-size", "explicit"}
     assert EqualStake()(contribution(examples=5000), 100.0) == 1.0
-    # A client's own count is capped: claiming 1e300 examples buys twice the median.
-    assert DataSizeStake()(contribution(examples=150.0), 100.0) == 150.0
-    assert DataSizeStake()(contribution(examples=1e300), 100.0) == 200.0
+    # A client's own count is capped: claiming 1e300 examples buys the median client's.
+    assert EXAMPLE_CAP_RATIO == 1.0
+    assert DataSizeStake()(contribution(examples=50.0), 100.0) == 50.0
+    assert DataSizeStake()(contribution(examples=150.0), 100.0) == 100.0
+    assert DataSizeStake()(contribution(examples=1e300), 100.0) == 100.0
     table = {ADDRESS: 0.25, "7": 3.0}
     assert ExplicitStake(table)(contribution(node=1, address=ADDRESS), 100.0) == 0.25
     assert ExplicitStake(table)(contribution(node=7), 100.0) == 3.0

@@ -9,8 +9,8 @@ own replies, before anything is averaged:
   the honest side as long as attackers hold less than half the stake, so a reply 10^6
   times an honest one weighs no more than an honest one.
 * **Examples.** A count above :data:`EXAMPLE_CAP_RATIO` times the stake-weighted median
-  count is credited as that cap, so a reply claiming 10^12 or 1e300 examples weighs at
-  most a couple of ordinary clients.
+  count is credited as that cap, so a reply claiming 10^12 or 1e300 examples weighs no
+  more than the median client.
 * **Stake.** The aggregation weight of a reply is its capped count times its stake, so
   a client slashed in earlier rounds pulls less (see :mod:`bcsfl_flower.round.stakes`).
 """
@@ -21,11 +21,19 @@ import numpy as np
 
 from bcsfl_flower.round.state import Bounds
 
-EXAMPLE_CAP_RATIO = 2.0
+EXAMPLE_CAP_RATIO = 1.0
 """Example counts are capped at this multiple of the round's stake-weighted median.
 
-On the grid's Dirichlet(0.5) partitions of MNIST the largest honest client holds 1.5 to
-2.4 times the median count, so the cap leaves honest weights (nearly) as FedAvg's."""
+At 1 no reply weighs more than the median client: a count above the median is credited
+as the median, a count below it keeps FedAvg's weight. The count is the one number a
+client reports unchecked, and on skewed data the largest clients are the least typical
+(at Dirichlet 0.1 a client with several times the median count mostly holds one class),
+so weighting them fully pulls the mean towards their classes. On the fast bench's
+logistic regression (seed 42) a cap of 1 instead of 2 raised BCSFL at alpha 0.1 from
+0.863 to 0.877 with no attacker (FedAvg 0.868), and its worst case over the attacks from
+0.843 to 0.867 at 20% and from 0.799 to 0.834 at 30%; at alpha 0.5 and IID every cell
+moved by at most 0.3 points but one (optimal IPM at 20%, 0.907 to 0.894). byzfl's robust
+aggregators weight every client equally."""
 
 
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

@@ -21,12 +21,22 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from bcsfl_flower.round.bounds import EXAMPLE_CAP_RATIO, weighted_median
+from bcsfl_flower.round.bounds import weighted_median
 from bcsfl_flower.round.checks import example_weight, metric_fault
 from bcsfl_flower.round.state import RoundRecord
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 """Flower's ``(records, weighted_by_key) -> MetricRecord`` aggregation functions."""
+
+
+METRIC_WEIGHT_CAP_RATIO = 2.0
+"""Evaluation replies' example counts are capped at this multiple of their median.
+
+Reported metrics keep FedAvg's example weighting (what a Flower user compares with) up
+to twice the median count, so one client claiming 1e300 examples cannot dictate the
+federation's loss or accuracy. Training weights are capped harder, at the median (see
+:data:`~bcsfl_flower.round.bounds.EXAMPLE_CAP_RATIO`): there the cap is a defence, here
+it only bounds a report."""
 
 
 def _shape(metrics: MetricRecord) -> tuple[tuple[str, int], ...]:
@@ -80,7 +90,7 @@ def aggregate_evaluate_metrics(
         counts.append(weight)
     if not usable:
         return None
-    cap = EXAMPLE_CAP_RATIO * weighted_median(np.asarray(counts), np.ones(len(counts)))
+    cap = METRIC_WEIGHT_CAP_RATIO * weighted_median(np.asarray(counts), np.ones(len(counts)))
     return aggregate_client_metrics(
         usable, [min(c, cap) for c in counts], weighted_by_key, aggregate
     )

@@ -184,7 +184,7 @@ class DataSizeStake(InitialStake):
 
     The count is the client's own claim, so it is capped at
     :data:`~bcsfl_flower.round.bounds.EXAMPLE_CAP_RATIO` times the round's median count:
-    claiming 1e300 examples buys no more stake than twice an ordinary client's.
+    claiming 1e300 examples buys no more stake than the median client's.
     """
 
     name = "data-size"
