@@ -259,7 +259,8 @@ def _cmd_verify(args: argparse.Namespace, manifest: ChainManifest, trail: AuditT
     for failure in failures:
         print(f"FAIL {failure}")
     if failures:
-        print(f"audit trail INVALID: {len(failures)} checks failed")
+        checks = report.checks + (args.head is not None)
+        print(f"audit trail INVALID: {len(failures)} of {checks} checks failed")
         return EXIT_MISMATCH
     print(
         f"audit trail OK: {report.anchored} anchored and {report.rolled_back} rolled-back "
