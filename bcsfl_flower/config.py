@@ -211,6 +211,16 @@ class RunSettings:
                 f"must be an absolute path (the ServerApp runs in the SuperLink's working "
                 f"directory), got {path!r}",
             )
+        _require(
+            not self._shared_chain() or self.strategy != "bcsfl" or self.client_registry != "",
+            "client-registry",
+            "is needed on a shared chain (a URL): without it the public development keys "
+            "would be registered, and any node could sign as one of them",
+        )
+
+    def _shared_chain(self) -> bool:
+        """Whether ``chain`` is a node's URL (a deployment), not a simulation's own chain."""
+        return self.chain not in ("none", "embedded", "anvil")
 
     def round_settings(self) -> RoundSettings:
         """Return the BCSFL round settings these keys describe (validating them)."""

@@ -42,6 +42,7 @@ def test_defaults_and_overrides():
         ({"ckks": True, "strategy": "fedavg"}, "ckks"),
         ({"chain": "none"}, "require-signed"),
         ({"client-registry": "registry.json"}, "client-registry"),
+        ({"chain": "http://127.0.0.1:8545"}, "client-registry"),
         ({"chain": "http://127.0.0.1:8545", "operator-keystore": "k.json"}, "operator-keystore"),
         ({"chain": "anvil", "operator-keystore": "/keys/operator.json"}, "operator-keystore"),
         (
