@@ -99,9 +99,10 @@ class RoundNotary:
     packet_window_s : float
         Maximum age of a client's packet.
     require_signed : bool
-        Admit only signed replies: an unsigned reply is rejected like a forged one.
-        Without it, a client that does not run the bcsfl mod takes part unsigned (and
-        so anonymously: any node could join the vote without a registered key).
+        Admit only signed replies (the default): an unsigned reply is rejected like a
+        forged one. ``False`` lets a client that does not run the bcsfl mod take part
+        unsigned, and so anonymously: any node could join the vote without a registered
+        key, and the operator certifies the rounds alone.
     keep_updates : bool
         Keep every round's accepted updates and votes in the store, so that
         ``bcsfl audit replay`` can recompute the round (run config
@@ -118,7 +119,7 @@ class RoundNotary:
         *,
         registered: Iterable[str] = (),
         packet_window_s: float = 300.0,
-        require_signed: bool = False,
+        require_signed: bool = True,
         keep_updates: bool = False,
     ) -> None:
         self.connection = connection
@@ -143,7 +144,7 @@ class RoundNotary:
         registered: Sequence[str] = (),
         retry: RetryPolicy | None = None,
         packet_window_s: float = 300.0,
-        require_signed: bool = False,
+        require_signed: bool = True,
         keep_updates: bool = False,
     ) -> RoundNotary:
         """Connect to the chain, store the initial model and deploy (or attach to) the contract.

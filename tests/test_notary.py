@@ -123,8 +123,21 @@ def test_miners_certify_and_every_round_is_anchored_or_rolled_back(tmp_path):
         notary.close()
 
 
+def test_unsigned_replies_are_refused_unless_the_operator_admits_them(tmp_path):
+    notary = RoundNotary.open("embedded", tmp_path / "default", GLOBAL, num_simulated_clients=6)
+    try:
+        grid = MiningGrid({node: node - 1 for node in range(1, 7)})
+        _, record = run(BCSFL(notary=notary), grid, 1, federation(notary, 1, signed=False))
+        assert record["outcome"] == "rollback" and len(record["rejected"]) == 6
+        assert all("require-signed" in reason for reason in record["rejected"].values())
+    finally:
+        notary.close()
+
+
 def test_clients_without_the_mod_leave_the_operator_to_sign(tmp_path):
-    notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
+    notary = RoundNotary.open(
+        "embedded", tmp_path, GLOBAL, num_simulated_clients=6, require_signed=False
+    )
     try:
         strategy = BCSFL(notary=notary)
         grid = MiningGrid({node: node - 1 for node in range(1, 7)})
@@ -154,7 +167,9 @@ def test_a_forged_packet_is_rejected_and_the_round_goes_on(tmp_path):
 
 def test_two_nodes_signing_with_one_key_do_not_stop_mining(tmp_path):
     """A key seen on two node ids (a restarted SuperNode) is asked to sign only once."""
-    notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
+    notary = RoundNotary.open(  # node 1 sends one reply unsigned
+        "embedded", tmp_path, GLOBAL, num_simulated_clients=6, require_signed=False
+    )
     try:
         strategy = BCSFL(notary=notary, num_miners=7, num_validators=3)
         partition_of = {node: node - 1 for node in range(1, 7)} | {7: 0}
@@ -206,7 +221,9 @@ def test_refusing_miners_are_recorded_and_count_against_the_quorum(tmp_path, ref
 
 
 def test_check_packet_learns_addresses_and_refuses_a_node_that_changes_key(tmp_path):
-    notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
+    notary = RoundNotary.open(
+        "embedded", tmp_path, GLOBAL, num_simulated_clients=6, require_signed=False
+    )
     try:
         update = 0.5 * TARGET
         unsigned = train_reply(1, {"w": update}, num_examples=100)

@@ -26,6 +26,7 @@ def main(grid: Grid, context: Context) -> None:
         arrays,
         num_simulated_clients=len(list(grid.get_node_ids())),
         keep_updates=True,
+        require_signed=False,  # its ClientApp runs no bcsfl mod, so its replies are unsigned
     )
     strategy = BCSFL(
         fraction_train=1.0,
