@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from test_cli import audit, make_run
 
+from bcsfl_flower.chain import backends
+
 MARKER = "executed-by-the-audit"
 
 
@@ -97,3 +99,20 @@ def test_an_audit_run_from_a_hostile_directory_executes_nothing_from_it(tmp_path
     else:  # the directory's claim of anvil is printed and refused
         assert done.returncode == 1
         assert "claims backend 'anvil'" in done.stderr
+
+
+def test_only_a_run_searches_its_working_directory_for_anvil(tmp_path, monkeypatch):
+    # The ServerApp that flwr run installs lies outside the checkout; its working
+    # directory (the SuperLink's) is where the operator installed anvil.
+    workdir = tmp_path / "superlink"
+    workdir.mkdir()
+    plant_anvil(workdir)
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("BCSFL_ANVIL", raising=False)
+    monkeypatch.setattr(backends, "repository_root", lambda: tmp_path / "installed-app")
+    planted = workdir / "node_modules" / "@foundry-rs" / "anvil-linux-x64" / "bin" / "anvil"
+    assert backends.find_anvil(search_cwd=True) == planted
+    try:
+        assert backends.find_anvil(search_cwd=False) != planted  # PATH's, if any
+    except FileNotFoundError:
+        pass

@@ -294,14 +294,17 @@ def _append_journal(journal: Path, raw: bytes, receipt: TxReceipt) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def find_anvil() -> Path:
+def find_anvil(*, search_cwd: bool = False) -> Path:
     """Return the path of a native anvil binary.
 
     Looks at ``$BCSFL_ANVIL``; then the binary that npm's ``@foundry-rs/anvil`` installs
     (``node_modules/@foundry-rs/anvil-<platform>/bin/anvil``) in this checkout and its
-    parents; then ``anvil`` on ``PATH`` unless it is npm's node wrapper (whose child would
-    outlive it when stopped by pid). Never the current directory: ``bcsfl audit`` is run
-    from untrusted run directories, which could ship their own ``node_modules``.
+    parents, and with ``search_cwd`` in the current directory and its parents; then
+    ``anvil`` on ``PATH`` unless it is npm's node wrapper (whose child would outlive it
+    when stopped by pid). A run searches its working directory (the SuperLink's, chosen
+    by whoever runs it: a ServerApp installed by ``flwr run`` lies outside the checkout);
+    a reader never does, since ``bcsfl audit`` is run from untrusted run directories,
+    which could ship their own ``node_modules``.
 
     Raises
     ------
@@ -313,11 +316,11 @@ def find_anvil() -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"${ANVIL_ENV}={env} is not a file")
         return path
-    root = repository_root()
-    for base in (root, *root.parents):
-        found = sorted((base / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil"))
-        if found:
-            return found[0]
+    for start in (repository_root(), *([Path.cwd()] if search_cwd else [])):
+        for base in (start, *start.parents):
+            found = sorted((base / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil"))
+            if found:
+                return found[0]
     on_path = shutil.which("anvil")
     if on_path is not None and not _is_script(Path(on_path)):
         return Path(on_path)
@@ -334,6 +337,7 @@ def spawn_anvil(
     log_file: Path | None = None,
     startup_timeout_s: float = 30.0,
     extra_args: tuple[str, ...] = (),
+    binary: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start anvil on a free loopback port and wait until it answers.
 
@@ -350,13 +354,15 @@ def spawn_anvil(
         How long to wait for the RPC to answer.
     extra_args : tuple[str, ...], optional
         More command-line arguments.
+    binary : Path, optional
+        The anvil to run (default: :func:`find_anvil`).
 
     Returns
     -------
     tuple[subprocess.Popen, str]
         The process (stop it with :func:`stop_anvil`) and its RPC URL.
     """
-    binary = find_anvil()
+    binary = binary or find_anvil()
     for _ in range(3):  # the free port can be taken between probing and binding
         port = free_port()
         command = [str(binary), "--host", "127.0.0.1", "--port", str(port), "--silent"]
@@ -406,6 +412,7 @@ def _connect_anvil(
     if read_only and not state_file.is_file():
         raise FileNotFoundError(f"no anvil state at {state_file}")
     process, url = spawn_anvil(
+        binary=find_anvil(search_cwd=not read_only),
         state_file=state_file,
         load_only=load_only,
         log_file=None if read_only else directory / ANVIL_LOG_FILE,
