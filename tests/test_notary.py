@@ -288,18 +288,15 @@ def test_require_signed_rejects_unsigned_and_unregistered_replies(tmp_path):
 
 
 def test_a_registered_clients_signed_garbage_is_rejected_as_malformed(tmp_path):
-    notary = RoundNotary.open(
-        "embedded", tmp_path, GLOBAL, num_simulated_clients=6, require_signed=True
-    )
+    notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
     try:
-        strategy = BCSFL(notary=notary)
-        grid = MiningGrid({node: node - 1 for node in range(1, 7)})
         *honest, last = federation(notary, 1)
         # Node 6 signs the hash of a real model, then sends bytes numpy cannot read.
         good = last.content["arrays"]["w"]
         garbage = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=b"\x93NUMPY?")
         last.content["arrays"] = ArrayRecord({"w": garbage})
-        arrays, record = run(strategy, grid, 1, [*honest, last])
+        grid = MiningGrid({node: node - 1 for node in range(1, 7)})
+        _, record = run(BCSFL(notary=notary), grid, 1, [*honest, last])
         assert record["outcome"] == "commit"
         assert "malformed" in record["rejected"]["6"]
         assert "not a readable .npy" in record["rejected"]["6"]
