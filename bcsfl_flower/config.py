@@ -140,13 +140,12 @@ class RunSettings:
         except SettingError as err:
             raise ConfigError(f"run config '{err.setting.replace('_', '-')}' {err.detail}") from err
         _require(
-            self.chain in ("embedded", "anvil", "none")
-            or self.chain.startswith(("http://", "https://")),
+            self.chain in ("embedded", "anvil", "none") or self._shared_chain(),
             "chain",
             f"must be 'embedded', 'anvil', 'none' or an http(s):// URL, got {self.chain!r}",
         )
         _require(
-            self.operator_keystore == "" or self.chain.startswith(("http://", "https://")),
+            self.operator_keystore == "" or self._shared_chain(),
             "operator-keystore",
             "needs a chain URL (embedded and anvil chains fund only the development operator)",
         )
@@ -220,7 +219,7 @@ class RunSettings:
 
     def _shared_chain(self) -> bool:
         """Whether ``chain`` is a node's URL (a deployment), not a simulation's own chain."""
-        return self.chain not in ("none", "embedded", "anvil")
+        return self.chain.startswith(("http://", "https://"))
 
     def round_settings(self) -> RoundSettings:
         """Return the BCSFL round settings these keys describe (validating them)."""

@@ -14,11 +14,10 @@ A rule has two halves, one on each side of the validation exchange:
     the 2/3 quorum; otherwise, among the fallbacks that reach it, the one with the
     highest median loss delta (within :data:`TIE_MARGIN`, or the validators' median
     noise allowance when larger, the preferred one: a lead within the sampling error
-    is chance). When poison
-    slips into the trusted cluster, the mean is voted down but its robust fallbacks
-    still carry the round, so a round does not stall while a safe step exists. A
-    contested round (no side holds the qualified stake share) commits the bounded mean
-    of both sides, quorum or not.
+    is chance). When poison slips into the trusted cluster, the mean is voted down but
+    its robust fallbacks still carry the round, so a round does not stall while a safe
+    step exists. A contested round (no side holds the qualified stake share) commits
+    the bounded mean of both sides, quorum or not.
 
 ``paper``
     BCS-FL's own selection as a PBFT step: every trusted local model is a candidate,
