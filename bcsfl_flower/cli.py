@@ -185,9 +185,10 @@ def _cmd_list(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTra
                 f"{record.gas_used:>7}  {_yes(digest in stored)}"
             )
         else:
+            approvals = f"{len(record.signers)}/{len(record.committee)}"
             print(
                 f"{record.round:>5}  {'rolled back':<11} 0x{record.kept_model_hash.hex()[:16]} "
-                f"{'':>9}  {'':>7}  {record.reason}"
+                f"{approvals:>9}  {'':>7}  {record.reason}"
             )
     return EXIT_OK
 
@@ -199,8 +200,8 @@ def _cmd_show(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTra
     for record in timeline(trail):
         if record.round == args.round:
             details = record.to_dict()
+            details["operator_signed"] = list(record.committee) == [manifest.operator]
             if isinstance(record, AnchoredRound):
-                details["operator_signed"] = list(record.committee) == [manifest.operator]
                 details["model_file"] = str(ModelStore(manifest.models_dir).path(record.model_hash))
             print(json.dumps(details, indent=2))
             return EXIT_OK

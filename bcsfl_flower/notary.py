@@ -4,11 +4,13 @@ The strategy decides a round; the notary makes that decision verifiable afterwar
 
 * it verifies the signed packet a client running the bcsfl mod attaches to its train
   reply (a client without the mod stays unsigned, and is accepted as such);
-* it prepares every candidate's approval (:meth:`RoundNotary.mining_plan`), which the
-  round's miners sign in the committee exchange; for the candidate that commits it
-  checks their EIP-712 signatures and needs ``ceil(2N/3)`` of them for a quorum
-  certificate (:meth:`RoundNotary.certify`). When no miner can sign (no client runs
-  the mod) the operator's key signs instead, and the record says so;
+* it prepares every candidate's approval and the round's rollback
+  (:meth:`RoundNotary.mining_plan`), which the round's miners sign in the committee
+  exchange; for the outcome, a commit or a rollback, it checks their EIP-712 signatures
+  and needs ``ceil(2N/3)`` of them for a quorum certificate
+  (:meth:`RoundNotary.certify`). When no miner can sign, the operator's key certifies a
+  rollback, and a commit only in a federation that admits unsigned clients (the
+  contract's ``operatorCertifies``, fixed at deployment); the record says so;
 * it stores the committed model under its hash, anchors the round on chain with the
   certificate (retried with backoff; never skipped), or records a rollback;
 * it rewrites ``chain.json`` after every round so ``bcsfl audit`` can verify the run.
@@ -37,15 +39,19 @@ from bcsfl_flower.packets import (
     PacketRejectedError,
     PacketVerifier,
     RoundApproval,
+    RoundRollback,
     SignedModelPacket,
     accepted_root,
+    committee_root,
     model_hash,
 )
 from bcsfl_flower.protocol import (
+    ROLLBACK_CANDIDATE,
     ConfigValue,
     MinerVerdict,
     mine_request,
     packet_record,
+    rollback_request,
     signing_config,
 )
 from bcsfl_flower.round.checks import PacketCheck
@@ -71,15 +77,17 @@ class MiningPlan:
         The round.
     signing : Mapping[str, str]
         Miner node id -> address, for the miners that can sign (in draw order).
-    approvals : Mapping[str, RoundApproval]
-        Candidate name -> the statement its miners sign.
+    approvals : Mapping[str, RoundApproval | RoundRollback]
+        Candidate name -> the statement its miners sign, and under
+        :data:`~bcsfl_flower.protocol.ROLLBACK_CANDIDATE` the round's rollback.
     requests : Mapping[str, RecordDict]
-        Candidate name -> its :func:`~bcsfl_flower.protocol.mine_request` content.
+        The same names -> the :func:`~bcsfl_flower.protocol.mine_request` (or
+        :func:`~bcsfl_flower.protocol.rollback_request`) content.
     """
 
     server_round: int
     signing: Mapping[str, str]
-    approvals: Mapping[str, RoundApproval]
+    approvals: Mapping[str, RoundApproval | RoundRollback]
     requests: Mapping[str, RecordDict]
 
 
@@ -167,7 +175,9 @@ class RoundNotary:
         try:
             store = ModelStore(output_dir / MODELS_DIR)
             genesis = store.save(initial_arrays)
-            trail = AuditTrail.open(connection, genesis, retry=retry)
+            trail = AuditTrail.open(
+                connection, genesis, operator_certifies=not require_signed, retry=retry
+            )
             addresses = [client_dev_account(p).address for p in range(num_simulated_clients)]
             addresses += list(registered)
             trail.register_clients({address: REGISTRATION_STAKE for address in addresses})
@@ -249,7 +259,7 @@ class RoundNotary:
         shared = self.trail.prepare_approval(
             server_round, bytes(32), bytes(32), committee, state_root
         )
-        approvals = {
+        approvals: dict[str, RoundApproval | RoundRollback] = {
             name: dataclasses.replace(
                 shared,
                 model_hash=model_hash(arrays),
@@ -259,32 +269,35 @@ class RoundNotary:
         }
         requests = {
             name: mine_request(
-                approvals[name], self.trail.domain, committee, candidates[name], supports[name]
+                approvals[name],  # type: ignore[arg-type]
+                self.trail.domain,
+                committee,
+                candidates[name],
+                supports[name],
             )
             for name in candidates
         }
+        rollback = RoundRollback(
+            server_round, shared.previous_hash, shared.committee_root, state_root
+        )
+        approvals[ROLLBACK_CANDIDATE] = rollback
+        requests[ROLLBACK_CANDIDATE] = rollback_request(rollback, self.trail.domain, committee)
         return MiningPlan(server_round, signing, approvals, requests)
 
     def certify(
         self, plan: MiningPlan, candidate: str, verdicts: Mapping[str, MinerVerdict]
     ) -> Certification:
-        """Build the committed candidate's quorum certificate from its miners' verdicts.
+        """Build the outcome's quorum certificate from its miners' verdicts.
 
-        ``verdicts`` maps miner node ids to their answer on ``candidate``; a miner with
-        no answer counts as a refusal. If no miner could sign (no client runs the mod),
-        the operator signs alone, and the record says so.
+        ``candidate`` is the committed candidate's name, or
+        :data:`~bcsfl_flower.protocol.ROLLBACK_CANDIDATE`; ``verdicts`` maps miner node
+        ids to their answer on it, and a miner with no answer counts as a refusal. If no
+        miner could sign, the operator signs alone where the contract lets it (a
+        rollback; a commit only with ``operatorCertifies``), and the record says so.
         """
         approval = plan.approvals[candidate]
         if not plan.signing:
-            log(
-                WARNING,
-                "mining: no miner runs the bcsfl mod; the operator signs round %d",
-                plan.server_round,
-            )
-            certificate = AnchorCertificate.operator_signed(
-                approval, self.connection.operator, self.trail.domain
-            )
-            return Certification(True, "operator", certificate=certificate)
+            return self._operator_certification(approval)
         signatures: dict[str, bytes] = {}
         refusals: dict[str, str] = {}
         for node, address in plan.signing.items():
@@ -314,6 +327,17 @@ class RoundNotary:
         )
         return Certification(True, "miners", refusals, certificate)
 
+    def _operator_certification(self, approval: RoundApproval | RoundRollback) -> Certification:
+        """Certify ``approval`` with the operator's key alone, where the contract allows it."""
+        if isinstance(approval, RoundApproval) and not self.trail.operator_certifies():
+            log(WARNING, "mining: no miner can sign round %d's commit", approval.round)
+            return Certification(False, "none", {"operator": "the operator cannot certify"})
+        log(WARNING, "mining: no miner can sign; the operator certifies round %d", approval.round)
+        operator = self.connection.operator
+        alone = dataclasses.replace(approval, committee_root=committee_root([operator.address]))
+        certificate = AnchorCertificate.operator_signed(alone, operator, self.trail.domain)
+        return Certification(True, "operator", certificate=certificate)
+
     def anchor(self, arrays: ArrayRecord, certification: Certification) -> dict[str, Any]:
         """Store the committed model and anchor its round; return the record to keep."""
         if not certification.certified:
@@ -331,12 +355,29 @@ class RoundNotary:
             "state_root": "0x" + anchored.approval.state_root.hex(),
         }
 
-    def rollback(self, server_round: int, reason: str, state_root: bytes) -> dict[str, Any]:
-        """Record a rolled-back round on chain, with the hash of its state statement."""
-        rolled = self.trail.record_rollback(server_round, reason[:200], state_root)
+    def rollback(
+        self,
+        server_round: int,
+        reason: str,
+        state_root: bytes,
+        certification: Certification | None = None,
+    ) -> dict[str, Any]:
+        """Record a rolled-back round on chain, with the hash of its state statement.
+
+        ``certification`` is the miners' certificate of the rollback; without one (the
+        round drew no committee, or too few miners signed) the operator certifies it.
+        """
+        if certification is None or not certification.certified:
+            rollback = self.trail.prepare_rollback(
+                server_round, [self.connection.operator.address], state_root
+            )
+            certification = self._operator_certification(rollback)
+        rolled = self.trail.record_rollback(certification.certificate, reason[:200])
         self.write_manifest()
         return {
             "anchored": False,
+            "certified_by": certification.certified_by,
+            "signers": list(rolled.signers),
             "rollback_tx": rolled.tx_hash,
             "state_root": "0x" + state_root.hex(),
         }

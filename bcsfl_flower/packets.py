@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from hashlib import sha256
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from eth_account import Account
@@ -50,8 +50,12 @@ DOMAIN_VERSION = "1"
 PACKET_RECORD_KEY = "bcsfl.packet"
 """Key of the :class:`~flwr.app.ConfigRecord` that carries a signed packet in a reply."""
 
+RUN_MEMBER = {"name": "run", "type": "bytes32"}
+"""First member of every signed struct: the run's identity (:attr:`Eip712Domain.run`)."""
+
 MODEL_PACKET_TYPES: dict[str, list[dict[str, str]]] = {
     "ModelPacket": [
+        RUN_MEMBER,
         {"name": "modelHash", "type": "bytes32"},
         {"name": "timestamp", "type": "uint64"},
         {"name": "round", "type": "uint64"},
@@ -62,6 +66,7 @@ MODEL_PACKET_TYPES: dict[str, list[dict[str, str]]] = {
 
 ROUND_APPROVAL_TYPES: dict[str, list[dict[str, str]]] = {
     "RoundApproval": [
+        RUN_MEMBER,
         {"name": "round", "type": "uint64"},
         {"name": "modelHash", "type": "bytes32"},
         {"name": "previousHash", "type": "bytes32"},
@@ -72,6 +77,17 @@ ROUND_APPROVAL_TYPES: dict[str, list[dict[str, str]]] = {
     ]
 }
 """EIP-712 types of a miner's round approval; mirrors ``BCSFLAudit.RoundApproval``."""
+
+ROUND_ROLLBACK_TYPES: dict[str, list[dict[str, str]]] = {
+    "RoundRollback": [
+        RUN_MEMBER,
+        {"name": "round", "type": "uint64"},
+        {"name": "keptModelHash", "type": "bytes32"},
+        {"name": "committeeRoot", "type": "bytes32"},
+        {"name": "stateRoot", "type": "bytes32"},
+    ]
+}
+"""EIP-712 types of a miner's rollback; mirrors ``BCSFLAudit.RoundRollback``."""
 
 _UINT64_MAX = 2**64 - 1
 _HALF_CURVE_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
@@ -229,10 +245,17 @@ class Eip712Domain:
         Chain id of the chain the audit contract lives on.
     verifying_contract : str
         Address of the deployed ``BCSFLAudit`` contract (stored checksummed).
+    run : bytes
+        The run's identity, the contract's ``runId`` (32 bytes). It is not a field of
+        the EIP-712 domain, which OpenZeppelin's ``EIP712`` fixes, but the first member
+        of every signed struct (:data:`RUN_MEMBER`): the embedded chain deploys every
+        run's contract at the same address on the same chain id, and without it a
+        packet or certificate of one run would verify in another.
     """
 
     chain_id: int
     verifying_contract: str
+    run: bytes
 
     def __post_init__(self) -> None:
         if isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int):
@@ -244,6 +267,17 @@ class Eip712Domain:
                 f"verifying_contract must be an address, got {self.verifying_contract!r}"
             )
         object.__setattr__(self, "verifying_contract", to_checksum_address(self.verifying_contract))
+        check_hash("run", self.run)
+
+    def signable(
+        self, types: dict[str, list[dict[str, str]]], message: Mapping[str, Any]
+    ) -> SignableMessage:
+        """Return the EIP-712 message of struct ``types`` with ``message`` in this run."""
+        return encode_typed_data(
+            domain_data=self.as_dict(),
+            message_types=types,
+            message_data={"run": self.run, **message},
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Return the domain in the form eth-account's ``encode_typed_data`` expects."""
@@ -331,10 +365,9 @@ class ModelPacket:
 
     def signable(self, domain: Eip712Domain) -> SignableMessage:
         """Return the EIP-712 message for this packet under ``domain``."""
-        return encode_typed_data(
-            domain_data=domain.as_dict(),
-            message_types=MODEL_PACKET_TYPES,
-            message_data={
+        return domain.signable(
+            MODEL_PACKET_TYPES,
+            {
                 "modelHash": self.model_hash,
                 "timestamp": self.timestamp,
                 "round": self.round,
@@ -472,10 +505,9 @@ class RoundApproval:
 
     def signable(self, domain: Eip712Domain) -> SignableMessage:
         """Return the EIP-712 message for this approval under ``domain``."""
-        return encode_typed_data(
-            domain_data=domain.as_dict(),
-            message_types=ROUND_APPROVAL_TYPES,
-            message_data={
+        return domain.signable(
+            ROUND_APPROVAL_TYPES,
+            {
                 "round": self.round,
                 "modelHash": self.model_hash,
                 "previousHash": self.previous_hash,
@@ -533,25 +565,133 @@ class RoundApproval:
         ValueError
             If a field is missing or has the wrong type, naming the field.
         """
-        values = {}
-        for name, kind in (
-            ("round", int),
-            ("model-hash", bytes),
-            ("previous-hash", bytes),
-            ("accepted-root", bytes),
-            ("committee-root", bytes),
-            ("state-root", bytes),
-            ("timestamp", int),
-        ):
-            if name not in record:
-                raise ValueError(f"approval record lacks field {name!r}")
-            value = record[name]
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise ValueError(
-                    f"approval field {name!r} must be {kind.__name__}, got {type(value).__name__}"
-                )
-            values[name.replace("-", "_")] = value
-        return cls(**values)
+        return cls(
+            **_typed_fields(
+                record,
+                "approval",
+                (
+                    ("round", int),
+                    ("model-hash", bytes),
+                    ("previous-hash", bytes),
+                    ("accepted-root", bytes),
+                    ("committee-root", bytes),
+                    ("state-root", bytes),
+                    ("timestamp", int),
+                ),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class RoundRollback:
+    """A miner's record that a round rolled back; mirrors the contract's ``RoundRollback``.
+
+    A rollback anchors no model, but it closes its round on chain, so it is certified
+    like a commit: ``recordRollback`` takes ``ceil(2N/3)`` signatures of registered
+    miners (or the operator's alone, for a round that drew no committee).
+
+    Attributes
+    ----------
+    round : int
+        The round that rolled back.
+    kept_model_hash : bytes
+        The model the federation keeps: the last anchored one.
+    committee_root : bytes
+        :func:`committee_root` of the signing committee.
+    state_root : bytes
+        Hash of the round's state statement.
+    """
+
+    round: int
+    kept_model_hash: bytes
+    committee_root: bytes
+    state_root: bytes
+
+    def __post_init__(self) -> None:
+        _check_uint64("round", self.round)
+        check_hash("kept_model_hash", self.kept_model_hash)
+        check_hash("committee_root", self.committee_root)
+        check_hash("state_root", self.state_root)
+
+    def signable(self, domain: Eip712Domain) -> SignableMessage:
+        """Return the EIP-712 message for this rollback under ``domain``."""
+        return domain.signable(
+            ROUND_ROLLBACK_TYPES,
+            {
+                "round": self.round,
+                "keptModelHash": self.kept_model_hash,
+                "committeeRoot": self.committee_root,
+                "stateRoot": self.state_root,
+            },
+        )
+
+    def digest(self, domain: Eip712Domain) -> bytes:
+        """Return the rollback's EIP-712 digest; the contract's ``rollbackDigest``."""
+        return typed_data_digest(self.signable(domain))
+
+    def sign(self, account: LocalAccount, domain: Eip712Domain) -> bytes:
+        """Return ``account``'s 65-byte signature of this rollback under ``domain``."""
+        return bytes(account.sign_message(self.signable(domain)).signature)
+
+    def recover(self, signature: bytes, domain: Eip712Domain) -> str:
+        """Return the checksummed address that produced ``signature`` under ``domain``."""
+        return recover_signer(self.signable(domain), signature)
+
+    def as_contract_tuple(self) -> tuple[int, bytes, bytes, bytes]:
+        """Return the rollback as the ABI tuple ``recordRollback`` takes."""
+        return (self.round, self.kept_model_hash, self.committee_root, self.state_root)
+
+    def to_config_record(self) -> ConfigRecord:
+        """Return the rollback as a ConfigRecord, for a miner duty message."""
+        return ConfigRecord(
+            {
+                "round": self.round,
+                "kept-model-hash": self.kept_model_hash,
+                "committee-root": self.committee_root,
+                "state-root": self.state_root,
+            }
+        )
+
+    @classmethod
+    def from_config_record(cls, record: ConfigRecord) -> RoundRollback:
+        """Parse a rollback written by :meth:`to_config_record`.
+
+        Raises
+        ------
+        ValueError
+            If a field is missing or has the wrong type, naming the field.
+        """
+        return cls(**_typed_fields(record, "rollback", cls._FIELDS))
+
+    _FIELDS: ClassVar[tuple[tuple[str, type], ...]] = (
+        ("round", int),
+        ("kept-model-hash", bytes),
+        ("committee-root", bytes),
+        ("state-root", bytes),
+    )
+
+
+def _typed_fields(
+    record: ConfigRecord, what: str, fields: Iterable[tuple[str, type]]
+) -> dict[str, Any]:
+    """Return ``record``'s ``fields`` as keyword arguments (``-`` becomes ``_``).
+
+    Raises
+    ------
+    ValueError
+        If a field is missing or has the wrong type, naming the field.
+    """
+    values = {}
+    for name, kind in fields:
+        if name not in record:
+            raise ValueError(f"{what} record lacks field {name!r}")
+        value = record[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(
+                f"{what} field {name!r} must be {kind.__name__}, got {type(value).__name__}"
+            )
+        values[name.replace("-", "_")] = value
+    return values
 
 
 def sort_committee(miners: Iterable[str]) -> list[str]:

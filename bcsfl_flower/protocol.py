@@ -49,6 +49,7 @@ from bcsfl_flower.packets import (
     Eip712Domain,
     ModelPacket,
     RoundApproval,
+    RoundRollback,
     SignedModelPacket,
 )
 
@@ -67,6 +68,10 @@ CHAIN_ID_KEY = "bcsfl-chain-id"
 
 CONTRACT_KEY = "bcsfl-contract"
 """Train-config key with the audit contract address of the EIP-712 domain."""
+
+RUN_KEY = "bcsfl-run"
+"""Train-config key with the run's identity (32 bytes), the first member of every signed
+struct (:attr:`~bcsfl_flower.packets.Eip712Domain.run`)."""
 
 CKKS_CONFIG_KEY = "bcsfl-ckks"
 """Train- and evaluate-config key that switches the CKKS mod on: ``True``."""
@@ -110,15 +115,26 @@ def config_value(content: RecordDict, key: str) -> ConfigValue | list[Any] | Non
 
 def signing_config(domain: Eip712Domain) -> dict[str, ConfigValue]:
     """Return the train-config entries that make clients sign under ``domain``."""
-    return {CHAIN_ID_KEY: domain.chain_id, CONTRACT_KEY: domain.verifying_contract}
+    return {
+        CHAIN_ID_KEY: domain.chain_id,
+        CONTRACT_KEY: domain.verifying_contract,
+        RUN_KEY: domain.run,
+    }
 
 
 def signing_domain(content: RecordDict) -> Eip712Domain | None:
-    """Return the domain a train message asks its reply to be signed under, if any."""
-    chain_id, contract = config_value(content, CHAIN_ID_KEY), config_value(content, CONTRACT_KEY)
-    if chain_id is None or contract is None:
+    """Return the domain a train message asks its reply to be signed under, if any.
+
+    Raises
+    ------
+    ValueError, TypeError
+        If the entries are there but malformed (naming the field).
+    """
+    values = [config_value(content, key) for key in (CHAIN_ID_KEY, CONTRACT_KEY, RUN_KEY)]
+    if any(value is None for value in values):
         return None
-    return Eip712Domain(int(chain_id), str(contract))
+    chain_id, contract, run = values
+    return Eip712Domain(int(chain_id), str(contract), run)  # type: ignore[arg-type]
 
 
 def packet_record(content: RecordDict) -> ConfigRecord | None:
@@ -225,7 +241,13 @@ def _loss_from(records: Iterable[MetricRecord], loss_key: str) -> tuple[float, s
 # ------------------------------------------------------------------------------------------
 
 APPROVAL_RECORD_KEY = "bcsfl.approval"
-"""Mine request: the approval to sign, plus ``chain-id`` and ``contract``."""
+"""Mine request: the approval to sign, plus ``chain-id``, ``contract`` and ``run``."""
+
+ROLLBACK_RECORD_KEY = "bcsfl.rollback"
+"""Rollback request: the rollback to sign, plus ``chain-id``, ``contract`` and ``run``."""
+
+ROLLBACK_CANDIDATE = "rollback"
+"""Name of the rollback among the mining duty's requests (no candidate is named so)."""
 
 COMMITTEE_RECORD_KEY = "bcsfl.committee"
 """Mine request: ``{"miners": [address, ...]}``, the round's whole committee."""
@@ -264,12 +286,9 @@ def mine_request(
     packets : Iterable[SignedModelPacket], optional
         The accepted packets, so miners can check ``accepted_root``.
     """
-    approval_record = approval.to_config_record()
-    approval_record["chain-id"] = domain.chain_id
-    approval_record["contract"] = domain.verifying_contract
     content = RecordDict(
         {
-            APPROVAL_RECORD_KEY: approval_record,
+            APPROVAL_RECORD_KEY: _with_domain(approval.to_config_record(), domain),
             COMMITTEE_RECORD_KEY: ConfigRecord({"miners": [str(m) for m in committee]}),
             CANDIDATE_RECORD_KEY: arrays,
         }
@@ -288,14 +307,33 @@ def mine_request(
     return content
 
 
+def rollback_request(
+    rollback: RoundRollback, domain: Eip712Domain, committee: Iterable[str]
+) -> RecordDict:
+    """Return the round's rollback request: what its miners sign so it can roll back."""
+    return RecordDict(
+        {
+            ROLLBACK_RECORD_KEY: _with_domain(rollback.to_config_record(), domain),
+            COMMITTEE_RECORD_KEY: ConfigRecord({"miners": [str(m) for m in committee]}),
+        }
+    )
+
+
+def _with_domain(record: ConfigRecord, domain: Eip712Domain) -> ConfigRecord:
+    record["chain-id"] = domain.chain_id
+    record["contract"] = domain.verifying_contract
+    record["run"] = domain.run
+    return record
+
+
 @dataclass(frozen=True)
 class MineRequest:
     """A parsed miner duty request.
 
     Attributes
     ----------
-    approval : RoundApproval
-        What the miner is asked to sign.
+    approval : RoundApproval | RoundRollback
+        What the miner is asked to sign: a candidate's approval or the round's rollback.
     domain : Eip712Domain
         The domain to sign under.
     miners : tuple[str, ...]
@@ -306,7 +344,7 @@ class MineRequest:
         The accepted packets, if the request carries them.
     """
 
-    approval: RoundApproval
+    approval: RoundApproval | RoundRollback
     domain: Eip712Domain
     miners: tuple[str, ...] | None
     arrays: ArrayRecord | None
@@ -321,12 +359,18 @@ def read_mine_request(content: RecordDict) -> MineRequest:
     ValueError, KeyError, TypeError
         If the approval record is missing or malformed, or the packet lists are.
     """
-    record = content.config_records.get(APPROVAL_RECORD_KEY)
-    if record is None:
-        raise ValueError(f"no {APPROVAL_RECORD_KEY!r} record")
-    approval = RoundApproval.from_config_record(record)
+    records = content.config_records
+    approval: RoundApproval | RoundRollback
+    if APPROVAL_RECORD_KEY in records:
+        record = records[APPROVAL_RECORD_KEY]
+        approval = RoundApproval.from_config_record(record)
+    elif ROLLBACK_RECORD_KEY in records:
+        record = records[ROLLBACK_RECORD_KEY]
+        approval = RoundRollback.from_config_record(record)
+    else:
+        raise ValueError(f"no {APPROVAL_RECORD_KEY!r} or {ROLLBACK_RECORD_KEY!r} record")
     # Eip712Domain checks the types itself (int() of a float inf would raise OverflowError)
-    domain = Eip712Domain(record["chain-id"], record["contract"])  # type: ignore[arg-type]
+    domain = Eip712Domain(record["chain-id"], record["contract"], record["run"])  # type: ignore[arg-type]
     committee = content.config_records.get(COMMITTEE_RECORD_KEY)
     miners = None
     if committee is not None and "miners" in committee:
@@ -478,7 +522,7 @@ def duty_content(duty: CommitteeDuty) -> RecordDict:
     for name, request in duty.mining.items():
         for key, record in request.config_records.items():
             content[f"{key}.{name}"] = record
-        if name not in duty.models:
+        if name not in duty.models and CANDIDATE_RECORD_KEY in request.array_records:
             content[DUTY_MODEL_PREFIX + name] = request.array_records[CANDIDATE_RECORD_KEY]
     return content
 
@@ -520,8 +564,11 @@ def _duty_model(content: RecordDict, name: str) -> ArrayRecord:
 
 
 def _duty_mine_request(content: RecordDict, name: str) -> RecordDict:
-    request = RecordDict({CANDIDATE_RECORD_KEY: _duty_model(content, name)})
-    for key in (APPROVAL_RECORD_KEY, COMMITTEE_RECORD_KEY, PACKETS_RECORD_KEY):
+    """Return a duty's mine request ``name``: a candidate's (with its model) or the rollback."""
+    request = RecordDict()
+    if f"{ROLLBACK_RECORD_KEY}.{name}" not in content.config_records:
+        request[CANDIDATE_RECORD_KEY] = _duty_model(content, name)
+    for key in (APPROVAL_RECORD_KEY, ROLLBACK_RECORD_KEY, COMMITTEE_RECORD_KEY, PACKETS_RECORD_KEY):
         record = content.config_records.get(f"{key}.{name}")
         if record is not None:
             request[key] = record

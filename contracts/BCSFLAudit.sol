@@ -9,7 +9,12 @@ import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 /// @notice On-chain audit trail of a BCS-FL federation. Every committed round anchors the
 /// hash of its global model, linked to the previously anchored hash, and only with a quorum
 /// certificate: at least ceil(2N/3) EIP-712 `RoundApproval` signatures from the round's N
-/// miners. Rounds that roll back are recorded as events, so the sequence of rounds has no gaps.
+/// miners. Rounds that roll back are recorded too, with a certificate of the same kind, so
+/// the sequence of rounds has no gaps and every entry is attested by the round's miners.
+/// Every signed struct carries the run's identity ({runId}), derived at deployment from the
+/// chain, this contract's address, the genesis model and the operator's fresh salt: two runs
+/// that deploy at the same address on the same chain (the embedded chain always does) still
+/// accept nothing signed in the other.
 /// @dev Gas per anchored round is flat in the number of registered clients and small. The
 /// contract keeps one slot, its rolling head: the last recorded round and a 192-bit digest
 /// of the last anchored model hash, updated in place (non-zero from deployment, so the first
@@ -18,11 +23,11 @@ import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 /// and inputs are committed by the block's receipts and transactions roots as firmly as
 /// storage is by the state root, at a fraction of the cost, so the paper's reads
 /// (`getLatestModel`, `getBlockchain`) are served from the events off chain and checked
-/// against the head with {isLatestModel}. Which addresses may mine, and whether the
-/// committee is the stake-weighted draw the protocol promises, are checked off chain from
-/// {ClientRegistered} events and the round's state statement, whose hash every approval
-/// signs (`stateRoot`): reading registrations on chain would cost a cold storage read per
-/// signer. Signature recovery and EIP-712 hashing come from OpenZeppelin Contracts. The
+/// against the head with {isLatestModel}. Every signer of a certificate must be a registered
+/// client (one cold storage read per signer, about 8.4k gas for a quorum of 4). Whether the
+/// committee is the stake-weighted draw the protocol promises is checked off chain, from
+/// the round's state statement, whose hash every approval signs (`stateRoot`): the draw
+/// needs the whole stake table, which no affordable transaction could read. Signature recovery and EIP-712 hashing come from OpenZeppelin Contracts. The
 /// operator is an immutable set at deployment rather than OpenZeppelin's `Ownable`: an
 /// audit trail whose operator could change hands mid-run is weaker evidence, and
 /// `Ownable`'s storage read adds 2.1k gas to every anchor (measured: 61,396 gas per round
@@ -32,7 +37,9 @@ contract BCSFLAudit is EIP712 {
     // Types
     // ------------------------------------------------------------------------------------
 
-    /// @notice The statement a miner signs to approve a round (EIP-712 struct `RoundApproval`).
+    /// @notice The statement a miner signs to approve a round (EIP-712 struct `RoundApproval`,
+    /// whose first member, `bytes32 run`, is not passed in: the contract hashes its own
+    /// {runId} there, so a certificate signed in another run recovers to other addresses).
     /// @param round The federated round being anchored (the genesis model is round 0).
     /// @param modelHash Canonical SHA-256 hash of the committed global model.
     /// @param previousHash Model hash of the last anchored round (the hash-chain link).
@@ -55,6 +62,19 @@ contract BCSFLAudit is EIP712 {
         uint64 timestamp;
     }
 
+    /// @notice The statement a miner signs to record that a round rolled back (EIP-712
+    /// struct `RoundRollback`, whose first member `bytes32 run` is {runId}, as above).
+    /// @param round The round that rolled back.
+    /// @param keptModelHash The model the federation keeps: the last anchored one.
+    /// @param committeeRoot keccak256 of the signing committee, as in {RoundApproval}.
+    /// @param stateRoot Hash of the round's state statement: why nothing committed.
+    struct RoundRollback {
+        uint64 round;
+        bytes32 keptModelHash;
+        bytes32 committeeRoot;
+        bytes32 stateRoot;
+    }
+
     /// @dev The rolling head, one storage slot. `modelDigest` is the first 24 bytes of
     /// keccak256(last anchored model hash): finding another model hash with the same digest
     /// is a 2^192 second-preimage search, and the full hash is in the round's event.
@@ -69,8 +89,14 @@ contract BCSFLAudit is EIP712 {
 
     /// @notice EIP-712 type hash of {RoundApproval}.
     bytes32 public constant ROUND_APPROVAL_TYPEHASH = keccak256(
-        "RoundApproval(uint64 round,bytes32 modelHash,bytes32 previousHash,"
+        "RoundApproval(bytes32 run,uint64 round,bytes32 modelHash,bytes32 previousHash,"
         "bytes32 acceptedRoot,bytes32 committeeRoot,bytes32 stateRoot,uint64 timestamp)"
+    );
+
+    /// @notice EIP-712 type hash of {RoundRollback}.
+    bytes32 public constant ROUND_ROLLBACK_TYPEHASH = keccak256(
+        "RoundRollback(bytes32 run,uint64 round,bytes32 keptModelHash,bytes32 committeeRoot,"
+        "bytes32 stateRoot)"
     );
 
     /// @notice Largest committee accepted by {anchorRound}; bounds the work of one anchor.
@@ -86,6 +112,17 @@ contract BCSFLAudit is EIP712 {
     /// @notice The block the trail was deployed in: where a reader starts scanning events.
     uint256 public immutable deploymentBlock;
 
+    /// @notice The run's identity, the first member of every signed struct:
+    /// keccak256(abi.encode(chainid, this contract, genesis hash, the operator's salt)).
+    bytes32 public immutable runId;
+
+    /// @notice Whether the operator may certify a round alone (a committee of just the
+    /// owner), for federations whose clients cannot sign. Fixed at deployment, so an
+    /// auditor reads once whether the miners' certificates are the clients' word. The
+    /// operator may always certify a rollback alone: a round that drew no committee (no
+    /// valid reply) has nobody else to, and a rollback anchors no model.
+    bool public immutable operatorCertifies;
+
     // ------------------------------------------------------------------------------------
     // Storage
     // ------------------------------------------------------------------------------------
@@ -100,7 +137,9 @@ contract BCSFLAudit is EIP712 {
 
     /// @notice Emitted once, at deployment, with the hash of the initial global model.
     /// @param modelHash The genesis model hash (round 0).
-    event GenesisAnchored(bytes32 indexed modelHash);
+    /// @param runId The run's identity (see {runId}).
+    /// @param operatorCertifies Whether the operator may certify rounds alone.
+    event GenesisAnchored(bytes32 indexed modelHash, bytes32 runId, bool operatorCertifies);
 
     /// @notice Emitted when a client is registered.
     /// @param client The client's address.
@@ -126,13 +165,20 @@ contract BCSFLAudit is EIP712 {
         uint64 timestamp
     );
 
-    /// @notice Emitted when a round commits no new model and the federation keeps the last one.
+    /// @notice Emitted when a round commits no new model and the federation keeps the last
+    /// one, with a certificate over {RoundRollback}.
     /// @param round The round that rolled back.
     /// @param keptModelHash The model hash the federation keeps (the last anchored one).
+    /// @param committeeRoot Commitment to the signing committee.
     /// @param stateRoot Hash of the round's state statement (a rolled-back round draws a committee too).
-    /// @param reason Human-readable reason, e.g. "validator quorum not reached".
+    /// @param reason Human-readable reason, e.g. "validator quorum not reached" (not signed:
+    /// the statement says why, the reason only summarises it).
     event RoundRolledBack(
-        uint64 indexed round, bytes32 indexed keptModelHash, bytes32 stateRoot, string reason
+        uint64 indexed round,
+        bytes32 indexed keptModelHash,
+        bytes32 committeeRoot,
+        bytes32 stateRoot,
+        string reason
     );
 
     // ------------------------------------------------------------------------------------
@@ -167,6 +213,12 @@ contract BCSFLAudit is EIP712 {
     error InvalidSignature(uint256 index);
     /// @notice A signature recovers to an address that is not in the committee.
     error SignerNotInCommittee(address signer);
+    /// @notice A signature recovers to an address that is not a registered client (a
+    /// signature made in another run recovers to an unrelated address, hence this error).
+    error SignerNotRegistered(address signer);
+    /// @notice The operator signed a round's approval, and this trail was deployed without
+    /// {operatorCertifies}.
+    error OperatorCannotCertify();
     /// @notice Signatures must be sorted by signer, strictly ascending (hence one per miner):
     /// the signer of signature `index` is a committee member at or before the previous one.
     error SignaturesNotSorted(uint256 index, address signer);
@@ -178,13 +230,21 @@ contract BCSFLAudit is EIP712 {
     /// @notice Deploy the trail, owned by the deployer, starting from the initial model.
     /// @param genesisHash Canonical hash of the initial global model (round 0); the first
     /// anchored round must link to it.
-    constructor(bytes32 genesisHash) EIP712("BCSFLAudit", "1") {
+    /// @param salt A fresh random value from the operator, so that two runs from the same
+    /// genesis at the same address and chain still have distinct identities.
+    /// @param operatorMayCertify Sets {operatorCertifies}.
+    constructor(bytes32 genesisHash, bytes32 salt, bool operatorMayCertify)
+        EIP712("BCSFLAudit", "1")
+    {
         if (genesisHash == bytes32(0)) revert ZeroModelHash();
+        bytes32 run = keccak256(abi.encode(block.chainid, address(this), genesisHash, salt));
         owner = msg.sender;
         genesisModelHash = genesisHash;
         deploymentBlock = block.number;
+        runId = run;
+        operatorCertifies = operatorMayCertify;
         _head = Head(0, _digest(genesisHash));
-        emit GenesisAnchored(genesisHash);
+        emit GenesisAnchored(genesisHash, run, operatorMayCertify);
     }
 
     /// @dev Reverts with {NotOwner} unless the caller is the owner.
@@ -223,10 +283,9 @@ contract BCSFLAudit is EIP712 {
 
     /// @notice Anchor a committed round with its miners' quorum certificate.
     /// @dev Checks, in order: the round follows the last recorded one; the previous hash
-    /// is the last anchored model hash (its digest is the head's); the committee is valid and matches its signed root; at least
-    /// ceil(2N/3) signatures, sorted by signer address, each a canonical (low-s) signature
-    /// of the EIP-712 digest of `approval` by a distinct committee member. Effects (the new
-    /// head and counters) follow, then the event; there are no external calls.
+    /// is the last anchored model hash (its digest is the head's); the certificate (see
+    /// {_verifyCertificate}). Effects (the new head) follow, then the event; there are no
+    /// external calls.
     /// @param approval The approved statement; the same struct every miner signed.
     /// @param miners The round's whole committee, strictly ascending.
     /// @param signatures Concatenated 65-byte signatures (r, s, v), sorted by signer address.
@@ -243,7 +302,9 @@ contract BCSFLAudit is EIP712 {
         }
         if (approval.modelHash == bytes32(0)) revert ZeroModelHash();
 
-        _verifyCertificate(approval, miners, signatures);
+        _verifyCertificate(
+            _approvalDigest(approval), approval.committeeRoot, miners, signatures, operatorCertifies
+        );
 
         _head = Head(round, _digest(approval.modelHash));
         emit RoundAnchored(
@@ -257,26 +318,37 @@ contract BCSFLAudit is EIP712 {
         );
     }
 
-    /// @notice Record that a round rolled back: it commits no new model.
-    /// @dev No certificate is required: a rollback changes no anchored hash, so a forged
-    /// one could only delay the federation, which the owner can do anyway by not anchoring.
-    /// @param round The round that rolled back; must follow the last recorded round.
-    /// @param keptModelHash The model the federation keeps; must be the last anchored one.
-    /// @param stateRoot Hash of the round's state statement.
+    /// @notice Record that a round rolled back (it commits no new model), with its miners'
+    /// certificate over a {RoundRollback}.
+    /// @dev The same checks as {anchorRound}, except that the operator alone may certify
+    /// (a committee of just the owner): a round with no valid reply draws no committee,
+    /// and a rollback changes no anchored hash, so the operator's word can only delay the
+    /// federation, which it can do anyway by not anchoring. The statement says which.
+    /// @param rollback The signed rollback.
+    /// @param miners The signing committee, strictly ascending.
+    /// @param signatures Concatenated 65-byte signatures, sorted by signer address.
     /// @param reason Human-readable reason for the rollback.
     function recordRollback(
-        uint64 round,
-        bytes32 keptModelHash,
-        bytes32 stateRoot,
+        RoundRollback calldata rollback,
+        address[] calldata miners,
+        bytes calldata signatures,
         string calldata reason
     ) external onlyOwner {
         Head memory head = _head;
+        uint64 round = rollback.round;
         if (round != head.lastRound + 1) revert UnexpectedRound(head.lastRound + 1, round);
-        if (_digest(keptModelHash) != head.modelDigest) {
-            revert BrokenHashLink(head.modelDigest, keptModelHash);
+        if (_digest(rollback.keptModelHash) != head.modelDigest) {
+            revert BrokenHashLink(head.modelDigest, rollback.keptModelHash);
         }
+
+        _verifyCertificate(
+            _rollbackDigest(rollback), rollback.committeeRoot, miners, signatures, true
+        );
+
         _head.lastRound = round;
-        emit RoundRolledBack(round, keptModelHash, stateRoot, reason);
+        emit RoundRolledBack(
+            round, rollback.keptModelHash, rollback.committeeRoot, rollback.stateRoot, reason
+        );
     }
 
     // ------------------------------------------------------------------------------------
@@ -324,6 +396,13 @@ contract BCSFLAudit is EIP712 {
         return _approvalDigest(approval);
     }
 
+    /// @notice The EIP-712 digest a miner signs for `rollback`.
+    /// @param rollback The rollback.
+    /// @return The digest.
+    function rollbackDigest(RoundRollback calldata rollback) external view returns (bytes32) {
+        return _rollbackDigest(rollback);
+    }
+
     /// @notice The minimum number of approvals for a committee of `committeeSize` miners.
     /// @param committeeSize N.
     /// @return ceil(2N/3).
@@ -344,11 +423,17 @@ contract BCSFLAudit is EIP712 {
         emit ClientRegistered(client, stake);
     }
 
-    /// @dev Verify the certificate; reverts with the first problem found.
+    /// @dev Verify a certificate over `digest`; reverts with the first problem found: the
+    /// committee is valid and matches its signed root; at least ceil(2N/3) signatures,
+    /// sorted by signer address, each a canonical (low-s) signature of `digest` by a
+    /// distinct committee member that is a registered client, or by the owner where
+    /// `ownerMaySign`.
     function _verifyCertificate(
-        RoundApproval calldata approval,
+        bytes32 digest,
+        bytes32 committeeRoot,
         address[] calldata miners,
-        bytes calldata signatures
+        bytes calldata signatures,
+        bool ownerMaySign
     ) private view {
         uint256 size = miners.length;
         if (size == 0 || size > MAX_COMMITTEE_SIZE) revert InvalidCommitteeSize(size);
@@ -357,14 +442,13 @@ contract BCSFLAudit is EIP712 {
             if (miners[i - 1] >= miners[i]) revert CommitteeNotSorted(i);
         }
         bytes32 root = keccak256(abi.encodePacked(miners));
-        if (root != approval.committeeRoot) revert CommitteeRootMismatch(root, approval.committeeRoot);
+        if (root != committeeRoot) revert CommitteeRootMismatch(root, committeeRoot);
 
         if (signatures.length % 65 != 0) revert MalformedSignatures(signatures.length);
         uint256 approvals = signatures.length / 65;
         uint256 required = quorum(size);
         if (approvals < required) revert QuorumNotReached(approvals, required);
 
-        bytes32 digest = _approvalDigest(approval);
         uint256 cursor = 0;
         for (uint256 j = 0; j < approvals; ++j) {
             address signer = _recover(digest, signatures, j);
@@ -373,6 +457,11 @@ contract BCSFLAudit is EIP712 {
             while (cursor < size && miners[cursor] != signer) ++cursor;
             if (cursor == size) _revertUnmatchedSigner(miners, signer, j);
             ++cursor;
+            if (signer == owner) {
+                if (!ownerMaySign) revert OperatorCannotCertify();
+            } else if (!_registered[signer]) {
+                revert SignerNotRegistered(signer);
+            }
         }
     }
 
@@ -423,6 +512,7 @@ contract BCSFLAudit is EIP712 {
             keccak256(
                 abi.encode(
                     ROUND_APPROVAL_TYPEHASH,
+                    runId,
                     approval.round,
                     approval.modelHash,
                     approval.previousHash,
@@ -430,6 +520,22 @@ contract BCSFLAudit is EIP712 {
                     approval.committeeRoot,
                     approval.stateRoot,
                     approval.timestamp
+                )
+            )
+        );
+    }
+
+    /// @dev EIP-712 digest of `rollback` under this contract's domain.
+    function _rollbackDigest(RoundRollback calldata rollback) private view returns (bytes32) {
+        return _hashTypedDataV4(
+            keccak256(
+                abi.encode(
+                    ROUND_ROLLBACK_TYPEHASH,
+                    runId,
+                    rollback.round,
+                    rollback.keptModelHash,
+                    rollback.committeeRoot,
+                    rollback.stateRoot
                 )
             )
         );

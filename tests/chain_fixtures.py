@@ -16,7 +16,7 @@ from bcsfl_flower.chain.backends import ChainConnection, spawn_anvil, stop_anvil
 from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.keys import client_dev_account, dev_account
 from bcsfl_flower.chain.model_store import ModelStore
-from bcsfl_flower.packets import RoundApproval, committee_root, model_hash
+from bcsfl_flower.packets import RoundApproval, RoundRollback, committee_root, model_hash
 from bcsfl_flower.round.statement import DecisionSettings, RoundStatement, redraw
 
 
@@ -77,7 +77,7 @@ def approval_for(
 
 def certificate(
     trail: AuditTrail,
-    approval: RoundApproval,
+    approval: RoundApproval | RoundRollback,
     committee: Sequence[LocalAccount],
     signers: Sequence[LocalAccount],
 ) -> AnchorCertificate:
@@ -89,6 +89,18 @@ def certificate(
         tuple(account.address for account in ordered),
         tuple(approval.sign(account, trail.domain) for account in ordered),
     )
+
+
+def rollback_certificate(
+    trail: AuditTrail,
+    round_number: int,
+    miners: Sequence[LocalAccount],
+    state_root: bytes = bytes(32),
+    signers: Sequence[LocalAccount] | None = None,
+) -> AnchorCertificate:
+    """A certificate of round ``round_number``'s rollback, signed by ``signers`` (all miners)."""
+    rollback = trail.prepare_rollback(round_number, [m.address for m in miners], state_root)
+    return certificate(trail, rollback, miners, miners if signers is None else signers)
 
 
 def committee_of(miners: Sequence[LocalAccount]) -> bytes:

@@ -54,7 +54,7 @@ from bcsfl_flower.protocol import (
 )
 
 SEED = 7
-DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3", bytes(range(32)))
 RNG_SEED = 20240611
 
 

@@ -29,6 +29,7 @@ from bcsfl_flower.packets import (
     ModelPacket,
     PacketVerifier,
     RoundApproval,
+    RoundRollback,
     SignedModelPacket,
     accepted_root,
     committee_root,
@@ -40,16 +41,18 @@ from bcsfl_flower.protocol import (
     COMMITTEE_RECORD_KEY,
     DUTY_MODEL_PREFIX,
     PACKET_RECORD_KEY,
+    ROLLBACK_CANDIDATE,
     CommitteeDuty,
     duty_content,
     mine_request,
     read_duty_loss,
     read_duty_verdict,
+    rollback_request,
     serves_duty,
     signing_config,
 )
 
-DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3", bytes(range(32)))
 
 
 @pytest.fixture(autouse=True)
@@ -284,6 +287,23 @@ def test_miner_refuses_a_bad_package(case, reason):
     verdict = read_verdict(reply)
     assert not verdict.approved
     assert reason in verdict.reason
+
+
+@pytest.mark.parametrize("member", [True, False])
+def test_a_miner_signs_the_rounds_rollback_only_as_a_committee_member(member):
+    rollback = RoundRollback(
+        3, b"\x07" * 32, committee_root([m.address for m in MINERS]), b"\x05" * 32
+    )
+    request = rollback_request(rollback, DOMAIN, [m.address for m in MINERS])
+    content = duty_content(CommitteeDuty({}, {"server-round": 3}, {ROLLBACK_CANDIDATE: request}))
+    message = Message(content, dst_node_id=100, message_type="evaluate")
+    reply = bcsfl_mod(message, context(1 if member else 4), must_not_run)
+    verdict = read_duty_verdict(reply, ROLLBACK_CANDIDATE)
+    if member:
+        assert verdict.approved, verdict.reason
+        assert rollback.recover(verdict.signature, DOMAIN) == MINERS[1].address
+    else:
+        assert not verdict.approved and "not in the round's committee" in verdict.reason
 
 
 def test_malformed_duty_is_refused_not_raised():

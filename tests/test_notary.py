@@ -254,9 +254,28 @@ def test_certification_is_frozen_and_anchoring_needs_a_certificate(tmp_path):
             refused.certified = True
         with pytest.raises(ValueError, match="without a certificate"):
             notary.anchor(GLOBAL, refused)
-        # No miner has a known address: the operator certifies alone.
+        # No miner has a known address: in a federation that admits only signed
+        # clients, the operator may not certify the commit, only the rollback
         plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2"], bytes(32))
         assert plan.signing == {}
+        certification = notary.certify(plan, "mean", {})
+        assert not certification.certified
+        assert certification.refusals == {"operator": "the operator cannot certify"}
+        rolled = notary.rollback(1, "rollback: no miner can sign", bytes(32), certification)
+        assert rolled["certified_by"] == "operator"
+        assert rolled["signers"] == [notary.connection.operator.address]
+        assert [r.round for r in notary.trail.rollbacks()] == [1]
+    finally:
+        notary.close()
+
+
+def test_the_operator_certifies_commits_only_where_unsigned_clients_are_admitted(tmp_path):
+    notary = RoundNotary.open(
+        "embedded", tmp_path, GLOBAL, num_simulated_clients=6, require_signed=False
+    )
+    try:
+        assert notary.trail.operator_certifies()
+        plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2"], bytes(32))
         certification = notary.certify(plan, "mean", {})
         assert certification.certified and certification.certified_by == "operator"
         assert certification.certificate.signers == (notary.connection.operator.address,)

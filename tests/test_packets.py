@@ -35,7 +35,7 @@ from bcsfl_flower.packets import (
 )
 
 CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-DOMAIN = Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+DOMAIN = Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3", bytes(range(32)))
 NOW = 1_750_000_000.0
 
 
@@ -177,11 +177,20 @@ def test_packet_signature_recovers_to_the_client_and_survives_a_config_record():
 
 def test_signature_is_bound_to_chain_and_contract():
     signed = signed_packet()
-    other_chain = Domain(1, DOMAIN.verifying_contract)
-    other_contract = Domain(DOMAIN.chain_id, "0x" + "11" * 20)
+    other_chain = Domain(1, DOMAIN.verifying_contract, DOMAIN.run)
+    other_contract = Domain(DOMAIN.chain_id, "0x" + "11" * 20, DOMAIN.run)
     assert signed.recover(other_chain) != signed.packet.client
     assert signed.recover(other_contract) != signed.packet.client
     assert signed.packet.digest(DOMAIN) != signed.packet.digest(other_chain)
+
+
+def test_a_signature_is_bound_to_its_run():
+    """The embedded chain deploys every run's contract at one address: the run tells them apart."""
+    signed = signed_packet()
+    other_run = Domain(DOMAIN.chain_id, DOMAIN.verifying_contract, bytes(32))
+    assert signed.recover(other_run) != signed.packet.client
+    with pytest.raises(ValueError, match="run must be 32 bytes"):
+        Domain(DOMAIN.chain_id, DOMAIN.verifying_contract, b"run")
 
 
 def test_malleable_or_malformed_signatures_are_refused():
@@ -253,7 +262,7 @@ def test_typed_data_rejects_out_of_range_fields():
     with pytest.raises(ValueError, match="client must be an address"):
         ModelPacket(b"\x00" * 32, 1, 1, "alice")
     with pytest.raises(ValueError, match="chain_id must be >= 1"):
-        Domain(0, DOMAIN.verifying_contract)
+        Domain(0, DOMAIN.verifying_contract, DOMAIN.run)
     with pytest.raises(ValueError, match="packet field 'round' must be int"):
         record = signed_packet().to_config_record()
         record["round"] = "3"

@@ -47,6 +47,7 @@ from bcsfl_flower.protocol import (  # the committee duty
     PUBLIC_MESSAGE_TYPE,
     PUBLIC_RECORD_KEY,
     ROUND_KEY,
+    RUN_KEY,
     VERDICT_RECORD_KEY,
     CommitteeDuty,
     config_value,
@@ -73,7 +74,7 @@ from bcsfl_flower.protocol import (  # the committee duty
     verdict_content,
 )
 
-DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3", bytes(range(32)))
 MINERS = [client_dev_account(i).address for i in range(3)]
 
 
@@ -133,6 +134,7 @@ def test_signing_domain_round_trips_under_any_record_name():
     assert signing_config(DOMAIN) == {
         CHAIN_ID_KEY: 31337,
         CONTRACT_KEY: "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+        RUN_KEY: bytes(range(32)),
     }
     only_chain = RecordDict({"config": ConfigRecord({CHAIN_ID_KEY: 31337})})
     assert signing_domain(only_chain) is None
@@ -296,13 +298,15 @@ def drop(record_key, field=None):
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
-        (drop(APPROVAL_RECORD_KEY), ValueError, "no 'bcsfl.approval' record"),
+        (drop(APPROVAL_RECORD_KEY), ValueError, "no 'bcsfl.approval' or 'bcsfl.rollback'"),
         (drop(APPROVAL_RECORD_KEY, "model-hash"), ValueError, "lacks field 'model-hash'"),
         (set_field(APPROVAL_RECORD_KEY, "round", "2"), ValueError, "'round' must be int"),
         (drop(APPROVAL_RECORD_KEY, "chain-id"), KeyError, "chain-id"),
         (set_field(APPROVAL_RECORD_KEY, "chain-id", float("inf")), TypeError, "chain_id"),
         (set_field(APPROVAL_RECORD_KEY, "chain-id", True), TypeError, "chain_id"),
         (set_field(APPROVAL_RECORD_KEY, "contract", b"\x00" * 20), ValueError, "contract"),
+        (set_field(APPROVAL_RECORD_KEY, "run", b"\x00" * 20), ValueError, "run must be 32"),
+        (drop(APPROVAL_RECORD_KEY, "run"), KeyError, "run"),
         (set_field(COMMITTEE_RECORD_KEY, "miners", MINERS[0]), TypeError, "list of addresses"),
         (
             set_field(PACKETS_RECORD_KEY, "timestamp", [int(time.time())]),

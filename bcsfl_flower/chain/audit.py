@@ -7,7 +7,9 @@ A round's life on chain, as the strategy drives it::
     approval = trail.prepare_approval(round, model_hash, accepted_root, committee, state_root)
     # ... miners sign ``approval`` (see bcsfl_flower.client.mod) ...
     certificate = AnchorCertificate.build(approval, committee, signatures, trail.domain)
-    anchored = trail.anchor_round(certificate)  # or trail.record_rollback(round, why, state_root)
+    anchored = trail.anchor_round(certificate)
+    # or: rollback = trail.prepare_rollback(round, committee, state_root), signed likewise
+    rolled = trail.record_rollback(AnchorCertificate.build(rollback, ...), reason)
 
 The contract stores only its rolling head (the last anchored model hash and the round
 counters); every round's fields are read back from its events (:meth:`anchored_rounds`,
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ from bcsfl_flower.packets import (
     SIGNATURE_BYTES,
     Eip712Domain,
     RoundApproval,
+    RoundRollback,
     check_hash,
     committee_root,
 )
@@ -107,7 +111,8 @@ class AuditTrail:
         """Block of the last head :meth:`head` read: later reads scan the logs from there."""
         self.retry = retry if retry is not None else RetryPolicy()
         self._sleep = sleep
-        self.domain = Eip712Domain(connection.chain_id, self.address)
+        run = bytes(self._read("runId", self.contract.functions.runId().call))
+        self.domain = Eip712Domain(connection.chain_id, self.address, run)
 
     # -- deployment ------------------------------------------------------------------------
 
@@ -117,13 +122,18 @@ class AuditTrail:
         connection: ChainConnection,
         genesis_hash: bytes,
         *,
+        operator_certifies: bool = False,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> AuditTrail:
         """Deploy a new contract owned by the operator, starting from ``genesis_hash``.
 
-        The deployment is recorded in ``<state_dir>/deployment.json`` so that
-        :meth:`open` attaches to it next time.
+        The run's identity (the contract's ``runId``) mixes in a fresh random salt, so
+        no two deployments share one even at the same address on the same chain.
+        ``operator_certifies`` lets the operator certify rounds alone (a federation
+        whose clients cannot sign); it is fixed for the contract's life. The deployment
+        is recorded in ``<state_dir>/deployment.json`` so that :meth:`open` attaches to
+        it next time.
         """
         check_hash("genesis_hash", genesis_hash)
         if genesis_hash == bytes(32):
@@ -134,9 +144,9 @@ class AuditTrail:
         receipt = send_with_retries(
             "deploy BCSFLAudit",
             lambda: connection.send(
-                factory.constructor(genesis_hash).build_transaction(
-                    {"from": operator, "gas": _DEPLOY_GAS_LIMIT}
-                )
+                factory.constructor(
+                    genesis_hash, secrets.token_bytes(32), operator_certifies
+                ).build_transaction({"from": operator, "gas": _DEPLOY_GAS_LIMIT})
             ),
             retry if retry is not None else RetryPolicy(),
             sleep,
@@ -191,6 +201,7 @@ class AuditTrail:
         connection: ChainConnection,
         genesis_hash: bytes,
         *,
+        operator_certifies: bool = False,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> AuditTrail:
@@ -199,12 +210,18 @@ class AuditTrail:
         Raises
         ------
         ValueError
-            If the recorded contract has another genesis hash or chain id: the state
-            directory belongs to another run.
+            If the recorded contract has another genesis hash or chain id, or another
+            ``operator_certifies``: the state directory belongs to another run.
         """
         record_path = connection.state_dir / DEPLOYMENT_FILE
         if not record_path.is_file():
-            return cls.deploy(connection, genesis_hash, retry=retry, sleep=sleep)
+            return cls.deploy(
+                connection,
+                genesis_hash,
+                operator_certifies=operator_certifies,
+                retry=retry,
+                sleep=sleep,
+            )
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if int(record["chain_id"]) != connection.chain_id:
             raise ValueError(
@@ -223,6 +240,11 @@ class AuditTrail:
             raise ValueError(
                 f"contract {trail.address} starts from genesis 0x{recorded.hex()}, not "
                 f"0x{genesis_hash.hex()}: {connection.state_dir} belongs to another run"
+            )
+        if trail.operator_certifies() != operator_certifies:
+            raise ValueError(
+                f"contract {trail.address} was deployed with operatorCertifies="
+                f"{trail.operator_certifies()}, this run asks for {operator_certifies}"
             )
         log(
             INFO, "Attached to BCSFLAudit at %s, last round %d", trail.address, trail.latest_round()
@@ -310,6 +332,12 @@ class AuditTrail:
         self._head_block = head_block
         return head
 
+    def operator_certifies(self) -> bool:
+        """Return whether the operator may certify rounds alone, fixed at deployment."""
+        return bool(
+            self._read("operatorCertifies", self.contract.functions.operatorCertifies().call)
+        )
+
     def genesis_hash(self) -> bytes:
         """Return the initial model's hash (round 0), fixed at deployment."""
         return bytes(
@@ -383,6 +411,13 @@ class AuditTrail:
             timestamp=int(time.time()) if timestamp is None else timestamp,
         )
 
+    def prepare_rollback(
+        self, round_number: int, committee: Iterable[str], state_root: bytes = bytes(32)
+    ) -> RoundRollback:
+        """Return the rollback miners sign for ``round_number``, keeping the chain head."""
+        _, kept = self.head()
+        return RoundRollback(round_number, kept, committee_root(committee), state_root)
+
     def anchor_round(self, certificate: AnchorCertificate) -> AnchoredRound:
         """Anchor a round with its certificate and return it once the receipt confirms.
 
@@ -396,6 +431,8 @@ class AuditTrail:
             the certificate to re-send.
         """
         approval = certificate.approval
+        if not isinstance(approval, RoundApproval):
+            raise TypeError("anchor_round needs a RoundApproval's certificate")
 
         def already_anchored() -> TxReceipt | None:
             # A previous attempt may have landed even though its receipt was lost.
@@ -448,22 +485,24 @@ class AuditTrail:
             int(receipt["gasUsed"]),
         )
 
-    def record_rollback(
-        self, round_number: int, reason: str, state_root: bytes = bytes(32)
-    ) -> RolledBackRound:
-        """Record that ``round_number`` rolled back to the last anchored model.
+    def record_rollback(self, certificate: AnchorCertificate, reason: str) -> RolledBackRound:
+        """Record that a round rolled back to the last anchored model, with its certificate.
 
-        ``state_root`` is the hash of the round's state statement: a rolled-back round
-        draws a committee too (zero when no statement is kept).
+        ``certificate`` certifies a :class:`~bcsfl_flower.packets.RoundRollback`
+        (:meth:`prepare_rollback`): the round's miners', or the operator's alone.
 
         Raises
         ------
         ChainRejectedError
-            If the round does not follow the last recorded one.
+            If the round does not follow the last recorded one, or the contract refuses
+            the certificate.
         ChainUnavailableError
             If the chain does not answer after :attr:`retry` attempts.
         """
-        _, kept = self.head()
+        rollback = certificate.approval
+        if not isinstance(rollback, RoundRollback):
+            raise TypeError("record_rollback needs a RoundRollback's certificate")
+        round_number = rollback.round
 
         def already_recorded() -> TxReceipt | None:
             if self._recorded_round() < round_number:
@@ -477,22 +516,23 @@ class AuditTrail:
 
         receipt = self._transact(
             f"recordRollback({round_number})",
-            lambda: self.contract.functions.recordRollback(round_number, kept, state_root, reason),
+            lambda: self.contract.functions.recordRollback(
+                rollback.as_contract_tuple(),
+                list(certificate.committee),
+                certificate.packed_signatures,
+                reason,
+            ),
             gas=_ROUND_GAS_LIMIT,
-            resume={
-                "round": round_number,
-                "kept_model_hash": "0x" + kept.hex(),
-                "state_root": "0x" + state_root.hex(),
-                "reason": reason,
-            },
+            resume={**certificate.to_dict(), "reason": reason},
             already_done=already_recorded,
         )
         log(INFO, "Recorded rollback of round %d: %s", round_number, reason)
         return RolledBackRound(
-            round_number,
-            kept,
-            state_root,
+            rollback,
             reason,
+            certificate.committee,
+            certificate.signers,
+            certificate.signatures,
             receipt["transactionHash"].to_0x_hex(),
             int(receipt["blockNumber"]),
         )
@@ -506,16 +546,8 @@ class AuditTrail:
         decoded to recover the committee and the signatures the contract checked.
         """
         rounds = []
-        web3 = self.connection.web3
         for event in self.contract.events.RoundAnchored.get_logs(from_block=self.deploy_block):
-            tx = web3.eth.get_transaction(event["transactionHash"])
-            receipt = web3.eth.get_transaction_receipt(event["transactionHash"])
-            function, params = self.contract.decode_function_input(tx["input"])
-            if function.fn_name != "anchorRound":
-                raise ValueError(
-                    f"RoundAnchored in tx {event['transactionHash'].to_0x_hex()} was not "
-                    f"emitted by a direct anchorRound call"
-                )
+            params = self._call_input(event, "anchorRound")
             raw = params["approval"]
             approval = RoundApproval(
                 round=int(raw["round"]),
@@ -526,15 +558,12 @@ class AuditTrail:
                 state_root=bytes(raw["stateRoot"]),
                 timestamp=int(raw["timestamp"]),
             )
-            packed = bytes(params["signatures"])
-            signatures = tuple(
-                packed[i : i + SIGNATURE_BYTES] for i in range(0, len(packed), SIGNATURE_BYTES)
-            )
-            signers = tuple(approval.recover(signature, self.domain) for signature in signatures)
+            committee, signers, signatures = self._certificate_of(params, approval)
+            receipt = self.connection.web3.eth.get_transaction_receipt(event["transactionHash"])
             rounds.append(
                 AnchoredRound(
                     approval,
-                    tuple(to_checksum_address(m) for m in params["miners"]),
+                    committee,
                     signers,
                     signatures,
                     event["transactionHash"].to_0x_hex(),
@@ -545,22 +574,52 @@ class AuditTrail:
         return sorted(rounds, key=lambda anchored: anchored.round)
 
     def rollbacks(self) -> list[RolledBackRound]:
-        """Read every recorded rollback back from the ``RoundRolledBack`` events."""
-        events = self.contract.events.RoundRolledBack.get_logs(from_block=self.deploy_block)
-        return sorted(
-            (
+        """Read every recorded rollback back, with its certificate from the transaction input."""
+        rounds = []
+        for event in self.contract.events.RoundRolledBack.get_logs(from_block=self.deploy_block):
+            params = self._call_input(event, "recordRollback")
+            raw = params["rollback"]
+            rollback = RoundRollback(
+                round=int(raw["round"]),
+                kept_model_hash=bytes(raw["keptModelHash"]),
+                committee_root=bytes(raw["committeeRoot"]),
+                state_root=bytes(raw["stateRoot"]),
+            )
+            committee, signers, signatures = self._certificate_of(params, rollback)
+            rounds.append(
                 RolledBackRound(
-                    int(e["args"]["round"]),
-                    bytes(e["args"]["keptModelHash"]),
-                    bytes(e["args"]["stateRoot"]),
-                    str(e["args"]["reason"]),
-                    e["transactionHash"].to_0x_hex(),
-                    int(e["blockNumber"]),
+                    rollback,
+                    str(event["args"]["reason"]),
+                    committee,
+                    signers,
+                    signatures,
+                    event["transactionHash"].to_0x_hex(),
+                    int(event["blockNumber"]),
                 )
-                for e in events
-            ),
-            key=lambda rolled: rolled.round,
+            )
+        return sorted(rounds, key=lambda rolled: rolled.round)
+
+    def _call_input(self, event: Any, function_name: str) -> dict[str, Any]:
+        """Return the decoded arguments of the direct call that emitted ``event``."""
+        tx = self.connection.web3.eth.get_transaction(event["transactionHash"])
+        function, params = self.contract.decode_function_input(tx["input"])
+        if function.fn_name != function_name:
+            raise ValueError(
+                f"{event['event']} in tx {event['transactionHash'].to_0x_hex()} was not "
+                f"emitted by a direct {function_name} call"
+            )
+        return dict(params)
+
+    def _certificate_of(
+        self, params: Mapping[str, Any], signed: RoundApproval | RoundRollback
+    ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[bytes, ...]]:
+        """Return the committee, the signers and the signatures of a decoded call."""
+        packed = bytes(params["signatures"])
+        signatures = tuple(
+            packed[i : i + SIGNATURE_BYTES] for i in range(0, len(packed), SIGNATURE_BYTES)
         )
+        signers = tuple(signed.recover(signature, self.domain) for signature in signatures)
+        return tuple(to_checksum_address(m) for m in params["miners"]), signers, signatures
 
     # -- manifest --------------------------------------------------------------------------
 
@@ -594,6 +653,7 @@ class AuditTrail:
             "contract": self.address,
             "deploy_block": self.deploy_block,
             "genesis_hash": "0x" + genesis.hex(),
+            "run": "0x" + self.domain.run.hex(),
             "operator": self.connection.operator.address,
             "models": _relative(Path(models_dir), base),
             "latest_round": self.latest_round(),

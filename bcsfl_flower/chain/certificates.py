@@ -1,8 +1,10 @@
-"""Quorum certificates as ``anchorRound`` takes them, and rounds as the chain returns them.
+"""Quorum certificates as the contract takes them, and rounds as the chain returns them.
 
-:meth:`AnchorCertificate.build` checks the miners' EIP-712 approvals off chain (a
+:meth:`AnchorCertificate.build` checks the miners' EIP-712 signatures off chain (a
 faulty miner's signature is dropped, not fatal) before the contract checks them again
-on chain with the same ``ceil(2N/3)`` quorum.
+on chain with the same ``ceil(2N/3)`` quorum. A commit's certificate signs a
+:class:`~bcsfl_flower.packets.RoundApproval`, a rollback's a
+:class:`~bcsfl_flower.packets.RoundRollback`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, to_checksum_address
 from flwr.common.logger import log
 
-from bcsfl_flower.packets import Eip712Domain, RoundApproval, committee_root, sort_committee
+from bcsfl_flower.packets import (
+    Eip712Domain,
+    RoundApproval,
+    RoundRollback,
+    committee_root,
+    sort_committee,
+)
 from bcsfl_flower.round.consensus import quorum_size
 
 quorum = quorum_size
@@ -24,13 +32,17 @@ quorum = quorum_size
 as the validators' vote (:func:`bcsfl_flower.round.consensus.quorum_size`)."""
 
 
+Attestation = RoundApproval | RoundRollback
+"""What a certificate certifies: a commit (``anchorRound``) or a rollback (``recordRollback``)."""
+
+
 @dataclass(frozen=True)
 class AnchorCertificate:
-    """A round's quorum certificate in the form ``anchorRound`` takes.
+    """A round's quorum certificate in the form ``anchorRound`` or ``recordRollback`` takes.
 
     Attributes
     ----------
-    approval : RoundApproval
+    approval : RoundApproval | RoundRollback
         The statement every signer signed.
     committee : tuple[str, ...]
         The round's miners, ascending (the contract's order).
@@ -40,7 +52,7 @@ class AnchorCertificate:
         Their 65-byte signatures, aligned with ``signers``.
     """
 
-    approval: RoundApproval
+    approval: Attestation
     committee: tuple[str, ...]
     signers: tuple[str, ...]
     signatures: tuple[bytes, ...]
@@ -48,7 +60,7 @@ class AnchorCertificate:
     @classmethod
     def build(
         cls,
-        approval: RoundApproval,
+        approval: Attestation,
         committee: Iterable[str],
         signatures: Mapping[str, bytes],
         domain: Eip712Domain,
@@ -64,7 +76,7 @@ class AnchorCertificate:
 
         Parameters
         ----------
-        approval : RoundApproval
+        approval : RoundApproval | RoundRollback
             The statement sent to the miners.
         committee : Iterable[str]
             All miners drawn for the round, in any order.
@@ -114,14 +126,16 @@ class AnchorCertificate:
 
     @classmethod
     def operator_signed(
-        cls, approval: RoundApproval, operator: LocalAccount, domain: Eip712Domain
+        cls, approval: Attestation, operator: LocalAccount, domain: Eip712Domain
     ) -> AnchorCertificate:
         """Return the fallback certificate signed by the operator alone.
 
-        For federations whose clients cannot mine (no bcsfl client mod): the committee
-        is the operator, and ``approval.committee_root`` must be
-        ``committee_root([operator.address])``. The audit trail then shows the round
-        was approved by the operator, not by clients.
+        For a rollback that no miner can sign (the round drew no committee, or its
+        miners did not answer), and for the rounds of a federation whose clients cannot
+        mine (no bcsfl client mod; the contract accepts those only when deployed with
+        ``operatorCertifies``): the committee is the operator, and
+        ``approval.committee_root`` must be ``committee_root([operator.address])``. The
+        audit trail then shows the round was certified by the operator, not by clients.
         """
         return cls.build(
             approval,
@@ -138,7 +152,7 @@ class AnchorCertificate:
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly record (hex strings); :meth:`from_dict` reverses it."""
         return {
-            **_approval_dict(self.approval),
+            **_attestation_dict(self.approval),
             "committee": list(self.committee),
             "signers": list(self.signers),
             "signatures": ["0x" + signature.hex() for signature in self.signatures],
@@ -154,15 +168,24 @@ class AnchorCertificate:
             If a field is missing or malformed, naming it.
         """
         try:
-            approval = RoundApproval(
-                round=int(data["round"]),
-                model_hash=_from_hex(data["model_hash"]),
-                previous_hash=_from_hex(data["previous_hash"]),
-                accepted_root=_from_hex(data["accepted_root"]),
-                committee_root=_from_hex(data["committee_root"]),
-                state_root=_from_hex(data["state_root"]),
-                timestamp=int(data["timestamp"]),
-            )
+            approval: Attestation
+            if "kept_model_hash" in data:
+                approval = RoundRollback(
+                    round=int(data["round"]),
+                    kept_model_hash=_from_hex(data["kept_model_hash"]),
+                    committee_root=_from_hex(data["committee_root"]),
+                    state_root=_from_hex(data["state_root"]),
+                )
+            else:
+                approval = RoundApproval(
+                    round=int(data["round"]),
+                    model_hash=_from_hex(data["model_hash"]),
+                    previous_hash=_from_hex(data["previous_hash"]),
+                    accepted_root=_from_hex(data["accepted_root"]),
+                    committee_root=_from_hex(data["committee_root"]),
+                    state_root=_from_hex(data["state_root"]),
+                    timestamp=int(data["timestamp"]),
+                )
             return cls(
                 approval,
                 tuple(to_checksum_address(a) for a in data["committee"]),
@@ -195,10 +218,15 @@ class AnchoredRound:
         """The anchored model hash."""
         return self.approval.model_hash
 
+    @property
+    def state_root(self) -> bytes:
+        """Hash of the round's state statement."""
+        return self.approval.state_root
+
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly record (hex strings)."""
         return {
-            **_approval_dict(self.approval),
+            **_attestation_dict(self.approval),
             "committee": list(self.committee),
             "signers": list(self.signers),
             "signatures": ["0x" + signature.hex() for signature in self.signatures],
@@ -210,25 +238,53 @@ class AnchoredRound:
 
 @dataclass(frozen=True)
 class RolledBackRound:
-    """One rolled-back round, as read back from the chain."""
+    """One rolled-back round, as read back from the chain, with its certificate."""
 
-    round: int
-    kept_model_hash: bytes
-    state_root: bytes
+    rollback: RoundRollback
     reason: str
+    committee: tuple[str, ...]
+    signers: tuple[str, ...]
+    signatures: tuple[bytes, ...]
     tx_hash: str
     block_number: int
+
+    @property
+    def round(self) -> int:
+        """The round number."""
+        return self.rollback.round
+
+    @property
+    def kept_model_hash(self) -> bytes:
+        """The model the federation kept."""
+        return self.rollback.kept_model_hash
+
+    @property
+    def state_root(self) -> bytes:
+        """Hash of the round's state statement."""
+        return self.rollback.state_root
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly record (hex strings)."""
         return {
-            "round": self.round,
-            "kept_model_hash": "0x" + self.kept_model_hash.hex(),
-            "state_root": "0x" + self.state_root.hex(),
+            **_attestation_dict(self.rollback),
             "reason": self.reason,
+            "committee": list(self.committee),
+            "signers": list(self.signers),
+            "signatures": ["0x" + signature.hex() for signature in self.signatures],
             "tx_hash": self.tx_hash,
             "block_number": self.block_number,
         }
+
+
+def _attestation_dict(approval: Attestation) -> dict[str, Any]:
+    if isinstance(approval, RoundRollback):
+        return {
+            "round": approval.round,
+            "kept_model_hash": "0x" + approval.kept_model_hash.hex(),
+            "committee_root": "0x" + approval.committee_root.hex(),
+            "state_root": "0x" + approval.state_root.hex(),
+        }
+    return _approval_dict(approval)
 
 
 def _approval_dict(approval: RoundApproval) -> dict[str, Any]:

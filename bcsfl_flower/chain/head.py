@@ -5,7 +5,7 @@ that is cut short (its last journal lines deleted, ``chain.json``'s head edited 
 match) says nothing false about what is left. An auditor who recorded the head earlier
 (``bcsfl audit head > head.json``, or from a notice the operator published) asks
 ``bcsfl audit verify --head head.json`` whether today's trail still extends it: same
-chain, contract and genesis, at least as many rounds, and the same model anchored at
+chain, contract, genesis and run, at least as many rounds, and the same model anchored at
 the recorded head. A rewrite of a recorded round, or a truncation, then fails.
 """
 
@@ -30,7 +30,10 @@ class TrailHead:
     chain_id, contract : int, str
         The chain and the ``BCSFLAudit`` contract.
     genesis_hash : str
-        Hex hash of the initial model: the run's identity.
+        Hex hash of the initial model.
+    run : str
+        Hex of the run's identity (the contract's ``runId``): two runs from the same
+        genesis at the same address (the embedded chain's) still differ here.
     latest_round : int
         The last recorded round, anchored or rolled back.
     round, model_hash : int, str
@@ -40,6 +43,7 @@ class TrailHead:
     chain_id: int
     contract: str
     genesis_hash: str
+    run: str
     latest_round: int
     round: int
     model_hash: str
@@ -52,6 +56,7 @@ class TrailHead:
             chain_id=chain_id,
             contract=trail.address,
             genesis_hash="0x" + trail.genesis_hash().hex(),
+            run="0x" + trail.domain.run.hex(),
             latest_round=trail.latest_round(),
             round=head_round,
             model_hash="0x" + head_hash.hex(),
@@ -76,6 +81,7 @@ class TrailHead:
                 chain_id=int(data["chain_id"]),
                 contract=to_checksum_address(data["contract"]),
                 genesis_hash=str(data["genesis_hash"]).lower(),
+                run=str(data["run"]).lower(),
                 latest_round=int(data["latest_round"]),
                 round=int(data["round"]),
                 model_hash=str(data["model_hash"]).lower(),
@@ -94,6 +100,7 @@ class TrailHead:
                 ("chain", self.chain_id, now.chain_id),
                 ("contract", self.contract, now.contract),
                 ("genesis", self.genesis_hash, now.genesis_hash),
+                ("run", self.run, now.run),
             )
             if recorded != current
         ]

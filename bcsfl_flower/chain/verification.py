@@ -7,15 +7,18 @@ does not verify, naming the first broken round. The checks:
   and head the manifest recorded (unless the caller accepts a shorter chain, as a resume
   after a chain crash must: the lost rounds are then run again);
 * rounds 1..latest appear exactly once each, anchored or rolled back;
-* each anchored round links to the previous anchor, the contract stores what its
-  transaction anchored, its committee is sorted and hashes to the committee root, and
-  its signatures recover to a quorum of distinct miners of that committee, each
-  registered (or the operator) when the round was anchored;
-* each rollback keeps the last anchored model;
-* every round's state statement is in the store and hashes to the anchored
+* each anchored round links to the previous anchor, and each rollback keeps the last
+  anchored model;
+* every round's certificate (a commit's or a rollback's) has a committee that is sorted
+  and hashes to its committee root, and signatures that recover, in this run, to a
+  quorum of distinct members of that committee, each registered when the round was
+  recorded, or the operator alone (for a commit only where the contract was deployed
+  with ``operatorCertifies``);
+* every round's state statement is in the store and hashes to the recorded
   ``stateRoot``; its committee is the stake-weighted draw recomputed from (previous
-  model hash, round, stakes), and an anchored round's miners are exactly the drawn
-  miners that sign (or the operator alone, when no drawn miner signs);
+  model hash, round, stakes), and a round's certifying committee is exactly the drawn
+  miners that sign (or the operator alone: for a commit when no drawn miner signs, for a
+  rollback whenever too few miners did);
 * every anchored model (and the genesis) is in the model store and re-hashes correctly,
   and the last one is the contract's head.
 """
@@ -111,9 +114,13 @@ def verify_trail(
     store = ModelStore(manifest.models_dir)
     head = genesis
     anchored_hashes = [(0, genesis)]
+    operator_certifies = trail.operator_certifies()
     for record in records:
+        statement = _verify_statement(report, store, record.round, record.state_root, head)
+        _verify_certificate(report, trail, registry, record, manifest.operator, operator_certifies)
+        if statement is not None:
+            _verify_certifying_miners(report, statement, record, manifest.operator)
         if isinstance(record, RolledBackRound):
-            _verify_statement(report, store, record.round, record.state_root, head)
             report.rolled_back += 1
             report.check(
                 record.kept_model_hash == head,
@@ -123,10 +130,12 @@ def verify_trail(
             )
             continue
         report.anchored += 1
-        statement = _verify_statement(report, store, record.round, record.approval.state_root, head)
-        if statement is not None:
-            _verify_anchored_miners(report, statement, record, manifest.operator)
-        _verify_anchor(report, trail, manifest, registry, record, head)
+        report.check(
+            record.approval.previous_hash == head,
+            f"round {record.round}: links to 0x{record.approval.previous_hash.hex()}, "
+            f"previous anchor is 0x{head.hex()}",
+            record.round,
+        )
         head = record.model_hash
         anchored_hashes.append((record.round, record.model_hash))
     report.check(
@@ -170,21 +179,17 @@ def _first_gap(numbers: list[int]) -> int | None:
     return None
 
 
-def _verify_anchor(
+def _verify_certificate(
     report: TrailReport,
     trail: AuditTrail,
-    manifest: ChainManifest,
     registry: _RegistryHistory,
-    record: AnchoredRound,
-    head: bytes,
+    record: AnchoredRound | RolledBackRound,
+    operator: str,
+    operator_certifies: bool,
 ) -> None:
-    approval = record.approval
+    """Check a round's certificate as the contract did, against this run's identity."""
+    signed = record.approval if isinstance(record, AnchoredRound) else record.rollback
     label = f"round {record.round}"
-    report.check(
-        approval.previous_hash == head,
-        f"{label}: links to 0x{approval.previous_hash.hex()}, previous anchor is 0x{head.hex()}",
-        record.round,
-    )
     committee = list(record.committee)
     report.check(
         committee == sort_committee(committee),
@@ -192,26 +197,30 @@ def _verify_anchor(
         record.round,
     )
     report.check(
-        committee_root(committee) == approval.committee_root,
+        committee_root(committee) == signed.committee_root,
         f"{label}: committee root does not match the committee {committee}",
         record.round,
     )
     signers = []
     for index, signature in enumerate(record.signatures):
         try:
-            signers.append(approval.recover(signature, trail.domain))
+            signers.append(signed.recover(signature, trail.domain))
         except ValueError as err:
             report.check(False, f"{label}: signature {index} is invalid: {err}", record.round)
     report.check(
         len(set(signers)) == len(signers), f"{label}: a miner signed twice: {signers}", record.round
     )
+    operator_may_sign = operator_certifies or isinstance(record, RolledBackRound)
     for signer in signers:
         report.check(
-            signer in committee, f"{label}: signer {signer} is not in the committee", record.round
+            signer in committee,
+            f"{label}: signer {signer} is not in the committee (signed in another run?)",
+            record.round,
         )
         report.check(
-            signer == manifest.operator or registry.registered_at(signer, record.block_number),
-            f"{label}: signer {signer} was not registered at block {record.block_number}",
+            (signer == operator and operator_may_sign)
+            or registry.registered_at(signer, record.block_number),
+            f"{label}: signer {signer} was not a registered client at block {record.block_number}",
             record.round,
         )
     required = quorum(len(committee)) if committee else 1
@@ -263,18 +272,24 @@ def _verify_statement(
     return statement
 
 
-def _verify_anchored_miners(
-    report: TrailReport, statement: RoundStatement, record: AnchoredRound, operator: str
+def _verify_certifying_miners(
+    report: TrailReport,
+    statement: RoundStatement,
+    record: AnchoredRound | RolledBackRound,
+    operator: str,
 ) -> None:
-    """Check that the anchored committee is the drawn miners that sign, or the operator.
+    """Check that the certifying committee is the drawn miners that sign, or the operator.
 
     Every drawn miner with an address signed its train reply, so it runs the bcsfl mod
-    and is asked to mine; the operator signs alone only when no drawn miner has a key.
+    and is asked to mine; the operator certifies a commit alone only when no drawn miner
+    has a key, and a rollback whenever the miners did not (the round may have drawn none).
     """
     signing = sort_committee(m for m in statement.miners if is_address(m)) or [operator]
+    allowed = [signing] if isinstance(record, AnchoredRound) else [signing, [operator]]
+    kind = "anchored" if isinstance(record, AnchoredRound) else "rollback's"
     report.check(
-        list(record.committee) == signing,
-        f"round {record.round}: the anchored committee {list(record.committee)} is not "
+        list(record.committee) in allowed,
+        f"round {record.round}: the {kind} committee {list(record.committee)} is not "
         f"the drawn miners {signing}",
         record.round,
     )

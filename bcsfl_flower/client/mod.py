@@ -56,6 +56,7 @@ from bcsfl_flower.chain.keys import client_dev_account, load_keystore
 from bcsfl_flower.packets import (
     Eip712Domain,
     ModelPacket,
+    RoundRollback,
     SignedModelPacket,
     accepted_root,
     committee_root,
@@ -274,7 +275,7 @@ def _verdict(content: RecordDict, account: LocalAccount, context: Context) -> Re
 
 
 def _check_candidate(request: MineRequest, account: LocalAccount, context: Context) -> str | None:
-    """Return why the candidate must not be approved, or None if it holds."""
+    """Return why the candidate (or the rollback) must not be signed, or None if it holds."""
     approval = request.approval
     if request.miners is None:
         return "the request names no committee"
@@ -282,6 +283,8 @@ def _check_candidate(request: MineRequest, account: LocalAccount, context: Conte
         return "the committee does not hash to the approval's committee root"
     if account.address not in {to_checksum_address(m) for m in request.miners}:
         return f"{account.address} is not in the round's committee"
+    if isinstance(approval, RoundRollback):
+        return None  # a rollback anchors no model: its statement says why
     if request.arrays is None:
         return "the request carries no candidate model"
     actual = model_hash(request.arrays)

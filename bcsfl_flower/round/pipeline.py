@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from bcsfl_flower.committee import Committee, draw_committee
 from bcsfl_flower.notary import MiningPlan, RoundNotary
 from bcsfl_flower.packets import model_hash
+from bcsfl_flower.protocol import ROLLBACK_CANDIDATE
 from bcsfl_flower.round.bounds import weighted_median
 from bcsfl_flower.round.checks import check_replies
 from bcsfl_flower.round.metrics import MetricsAggregation, aggregate_client_metrics
@@ -405,7 +406,11 @@ class RoundPipeline:
         )
 
     def _certify(self, candidate: str, stages: _Stages) -> Certification | None:
-        """Build the committed candidate's quorum certificate (None without a notary)."""
+        """Build the certificate of a commit or the rollback (None without a notary or miners).
+
+        ``candidate`` is the committed candidate, or
+        :data:`~bcsfl_flower.protocol.ROLLBACK_CANDIDATE`.
+        """
         if self.notary is None or stages.mining is None or stages.answers is None:
             return None
         verdicts = stages.answers.verdicts.get(candidate, {})
@@ -436,7 +441,12 @@ class RoundPipeline:
         )
         if decision.committed and certification is not None:
             return self.notary.anchor(arrays, certification)
-        return self.notary.rollback(server_round, decision.reason, statement.digest())
+        return self.notary.rollback(
+            server_round,
+            decision.reason,
+            statement.digest(),
+            self._certify(ROLLBACK_CANDIDATE, stages),
+        )
 
     def _rewarded(
         self, checked: CheckedReplies, screening: Screening | None, decision: Decision

@@ -51,8 +51,8 @@ class CommitteeAnswers:
     reports : tuple[ValidatorReport, ...]
         One per validator, in draw order.
     verdicts : Mapping[str, Mapping[str, MinerVerdict]]
-        Candidate name -> miner node id -> its verdict (miners that did not answer are
-        missing).
+        Candidate name (or the rollback's) -> miner node id -> its verdict (miners that
+        did not answer are missing).
     """
 
     reports: tuple[ValidatorReport, ...]
@@ -143,7 +143,7 @@ def exchange_with_committee(
     }
     losses: dict[str, dict[str, float]] = {str(v): {} for v in validators}
     problems: dict[str, list[str]] = {str(v): [] for v in validators}
-    verdicts: dict[str, dict[str, MinerVerdict]] = {name: {} for name in candidates}
+    verdicts: dict[str, dict[str, MinerVerdict]] = {name: {} for name in mining or {}}
     for reply in replies:
         asked = sent.pop(reply.metadata.reply_to_message_id, None)
         if asked is None:
