@@ -22,7 +22,7 @@ that is missing or does not re-hash to its anchored hash, a state statement that
 does not hash to its anchored root, or a committee that is not the stake-weighted draw.
 
 ``replay`` recomputes rounds (every round by default) from their stored updates and
-recorded votes (:mod:`~bcsfl_flower.chain.replay`) and exits non-zero with the first
+signed ballots (:mod:`~bcsfl_flower.chain.replay`) and exits non-zero with the first
 difference.
 """
 
@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = actions.add_parser(
         "replay",
-        help="recompute a round from its stored updates and votes, compare with the chain",
+        help="recompute a round from its stored updates and ballots, compare with the chain",
         parents=[where],
     )
     replay.add_argument("rounds", type=int, nargs="*", help="round numbers (default: every round)")

@@ -4,13 +4,14 @@ The strategy decides a round; the notary makes that decision verifiable afterwar
 
 * it verifies the signed packet a client running the bcsfl mod attaches to its train
   reply (a client without the mod stays unsigned, and is accepted as such);
-* it prepares every candidate's approval and the round's rollback
-  (:meth:`RoundNotary.mining_plan`), which the round's miners sign in the committee
-  exchange; for the outcome, a commit or a rollback, it checks their EIP-712 signatures
-  and needs ``ceil(2N/3)`` of them for a quorum certificate
-  (:meth:`RoundNotary.certify`). When no miner can sign, the operator's key certifies a
-  rollback, and a commit only in a federation that admits unsigned clients (the
-  contract's ``operatorCertifies``, fixed at deployment); the record says so;
+* once the validators' signed ballots have decided the round, it prepares what the
+  miners sign, the committed candidate's approval or the round's rollback
+  (:meth:`RoundNotary.mining_plan`), with the statement that holds the ballots, so each
+  miner recomputes the decision first; it checks their EIP-712 signatures and needs
+  ``ceil(2N/3)`` of them for a quorum certificate (:meth:`RoundNotary.certify`). When
+  no miner can sign, the operator's key certifies a rollback, and a commit only in a
+  federation that admits unsigned clients (the contract's ``operatorCertifies``, fixed
+  at deployment); the record says so;
 * it stores the committed model under its hash, anchors the round on chain with the
   certificate (retried with backoff; never skipped), or records a rollback;
 * it rewrites ``chain.json`` after every round so ``bcsfl audit`` can verify the run.
@@ -29,6 +30,11 @@ from eth_account.signers.local import LocalAccount
 from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
 
+from bcsfl_flower.approvals import (
+    RoundApproval,
+    RoundRollback,
+    committee_root,
+)
 from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.backends import ChainConnection, connect
 from bcsfl_flower.chain.certificates import AnchorCertificate
@@ -38,11 +44,8 @@ from bcsfl_flower.chain.retry import RetryPolicy
 from bcsfl_flower.packets import (
     PacketRejectedError,
     PacketVerifier,
-    RoundApproval,
-    RoundRollback,
     SignedModelPacket,
     accepted_root,
-    committee_root,
     model_hash,
 )
 from bcsfl_flower.protocol import (
@@ -55,8 +58,8 @@ from bcsfl_flower.protocol import (
     signing_config,
 )
 from bcsfl_flower.round.checks import PacketCheck
-from bcsfl_flower.round.state import Certification, ValidatorReport
-from bcsfl_flower.round.statement import RoundStatement, votes_document
+from bcsfl_flower.round.state import Certification
+from bcsfl_flower.round.statement import RoundStatement
 
 MANIFEST_FILE = "chain.json"
 MODELS_DIR = "models"
@@ -112,7 +115,8 @@ class RoundNotary:
         unsigned, and so anonymously: any node could join the vote without a registered
         key, and the operator certifies the rounds alone.
     keep_updates : bool
-        Keep every round's accepted updates and votes in the store, so that
+        Keep every round's accepted updates in the store (the ballots are in every
+        round's statement), so that
         ``bcsfl audit replay`` can recompute the round (run config
         ``replayable-rounds``).
     """
@@ -224,24 +228,26 @@ class RoundNotary:
             )
         return PacketCheck(packet=packet)
 
+    # pylint: disable=too-many-arguments
     def mining_plan(
         self,
-        server_round: int,
-        candidates: Mapping[str, ArrayRecord],
-        supports: Mapping[str, Sequence[SignedModelPacket]],
+        statement: RoundStatement,
+        outcome: str,
+        arrays: ArrayRecord | None,
+        supports: Sequence[SignedModelPacket],
         miners: Sequence[str],
-        state_root: bytes,
         reachable: Collection[str] | None = None,
     ) -> MiningPlan:
-        """Prepare every candidate's approval for the round's miners to sign.
+        """Prepare what the miners sign: the committed candidate's approval, or the rollback.
 
-        The miners sign in the committee exchange, before the vote is counted, so each
-        candidate gets its approval (its model hash and its supporters' packets); the
-        one that commits is anchored and the others' signatures are discarded.
+        The miners sign once the validators have cast their ballots and the decision is
+        taken: ``statement`` holds the ballots, and its hash is the ``stateRoot`` they
+        sign, so each miner can recompute the decision before it signs. ``outcome`` is
+        the committed candidate's name with its model ``arrays`` and its supporters'
+        ``supports``, or :data:`~bcsfl_flower.protocol.ROLLBACK_CANDIDATE`.
 
-        ``state_root`` is the hash of the round's state statement, which every approval
-        signs. Miners are the committee's node ids; only those whose address is known
-        from a verified packet can sign, and of those only the ``reachable`` ones (that serve
+        Miners are the committee's node ids; only those whose address is known from a
+        verified packet can sign, and of those only the ``reachable`` ones (that serve
         committee duties this round; all by default). An address known from several
         node ids (a restarted node with the same key) is asked once, through the first
         of them in draw order: the committee may not list it twice.
@@ -254,35 +260,19 @@ class RoundNotary:
             if address is not None and address not in signing.values():
                 signing[miner] = address
         committee = list(signing.values()) or [self.connection.operator.address]
-        # One chain read (the head) and one committee root serve every candidate; each
-        # fills in its own model hash and its supporters' packet root.
-        shared = self.trail.prepare_approval(
-            server_round, bytes(32), bytes(32), committee, state_root
-        )
-        approvals: dict[str, RoundApproval | RoundRollback] = {
-            name: dataclasses.replace(
-                shared,
-                model_hash=model_hash(arrays),
-                accepted_root=accepted_root(supports[name], self.trail.domain),
+        document, root, domain = statement.to_bytes(), statement.digest(), self.trail.domain
+        approval: RoundApproval | RoundRollback
+        if outcome == ROLLBACK_CANDIDATE:
+            approval = self.trail.prepare_rollback(statement.round, committee, root)
+            request = rollback_request(approval, domain, committee, document)
+        else:
+            assert arrays is not None
+            supported = accepted_root(supports, domain)
+            approval = self.trail.prepare_approval(
+                statement.round, model_hash(arrays), supported, committee, root
             )
-            for name, arrays in candidates.items()
-        }
-        requests = {
-            name: mine_request(
-                approvals[name],  # type: ignore[arg-type]
-                self.trail.domain,
-                committee,
-                candidates[name],
-                supports[name],
-            )
-            for name in candidates
-        }
-        rollback = RoundRollback(
-            server_round, shared.previous_hash, shared.committee_root, state_root
-        )
-        approvals[ROLLBACK_CANDIDATE] = rollback
-        requests[ROLLBACK_CANDIDATE] = rollback_request(rollback, self.trail.domain, committee)
-        return MiningPlan(server_round, signing, approvals, requests)
+            request = mine_request(approval, domain, committee, arrays, supports, document)
+        return MiningPlan(statement.round, signing, {outcome: approval}, {outcome: request})
 
     def certify(
         self, plan: MiningPlan, candidate: str, verdicts: Mapping[str, MinerVerdict]
@@ -382,24 +372,18 @@ class RoundNotary:
             "state_root": "0x" + state_root.hex(),
         }
 
-    def keep_round(
-        self,
-        statement: RoundStatement,
-        updates: Sequence[ArrayRecord],
-        reports: Sequence[ValidatorReport],
-    ) -> None:
-        """Store the round's state statement, and its updates and votes if replayable.
+    def keep_round(self, statement: RoundStatement, updates: Sequence[ArrayRecord]) -> None:
+        """Store the round's state statement, and its updates if replayable.
 
-        The statement (a few kB) is always kept: ``bcsfl audit verify`` re-derives the
-        committee from it. The accepted updates (one model each) and the validators'
-        votes are kept only with ``keep_updates``, for ``bcsfl audit replay``.
+        The statement (a few kB, the ballots included) is always kept: ``bcsfl audit
+        verify`` re-derives the committee and the decision from it. The accepted updates
+        (one model each) are kept only with ``keep_updates``, for ``bcsfl audit replay``.
         """
         self.store.save_document(statement.to_bytes())
         if not self.keep_updates:
             return
         for arrays in updates:
             self.store.save(arrays)
-        self.store.save_votes(statement.round, votes_document(reports))
 
     def write_manifest(self) -> None:
         """Rewrite ``chain.json`` with the trail's current head."""

@@ -45,11 +45,14 @@ from flwr.app import (
     RecordDict,
 )
 
+from bcsfl_flower.approvals import (
+    RoundApproval,
+    RoundRollback,
+)
+from bcsfl_flower.ballots import BALLOT_RECORD_KEY, SignedBallot
 from bcsfl_flower.packets import (
     Eip712Domain,
     ModelPacket,
-    RoundApproval,
-    RoundRollback,
     SignedModelPacket,
 )
 
@@ -130,7 +133,19 @@ def signing_domain(content: RecordDict) -> Eip712Domain | None:
     ValueError, TypeError
         If the entries are there but malformed (naming the field).
     """
-    values = [config_value(content, key) for key in (CHAIN_ID_KEY, CONTRACT_KEY, RUN_KEY)]
+    keys = (CHAIN_ID_KEY, CONTRACT_KEY, RUN_KEY)
+    return config_domain({key: config_value(content, key) for key in keys})
+
+
+def config_domain(config: Mapping[str, Any]) -> Eip712Domain | None:
+    """Return the signing domain in a config mapping (:func:`signing_config`), if any.
+
+    Raises
+    ------
+    ValueError, TypeError
+        If the entries are there but malformed (naming the field).
+    """
+    values = [config.get(key) for key in (CHAIN_ID_KEY, CONTRACT_KEY, RUN_KEY)]
     if any(value is None for value in values):
         return None
     chain_id, contract, run = values
@@ -246,6 +261,10 @@ APPROVAL_RECORD_KEY = "bcsfl.approval"
 ROLLBACK_RECORD_KEY = "bcsfl.rollback"
 """Rollback request: the rollback to sign, plus ``chain-id``, ``contract`` and ``run``."""
 
+STATEMENT_RECORD_KEY = "bcsfl.statement"
+"""Mine and rollback requests: ``{"statement": bytes}``, the round's state statement with
+its ballots, from which the miner recomputes the decision before it signs."""
+
 ROLLBACK_CANDIDATE = "rollback"
 """Name of the rollback among the mining duty's requests (no candidate is named so)."""
 
@@ -270,6 +289,7 @@ def mine_request(
     committee: Iterable[str],
     arrays: ArrayRecord,
     packets: Iterable[SignedModelPacket] = (),
+    statement: bytes | None = None,
 ) -> RecordDict:
     """Return one candidate's mining request (a part of a :class:`CommitteeDuty`).
 
@@ -285,6 +305,9 @@ def mine_request(
         The candidate global model.
     packets : Iterable[SignedModelPacket], optional
         The accepted packets, so miners can check ``accepted_root``.
+    statement : bytes, optional
+        The round's state statement (:meth:`~bcsfl_flower.round.statement.RoundStatement.
+        to_bytes`), so miners can recompute the decision.
     """
     content = RecordDict(
         {
@@ -293,6 +316,8 @@ def mine_request(
             CANDIDATE_RECORD_KEY: arrays,
         }
     )
+    if statement is not None:
+        content[STATEMENT_RECORD_KEY] = ConfigRecord({"statement": statement})
     packet_list = list(packets)
     if packet_list:
         content[PACKETS_RECORD_KEY] = ConfigRecord(
@@ -308,15 +333,21 @@ def mine_request(
 
 
 def rollback_request(
-    rollback: RoundRollback, domain: Eip712Domain, committee: Iterable[str]
+    rollback: RoundRollback,
+    domain: Eip712Domain,
+    committee: Iterable[str],
+    statement: bytes | None = None,
 ) -> RecordDict:
     """Return the round's rollback request: what its miners sign so it can roll back."""
-    return RecordDict(
+    content = RecordDict(
         {
             ROLLBACK_RECORD_KEY: _with_domain(rollback.to_config_record(), domain),
             COMMITTEE_RECORD_KEY: ConfigRecord({"miners": [str(m) for m in committee]}),
         }
     )
+    if statement is not None:
+        content[STATEMENT_RECORD_KEY] = ConfigRecord({"statement": statement})
+    return content
 
 
 def _with_domain(record: ConfigRecord, domain: Eip712Domain) -> ConfigRecord:
@@ -342,6 +373,8 @@ class MineRequest:
         The candidate model, if the request carries it.
     packets : tuple[SignedModelPacket, ...] | None
         The accepted packets, if the request carries them.
+    statement : bytes | None
+        The round's state statement, if the request carries it.
     """
 
     approval: RoundApproval | RoundRollback
@@ -349,6 +382,7 @@ class MineRequest:
     miners: tuple[str, ...] | None
     arrays: ArrayRecord | None
     packets: tuple[SignedModelPacket, ...] | None
+    statement: bytes | None = None
 
 
 def read_mine_request(content: RecordDict) -> MineRequest:
@@ -384,7 +418,17 @@ def read_mine_request(content: RecordDict) -> MineRequest:
         miners=miners,
         arrays=content.array_records.get(CANDIDATE_RECORD_KEY),
         packets=_read_packets(content.config_records.get(PACKETS_RECORD_KEY)),
+        statement=_read_statement(content.config_records.get(STATEMENT_RECORD_KEY)),
     )
+
+
+def _read_statement(record: ConfigRecord | None) -> bytes | None:
+    if record is None:
+        return None
+    statement = record.get("statement")
+    if not isinstance(statement, bytes):
+        raise TypeError(f"'statement' must be bytes, got {type(statement).__name__}")
+    return statement
 
 
 def _read_packets(record: ConfigRecord | None) -> tuple[SignedModelPacket, ...] | None:
@@ -483,6 +527,10 @@ class CommitteeDuty:
         Candidate name -> its :func:`mine_request` (empty for a member that only validates).
     arrayrecord_key, configrecord_key : str
         Record names of the member's evaluate messages (the strategy's FedAvg arguments).
+    loss_key : str | None
+        The metric that is the loss. When set, and ``config`` carries the signing domain
+        (:func:`signing_config`), a validator signs a ballot of its losses
+        (:class:`~bcsfl_flower.ballots.Ballot`).
     """
 
     models: Mapping[str, ArrayRecord]
@@ -490,6 +538,7 @@ class CommitteeDuty:
     mining: Mapping[str, RecordDict]
     arrayrecord_key: str = "arrays"
     configrecord_key: str = "config"
+    loss_key: str | None = None
 
 
 def serves_duty(content: RecordDict) -> bool:
@@ -512,6 +561,7 @@ def duty_content(duty: CommitteeDuty) -> RecordDict:
                     "mine": list(duty.mining),
                     "arrayrecord-key": duty.arrayrecord_key,
                     "configrecord-key": duty.configrecord_key,
+                    **({} if duty.loss_key is None else {"loss-key": duty.loss_key}),
                 }
             ),
             duty.configrecord_key: ConfigRecord(dict(duty.config)),
@@ -547,12 +597,16 @@ def read_duty(content: RecordDict) -> CommitteeDuty | None:
         if not isinstance(value, str) or not value:
             raise ValueError(f"duty field {field!r} must be a record name, got {value!r}")
     config = content.config_records.get(str(keys["configrecord-key"]), ConfigRecord())
+    loss_key = record.get("loss-key")
+    if loss_key is not None and not isinstance(loss_key, str):
+        raise ValueError(f"duty field 'loss-key' must be a metric name, got {loss_key!r}")
     return CommitteeDuty(
         models={name: _duty_model(content, name) for name in names["models"]},
         config=dict(config),
         mining={name: _duty_mine_request(content, name) for name in names["mine"]},
         arrayrecord_key=str(keys["arrayrecord-key"]),
         configrecord_key=str(keys["configrecord-key"]),
+        loss_key=loss_key,
     )
 
 
@@ -568,7 +622,8 @@ def _duty_mine_request(content: RecordDict, name: str) -> RecordDict:
     request = RecordDict()
     if f"{ROLLBACK_RECORD_KEY}.{name}" not in content.config_records:
         request[CANDIDATE_RECORD_KEY] = _duty_model(content, name)
-    for key in (APPROVAL_RECORD_KEY, ROLLBACK_RECORD_KEY, COMMITTEE_RECORD_KEY, PACKETS_RECORD_KEY):
+    keys = (APPROVAL_RECORD_KEY, ROLLBACK_RECORD_KEY, COMMITTEE_RECORD_KEY, PACKETS_RECORD_KEY)
+    for key in (*keys, STATEMENT_RECORD_KEY):
         record = content.config_records.get(f"{key}.{name}")
         if record is not None:
             request[key] = record
@@ -589,6 +644,7 @@ def duty_reply_content(
     metrics: Mapping[str, RecordDict],
     verdicts: Mapping[str, RecordDict],
     errors: Mapping[str, str],
+    ballot: SignedBallot | None = None,
 ) -> RecordDict:
     """Return a member's answer: each model's metrics, each candidate's verdict, and errors.
 
@@ -601,8 +657,12 @@ def duty_reply_content(
         Candidate name -> :func:`verdict_content`.
     errors : Mapping[str, str]
         Model or candidate name -> why it could not be served.
+    ballot : SignedBallot, optional
+        The validator's signed ballot of the losses it reports.
     """
     content = RecordDict()
+    if ballot is not None:
+        content[BALLOT_RECORD_KEY] = ballot.to_config_record()
     for name, reply in metrics.items():
         merged: dict[str, Any] = {}
         for record in reply.metric_records.values():
@@ -626,6 +686,36 @@ def read_duty_loss(reply: Message, name: str, loss_key: str) -> tuple[float, str
     if record is None:
         return math.nan, f"no metrics for {name!r}"
     return _loss_from([record], loss_key)
+
+
+def read_duty_ballot(reply: Message) -> tuple[SignedBallot | None, str | None]:
+    """Return a duty reply's signed ballot (None if it has none) and what is wrong with it.
+
+    Never raises: a malformed ballot is ``(None, why)``.
+    """
+    if reply.has_error():
+        return None, None
+    record = reply.content.config_records.get(BALLOT_RECORD_KEY)
+    if record is None:
+        return None, None
+    try:
+        return SignedBallot.from_config_record(record), None
+    except ValueError as err:
+        return None, f"malformed ballot: {err}"
+
+
+def duty_losses(duty: CommitteeDuty, metrics: Mapping[str, RecordDict]) -> dict[str, float]:
+    """Return model name -> the loss its evaluate reply reported (NaN if none).
+
+    The validator's side of :func:`read_duty_loss`: what it signs in its ballot.
+    """
+    loss_key = duty.loss_key or "loss"
+    losses = {}
+    for name in duty.models:
+        reply = metrics.get(name)
+        records = [] if reply is None else list(reply.metric_records.values())
+        losses[name] = _loss_from(records, loss_key)[0]
+    return losses
 
 
 def read_duty_verdict(reply: Message, name: str) -> MinerVerdict:

@@ -2,7 +2,7 @@
 
 For ``N`` registered nodes, every round goes from "the round's model is decided" to
 "its anchor has a receipt" exactly as the strategy does it: read the chain head and
-prepare the :class:`~bcsfl_flower.packets.RoundApproval`, have miners sign it (EIP-712,
+prepare the :class:`~bcsfl_flower.approvals.RoundApproval`, have miners sign it (EIP-712,
 dev keys), check the signatures and assemble the
 :class:`~bcsfl_flower.chain.certificates.AnchorCertificate`, and send ``anchorRound`` to a
 real anvil, which ``ecrecover``-s every signature again. Two quorums are compared:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -11,13 +11,28 @@ import numpy as np
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
+from bcsfl_flower.approvals import (
+    RoundApproval,
+    RoundRollback,
+    committee_root,
+)
+from bcsfl_flower.ballots import Ballot
 from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.backends import ChainConnection, spawn_anvil, stop_anvil
 from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.keys import client_dev_account, dev_account
 from bcsfl_flower.chain.model_store import ModelStore
-from bcsfl_flower.packets import RoundApproval, RoundRollback, committee_root, model_hash
-from bcsfl_flower.round.statement import DecisionSettings, RoundStatement, redraw
+from bcsfl_flower.packets import (
+    Eip712Domain,
+    model_hash,
+)
+from bcsfl_flower.round.statement import (
+    DecisionSettings,
+    RoundStatement,
+    StatedPlan,
+    StatedReply,
+    redraw,
+)
 
 
 @contextmanager
@@ -112,14 +127,17 @@ def stated_round(
     round_number: int,
     previous_hash: bytes,
     members: Sequence[LocalAccount],
-    stakes: Mapping[str, float] | None = None,
+    domain: Eip712Domain,
+    committed: bytes | None,
 ) -> tuple[bytes, list[LocalAccount]]:
     """Store round ``round_number``'s state statement; return its root and drawn miners.
 
-    The committee is the stake-weighted draw over ``members`` (equal stakes unless
-    given) with a miner seat for each, so every member with stake is drawn: the
-    statement is what :func:`~bcsfl_flower.chain.verification.verify_trail` checks an
-    anchored committee against.
+    The committee is the stake-weighted draw over ``members`` (equal stakes) with a
+    miner seat for each, so every member with stake is drawn: the statement is what
+    :func:`~bcsfl_flower.chain.verification.verify_trail` checks an anchored committee
+    against. Its one candidate hashes to ``committed`` (when given), and the two drawn
+    validators' signed ballots accept it, so the ballots commit it; without it the
+    round has no candidate, and the ballots commit nothing.
     """
     addresses = sorted(m.address for m in members)
     statement = RoundStatement(
@@ -132,15 +150,35 @@ def stated_round(
             outlier_norm_ratio=3.0,
             split_margin=0.0,
             example_cap_ratio=2.0,
-            selection="best",
+            selection="trusted-mean",
             space="plain",
         ),
-        stakes=dict(stakes) if stakes is not None else dict.fromkeys(addresses, 10.0),
+        stakes=dict.fromkeys(addresses, 10.0),
+        replies=tuple(
+            StatedReply(str(i), address, 1.0, "0x" + bytes([i + 1]).hex() * 32)
+            for i, address in enumerate(addresses)
+        ),
         candidates=tuple(addresses),
     )
     drawn = redraw(statement)
     statement = replace(statement, validators=drawn.validators, miners=drawn.miners)
+    account = {m.address: m for m in members}
+    if committed is not None:
+        models = (previous_hash, committed)
+        statement = replace(
+            statement,
+            plan=StatedPlan(
+                names=("trusted-mean",),
+                scored={"trusted-mean": "0x" + committed.hex()},
+                supports=(tuple(range(len(addresses))),),
+            ),
+            ballots=tuple(
+                Ballot(round_number, v, previous_hash, models, (1.0, 0.5))
+                .sign(account[v], domain)
+                .to_fields()
+                for v in drawn.validators
+            ),
+        )
     root = store.save_document(statement.to_bytes())
     assert root == statement.digest()
-    account = {m.address: m for m in members}
     return root, [account[address] for address in drawn.miners]

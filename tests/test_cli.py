@@ -41,7 +41,10 @@ def make_run(run_dir: Path, backend: str = "embedded") -> ModelStore:
         trail.register_clients({m.address: 10 for m in miners})
         for round_number in (1, 2, 3):
             _, head = trail.head()
-            state_root, drawn = stated_round(store, round_number, head, miners)
+            committed = None if round_number == 2 else model_hash(toy_model(float(round_number)))
+            state_root, drawn = stated_round(
+                store, round_number, head, miners, trail.domain, committed
+            )
             assert sorted(m.address for m in drawn) == sorted(m.address for m in miners)
             if round_number == 2:
                 certified = rollback_certificate(trail, 2, miners, state_root, signers=miners[:3])

@@ -22,17 +22,20 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from bcsfl_flower.approvals import (
+    RoundApproval,
+    RoundRollback,
+    committee_root,
+)
+from bcsfl_flower.ballots import Ballot
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.client.mod import bcsfl_client_app, bcsfl_mod
 from bcsfl_flower.packets import (
     Eip712Domain,
     ModelPacket,
     PacketVerifier,
-    RoundApproval,
-    RoundRollback,
     SignedModelPacket,
     accepted_root,
-    committee_root,
     model_hash,
 )
 from bcsfl_flower.protocol import (
@@ -51,6 +54,7 @@ from bcsfl_flower.protocol import (
     serves_duty,
     signing_config,
 )
+from bcsfl_flower.round.statement import DecisionSettings, RoundStatement, StatedPlan, StatedReply
 
 DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3", bytes(range(32)))
 
@@ -215,21 +219,66 @@ def packets_for(round_number: int) -> list[SignedModelPacket]:
     return signed
 
 
+PREVIOUS = model_hash(record(0.0))
+VALIDATOR = client_dev_account(5)
+
+
+def round_statement(
+    value: float = 1.0,
+    *,
+    loss: float = 0.5,
+    signer=VALIDATOR,
+    round_number: int = 3,
+    domain: Eip712Domain = DOMAIN,
+) -> RoundStatement:
+    """Round 3's statement: one validator whose ballot scores ``record(value)`` at ``loss``
+    against 1.0 for ``w_t``, so the candidate commits unless ``loss`` exceeds 1.0."""
+    candidate = model_hash(record(value))
+    ballot = Ballot(round_number, signer.address, PREVIOUS, (PREVIOUS, candidate), (1.0, loss))
+    identity = VALIDATOR.address
+    return RoundStatement(
+        round=round_number,
+        previous_hash="0x" + PREVIOUS.hex(),
+        settings=DecisionSettings(1, 3, 0.0, 3.0, 0.0, 1.0, "trusted-mean", "plain"),
+        stakes={identity: 1.0},
+        replies=(StatedReply("105", identity, 1.0, "0x" + candidate.hex()),),
+        candidates=(identity,),
+        validators=(identity,),
+        plan=StatedPlan(
+            names=("trusted-mean",),
+            scored={"trusted-mean": "0x" + candidate.hex()},
+            supports=((0,),),
+        ),
+        ballots=(ballot.sign(signer, domain).to_fields(),),
+    )
+
+
+STATEMENT = round_statement()
+
+
 def approval(round_number: int = 3, value: float = 1.0, packets=()) -> RoundApproval:
     return RoundApproval(
         round=round_number,
         model_hash=model_hash(record(value)),
-        previous_hash=b"\x07" * 32,
+        previous_hash=PREVIOUS,
         accepted_root=accepted_root(packets, DOMAIN),
         committee_root=committee_root([m.address for m in MINERS]),
-        state_root=b"\x05" * 32,
+        state_root=STATEMENT.digest(),
         timestamp=int(time.time()),
     )
 
 
-def duty(statement: RoundApproval, arrays: ArrayRecord, packets=(), miners=MINERS) -> Message:
+def duty(
+    statement: RoundApproval,
+    arrays: ArrayRecord,
+    packets=(),
+    miners=MINERS,
+    document: bytes | None = STATEMENT.to_bytes(),
+) -> Message:
     """A committee duty that asks one miner to approve candidate ``c`` (and to evaluate none)."""
-    request = mine_request(statement, DOMAIN, [m.address for m in miners], arrays, packets)
+    request = mine_request(
+        statement, DOMAIN, [m.address for m in miners], arrays, packets, document
+    )
     content = duty_content(CommitteeDuty({}, {"server-round": 3}, {"c": request}))
     return Message(content, dst_node_id=100, message_type="evaluate")
 
@@ -291,10 +340,11 @@ def test_miner_refuses_a_bad_package(case, reason):
 
 @pytest.mark.parametrize("member", [True, False])
 def test_a_miner_signs_the_rounds_rollback_only_as_a_committee_member(member):
-    rollback = RoundRollback(
-        3, b"\x07" * 32, committee_root([m.address for m in MINERS]), b"\x05" * 32
-    )
-    request = rollback_request(rollback, DOMAIN, [m.address for m in MINERS])
+    nothing = round_statement(loss=2.0)  # the candidate raises the only validator's loss
+    root = committee_root([m.address for m in MINERS])
+    rollback = RoundRollback(3, PREVIOUS, root, nothing.digest())
+    committee = [m.address for m in MINERS]
+    request = rollback_request(rollback, DOMAIN, committee, nothing.to_bytes())
     content = duty_content(CommitteeDuty({}, {"server-round": 3}, {ROLLBACK_CANDIDATE: request}))
     message = Message(content, dst_node_id=100, message_type="evaluate")
     reply = bcsfl_mod(message, context(1 if member else 4), must_not_run)
@@ -304,6 +354,50 @@ def test_a_miner_signs_the_rounds_rollback_only_as_a_committee_member(member):
         assert rollback.recover(verdict.signature, DOMAIN) == MINERS[1].address
     else:
         assert not verdict.approved and "not in the round's committee" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("statement", "reason"),
+    [
+        (round_statement(loss=2.0), "commit no candidate"),
+        (round_statement(signer=MINERS[0]), "commit no candidate"),  # a forged ballot
+        (round_statement(value=1.5), "not the model asked"),
+        (round_statement(round_number=4), "round 4's"),
+        (None, "no statement"),
+    ],
+)
+def test_a_miner_signs_only_what_the_ballots_decide(statement, reason):
+    """The miner recomputes the decision from the statement it signs, with the round's own
+    function: the operator cannot have it certify a candidate the validators rejected."""
+    request = approval()
+    if statement is not None:
+        request = dataclasses.replace(request, state_root=statement.digest())
+    document = None if statement is None else statement.to_bytes()
+    verdict = read_verdict(
+        bcsfl_mod(duty(request, record(1.0), document=document), context(1), must_not_run)
+    )
+    assert not verdict.approved
+    assert reason in verdict.reason
+    # a statement other than the one whose hash it signs is refused as well
+    tampered = duty(approval(), record(1.0), document=round_statement(loss=0.4).to_bytes())
+    verdict = read_verdict(bcsfl_mod(tampered, context(1), must_not_run))
+    assert not verdict.approved and "does not hash to the state root" in verdict.reason
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_miner_refuses_a_rollback_of_a_round_the_ballots_commit(committed):
+    statement = round_statement(loss=0.5 if committed else 2.0)
+    root = committee_root([m.address for m in MINERS])
+    rollback = RoundRollback(3, PREVIOUS, root, statement.digest())
+    request = rollback_request(rollback, DOMAIN, [m.address for m in MINERS], statement.to_bytes())
+    content = duty_content(CommitteeDuty({}, {"server-round": 3}, {ROLLBACK_CANDIDATE: request}))
+    reply = bcsfl_mod(
+        Message(content, dst_node_id=100, message_type="evaluate"), context(1), must_not_run
+    )
+    verdict = read_duty_verdict(reply, ROLLBACK_CANDIDATE)
+    assert verdict.approved is not committed
+    if committed:
+        assert "the ballots commit trusted-mean" in verdict.reason
 
 
 def test_malformed_duty_is_refused_not_raised():
@@ -381,8 +475,13 @@ def test_miner_approvals_from_the_mod_anchor_on_chain(tmp_path):
                 verifier.verify(reply.content[PACKET_RECORD_KEY], reply.content["arrays"], 1)
             )
         committee = [m.address for m in MINERS]
+        stated = round_statement(round_number=1, domain=trail.domain)
         statement = trail.prepare_approval(
-            1, model_hash(record(1.0)), accepted_root(packets, trail.domain), committee
+            1,
+            model_hash(record(1.0)),
+            accepted_root(packets, trail.domain),
+            committee,
+            stated.digest(),
         )
         verdicts = [
             read_verdict(
@@ -394,7 +493,12 @@ def test_miner_approvals_from_the_mod_anchor_on_chain(tmp_path):
                                 {},
                                 {
                                     "c": mine_request(
-                                        statement, trail.domain, committee, record(1.0), packets
+                                        statement,
+                                        trail.domain,
+                                        committee,
+                                        record(1.0),
+                                        packets,
+                                        stated.to_bytes(),
                                     )
                                 },
                             )

@@ -28,13 +28,19 @@ from eth_keys.backends.native import ecdsa
 from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError
 
+from bcsfl_flower.approvals import (
+    committee_root,
+)
 from bcsfl_flower.chain.audit import DEPLOYMENT_FILE, AuditTrail
 from bcsfl_flower.chain.backends import connect, spawn_anvil, stop_anvil
 from bcsfl_flower.chain.certificates import AnchorCertificate, quorum
 from bcsfl_flower.chain.compiler import ARTIFACT_PATH, compile_contract, load_artifact
 from bcsfl_flower.chain.errors import ChainRejectedError, RoundNotAnchoredError, rejected_error
 from bcsfl_flower.chain.keys import dev_account
-from bcsfl_flower.packets import Eip712Domain, committee_root, model_hash
+from bcsfl_flower.packets import (
+    Eip712Domain,
+    model_hash,
+)
 
 CURVE_ORDER = ecdsa.N
 ECRECOVER = "0x0000000000000000000000000000000000000001"

@@ -20,6 +20,7 @@ from bcsfl_flower.packets import ModelPacket, model_hash
 from bcsfl_flower.protocol import PACKET_RECORD_KEY, VERDICT_RECORD_KEY, MinerVerdict
 from bcsfl_flower.round.checks import PacketCheck
 from bcsfl_flower.round.state import Certification
+from bcsfl_flower.round.statement import DecisionSettings, RoundStatement
 from bcsfl_flower.strategy import BCSFL
 
 DIM = 1000  # with far fewer parameters, screening splits honest noise
@@ -53,6 +54,12 @@ class MiningGrid(FakeGrid):
             ]:
                 del answer.content[key]
         return super().duty_reply(message, answer)
+
+
+def statement(server_round: int) -> RoundStatement:
+    """A bare statement of a round that starts from GLOBAL (enough to sign its root)."""
+    settings = DecisionSettings(5, 5, 0.0, 3.0, 0.0, 1.0, "trusted-mean", "plain")
+    return RoundStatement(server_round, "0x" + model_hash(GLOBAL).hex(), settings, {})
 
 
 def signed_reply(node, partition, update, notary, server_round):
@@ -256,7 +263,7 @@ def test_certification_is_frozen_and_anchoring_needs_a_certificate(tmp_path):
             notary.anchor(GLOBAL, refused)
         # No miner has a known address: in a federation that admits only signed
         # clients, the operator may not certify the commit, only the rollback
-        plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2"], bytes(32))
+        plan = notary.mining_plan(statement(1), "mean", GLOBAL, [], ["1", "2"])
         assert plan.signing == {}
         certification = notary.certify(plan, "mean", {})
         assert not certification.certified
@@ -275,7 +282,7 @@ def test_the_operator_certifies_commits_only_where_unsigned_clients_are_admitted
     )
     try:
         assert notary.trail.operator_certifies()
-        plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2"], bytes(32))
+        plan = notary.mining_plan(statement(1), "mean", GLOBAL, [], ["1", "2"])
         certification = notary.certify(plan, "mean", {})
         assert certification.certified and certification.certified_by == "operator"
         assert certification.certificate.signers == (notary.connection.operator.address,)
@@ -327,10 +334,10 @@ def test_a_miner_cannot_answer_for_another_miner(tmp_path):
     notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
     try:
         notary.addresses.update({str(n): client_dev_account(n - 1).address for n in (1, 2, 3)})
-        state_root = b"\x5a" * 32
-        plan = notary.mining_plan(1, {"mean": GLOBAL}, {"mean": []}, ["1", "2", "3"], state_root)
+        stated = statement(1)
+        plan = notary.mining_plan(stated, "mean", GLOBAL, [], ["1", "2", "3"])
         approval = plan.approvals["mean"]
-        assert approval.state_root == state_root
+        assert approval.state_root == stated.digest()
         signatures = {
             node: approval.sign(client_dev_account(int(node) - 1), notary.trail.domain)
             for node in plan.signing

@@ -12,6 +12,10 @@ import pytest
 from eth_account import Account
 from flwr.app import Array, ArrayRecord
 
+from bcsfl_flower.approvals import (
+    RoundApproval,
+    committee_root,
+)
 from bcsfl_flower.chain.keys import (
     KEYSTORE_PASSWORD_ENV,
     client_dev_account,
@@ -24,11 +28,9 @@ from bcsfl_flower.packets import (
     PacketRejectedError,
     PacketVerifier,
     RejectReason,
-    RoundApproval,
     SignedModelPacket,
     _canonical_array,
     accepted_root,
-    committee_root,
     model_hash,
     npy_view,
     recover_signer,

@@ -19,14 +19,16 @@ from flwr.app import (
     RecordDict,
 )
 
+from bcsfl_flower.approvals import (
+    RoundApproval,
+    committee_root,
+)
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.packets import (
     Eip712Domain,
     ModelPacket,
-    RoundApproval,
     SignedModelPacket,
     accepted_root,
-    committee_root,
     model_hash,
 )
 from bcsfl_flower.protocol import (  # the committee duty

@@ -15,23 +15,22 @@ from pathlib import Path
 import pytest
 from chain_fixtures import GENESIS, clients, toy_model
 
+from bcsfl_flower.ballots import Ballot, SignedBallot
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.backends import connect
 from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.chain.verification import verify_trail
-from bcsfl_flower.packets import model_hash
+from bcsfl_flower.packets import Eip712Domain, model_hash
 from bcsfl_flower.round.settings import RoundSettings
-from bcsfl_flower.round.state import ValidatorReport
 from bcsfl_flower.round.statement import (
     DecisionSettings,
     RoundStatement,
+    StatedPlan,
     StatedReply,
     by_node,
     identity_of,
-    read_votes,
     redraw,
-    votes_document,
 )
 
 ACCOUNTS = clients(8)
@@ -40,8 +39,19 @@ SETTINGS = DecisionSettings.of(
 )
 
 
-def statement_for(round_number: int, previous: bytes, stakes: dict[str, float]) -> RoundStatement:
-    """A round whose 8 signed replies are all trusted, with its committee drawn."""
+def statement_for(
+    round_number: int,
+    previous: bytes,
+    stakes: dict[str, float],
+    domain: Eip712Domain | None = None,
+    losses: tuple[float, ...] = (0.5, 0.5, 0.5),
+) -> RoundStatement:
+    """A round whose 8 signed replies are all trusted, with its committee drawn.
+
+    With ``domain``, its one candidate is ``toy_model(round_number)`` and the drawn
+    validators' ballots score it at ``losses`` (against 1.0 for ``w_t``): with the
+    default, they commit it.
+    """
     replies = tuple(
         StatedReply(str(100 + i), a.address, 50.0, "0x" + bytes([i + 1]).hex() * 32)
         for i, a in enumerate(ACCOUNTS)
@@ -56,7 +66,34 @@ def statement_for(round_number: int, previous: bytes, stakes: dict[str, float]) 
         model_keys=("w", "b"),
     )
     drawn = redraw(statement)
-    return dataclasses.replace(statement, validators=drawn.validators, miners=drawn.miners)
+    statement = dataclasses.replace(statement, validators=drawn.validators, miners=drawn.miners)
+    return statement if domain is None else with_ballots(statement, domain, losses)
+
+
+def with_ballots(
+    statement: RoundStatement, domain: Eip712Domain, losses: tuple[float, ...], signers=None
+) -> RoundStatement:
+    """``statement`` with its candidate and each drawn validator's ballot of ``losses``.
+
+    ``signers`` (default: the validators themselves) sign each ballot.
+    """
+    candidate = model_hash(toy_model(float(statement.round)))
+    previous = bytes.fromhex(statement.previous_hash[2:])
+    account = {a.address: a for a in ACCOUNTS}
+    ballots = []
+    for index, validator in enumerate(statement.validators):
+        ballot = Ballot(
+            statement.round, validator, previous, (previous, candidate), (1.0, losses[index])
+        )
+        signer = account[validator] if signers is None else signers[index]
+        signature = bytes(signer.sign_message(ballot.signable(domain)).signature)
+        ballots.append(SignedBallot(ballot, signature).to_fields())
+    plan = StatedPlan(
+        names=("trusted-mean",),
+        scored={"trusted-mean": "0x" + candidate.hex()},
+        supports=(tuple(range(len(statement.replies))),),
+    )
+    return dataclasses.replace(statement, plan=plan, ballots=tuple(ballots))
 
 
 EQUAL = {a.address: 1.0 for a in ACCOUNTS}
@@ -102,19 +139,6 @@ def test_redraw_depends_on_stakes_round_and_previous_hash_and_maps_to_nodes():
     assert identity_of("7", None) == "node:7" and identity_of("7", "0xA") == "0xA"
 
 
-def test_votes_document_round_trips_missing_losses():
-    reports = (
-        ValidatorReport("3", 0.5, {"mean": 0.25, "core": math.nan}, ("core: no reply",)),
-        ValidatorReport("4", math.nan, {}),
-    )
-    again = read_votes(votes_document(reports))
-    assert again[0].candidate_losses["mean"] == 0.25
-    assert math.isnan(again[0].candidate_losses["core"]) and math.isnan(again[1].baseline_loss)
-    assert again[0].problems == ("core: no reply",)
-    with pytest.raises(ValueError, match="votes"):
-        read_votes(b'[{"validator": "3"}]')
-
-
 def test_store_refuses_a_modified_document(tmp_path):
     store = ModelStore(tmp_path)
     digest = store.save_document(b'{"a":1}')
@@ -155,9 +179,10 @@ def run(tmp_path: Path, tamper) -> list[str]:
     with connect("embedded", tmp_path / "chain") as connection:
         trail = AuditTrail.open(connection, GENESIS)
         trail.register_clients({a.address: 1 for a in ACCOUNTS})
-        first = statement_for(1, GENESIS, EQUAL)
+        first = statement_for(1, GENESIS, EQUAL, trail.domain)
         anchor(trail, store, first, [by_address[m] for m in first.miners])
-        second = statement_for(2, model_hash(toy_model(1.0)), {**EQUAL, ACCOUNTS[3].address: 0.5})
+        stakes = {**EQUAL, ACCOUNTS[3].address: 0.5}
+        second = statement_for(2, model_hash(toy_model(1.0)), stakes, trail.domain)
         tamper(trail, store, second, by_address)
         trail.write_manifest(tmp_path / "chain.json", store.root)
         report = verify_trail(trail, ChainManifest.load(tmp_path / "chain.json"))
@@ -204,6 +229,44 @@ def test_verify_fails_when_the_statement_records_a_committee_the_draw_does_not_g
     failures = run(tmp_path, forged)
     assert len(failures) == 1
     assert "is not the stake-weighted draw" in failures[0]
+
+
+REJECTED = (0.5, 2.0, 2.0)
+"""Losses of a round's three validators under which its candidate is voted down."""
+
+
+@pytest.mark.parametrize(
+    ("forge", "why"),
+    [
+        (lambda statement, domain: with_ballots(statement, domain, REJECTED), "rejected"),
+        (
+            # the operator passes two rejections off as accepts, signed with other keys
+            lambda statement, domain: with_ballots(
+                statement, domain, (0.5, 0.5, 0.5), [ACCOUNTS[0], ACCOUNTS[7], ACCOUNTS[7]]
+            ),
+            "forged ballots",
+        ),
+        (
+            # accepts cast in another run (same chain and contract address, another run id)
+            lambda statement, domain: with_ballots(
+                statement, dataclasses.replace(domain, run=b"\x01" * 32), (0.5, 0.5, 0.5)
+            ),
+            "another run's ballots",
+        ),
+    ],
+)
+def test_verify_fails_when_the_chain_anchors_what_the_ballots_do_not_commit(tmp_path, forge, why):
+    """The miners' keys are public in simulation: anyone can certify anything, so the
+    ballots, not the certificate, say what the round decided."""
+
+    def anchored_anyway(trail, store, statement, by_address):
+        assert len(statement.validators) == 3
+        honest(trail, store, forge(statement, trail.domain), by_address)
+
+    failures = run(tmp_path, anchored_anyway)
+    assert len(failures) == 1, why
+    assert failures[0].startswith("round 2: the chain anchors 0x")
+    assert "the ballots do not: rollback: no candidate reached quorum" in failures[0]
 
 
 def test_verify_fails_when_a_round_anchors_no_statement(tmp_path):

@@ -41,6 +41,11 @@ from flwr.common.logger import log
 from web3.contract import Contract
 from web3.types import TxReceipt
 
+from bcsfl_flower.approvals import (
+    RoundApproval,
+    RoundRollback,
+    committee_root,
+)
 from bcsfl_flower.chain.backends import ChainConnection
 from bcsfl_flower.chain.certificates import AnchorCertificate, AnchoredRound, RolledBackRound
 from bcsfl_flower.chain.compiler import load_artifact
@@ -53,10 +58,7 @@ from bcsfl_flower.chain.retry import (
 from bcsfl_flower.packets import (
     SIGNATURE_BYTES,
     Eip712Domain,
-    RoundApproval,
-    RoundRollback,
     check_hash,
-    committee_root,
 )
 
 DEPLOYMENT_FILE = "deployment.json"
@@ -488,7 +490,7 @@ class AuditTrail:
     def record_rollback(self, certificate: AnchorCertificate, reason: str) -> RolledBackRound:
         """Record that a round rolled back to the last anchored model, with its certificate.
 
-        ``certificate`` certifies a :class:`~bcsfl_flower.packets.RoundRollback`
+        ``certificate`` certifies a :class:`~bcsfl_flower.approvals.RoundRollback`
         (:meth:`prepare_rollback`): the round's miners', or the operator's alone.
 
         Raises

@@ -3,8 +3,8 @@
 :meth:`AnchorCertificate.build` checks the miners' EIP-712 signatures off chain (a
 faulty miner's signature is dropped, not fatal) before the contract checks them again
 on chain with the same ``ceil(2N/3)`` quorum. A commit's certificate signs a
-:class:`~bcsfl_flower.packets.RoundApproval`, a rollback's a
-:class:`~bcsfl_flower.packets.RoundRollback`.
+:class:`~bcsfl_flower.approvals.RoundApproval`, a rollback's a
+:class:`~bcsfl_flower.approvals.RoundRollback`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, to_checksum_address
 from flwr.common.logger import log
 
-from bcsfl_flower.packets import (
-    Eip712Domain,
+from bcsfl_flower.approvals import (
     RoundApproval,
     RoundRollback,
     committee_root,
     sort_committee,
+)
+from bcsfl_flower.packets import (
+    Eip712Domain,
+    from_hex,
 )
 from bcsfl_flower.round.consensus import quorum_size
 
@@ -172,25 +175,25 @@ class AnchorCertificate:
             if "kept_model_hash" in data:
                 approval = RoundRollback(
                     round=int(data["round"]),
-                    kept_model_hash=_from_hex(data["kept_model_hash"]),
-                    committee_root=_from_hex(data["committee_root"]),
-                    state_root=_from_hex(data["state_root"]),
+                    kept_model_hash=from_hex(data["kept_model_hash"]),
+                    committee_root=from_hex(data["committee_root"]),
+                    state_root=from_hex(data["state_root"]),
                 )
             else:
                 approval = RoundApproval(
                     round=int(data["round"]),
-                    model_hash=_from_hex(data["model_hash"]),
-                    previous_hash=_from_hex(data["previous_hash"]),
-                    accepted_root=_from_hex(data["accepted_root"]),
-                    committee_root=_from_hex(data["committee_root"]),
-                    state_root=_from_hex(data["state_root"]),
+                    model_hash=from_hex(data["model_hash"]),
+                    previous_hash=from_hex(data["previous_hash"]),
+                    accepted_root=from_hex(data["accepted_root"]),
+                    committee_root=from_hex(data["committee_root"]),
+                    state_root=from_hex(data["state_root"]),
                     timestamp=int(data["timestamp"]),
                 )
             return cls(
                 approval,
                 tuple(to_checksum_address(a) for a in data["committee"]),
                 tuple(to_checksum_address(a) for a in data["signers"]),
-                tuple(_from_hex(signature) for signature in data["signatures"]),
+                tuple(from_hex(signature) for signature in data["signatures"]),
             )
         except KeyError as err:
             raise ValueError(f"certificate record lacks the field {err.args[0]!r}") from err
@@ -297,9 +300,3 @@ def _approval_dict(approval: RoundApproval) -> dict[str, Any]:
         "state_root": "0x" + approval.state_root.hex(),
         "timestamp": approval.timestamp,
     }
-
-
-def _from_hex(text: object) -> bytes:
-    if not isinstance(text, str) or not text.startswith("0x"):
-        raise ValueError(f"expected a 0x-prefixed hex string, got {text!r}")
-    return bytes.fromhex(text[2:])

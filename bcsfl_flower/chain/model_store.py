@@ -4,8 +4,8 @@ The chain holds only each round's 32-byte model hash; the models themselves live
 one file per model, named by the hex of :func:`~bcsfl_flower.packets.model_hash`::
 
     <root>/<64 hex digits>.npz
-    <root>/<64 hex digits>.json        round state statements (SHA-256 of the file)
-    <root>/votes/round-<n>.json        validators' votes, for replayable rounds
+    <root>/<64 hex digits>.json        round state statements, with the validators'
+                                       signed ballots (SHA-256 of the file)
 
 A file is an ordinary NumPy ``.npz`` archive (one ``<key>.npy`` member per array, no
 pickles), so ``numpy.load`` opens it anywhere. Its name is only an index: verification
@@ -30,7 +30,6 @@ from bcsfl_flower.packets import ArraysLike, model_hash
 _HEX_HASH = re.compile(r"[0-9a-f]{64}")
 SUFFIX = ".npz"
 DOCUMENT_SUFFIX = ".json"
-VOTES_DIR = "votes"
 
 
 class ModelIntegrityError(ValueError):
@@ -136,32 +135,6 @@ class ModelStore:
                 f"{target} hashes to 0x{actual}, not 0x{_hex(digest)}: the file was modified"
             )
         return data
-
-    def votes_path(self, server_round: int) -> Path:
-        """Return the path of a round's votes document."""
-        return self.root / VOTES_DIR / f"round-{server_round}{DOCUMENT_SUFFIX}"
-
-    def save_votes(self, server_round: int, data: bytes) -> Path:
-        """Store a round's votes document (replaced if the round is run again)."""
-        target = self.votes_path(server_round)
-        _write_atomically(target, data)
-        return target
-
-    def load_votes(self, server_round: int) -> bytes:
-        """Load a round's votes document.
-
-        Raises
-        ------
-        FileNotFoundError
-            If the round's votes were not kept (the run was not replayable).
-        """
-        target = self.votes_path(server_round)
-        if not target.is_file():
-            raise FileNotFoundError(
-                f"no votes for round {server_round} in {self.root}: run with "
-                f"replayable-rounds=true to keep them"
-            )
-        return target.read_bytes()
 
     def hashes(self) -> list[str]:
         """Return the hex hashes of all stored files (by name; not verified)."""

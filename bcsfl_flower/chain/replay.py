@@ -2,16 +2,18 @@
 
 ``bcsfl audit replay ROUND`` takes nothing from the ServerApp's memory. From the model
 store it loads the round's state statement (checked against the anchored ``stateRoot``),
-the model the round started from, every accepted update (checked against its hash and
-its client's signed packet) and the validators' recorded votes. It then runs the round's
-own stages again, the same functions the ServerApp ran:
+the model the round started from, and every accepted update (checked against its hash
+and its client's signed packet). It then runs the round's own stages again, the same
+functions the ServerApp ran:
 
     checks -> bounds -> screening -> committee draw -> candidates -> decision
 
 and compares each result with what the round recorded: the trusted clients with the
-statement's draw candidates, the committee with the statement's, the committed
-candidate's hash and its supporters' packet root with the anchored ones (or a rollback
-with a rollback). The first difference is reported.
+statement's draw candidates, the committee with the statement's, the candidates and the
+hash of every scored model with the statement's plan (what the ballots' hashes mean),
+the decision (:func:`~bcsfl_flower.round.conclusion.conclude` of the statement's signed
+ballots) and its committed model and supporters' packet root with the anchored ones (or
+a rollback with a rollback). The first difference is reported.
 
 Only plaintext rounds can be replayed: a CKKS round's updates are ciphertexts that only
 the committee can decrypt.
@@ -30,6 +32,7 @@ from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.chain.verification import load_statement, timeline
 from bcsfl_flower.packets import Eip712Domain, accepted_root, model_hash
+from bcsfl_flower.round.conclusion import conclude
 from bcsfl_flower.round.plain import PlainBatch, PlainCollector, PlainSpace
 from bcsfl_flower.round.screening import bound_and_screen
 from bcsfl_flower.round.selection import selection_rule
@@ -37,7 +40,6 @@ from bcsfl_flower.round.statement import (
     RoundStatement,
     StatedReply,
     by_node,
-    read_votes,
     recorded_draw,
     signed_packet,
 )
@@ -136,16 +138,16 @@ def _recompute(statement: RoundStatement, store: ModelStore, domain: Eip712Domai
     _expect(problem is None, problem or "")
     committee = by_node(drawn, statement.node_of())
     names = [reply.node for reply in statement.replies]
-    rule = selection_rule(settings.selection)
-    plan = rule.plan(gram.matrix, bounds, screening, names)
+    plan = selection_rule(settings.selection).plan(gram.matrix, bounds, screening, names)
     models = dict(
         zip(plan.names, PlainSpace().combine(start, batch, plan.coefficients), strict=True)
     )
-    try:
-        reports = read_votes(store.load_votes(statement.round))
-    except (FileNotFoundError, ValueError) as err:
-        raise ReplayMismatchError(f"{label}: {err}") from err
-    decision = rule.decide(plan, reports, committee.validators, settings.vote_tolerance)
+    _expect_plan(statement, plan.names, {name: model_hash(m) for name, m in models.items()})
+    _expect(
+        list(committee.validators) == [statement.node_of()[v] for v in statement.validators],
+        f"{label}: the validators are not the drawn ones",
+    )
+    decision, _ = conclude(statement, domain)
     if not decision.committed or decision.candidate is None:
         outcome = ReplayResult(statement.round, False, model_hash(start), decision.reason)
         return _Recomputed(outcome, ())
@@ -154,6 +156,24 @@ def _recompute(statement: RoundStatement, store: ModelStore, domain: Eip712Domai
         statement.round, True, model_hash(models[decision.candidate]), decision.reason
     )
     return _Recomputed(outcome, tuple(statement.replies[row] for row in support))
+
+
+def _expect_plan(statement: RoundStatement, names: Sequence[str], hashes: dict[str, bytes]) -> None:
+    """Check that the statement's plan names the replayed candidates and their hashes."""
+    label = f"round {statement.round}"
+    stated = statement.plan
+    _expect(
+        stated is not None and tuple(stated.names) == tuple(names),
+        f"{label}: replay builds candidates {list(names)}, the statement lists "
+        f"{None if stated is None else list(stated.names)}",
+    )
+    assert stated is not None
+    for name, digest in hashes.items():
+        _expect(
+            stated.scored.get(name) == "0x" + digest.hex(),
+            f"{label}: candidate {name} replays to 0x{digest.hex()}, the statement's ballots "
+            f"scored {stated.scored.get(name)}",
+        )
 
 
 def _checked_batch(

@@ -19,6 +19,11 @@ does not verify, naming the first broken round. The checks:
   model hash, round, stakes), and a round's certifying committee is exactly the drawn
   miners that sign (or the operator alone: for a commit when no drawn miner signs, for a
   rollback whenever too few miners did);
+* every round's decision, recomputed from its statement's signed ballots
+  (:func:`~bcsfl_flower.round.conclusion.conclude`, the function the round itself and
+  its miners ran), is what the chain records: an anchored round commits the model the
+  ballots carry to the quorum; a rollback is a round they carry nothing in, or one whose
+  commit the miners did not certify (then the operator certified the rollback);
 * every anchored model (and the genesis) is in the model store and re-hashes correctly,
   and the last one is the contract's head.
 """
@@ -29,10 +34,17 @@ from dataclasses import dataclass, field
 
 from eth_utils import is_address
 
+from bcsfl_flower.approvals import (
+    committee_root,
+    sort_committee,
+)
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound, quorum
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
-from bcsfl_flower.packets import committee_root, sort_committee
+from bcsfl_flower.packets import (
+    Eip712Domain,
+)
+from bcsfl_flower.round.conclusion import conclude
 from bcsfl_flower.round.statement import RoundStatement, recorded_draw
 
 
@@ -120,6 +132,7 @@ def verify_trail(
         _verify_certificate(report, trail, registry, record, manifest.operator, operator_certifies)
         if statement is not None:
             _verify_certifying_miners(report, statement, record, manifest.operator)
+            _verify_decision(report, statement, record, trail.domain, manifest.operator)
         if isinstance(record, RolledBackRound):
             report.rolled_back += 1
             report.check(
@@ -291,6 +304,39 @@ def _verify_certifying_miners(
         list(record.committee) in allowed,
         f"round {record.round}: the {kind} committee {list(record.committee)} is not "
         f"the drawn miners {signing}",
+        record.round,
+    )
+
+
+def _verify_decision(
+    report: TrailReport,
+    statement: RoundStatement,
+    record: AnchoredRound | RolledBackRound,
+    domain: Eip712Domain,
+    operator: str,
+) -> None:
+    """Check that the chain records what the statement's ballots decide."""
+    decision, _ = conclude(statement, domain)
+    label = f"round {record.round}"
+    if isinstance(record, AnchoredRound):
+        carried = None
+        if decision.committed and statement.plan is not None:
+            carried = statement.plan.scored.get(str(decision.candidate))
+        report.check(
+            carried == "0x" + record.model_hash.hex(),
+            f"{label}: the chain anchors 0x{record.model_hash.hex()}, the ballots "
+            + (
+                f"commit {decision.candidate} ({carried})"
+                if carried
+                else f"do not: {decision.reason}"
+            ),
+            record.round,
+        )
+        return
+    uncertified = list(record.committee) == [operator] and "quorum certificate" in record.reason
+    report.check(
+        not decision.committed or uncertified,
+        f"{label}: the chain records a rollback, the ballots commit {decision.candidate}",
         record.round,
     )
 

@@ -12,10 +12,12 @@ the mod, a client also
    Mods run outermost first, so list ``bcsfl_mod`` first to sign exactly what is sent
    (for example arrays that an inner mod encrypted);
 2. serves a committee duty (an ``evaluate`` message that carries
-   :data:`~bcsfl_flower.protocol.DUTY_RECORD_KEY`): it runs the app's own evaluate
-   handler once per model it validates, and checks and signs the
-   :class:`~bcsfl_flower.packets.RoundApproval` of each candidate it mines, all in one
-   reply, so a round waits for its committee once.
+   :data:`~bcsfl_flower.protocol.DUTY_RECORD_KEY`). As a validator it runs the app's own
+   evaluate handler once per model and signs a :class:`~bcsfl_flower.ballots.Ballot` of
+   the losses; as a miner it recomputes the round's decision from the statement's
+   ballots (:func:`~bcsfl_flower.round.conclusion.conclude`) and signs the
+   :class:`~bcsfl_flower.approvals.RoundApproval` or
+   :class:`~bcsfl_flower.approvals.RoundRollback` only if the ballots decide it.
 
 The duty arrives as an ``evaluate`` message, so the app needs its ``@app.evaluate()``
 handler (which it has to validate anyway) and nothing else::
@@ -32,8 +34,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import WARNING
 from typing import Any
 
@@ -52,23 +55,29 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from bcsfl_flower.approvals import (
+    RoundRollback,
+    committee_root,
+)
+from bcsfl_flower.ballots import Ballot, SignedBallot
 from bcsfl_flower.chain.keys import client_dev_account, load_keystore
 from bcsfl_flower.packets import (
     Eip712Domain,
     ModelPacket,
-    RoundRollback,
     SignedModelPacket,
     accepted_root,
-    committee_root,
     model_hash,
 )
 from bcsfl_flower.protocol import (
+    BASELINE_CANDIDATE,
     DUTY_CAPABLE_RECORD_KEY,
     PACKET_RECORD_KEY,
     ROUND_KEY,
     CommitteeDuty,
     MineRequest,
+    config_domain,
     config_value,
+    duty_losses,
     duty_reply_content,
     evaluation_content,
     model_record,
@@ -77,6 +86,8 @@ from bcsfl_flower.protocol import (
     signing_domain,
     verdict_content,
 )
+from bcsfl_flower.round.conclusion import conclude
+from bcsfl_flower.round.statement import RoundStatement
 
 KEYSTORE_NODE_KEY = "bcsfl-keystore"
 """Node-config key naming an encrypted JSON keystore."""
@@ -156,6 +167,7 @@ def serve_duty(
             errors[name] = reply.error.reason
         else:
             metrics[name] = reply.content
+    ballot = _signed_ballot(duty, metrics, context)
     verdicts: dict[str, RecordDict] = {}
     if duty.mining:
         try:
@@ -164,7 +176,7 @@ def serve_duty(
             return _error_reply(msg, f"bcsfl miner has no key: {err}")
         for name, request in duty.mining.items():
             verdicts[name] = _verdict(request, account, context)
-    return Message(duty_reply_content(metrics, verdicts, errors), reply_to=msg)
+    return Message(duty_reply_content(metrics, verdicts, errors, ballot), reply_to=msg)
 
 
 def bcsfl_client_app(mods: Iterable[Mod] = (), **kwargs: Any) -> ClientApp:
@@ -259,6 +271,39 @@ def _sign_train_reply(msg: Message, reply: Message, context: Context) -> None:
     reply.content[PACKET_RECORD_KEY] = packet.sign(account, domain).to_config_record()
 
 
+def _signed_ballot(
+    duty: CommitteeDuty, metrics: Mapping[str, RecordDict], context: Context
+) -> SignedBallot | None:
+    """Sign the losses this validator reports, when the duty asks for a ballot.
+
+    A duty asks when it names the loss metric and carries the signing domain; a node
+    without a key answers unsigned, and its losses then count only where the federation
+    admits unsigned clients.
+    """
+    try:
+        domain = config_domain(duty.config)
+    except (TypeError, ValueError) as err:
+        log(WARNING, "bcsfl validator: the duty's signing domain is malformed: %s", err)
+        return None
+    if duty.loss_key is None or domain is None or BASELINE_CANDIDATE not in duty.models:
+        return None
+    try:
+        account = node_account(context)
+    except (MissingKeyError, FileNotFoundError, ValueError) as err:
+        log(WARNING, "bcsfl validator: cannot sign its ballot: %s", err)
+        return None
+    losses = duty_losses(duty, metrics)
+    hashes = {name: model_hash(arrays) for name, arrays in duty.models.items()}
+    ballot = Ballot(
+        round=int(duty.config.get(ROUND_KEY, 0)),  # type: ignore[arg-type]
+        validator=account.address,
+        previous_hash=hashes[BASELINE_CANDIDATE],
+        models=tuple(hashes.values()),
+        losses=tuple(float(losses[name]) for name in hashes),
+    )
+    return ballot.sign(account, domain)
+
+
 def _verdict(content: RecordDict, account: LocalAccount, context: Context) -> RecordDict:
     """Check one mine request and return the signed approval, or the refusal and why."""
     try:
@@ -283,8 +328,9 @@ def _check_candidate(request: MineRequest, account: LocalAccount, context: Conte
         return "the committee does not hash to the approval's committee root"
     if account.address not in {to_checksum_address(m) for m in request.miners}:
         return f"{account.address} is not in the round's committee"
-    if isinstance(approval, RoundRollback):
-        return None  # a rollback anchors no model: its statement says why
+    fault = _decision_fault(request)
+    if fault is not None or isinstance(approval, RoundRollback):
+        return fault
     if request.arrays is None:
         return "the request carries no candidate model"
     actual = model_hash(request.arrays)
@@ -299,6 +345,40 @@ def _check_candidate(request: MineRequest, account: LocalAccount, context: Conte
         return f"the package timestamp {approval.timestamp} is {age:.0f} s old (window {window})"
     if request.packets is not None:
         return _packets_fault(request)
+    return None
+
+
+def _decision_fault(request: MineRequest) -> str | None:
+    """Return why the ballots do not support what the miner is asked to sign, or None.
+
+    The miner recomputes the decision from the statement it is asked to sign
+    (:func:`~bcsfl_flower.round.conclusion.conclude`, the pipeline's own function): a
+    commit must be the candidate the ballots carry, a rollback a round they carry none.
+    """
+    approval = request.approval
+    if request.statement is None:
+        return "the request carries no statement to recompute the decision from"
+    if hashlib.sha256(request.statement).digest() != approval.state_root:
+        return "the statement does not hash to the state root it asks to sign"
+    try:
+        statement = RoundStatement.from_bytes(request.statement)
+    except ValueError as err:
+        return f"the statement is malformed: {err}"
+    start = (
+        approval.kept_model_hash
+        if isinstance(approval, RoundRollback)
+        else (approval.previous_hash)
+    )
+    if (statement.round, statement.previous_hash) != (approval.round, "0x" + start.hex()):
+        return f"the statement is round {statement.round}'s from {statement.previous_hash}"
+    decision, _ = conclude(statement, request.domain)
+    if isinstance(approval, RoundRollback):
+        return f"the ballots commit {decision.candidate}" if decision.committed else None
+    if not decision.committed or statement.plan is None:
+        return f"the ballots commit no candidate ({decision.reason})"
+    committed = statement.plan.scored.get(str(decision.candidate))
+    if committed != "0x" + approval.model_hash.hex():
+        return f"the ballots commit {decision.candidate} ({committed}), not the model asked"
     return None
 
 

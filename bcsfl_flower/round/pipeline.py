@@ -3,8 +3,9 @@
 ::
 
     replies -> check -> bound -> screen -> state statement -> draw committee
-            -> committee exchange (validators score every candidate, miners sign every
-            candidate) -> decide -> certify -> anchor or record the rollback
+            -> validation (validators score every candidate and sign their ballots)
+            -> decide (conclude the statement and its ballots) -> mining (miners
+            recompute the decision and sign it) -> anchor or record the rollback
             -> settle stakes -> RoundRecord
 
 Each stage is a pure function or a small object in its own module and returns a frozen
@@ -26,11 +27,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from bcsfl_flower.committee import Committee, draw_committee
-from bcsfl_flower.notary import MiningPlan, RoundNotary
-from bcsfl_flower.packets import model_hash
-from bcsfl_flower.protocol import ROLLBACK_CANDIDATE
+from bcsfl_flower.notary import RoundNotary
+from bcsfl_flower.packets import Eip712Domain, model_hash
+from bcsfl_flower.protocol import ROLLBACK_CANDIDATE, ConfigValue
 from bcsfl_flower.round.bounds import weighted_median
 from bcsfl_flower.round.checks import check_replies
+from bcsfl_flower.round.conclusion import conclude
 from bcsfl_flower.round.metrics import MetricsAggregation, aggregate_client_metrics
 from bcsfl_flower.round.noise_reference import (
     NOISE_REFERENCES,
@@ -58,6 +60,7 @@ from bcsfl_flower.round.state import (
 from bcsfl_flower.round.statement import (
     DecisionSettings,
     RoundStatement,
+    StatedPlan,
     StatedReply,
     by_node,
     identity_of,
@@ -65,7 +68,7 @@ from bcsfl_flower.round.statement import (
     redraw,
 )
 from bcsfl_flower.round.timing import StageClock
-from bcsfl_flower.round.validation import CommitteeAnswers, exchange_with_committee
+from bcsfl_flower.round.validation import exchange_with_committee, stated_ballots
 
 
 @dataclass(frozen=True)
@@ -79,13 +82,7 @@ class _Stages:
     screening: Screening | None = None
     committee: Committee | None = None
     candidates: CandidateSet | None = None
-    mining: MiningPlan | None = None
-    answers: CommitteeAnswers | None = None
-
-    @property
-    def reports(self) -> tuple[ValidatorReport, ...]:
-        """The validators' reports (none if the committee exchange did not run)."""
-        return () if self.answers is None else self.answers.reports
+    reports: tuple[ValidatorReport, ...] = ()
 
 
 class RoundPipeline:
@@ -150,7 +147,9 @@ class RoundPipeline:
         if stages.statement is None:
             statement = self._statement(server_round, global_arrays, previous_hash, checked, ())
             stages = replace(stages, statement=statement)
-        return self._finish(server_round, global_arrays, checked, stages, previous_hash, clock)
+        return self._finish(
+            server_round, grid, global_arrays, checked, stages, previous_hash, clock
+        )
 
     def _decide(
         self,
@@ -200,10 +199,6 @@ class RoundPipeline:
         candidates = CandidateSet(
             plan, self.space.combine(global_arrays, checked.batch, plan.coefficients)
         )
-        duty_nodes = {c.name for c in checked.accepted if c.serves_duty}
-        mining = self._mining_plan(
-            server_round, checked, candidates, committee, duty_nodes, statement.digest()
-        )
         scored = {
             **candidates.by_name(),
             **self._noise_references(
@@ -218,18 +213,31 @@ class RoundPipeline:
                 global_arrays,
                 scored,
                 self.settings.validation,
-                self.space.message_config(),
-                duty_nodes=duty_nodes,
-                mining=None if mining is None else mining.requests,
-                miners=() if mining is None else tuple(mining.signing),
+                {**self.space.message_config(), **self._signing_config()},
+                duty_nodes={c.name for c in checked.accepted if c.serves_duty},
             )
-        decision = self.selection.decide(
-            plan, answers.reports, committee.validators, self.settings.vote_tolerance
+        hashes = {name: model_hash(arrays) for name, arrays in scored.items()}
+        statement = replace(
+            statement,
+            plan=StatedPlan.of(plan, hashes),
+            ballots=stated_ballots(statement, answers),
+        )
+        decision, reports = conclude(statement, self._domain())
+        # what went wrong in the exchange (no reply, a failed evaluation) stays on record
+        exchanged = {report.validator: report.problems for report in answers.reports}
+        reports = tuple(
+            replace(r, problems=(*exchanged.get(r.validator, ()), *r.problems)) for r in reports
         )
         log(INFO, "consensus: %s", decision.reason)
-        return _Stages(
-            decision, statement, gram, bounds, screening, committee, candidates, mining, answers
-        )
+        return _Stages(decision, statement, gram, bounds, screening, committee, candidates, reports)
+
+    def _domain(self) -> Eip712Domain | None:
+        """Return the trail's signing domain (None without an audit trail)."""
+        return None if self.notary is None else self.notary.trail.domain
+
+    def _signing_config(self) -> dict[str, ConfigValue]:
+        """Config entries that make validators sign their ballots (none without a trail)."""
+        return {} if self.notary is None else self.notary.signing_config()
 
     def _noise_references(
         self,
@@ -256,6 +264,7 @@ class RoundPipeline:
     def _finish(
         self,
         server_round: int,
+        grid: Grid,
         global_arrays: ArrayRecord,
         checked: CheckedReplies,
         stages: _Stages,
@@ -267,7 +276,8 @@ class RoundPipeline:
         arrays = global_arrays
         if decision.committed and stages.candidates is not None:
             arrays = stages.candidates.by_name()[decision.candidate]  # type: ignore[index]
-            certification = self._certify(decision.candidate, stages)  # type: ignore[arg-type]
+            with clock.stage("committee"):
+                certification = self._mine(grid, checked, stages, str(decision.candidate), arrays)
             if certification is not None and not certification.certified:
                 decision = replace(
                     decision,
@@ -278,6 +288,9 @@ class RoundPipeline:
                     support=(),
                 )
                 arrays = global_arrays
+        elif not decision.committed:
+            with clock.stage("committee"):
+                certification = self._mine(grid, checked, stages, ROLLBACK_CANDIDATE, None)
         with clock.stage("anchoring"):
             anchoring = self._anchor(server_round, checked, stages, arrays, decision, certification)
         if not decision.committed:
@@ -380,41 +393,40 @@ class RoundPipeline:
             return contribution.packet.packet.model_hash
         return model_hash(next(iter(contribution.content.array_records.values())))
 
-    def _mining_plan(
+    def _mine(
         self,
-        server_round: int,
+        grid: Grid,
         checked: CheckedReplies,
-        candidates: CandidateSet,
-        committee: Committee,
-        duty_nodes: set[str],
-        state_root: bytes,
-    ) -> MiningPlan | None:
-        """Prepare every candidate's approval for the miners (None without a notary)."""
-        if self.notary is None:
-            return None
-        supports = {
-            name: [checked.accepted[row].packet for row in support if checked.accepted[row].packet]
-            for name, support in zip(candidates.plan.names, candidates.plan.supports, strict=True)
-        }
-        return self.notary.mining_plan(
-            server_round,
-            candidates.by_name(),
-            supports,  # type: ignore[arg-type]
-            committee.miners,
-            state_root,
-            duty_nodes,
-        )
+        stages: _Stages,
+        outcome: str,
+        arrays: ArrayRecord | None,
+    ) -> Certification | None:
+        """Have the miners recompute the decision and sign it; return their certificate.
 
-    def _certify(self, candidate: str, stages: _Stages) -> Certification | None:
-        """Build the certificate of a commit or the rollback (None without a notary or miners).
-
-        ``candidate`` is the committed candidate, or
-        :data:`~bcsfl_flower.protocol.ROLLBACK_CANDIDATE`.
+        ``outcome`` is the committed candidate, or
+        :data:`~bcsfl_flower.protocol.ROLLBACK_CANDIDATE`. None without a notary or a
+        committee (a rollback is then certified by the operator).
         """
-        if self.notary is None or stages.mining is None or stages.answers is None:
+        if self.notary is None or stages.committee is None or stages.statement is None:
             return None
-        verdicts = stages.answers.verdicts.get(candidate, {})
-        return self.notary.certify(stages.mining, candidate, verdicts)
+        duty_nodes = {c.name for c in checked.accepted if c.serves_duty}
+        support = stages.decision.support if arrays is not None else ()
+        packets = [p for p in (checked.accepted[row].packet for row in support) if p is not None]
+        plan = self.notary.mining_plan(
+            stages.statement, outcome, arrays, packets, stages.committee.miners, duty_nodes
+        )
+        answers = exchange_with_committee(
+            grid,
+            stages.statement.round,
+            (),
+            arrays if arrays is not None else ArrayRecord(),
+            {},
+            self.settings.validation,
+            duty_nodes=duty_nodes,
+            mining=plan.requests,
+            miners=tuple(plan.signing),
+        )
+        return self.notary.certify(plan, outcome, answers.verdicts.get(outcome, {}))
 
     def _anchor(
         self,
@@ -435,18 +447,12 @@ class RoundPipeline:
         statement = stages.statement
         assert statement is not None  # every path through run() states the round
         self.notary.keep_round(
-            statement,
-            [next(iter(c.content.array_records.values())) for c in checked.accepted],
-            stages.reports,
+            statement, [next(iter(c.content.array_records.values())) for c in checked.accepted]
         )
         if decision.committed and certification is not None:
             return self.notary.anchor(arrays, certification)
-        return self.notary.rollback(
-            server_round,
-            decision.reason,
-            statement.digest(),
-            self._certify(ROLLBACK_CANDIDATE, stages),
-        )
+        rollback = None if stages.decision.committed else certification
+        return self.notary.rollback(server_round, decision.reason, statement.digest(), rollback)
 
     def _rewarded(
         self, checked: CheckedReplies, screening: Screening | None, decision: Decision

@@ -11,7 +11,12 @@ The statement holds, as the round saw them before its committee was drawn:
 * the accepted replies, in order: node, identity, example count and the hash of the
   update (with its signed packet, when the client signed one);
 * the draw's candidates (the clients screening trusted or set apart) and the drawn
-  validators and miners, by identity.
+  validators and miners, by identity;
+* once the validators have scored: the candidates (:class:`StatedPlan`: their names,
+  the hash of every scored model, whom each draws on) and the validators' ballots
+  (:mod:`~bcsfl_flower.ballots`), from which :func:`~bcsfl_flower.round.conclusion.conclude`
+  derives the decision. The miners sign the statement's hash only then, so the
+  anchored ``stateRoot`` commits to the ballots.
 
 An identity is the client's Ethereum address when it signed its reply, else
 ``node:<id>``: node ids are not on chain and change when a SuperNode reconnects, so the
@@ -23,19 +28,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord
 
 from bcsfl_flower.committee import Committee, draw_committee
 from bcsfl_flower.packets import SignedModelPacket
 from bcsfl_flower.round.settings import RoundSettings
-from bcsfl_flower.round.state import ValidatorReport
+from bcsfl_flower.round.state import CandidatePlan
 
-STATEMENT_FORMAT = "bcsfl-round-statement/1"
+STATEMENT_FORMAT = "bcsfl-round-statement/2"
 """Value of ``format`` in a statement document."""
 
 UNSIGNED_PREFIX = "node:"
@@ -101,6 +107,70 @@ class DecisionSettings:
 
 
 @dataclass(frozen=True)
+class StatedPlan:
+    """The candidates as the statement records them: what the ballots' hashes mean.
+
+    Attributes
+    ----------
+    names : tuple[str, ...]
+        Candidate names, in order of preference
+        (:attr:`~bcsfl_flower.round.state.CandidatePlan.names`).
+    scored : Mapping[str, str]
+        Every model the validators scored but ``w_t`` (the candidates, and the noise
+        references when the round built them) -> its ``0x``-hex model hash.
+    supports, fallback_suspects, owners, contested, parties
+        As in :class:`~bcsfl_flower.round.state.CandidatePlan` (rows index the
+        statement's replies; owners and parties are node ids).
+    """
+
+    names: tuple[str, ...] = ()
+    scored: Mapping[str, str] = field(default_factory=dict)
+    supports: tuple[tuple[int, ...], ...] = ()
+    fallback_suspects: tuple[int, ...] = ()
+    owners: tuple[str | None, ...] = ()
+    contested: bool = False
+    parties: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, plan: CandidatePlan, scored: Mapping[str, bytes]) -> StatedPlan:
+        """Return the record of ``plan``, whose scored models hash to ``scored``."""
+        return cls(
+            names=plan.names,
+            scored={name: "0x" + digest.hex() for name, digest in scored.items()},
+            supports=plan.supports,
+            fallback_suspects=plan.fallback_suspects,
+            owners=plan.owners,
+            contested=plan.contested,
+            parties=plan.parties,
+        )
+
+    def candidate_plan(self) -> CandidatePlan:
+        """Return the plan a selection rule decides (without coefficients, which it needs not)."""
+        return CandidatePlan(
+            names=self.names,
+            coefficients=np.zeros((len(self.names), 0)),
+            supports=self.supports,
+            fallback_suspects=self.fallback_suspects,
+            owners=self.owners,
+            contested=self.contested,
+            parties=self.parties,
+        )
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> StatedPlan:
+        """Parse the plan's JSON form."""
+        return cls(
+            names=tuple(raw["names"]),
+            scored={str(k): str(v) for k, v in raw["scored"].items()},
+            supports=tuple(tuple(int(i) for i in rows) for rows in raw["supports"]),
+            fallback_suspects=tuple(int(i) for i in raw["fallback_suspects"]),
+            owners=tuple(raw["owners"]),
+            contested=bool(raw["contested"]),
+            parties=tuple(raw["parties"]),
+        )
+
+
+@dataclass(frozen=True)
 class RoundStatement:
     """One round's state statement; its :meth:`digest` is the anchored ``stateRoot``.
 
@@ -125,6 +195,13 @@ class RoundStatement:
     model_keys : tuple[str, ...]
         The global model's array keys in the round's order: the order the updates were
         flattened in, which replay repeats so its sums are bit-identical.
+    plan : StatedPlan | None
+        The candidates the validators scored (None when the round built none).
+    ballots : tuple[Mapping[str, Any], ...]
+        The validators' ballots, in draw order: a signed ballot's
+        :meth:`~bcsfl_flower.ballots.SignedBallot.to_fields`, or, for a validator that
+        cannot sign (an unsigned ``node:`` identity), ``{"validator": identity,
+        "loss_bits": {model name: bits}}``.
     """
 
     round: int
@@ -137,6 +214,8 @@ class RoundStatement:
     miners: tuple[str, ...] = ()
     sketch_seed: int | None = None
     model_keys: tuple[str, ...] = ()
+    plan: StatedPlan | None = None
+    ballots: tuple[Mapping[str, Any], ...] = ()
     format: str = field(default=STATEMENT_FORMAT)
 
     def __post_init__(self) -> None:
@@ -188,6 +267,8 @@ class RoundStatement:
                 miners=tuple(raw["miners"]),
                 sketch_seed=raw["sketch_seed"],
                 model_keys=tuple(raw["model_keys"]),
+                plan=None if raw["plan"] is None else StatedPlan.from_dict(raw["plan"]),
+                ballots=tuple(raw["ballots"]),
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
             raise ValueError(f"not a round statement: {err!r}") from err
@@ -270,54 +351,3 @@ def by_node(drawn: Committee, node_of: Mapping[str, str]) -> Committee:
         tuple(node_of[v] for v in drawn.validators),
         tuple(node_of[m] for m in drawn.miners),
     )
-
-
-def votes_document(reports: Sequence[ValidatorReport]) -> bytes:
-    """Encode the validators' reports for replay (a missing loss is ``null``)."""
-
-    def number(value: float) -> float | None:
-        return value if math.isfinite(value) else None
-
-    return json.dumps(
-        [
-            {
-                "validator": report.validator,
-                "baseline_loss": number(report.baseline_loss),
-                "candidate_losses": {
-                    name: number(loss) for name, loss in report.candidate_losses.items()
-                },
-                "problems": list(report.problems),
-            }
-            for report in reports
-        ],
-        sort_keys=True,
-        separators=(",", ":"),
-    ).encode()
-
-
-def read_votes(data: bytes) -> tuple[ValidatorReport, ...]:
-    """Decode :func:`votes_document`.
-
-    Raises
-    ------
-    ValueError
-        If it is not a votes document.
-    """
-
-    def number(value: object) -> float:
-        return math.nan if value is None else float(value)  # type: ignore[arg-type]
-
-    try:
-        return tuple(
-            ValidatorReport(
-                validator=str(entry["validator"]),
-                baseline_loss=number(entry["baseline_loss"]),
-                candidate_losses={
-                    str(name): number(loss) for name, loss in entry["candidate_losses"].items()
-                },
-                problems=tuple(entry["problems"]),
-            )
-            for entry in json.loads(data)
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"not a votes document: {err!r}") from err

@@ -9,9 +9,8 @@ spent in each part (``timing`` in ``results.json``):
 - ``decision_s``: the server's own work on the replies (checks, bounds, screening,
   committee, candidates, the vote count, checking the miners' signatures, settlement;
   with CKKS also the Gram exchange);
-- ``committee_s``: the committee exchange, in which the validators evaluate ``w_t`` and
-  every candidate and the miners sign every candidate (one exchange: a member that is
-  both does both in one message);
+- ``committee_s``: the committee exchanges: the validators evaluate ``w_t`` and every
+  candidate and sign their ballots, then the miners recompute the decision and sign it;
 - ``anchoring_s``: the transaction that anchors the round or records its rollback.
 """
 

@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from bcsfl_flower.ballots import SignedBallot
 from bcsfl_flower.protocol import (
     BASELINE_CANDIDATE,
     ROUND_KEY,
@@ -33,13 +34,16 @@ from bcsfl_flower.protocol import (
     ConfigValue,
     MinerVerdict,
     duty_content,
+    read_duty_ballot,
     read_duty_loss,
     read_duty_verdict,
     read_loss,
     validation_requests,
 )
+from bcsfl_flower.round.conclusion import unsigned_ballot
 from bcsfl_flower.round.settings import ValidationSettings
 from bcsfl_flower.round.state import ValidatorReport
+from bcsfl_flower.round.statement import UNSIGNED_PREFIX, RoundStatement
 
 
 @dataclass(frozen=True)
@@ -53,10 +57,14 @@ class CommitteeAnswers:
     verdicts : Mapping[str, Mapping[str, MinerVerdict]]
         Candidate name (or the rollback's) -> miner node id -> its verdict (miners that
         did not answer are missing).
+    ballots : Mapping[str, SignedBallot]
+        Validator node id -> the ballot it signed (validators that signed none, or a
+        malformed one, are missing; the report's problems say which).
     """
 
     reports: tuple[ValidatorReport, ...]
     verdicts: Mapping[str, Mapping[str, MinerVerdict]] = field(default_factory=dict)
+    ballots: Mapping[str, SignedBallot] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -144,11 +152,18 @@ def exchange_with_committee(
     losses: dict[str, dict[str, float]] = {str(v): {} for v in validators}
     problems: dict[str, list[str]] = {str(v): [] for v in validators}
     verdicts: dict[str, dict[str, MinerVerdict]] = {name: {} for name in mining or {}}
+    ballots: dict[str, SignedBallot] = {}
     for reply in replies:
         asked = sent.pop(reply.metadata.reply_to_message_id, None)
         if asked is None:
             log(WARNING, "committee: ignoring a reply to an unknown or answered message")
             continue
+        if asked.duty and asked.models:
+            ballot, problem = read_duty_ballot(reply)
+            if ballot is not None:
+                ballots[asked.member] = ballot
+            if problem is not None:
+                problems[asked.member].append(problem)
         for name in asked.models:
             if asked.duty:
                 loss, problem = read_duty_loss(reply, name, settings.loss_metric_key)
@@ -159,7 +174,7 @@ def exchange_with_committee(
             losses[asked.member][name] = loss
         for name in asked.mining:
             verdicts[name][asked.member] = read_duty_verdict(reply, name)
-    return CommitteeAnswers(_reports(validators, models, losses, problems), verdicts)
+    return CommitteeAnswers(_reports(validators, models, losses, problems), verdicts, ballots)
 
 
 def _committee_messages(
@@ -186,6 +201,7 @@ def _committee_messages(
                 signs,
                 settings.arrayrecord_key,
                 settings.configrecord_key,
+                settings.loss_metric_key,
             )
             messages.append(
                 Message(duty_content(duty), int(member), message_type=MessageType.EVALUATE)
@@ -228,3 +244,22 @@ def _reports(
             )
         )
     return tuple(reports)
+
+
+def stated_ballots(statement: RoundStatement, answers: CommitteeAnswers) -> tuple[dict, ...]:
+    """Return the ballots the statement records, in draw order.
+
+    A validator that signs its replies is recorded by its signed ballot (none if it cast
+    none: it abstains); one that cannot sign (an unsigned ``node:`` identity) by the
+    losses it reported.
+    """
+    node_of = statement.node_of()
+    reports = {report.validator: report for report in answers.reports}
+    entries: list[dict] = []
+    for identity in statement.validators:
+        node = node_of[identity]
+        if identity.startswith(UNSIGNED_PREFIX):
+            entries.append(unsigned_ballot(identity, reports[node]))
+        elif node in answers.ballots:
+            entries.append(answers.ballots[node].to_fields())
+    return tuple(entries)
