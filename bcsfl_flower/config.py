@@ -145,9 +145,9 @@ class RunSettings:
             f"must be 'embedded', 'anvil', 'none' or an http(s):// URL, got {self.chain!r}",
         )
         _require(
-            self.operator_keystore == "" or self._shared_chain(),
+            self.operator_keystore == "" or self.chain != "none",
             "operator-keystore",
-            "needs a chain URL (embedded and anvil chains fund only the development operator)",
+            "needs a chain (chain = 'none' anchors nothing)",
         )
         _require(self.chain_retry_attempts >= 1, "chain-retry-attempts", "must be >= 1")
         _require(self.chain_retry_base_delay >= 0, "chain-retry-base-delay", "must be >= 0")

@@ -8,6 +8,7 @@ import socket
 import numpy as np
 import pytest
 from chain_fixtures import GENESIS, approval_for, certificate, clients, toy_model
+from eth_account import Account
 from flwr.app import Array, ArrayRecord
 from web3.exceptions import TimeExhausted
 
@@ -15,6 +16,7 @@ from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.backends import ANVIL_STATE_FILE, JOURNAL_FILE, connect
 from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.errors import ChainRejectedError, ChainUnavailableError
+from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.chain.retry import RetryPolicy
 from bcsfl_flower.packets import model_hash
@@ -278,3 +280,26 @@ def test_model_store_detects_a_file_under_the_wrong_name(tmp_path):
         store.verify(digest)
     with pytest.raises(ValueError, match="not a model hash"):
         store.path("xyz")
+
+
+@pytest.mark.parametrize("backend", ["embedded", "anvil"])
+def test_a_simulation_can_sign_with_an_operator_key_of_its_own(tmp_path, backend):
+    """A development chain funds a secret operator key, and a reader's replay agrees."""
+    operator = Account.create()
+    genesis = model_hash(toy_model(0.0))
+    with connect(backend, tmp_path, operator=operator) as connection:
+        trail = AuditTrail.open(connection, genesis)
+        assert functions_owner(trail) == operator.address
+        trail.register_clients({client_dev_account(0).address: 1})
+        trail.write_manifest(tmp_path / "chain.json", tmp_path / "models")
+    # a resumed run does not fund it twice, and its trail still attaches
+    with connect(backend, tmp_path, operator=operator) as connection:
+        assert AuditTrail.open(connection, genesis).client_count() == 1
+    with connect(backend, tmp_path, read_only=True) as reader:
+        manifest = ChainManifest.load(tmp_path / "chain.json")
+        assert manifest.operator == operator.address
+        assert AuditTrail.attach(reader, manifest.contract).client_count() == 1
+
+
+def functions_owner(trail: AuditTrail) -> str:
+    return trail.contract.functions.owner().call()

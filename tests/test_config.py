@@ -44,7 +44,10 @@ def test_defaults_and_overrides():
         ({"client-registry": "registry.json"}, "client-registry"),
         ({"chain": "http://127.0.0.1:8545"}, "client-registry"),
         ({"chain": "http://127.0.0.1:8545", "operator-keystore": "k.json"}, "operator-keystore"),
-        ({"chain": "anvil", "operator-keystore": "/keys/operator.json"}, "operator-keystore"),
+        (
+            {"chain": "none", "require-signed": False, "operator-keystore": "/keys/op.json"},
+            "operator-keystore",
+        ),
         (
             {"chain": "http://127.0.0.1:8545", "operator-keystore-password-file": "pw"},
             "operator-keystore-password-file",

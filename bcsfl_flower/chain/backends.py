@@ -25,6 +25,7 @@ sent raw, so the three backends behave alike.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import shutil
@@ -193,10 +194,14 @@ def connect(
     directory = Path(state_dir)
     directory.mkdir(parents=True, exist_ok=True)
     account = operator if operator is not None else dev_account(OPERATOR_DEV_INDEX)
-    if spec == BACKEND_EMBEDDED:
-        return _connect_embedded(directory, account, read_only=read_only)
-    if spec == BACKEND_ANVIL:
-        return _connect_anvil(directory, account, read_only, startup_timeout_s)
+    if spec in (BACKEND_EMBEDDED, BACKEND_ANVIL):
+        if spec == BACKEND_EMBEDDED:
+            connection = _connect_embedded(directory, account, read_only=read_only)
+        else:
+            connection = _connect_anvil(directory, account, read_only, startup_timeout_s)
+        if not read_only:
+            fund_operator(connection)
+        return connection
     if spec.startswith(("http://", "https://")):
         if operator is None:
             log(
@@ -211,6 +216,39 @@ def connect(
 # ------------------------------------------------------------------------------------------
 # Embedded
 # ------------------------------------------------------------------------------------------
+
+
+OPERATOR_FUNDS_WEI = 10**21
+"""What a development chain grants an operator that brings its own key (1000 ether)."""
+
+
+def fund_operator(connection: ChainConnection) -> None:
+    """Fund an operator key of its own on a development chain, from the faucet account.
+
+    The embedded chain and anvil pre-fund only the public development accounts, so a
+    simulation that signs with a secret operator key (``operator-keystore``) needs gas
+    money first. The transfer is an ordinary transaction from development account 0
+    (journaled on the embedded chain, so a reader's replay funds the operator too); it
+    is sent only while the operator's balance is below a tenth of the grant.
+    """
+    operator = connection.operator.address
+    if operator == dev_account(OPERATOR_DEV_INDEX).address:
+        return
+    if connection.web3.eth.get_balance(operator) >= OPERATOR_FUNDS_WEI // 10:
+        return
+    faucet = dataclasses.replace(connection, operator=dev_account(OPERATOR_DEV_INDEX))
+    transfer = {
+        "to": operator,
+        "value": OPERATOR_FUNDS_WEI,
+        "gas": 21_000,
+        "gasPrice": connection.web3.eth.gas_price,
+    }
+    receipt = faucet.send(transfer)
+    if receipt["status"] != 1:
+        raise ChainUnavailableError(
+            f"funding the operator {operator} failed", action="fund", attempts=1, resume={}
+        )
+    log(INFO, "Funded the operator %s from the development faucet", operator)
 
 
 def embedded_web3() -> Web3:
