@@ -33,6 +33,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.backends import BACKEND_ANVIL, BACKEND_EMBEDDED
@@ -41,8 +42,10 @@ from bcsfl_flower.chain.errors import ChainUnavailableError, RoundNotAnchoredErr
 from bcsfl_flower.chain.head import TrailHead
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore, load_model_file
 from bcsfl_flower.chain.replay import ReplayMismatchError, replay_round
-from bcsfl_flower.chain.verification import timeline, verify_trail
+from bcsfl_flower.chain.run_results import RESULTS_FILE, RunResults
+from bcsfl_flower.chain.verification import load_statement, timeline, verify_trail
 from bcsfl_flower.packets import model_hash
+from bcsfl_flower.round.conclusion import conclude
 
 MANIFEST_NAME = "chain.json"
 """File name of the chain manifest inside a run's output directory."""
@@ -203,10 +206,42 @@ def _cmd_show(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTra
             details["operator_signed"] = list(record.committee) == [manifest.operator]
             if isinstance(record, AnchoredRound):
                 details["model_file"] = str(ModelStore(manifest.models_dir).path(record.model_hash))
+            details["statement"] = _stated(manifest, record.round, record.state_root, trail)
+            results = RunResults.read(manifest.path.parent / RESULTS_FILE)
+            details["unverified"] = {
+                "note": f"{RESULTS_FILE} figures the trail does not hold: the operator's word",
+                **results.unverified(record.round),
+            }
             print(json.dumps(details, indent=2))
             return EXIT_OK
     print(f"error: round {args.round} is not on chain", file=sys.stderr)
     return EXIT_MISMATCH
+
+
+def _stated(
+    manifest: ChainManifest, round_number: int, state_root: bytes, trail: AuditTrail
+) -> dict[str, Any]:
+    """Return what the round's anchored statement holds, and the decision its ballots make."""
+    try:
+        statement = load_statement(ModelStore(manifest.models_dir), round_number, state_root)
+    except ValueError as err:
+        return {"error": str(err)}
+    decision, reports = conclude(statement, trail.domain)
+    return {
+        "rejected": dict(statement.rejected),
+        "stakes": dict(statement.stakes),
+        "validators": list(statement.validators),
+        "miners": list(statement.miners),
+        "candidates": None if statement.plan is None else dict(statement.plan.scored),
+        "decision": {
+            "committed": decision.committed,
+            "candidate": decision.candidate,
+            "votes_for": decision.votes_for,
+            "quorum": decision.quorum,
+            "reason": decision.reason,
+        },
+        "ballot_problems": {r.validator: list(r.problems) for r in reports if r.problems},
+    }
 
 
 def _cmd_verify_model(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:

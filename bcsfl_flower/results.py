@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-RESULTS_FILE = "results.json"
+from bcsfl_flower.chain.run_results import RESULTS_FILE
 
 
 class RunRecorder:

@@ -227,3 +227,52 @@ def test_console_entry_point_exits_non_zero_on_mismatch(run_dir, tmp_path):
         [*command, "verify-model", str(stranger)], capture_output=True, text=True, check=False
     )
     assert bad.returncode == 1
+
+
+def write_results(run_dir: Path, **changes) -> None:
+    """The run's results.json as the ServerApp writes it, with round 3's ``changes``."""
+    rounds = {
+        str(number): {
+            "outcome": "rollback" if number == 2 else "commit",
+            "model_hash": "0x" + model_hash(toy_model(1.0 if number == 2 else number)).hex(),
+            "rejected": {},
+            "stakes_before": {"0": 10.0, "1": 10.0},
+            "accuracy": 0.9,
+        }
+        for number in (1, 2, 3)
+    }
+    rounds["3"].update(changes)
+    (run_dir / "results.json").write_text(json.dumps({"status": "completed", "rounds": rounds}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "failure"),
+    [
+        ({"rejected": {"2": "screening: forged"}}, "round 3: results.json says rejected"),
+        ({"stakes_before": {"0": 0.01}}, "round 3: results.json says node 0 held stake 0.01"),
+        ({"outcome": "rollback"}, "round 3: results.json says outcome 'rollback'"),
+    ],
+)
+def test_verify_fails_when_results_json_contradicts_the_trail(tmp_path, capsys, changes, failure):
+    make_run(tmp_path)
+    write_results(tmp_path)
+    assert audit(tmp_path, "verify") == 0
+    write_results(tmp_path, **changes)
+    capsys.readouterr()
+    assert audit(tmp_path, "verify") == 1
+    assert f"FAIL {failure}" in capsys.readouterr().out
+
+
+def test_show_labels_what_the_trail_does_not_hold(tmp_path, capsys):
+    make_run(tmp_path)
+    write_results(tmp_path, accuracy=0.99)  # an edited accuracy verifies: nothing holds it
+    assert audit(tmp_path, "verify") == 0
+    capsys.readouterr()
+    assert audit(tmp_path, "show", "3") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["unverified"]["accuracy"] == 0.99
+    assert "operator's word" in shown["unverified"]["note"]
+    assert "outcome" not in shown["unverified"]
+    assert shown["statement"]["decision"]["committed"] is True
+    assert shown["statement"]["decision"]["candidate"] == "trusted-mean"
+    assert shown["statement"]["rejected"] == {}

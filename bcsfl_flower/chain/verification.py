@@ -24,6 +24,11 @@ does not verify, naming the first broken round. The checks:
   its miners ran), is what the chain records: an anchored round commits the model the
   ballots carry to the quorum; a rollback is a round they carry nothing in, or one whose
   commit the miners did not certify (then the operator certified the rollback);
+* ``results.json``, where the run directory has one, agrees with the trail on every
+  figure the trail holds (:class:`~bcsfl_flower.chain.run_results.RunResults`: each
+  round's outcome, model, rejected clients and the stakes its statement was drawn
+  from); its other figures (accuracy, client metrics) are the operator's word, and
+  ``bcsfl audit show`` labels them so;
 * every anchored model (and the genesis) is in the model store and re-hashes correctly,
   and the last one is the contract's head.
 """
@@ -41,6 +46,7 @@ from bcsfl_flower.approvals import (
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound, quorum
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
+from bcsfl_flower.chain.run_results import RESULTS_FILE, RunResults
 from bcsfl_flower.packets import (
     Eip712Domain,
 )
@@ -127,12 +133,15 @@ def verify_trail(
     head = genesis
     anchored_hashes = [(0, genesis)]
     operator_certifies = trail.operator_certifies()
+    results = RunResults.read(manifest.path.parent / RESULTS_FILE)
     for record in records:
         statement = _verify_statement(report, store, record.round, record.state_root, head)
         _verify_certificate(report, trail, registry, record, manifest.operator, operator_certifies)
         if statement is not None:
             _verify_certifying_miners(report, statement, record, manifest.operator)
             _verify_decision(report, statement, record, trail.domain, manifest.operator)
+            for problem in results.disagreements(record, statement):
+                report.check(False, problem, record.round)
         if isinstance(record, RolledBackRound):
             report.rolled_back += 1
             report.check(

@@ -56,6 +56,7 @@ from bcsfl_flower.round.state import (
     Screening,
     UpdateBatch,
     ValidatorReport,
+    rejected_clients,
 )
 from bcsfl_flower.round.statement import (
     DecisionSettings,
@@ -272,6 +273,9 @@ class RoundPipeline:
         clock: StageClock,
     ) -> RoundRecord:
         """Certify, anchor or record the rollback, settle the stakes: the round's one exit."""
+        if stages.statement is not None:  # the rejected clients, by the decided support
+            rejected = rejected_clients(checked, stages.screening, stages.decision)
+            stages = replace(stages, statement=replace(stages.statement, rejected=rejected))
         decision, certification = stages.decision, None
         arrays = global_arrays
         if decision.committed and stages.candidates is not None:
@@ -321,6 +325,7 @@ class RoundPipeline:
             anchoring=anchoring,
             client_metrics=self._client_metrics(checked, stages.bounds, decision),
             timing=clock.times(),
+            rejections=None if stages.statement is None else stages.statement.rejected,
         )
 
     def _register(self, checked: CheckedReplies) -> None:

@@ -394,6 +394,7 @@ class RoundRecord:
     anchoring: Mapping[str, Any] | None = None
     client_metrics: MetricRecord | None = None
     timing: StageTimes | None = None
+    rejections: Mapping[str, str] | None = None
 
     @property
     def committed(self) -> bool:
@@ -401,19 +402,13 @@ class RoundRecord:
         return self.decision.committed
 
     def rejected(self) -> dict[str, str]:
-        """Node id -> reason, for every client rejected by a check or by screening.
+        """Node id -> reason, for every client rejected (:func:`rejected_clients`).
 
-        A client the screen set apart is not rejected when the committed candidate
-        drew on its update (the validators found the federation better with it).
+        ``rejections`` (the round statement's, anchored with the round) wins when set.
         """
-        rejected = dict(self.checked.rejected)
-        if self.screening is not None:
-            names = self.checked.names
-            support = set(self.decision.support)
-            for row in self.screening.rejected:
-                if row not in support:
-                    rejected[names[row]] = self.screening.reasons[row]
-        return rejected
+        if self.rejections is not None:
+            return dict(self.rejections)
+        return rejected_clients(self.checked, self.screening, self.decision)
 
     def trusted(self) -> tuple[str, ...]:
         """Node ids of the trusted clients."""
@@ -483,6 +478,24 @@ class RoundRecord:
         if self.max_dp_epsilon is not None:
             record["max_dp_epsilon"] = self.max_dp_epsilon
         return record
+
+
+def rejected_clients(
+    checked: CheckedReplies, screening: Screening | None, decision: Decision
+) -> dict[str, str]:
+    """Node id -> reason, for every client rejected by a check or by screening.
+
+    A client the screen set apart is not rejected when the committed candidate drew on
+    its update (the validators found the federation better with it). The round's
+    statement records the same, under its anchored hash.
+    """
+    rejected = dict(checked.rejected)
+    if screening is not None:
+        support = set(decision.support)
+        for row in screening.rejected:
+            if row not in support:
+                rejected[checked.names[row]] = screening.reasons[row]
+    return rejected
 
 
 def _scalar_metrics(metrics: MetricRecord) -> dict[str, float]:

@@ -202,6 +202,10 @@ class RoundStatement:
         :meth:`~bcsfl_flower.ballots.SignedBallot.to_fields`, or, for a validator that
         cannot sign (an unsigned ``node:`` identity), ``{"validator": identity,
         "loss_bits": {model name: bits}}``.
+    rejected : Mapping[str, str]
+        Node id -> reason, for every client rejected by a check or by screening
+        (:func:`~bcsfl_flower.round.state.rejected_clients`), so the rejections a run
+        reports are anchored with the round.
     """
 
     round: int
@@ -216,6 +220,7 @@ class RoundStatement:
     model_keys: tuple[str, ...] = ()
     plan: StatedPlan | None = None
     ballots: tuple[Mapping[str, Any], ...] = ()
+    rejected: Mapping[str, str] = field(default_factory=dict)
     format: str = field(default=STATEMENT_FORMAT)
 
     def __post_init__(self) -> None:
@@ -269,6 +274,7 @@ class RoundStatement:
                 model_keys=tuple(raw["model_keys"]),
                 plan=None if raw["plan"] is None else StatedPlan.from_dict(raw["plan"]),
                 ballots=tuple(raw["ballots"]),
+                rejected={str(k): str(v) for k, v in raw["rejected"].items()},
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
             raise ValueError(f"not a round statement: {err!r}") from err
