@@ -577,3 +577,48 @@ def test_a_validator_duty_needs_no_key_but_a_miner_duty_does():
     assert read_duty_loss(reply, "w_t", "eval_loss") == (1.0, None)
     refused = bcsfl_mod(duty(approval(), record(1.0)), keyless, must_not_run)
     assert refused.has_error() and "no key" in refused.error.reason
+
+
+def test_a_miner_checks_the_request_against_the_chain_it_reads_itself(tmp_path):
+    """With ``bcsfl-chain-url`` and ``bcsfl-contract`` in its node config, a miner takes
+    the domain and the head from its own read of the chain, not from the request."""
+    from chain_fixtures import http_connection, running_anvil
+
+    from bcsfl_flower.chain.audit import AuditTrail
+
+    with running_anvil() as url:
+        connection = http_connection(url, tmp_path / "chain")
+        trail = AuditTrail.open(connection, PREVIOUS)
+        other = AuditTrail.deploy(connection, PREVIOUS)  # another run on the same chain
+        own = {"bcsfl-chain-url": url, "bcsfl-contract": trail.address}
+        committee = [m.address for m in MINERS]
+        stated = round_statement(round_number=1, domain=trail.domain)
+
+        def verdict(domain, previous=PREVIOUS, round_number=1, node_config=own):
+            signed = RoundApproval(
+                round_number,
+                model_hash(record(1.0)),
+                previous,
+                accepted_root([], domain),
+                committee_root(committee),
+                stated.digest(),
+                int(time.time()),
+            )
+            request = mine_request(signed, domain, committee, record(1.0), (), stated.to_bytes())
+            message = Message(
+                duty_content(CommitteeDuty({}, {}, {"c": request})),
+                dst_node_id=101,
+                message_type="evaluate",
+            )
+            return read_verdict(bcsfl_mod(message, context(1, **node_config), must_not_run))
+
+        assert verdict(trail.domain).approved
+        refused = verdict(other.domain)
+        assert not refused.approved and f"contract {other.address}" in refused.reason
+        forked = verdict(trail.domain, previous=b"\x09" * 32)
+        assert not forked.approved and "is not the chain head this node reads" in forked.reason
+        ahead = verdict(trail.domain, round_number=2)
+        assert not ahead.approved and "at round 1, not 2" in ahead.reason
+        unreadable = {"bcsfl-chain-url": "http://127.0.0.1:9", "bcsfl-contract": trail.address}
+        blind = verdict(trail.domain, node_config=unreadable)
+        assert not blind.approved and "cannot read the chain" in blind.reason

@@ -61,6 +61,7 @@ from bcsfl_flower.approvals import (
 )
 from bcsfl_flower.ballots import Ballot, SignedBallot
 from bcsfl_flower.chain.keys import client_dev_account, load_keystore
+from bcsfl_flower.client.chain_view import OwnChainView
 from bcsfl_flower.packets import (
     Eip712Domain,
     ModelPacket,
@@ -328,6 +329,9 @@ def _check_candidate(request: MineRequest, account: LocalAccount, context: Conte
         return "the committee does not hash to the approval's committee root"
     if account.address not in {to_checksum_address(m) for m in request.miners}:
         return f"{account.address} is not in the round's committee"
+    own_chain = OwnChainView.of(context.node_config)
+    if own_chain is not None and (fault := own_chain.fault(request.domain, approval)):
+        return fault
     fault = _decision_fault(request)
     if fault is not None or isinstance(approval, RoundRollback):
         return fault
