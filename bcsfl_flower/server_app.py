@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import Strategy
 
 from bcsfl_flower.baselines import build_baseline
 from bcsfl_flower.chain.audit import ChainManifest
-from bcsfl_flower.chain.keys import client_dev_account, load_keystore
+from bcsfl_flower.chain.keys import client_dev_account, development_addresses, load_keystore
 from bcsfl_flower.chain.retry import RetryPolicy
 from bcsfl_flower.checkpoint import ResumeError, load_checkpoint
 from bcsfl_flower.config import RunSettings
@@ -168,6 +168,11 @@ def open_notary(
     registered: list[str] = []
     if settings.client_registry:
         registered = list(json.loads(Path(settings.client_registry).read_text()))
+        if public := development_addresses(registered):
+            raise ValueError(
+                f"client-registry lists public development accounts {public}: their keys "
+                "are public, so any node could sign as them; register the nodes' own keys"
+            )
     operator = None
     if settings.operator_keystore:
         operator = load_keystore(

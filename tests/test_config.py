@@ -1,7 +1,9 @@
 """The run config is read once into typed settings; bad values name their key."""
 
 import importlib.util
+import json
 
+import numpy as np
 import pytest
 
 from bcsfl_flower.config import ConfigError, RunSettings
@@ -95,3 +97,21 @@ def test_a_byzfl_baseline_is_a_strategy_and_needs_byzfl(monkeypatch):
     )
     with pytest.raises(ConfigError, match="'centered-clipping' is byzfl's: pip install"):
         RunSettings.from_run_config({"strategy": "centered-clipping"})
+
+
+def test_a_deployment_refuses_to_register_public_development_keys(tmp_path):
+    from flwr.app import Array, ArrayRecord
+
+    from bcsfl_flower.chain.keys import client_dev_account, dev_account
+    from bcsfl_flower.server_app import open_notary
+
+    registry = tmp_path / "registry.json"
+    own = "0x" + "ab" * 20
+    registry.write_text(json.dumps([own, client_dev_account(3).address, dev_account(0).address]))
+    settings = RunSettings.from_run_config(
+        {"chain": "http://127.0.0.1:9", "client-registry": str(registry)}
+    )
+    initial = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    with pytest.raises(ValueError, match="public development accounts") as raised:
+        open_notary(settings, tmp_path / "run", initial, num_partitions=3)
+    assert client_dev_account(3).address in str(raised.value) and own not in str(raised.value)

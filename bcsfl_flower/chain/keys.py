@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
 
 DEV_MNEMONIC = "test test test test test test test test test test test junk"
 """The public development mnemonic. UNSAFE: its keys are known to everyone."""
@@ -68,6 +70,21 @@ def client_dev_account(partition_id: int) -> LocalAccount:
     if isinstance(partition_id, bool) or not isinstance(partition_id, int) or partition_id < 0:
         raise ValueError(f"partition_id must be an int >= 0, got {partition_id!r}")
     return dev_account(CLIENT_DEV_OFFSET + partition_id)
+
+
+DEV_ACCOUNTS_REFUSED = 64
+"""How many development accounts a deployment's registry is checked against: anvil's ten
+and the clients of partitions 0..62, the keys any simulation of this project signs with."""
+
+
+def development_addresses(addresses: Iterable[str]) -> list[str]:
+    """Return the ``addresses`` that are public development accounts (checksummed).
+
+    A deployment must not register them: their keys are public, so any node could sign
+    as one of them. The first :data:`DEV_ACCOUNTS_REFUSED` accounts are checked.
+    """
+    public = {dev_account(index).address for index in range(DEV_ACCOUNTS_REFUSED)}
+    return [to_checksum_address(a) for a in addresses if to_checksum_address(a) in public]
 
 
 def load_keystore(
