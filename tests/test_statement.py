@@ -231,6 +231,27 @@ def test_verify_fails_when_the_statement_records_a_committee_the_draw_does_not_g
     assert "is not the stake-weighted draw" in failures[0]
 
 
+@pytest.mark.parametrize("edit", ["loss", "drop", "swap"])
+def test_verify_fails_on_an_edited_deleted_or_swapped_ballot(tmp_path, edit):
+    """A stored ballot is part of the statement the miners signed: no edit goes unseen."""
+
+    def tampered(trail, store, statement, by_address):
+        honest(trail, store, statement, by_address)
+        path = store.root / f"{statement.digest().hex()}.json"
+        raw = json.loads(path.read_bytes())
+        if edit == "loss":
+            raw["ballots"][0]["loss_bits"][1] += 1
+        elif edit == "drop":
+            del raw["ballots"][0]
+        else:
+            raw["ballots"][0], raw["ballots"][1] = raw["ballots"][1], raw["ballots"][0]
+        path.write_bytes(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode())
+
+    failures = run(tmp_path, tampered)
+    assert len(failures) == 1
+    assert failures[0].startswith("round 2: state statement") and "modified" in failures[0]
+
+
 REJECTED = (0.5, 2.0, 2.0)
 """Losses of a round's three validators under which its candidate is voted down."""
 
