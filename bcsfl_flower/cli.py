@@ -224,9 +224,9 @@ def _stated(
     """Return what the round's anchored statement holds, and the decision its ballots make."""
     try:
         statement = load_statement(ModelStore(manifest.models_dir), round_number, state_root)
-    except ValueError as err:
-        return {"error": str(err)}
-    decision, reports = conclude(statement, trail.domain)
+        decision, reports = conclude(statement, trail.domain)
+    except (KeyError, TypeError, ValueError) as err:
+        return {"error": repr(err)}
     return {
         "rejected": dict(statement.rejected),
         "stakes": dict(statement.stakes),

@@ -252,6 +252,16 @@ def test_verify_fails_on_an_edited_deleted_or_swapped_ballot(tmp_path, edit):
     assert failures[0].startswith("round 2: state statement") and "modified" in failures[0]
 
 
+def test_verify_reports_a_statement_made_to_break_the_audit_instead_of_crashing(tmp_path):
+    def unknowable(trail, store, statement, by_address):
+        settings = dataclasses.replace(statement.settings, selection="no-such-rule")
+        honest(trail, store, dataclasses.replace(statement, settings=settings), by_address)
+
+    failures = run(tmp_path, unknowable)
+    assert len(failures) == 1
+    assert failures[0].startswith("round 2: its decision cannot be recomputed")
+
+
 REJECTED = (0.5, 2.0, 2.0)
 """Losses of a round's three validators under which its candidate is voted down."""
 

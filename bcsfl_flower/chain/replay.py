@@ -147,7 +147,10 @@ def _recompute(statement: RoundStatement, store: ModelStore, domain: Eip712Domai
         list(committee.validators) == [statement.node_of()[v] for v in statement.validators],
         f"{label}: the validators are not the drawn ones",
     )
-    decision, _ = conclude(statement, domain)
+    try:
+        decision, _ = conclude(statement, domain)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ReplayMismatchError(f"{label}: its decision cannot be recomputed: {err!r}") from err
     if not decision.committed or decision.candidate is None:
         outcome = ReplayResult(statement.round, False, model_hash(start), decision.reason)
         return _Recomputed(outcome, ())

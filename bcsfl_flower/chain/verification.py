@@ -325,8 +325,12 @@ def _verify_decision(
     operator: str,
 ) -> None:
     """Check that the chain records what the statement's ballots decide."""
-    decision, _ = conclude(statement, domain)
     label = f"round {record.round}"
+    try:
+        decision, _ = conclude(statement, domain)
+    except (KeyError, TypeError, ValueError) as err:  # a statement made to break the audit
+        report.check(False, f"{label}: its decision cannot be recomputed: {err!r}", record.round)
+        return
     if isinstance(record, AnchoredRound):
         carried = None
         if decision.committed and statement.plan is not None:

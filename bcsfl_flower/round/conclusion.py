@@ -54,7 +54,7 @@ def conclude(
     node_of = statement.node_of()
     reports = ballot_reports(statement, domain)
     plan = statement.plan.candidate_plan()
-    validators = [node_of[identity] for identity in statement.validators]
+    validators = [node_of.get(identity, identity) for identity in statement.validators]
     if not validators:
         return no_validators(plan), reports
     rule = selection_rule(statement.settings.selection)
@@ -78,7 +78,7 @@ def ballot_reports(
         baseline, losses, problem = ballot.read(by_validator.get(identity, []), identity)
         reports.append(
             ValidatorReport(
-                validator=node_of[identity],
+                validator=node_of.get(identity, identity),
                 baseline_loss=baseline,
                 candidate_losses=losses,
                 problems=() if problem is None else (problem,),
