@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from eth_account.messages import SignableMessage
 from eth_account.signers.local import LocalAccount
@@ -25,6 +25,7 @@ from bcsfl_flower.packets import (
     check_uint64,
     recover_signer,
     typed_data_digest,
+    typed_fields,
 )
 
 ROUND_APPROVAL_TYPES: dict[str, list[dict[str, str]]] = {
@@ -72,6 +73,11 @@ class MinerStatement(ABC):
         """Return the checksummed address that produced ``signature`` under ``domain``."""
         return recover_signer(self.signable(domain), signature)
 
+    @property
+    @abstractmethod
+    def start_hash(self) -> bytes:
+        """The model the round starts from: the chain head it must follow."""
+
 
 @dataclass(frozen=True)
 class RoundApproval(MinerStatement):
@@ -104,6 +110,11 @@ class RoundApproval(MinerStatement):
     committee_root: bytes
     state_root: bytes
     timestamp: int
+
+    @property
+    def start_hash(self) -> bytes:
+        """The model the round started from, which the approval links to."""
+        return self.previous_hash
 
     def __post_init__(self) -> None:
         check_uint64("round", self.round)
@@ -165,7 +176,7 @@ class RoundApproval(MinerStatement):
             If a field is missing or has the wrong type, naming the field.
         """
         return cls(
-            **_typed_fields(
+            **typed_fields(
                 record,
                 "approval",
                 (
@@ -205,6 +216,11 @@ class RoundRollback(MinerStatement):
     kept_model_hash: bytes
     committee_root: bytes
     state_root: bytes
+
+    @property
+    def start_hash(self) -> bytes:
+        """The model the round started from, which a rollback keeps."""
+        return self.kept_model_hash
 
     def __post_init__(self) -> None:
         check_uint64("round", self.round)
@@ -248,7 +264,7 @@ class RoundRollback(MinerStatement):
         ValueError
             If a field is missing or has the wrong type, naming the field.
         """
-        return cls(**_typed_fields(record, "rollback", cls._FIELDS))
+        return cls(**typed_fields(record, "rollback", cls._FIELDS))
 
     _FIELDS: ClassVar[tuple[tuple[str, type], ...]] = (
         ("round", int),
@@ -256,29 +272,6 @@ class RoundRollback(MinerStatement):
         ("committee-root", bytes),
         ("state-root", bytes),
     )
-
-
-def _typed_fields(
-    record: ConfigRecord, what: str, fields: Iterable[tuple[str, type]]
-) -> dict[str, Any]:
-    """Return ``record``'s ``fields`` as keyword arguments (``-`` becomes ``_``).
-
-    Raises
-    ------
-    ValueError
-        If a field is missing or has the wrong type, naming the field.
-    """
-    values = {}
-    for name, kind in fields:
-        if name not in record:
-            raise ValueError(f"{what} record lacks field {name!r}")
-        value = record[name]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ValueError(
-                f"{what} field {name!r} must be {kind.__name__}, got {type(value).__name__}"
-            )
-        values[name.replace("-", "_")] = value
-    return values
 
 
 def sort_committee(miners: Iterable[str]) -> list[str]:

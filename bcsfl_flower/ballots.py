@@ -37,6 +37,7 @@ from bcsfl_flower.packets import (
     from_hex,
     recover_signer,
     typed_data_digest,
+    typed_fields,
 )
 
 BALLOT_TYPES: dict[str, list[dict[str, str]]] = {
@@ -205,14 +206,24 @@ class SignedBallot:
             models, bits = record["models"], record["loss-bits"]
             if not isinstance(models, list) or not isinstance(bits, list):
                 raise ValueError("'models' and 'loss-bits' must be lists")
+            fields = typed_fields(
+                record,
+                "ballot",
+                (
+                    ("round", int),
+                    ("validator", str),
+                    ("previous-hash", bytes),
+                    ("signature", bytes),
+                ),
+            )
             ballot = Ballot(
-                round=_typed(record, "round", int),
-                validator=_typed(record, "validator", str),
-                previous_hash=_typed(record, "previous-hash", bytes),
+                round=fields["round"],
+                validator=fields["validator"],
+                previous_hash=fields["previous_hash"],
                 models=tuple(models),  # type: ignore[arg-type]
                 losses=tuple(loss_from_bits(int(b)) for b in bits),  # type: ignore[arg-type]
             )
-            return cls(ballot, _typed(record, "signature", bytes))
+            return cls(ballot, fields["signature"])
         except KeyError as err:
             raise ValueError(f"ballot record lacks the field {err.args[0]!r}") from err
         except (TypeError, struct.error, OverflowError) as err:
@@ -248,10 +259,3 @@ def ballot_fault(
             f"0x{previous_hash.hex()}"
         )
     return None
-
-
-def _typed(record: ConfigRecord, name: str, kind: type) -> Any:
-    value = record[name]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"ballot field {name!r} must be {kind.__name__}")
-    return value

@@ -46,7 +46,7 @@ from bcsfl_flower.packets import (
     PacketVerifier,
     SignedModelPacket,
     accepted_root,
-    model_hash,
+    from_hex,
 )
 from bcsfl_flower.protocol import (
     ROLLBACK_CANDIDATE,
@@ -266,10 +266,12 @@ class RoundNotary:
             approval = self.trail.prepare_rollback(statement.round, committee, root)
             request = rollback_request(approval, domain, committee, document)
         else:
-            assert arrays is not None
+            assert arrays is not None and statement.plan is not None
+            # the statement holds every candidate's hash already: no model is hashed twice
+            committed = from_hex(statement.plan.scored[outcome])
             supported = accepted_root(supports, domain)
             approval = self.trail.prepare_approval(
-                statement.round, model_hash(arrays), supported, committee, root
+                statement.round, committed, supported, committee, root
             )
             request = mine_request(approval, domain, committee, arrays, supports, document)
         return MiningPlan(statement.round, signing, {outcome: approval}, {outcome: request})

@@ -412,24 +412,19 @@ class SignedModelPacket:
         ValueError
             If a field is missing or has the wrong type, naming the field.
         """
-        fields = {}
-        for name, kind in (
-            ("model-hash", bytes),
-            ("timestamp", int),
-            ("round", int),
-            ("client", str),
-            ("signature", bytes),
-        ):
-            if name not in record:
-                raise ValueError(f"packet record lacks field {name!r}")
-            value = record[name]
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise ValueError(
-                    f"packet field {name!r} must be {kind.__name__}, got {type(value).__name__}"
-                )
-            fields[name] = value
+        fields = typed_fields(
+            record,
+            "packet",
+            (
+                ("model-hash", bytes),
+                ("timestamp", int),
+                ("round", int),
+                ("client", str),
+                ("signature", bytes),
+            ),
+        )
         packet = ModelPacket(
-            model_hash=fields["model-hash"],
+            model_hash=fields["model_hash"],
             timestamp=fields["timestamp"],
             round=fields["round"],
             client=fields["client"],
@@ -620,6 +615,33 @@ class PacketVerifier:
         for old_round in [r for r in self._seen if r < server_round - 1]:
             del self._seen[old_round]
         return signed
+
+
+def typed_fields(
+    record: ConfigRecord, what: str, fields: Iterable[tuple[str, type]]
+) -> dict[str, Any]:
+    """Return ``record``'s ``fields`` as keyword arguments (``-`` becomes ``_``).
+
+    Every wire record a client or the server sends (packets, approvals, ballots) is
+    parsed through this one check, so a missing or mistyped field is always refused
+    the same way, naming ``what`` and the field.
+
+    Raises
+    ------
+    ValueError
+        If a field is missing or has the wrong type, naming the field.
+    """
+    values = {}
+    for name, kind in fields:
+        if name not in record:
+            raise ValueError(f"{what} record lacks field {name!r}")
+        value = record[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(
+                f"{what} field {name!r} must be {kind.__name__}, got {type(value).__name__}"
+            )
+        values[name.replace("-", "_")] = value
+    return values
 
 
 def from_hex(text: object) -> bytes:

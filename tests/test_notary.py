@@ -20,7 +20,7 @@ from bcsfl_flower.packets import ModelPacket, model_hash
 from bcsfl_flower.protocol import PACKET_RECORD_KEY, VERDICT_RECORD_KEY, MinerVerdict
 from bcsfl_flower.round.checks import PacketCheck
 from bcsfl_flower.round.state import Certification
-from bcsfl_flower.round.statement import DecisionSettings, RoundStatement
+from bcsfl_flower.round.statement import DecisionSettings, RoundStatement, StatedPlan
 from bcsfl_flower.strategy import BCSFL
 
 DIM = 1000  # with far fewer parameters, screening splits honest noise
@@ -57,9 +57,11 @@ class MiningGrid(FakeGrid):
 
 
 def statement(server_round: int) -> RoundStatement:
-    """A bare statement of a round that starts from GLOBAL (enough to sign its root)."""
+    """A bare statement of a round from GLOBAL whose one candidate, "mean", is GLOBAL."""
     settings = DecisionSettings(5, 5, 0.0, 3.0, 0.0, 1.0, "trusted-mean", "plain")
-    return RoundStatement(server_round, "0x" + model_hash(GLOBAL).hex(), settings, {})
+    start = "0x" + model_hash(GLOBAL).hex()
+    plan = StatedPlan(names=("mean",), scored={"mean": start})
+    return RoundStatement(server_round, start, settings, {}, plan=plan)
 
 
 def signed_reply(node, partition, update, notary, server_round):

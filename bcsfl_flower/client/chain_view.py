@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from eth_utils import is_address, to_checksum_address
 from web3 import Web3
 
-from bcsfl_flower.approvals import RoundApproval, RoundRollback
+from bcsfl_flower.approvals import MinerStatement
 from bcsfl_flower.chain.compiler import load_artifact
 from bcsfl_flower.packets import Eip712Domain
 
@@ -70,9 +70,7 @@ class OwnChainView:
         """Return the signing domain as this node reads it: chain id, contract and run."""
         return _read_domain(self.url, self.contract)
 
-    def fault(
-        self, request_domain: Eip712Domain, signed: RoundApproval | RoundRollback
-    ) -> str | None:
+    def fault(self, request_domain: Eip712Domain, signed: MinerStatement) -> str | None:
         """Return why a request does not match this node's chain, or None if it does.
 
         A chain this node cannot read is a reason too: it signs nothing it cannot check.
@@ -82,9 +80,7 @@ class OwnChainView:
         except Exception as err:  # noqa: BLE001 - any failed read means "cannot check"
             return f"cannot read the chain at {self.url}: {type(err).__name__}: {err}"
 
-    def _fault(
-        self, request_domain: Eip712Domain, signed: RoundApproval | RoundRollback
-    ) -> str | None:
+    def _fault(self, request_domain: Eip712Domain, signed: MinerStatement) -> str | None:
         own = self.domain()
         if request_domain != own:
             return (
@@ -94,9 +90,7 @@ class OwnChainView:
                 f"0x{own.run.hex()}"
             )
         contract = _contract(self.url, self.contract)
-        start = (
-            signed.kept_model_hash if isinstance(signed, RoundRollback) else signed.previous_hash
-        )
+        start = signed.start_hash
         if not contract.functions.isLatestModel(start).call():
             return f"0x{start.hex()} is not the chain head this node reads"
         following = int(contract.functions.latestRound().call()) + 1

@@ -368,12 +368,8 @@ def _decision_fault(request: MineRequest) -> str | None:
         statement = RoundStatement.from_bytes(request.statement)
     except ValueError as err:
         return f"the statement is malformed: {err}"
-    start = (
-        approval.kept_model_hash
-        if isinstance(approval, RoundRollback)
-        else (approval.previous_hash)
-    )
-    if (statement.round, statement.previous_hash) != (approval.round, "0x" + start.hex()):
+    start = "0x" + approval.start_hash.hex()
+    if (statement.round, statement.previous_hash) != (approval.round, start):
         return f"the statement is round {statement.round}'s from {statement.previous_hash}"
     decision, _ = conclude(statement, request.domain)
     if isinstance(approval, RoundRollback):

@@ -51,10 +51,9 @@ def conclude(
         reason = "rollback: no candidates" if statement.replies else "rollback: no valid reply"
         decision = Decision(False, None, 0, 0, 0, reason)
         return decision, ()
-    node_of = statement.node_of()
     reports = ballot_reports(statement, domain)
     plan = statement.plan.candidate_plan()
-    validators = [node_of.get(identity, identity) for identity in statement.validators]
+    validators = [report.validator for report in reports]  # node ids, in draw order
     if not validators:
         return no_validators(plan), reports
     rule = selection_rule(statement.settings.selection)
@@ -72,10 +71,10 @@ def ballot_reports(
     for entry in statement.ballots:
         by_validator.setdefault(str(entry.get("validator")), []).append(entry)
     node_of = statement.node_of()
+    reader = _Ballot(statement.round, previous, scored, domain)
     reports = []
     for identity in statement.validators:
-        ballot = _Ballot(statement.round, previous, scored, domain)
-        baseline, losses, problem = ballot.read(by_validator.get(identity, []), identity)
+        baseline, losses, problem = reader.read(by_validator.get(identity, []), identity)
         reports.append(
             ValidatorReport(
                 validator=node_of.get(identity, identity),
@@ -105,14 +104,9 @@ class _Ballot:
             return *nothing, "no ballot" if not entries else f"{len(entries)} ballots, not one"
         entry = entries[0]
         if not entry.get("signature"):
-            return (
-                self._unsigned(entry, identity)
-                if identity.startswith(UNSIGNED_PREFIX)
-                else (
-                    *nothing,
-                    f"{identity} signs its replies, but its ballot is unsigned",
-                )
-            )
+            if identity.startswith(UNSIGNED_PREFIX):
+                return self._unsigned(entry)
+            return *nothing, f"{identity} signs its replies, but its ballot is unsigned"
         if self.domain is None:
             return *nothing, "a signed ballot, but no audit trail to check it against"
         try:
@@ -129,9 +123,7 @@ class _Ballot:
             None,
         )
 
-    def _unsigned(
-        self, entry: Mapping[str, Any], identity: str
-    ) -> tuple[float, dict[str, float], str | None]:
+    def _unsigned(self, entry: Mapping[str, Any]) -> tuple[float, dict[str, float], str | None]:
         try:
             bits = {str(k): loss_from_bits(int(v)) for k, v in entry["loss_bits"].items()}
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:

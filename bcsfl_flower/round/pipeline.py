@@ -325,7 +325,7 @@ class RoundPipeline:
             anchoring=anchoring,
             client_metrics=self._client_metrics(checked, stages.bounds, decision),
             timing=clock.times(),
-            rejections=None if stages.statement is None else stages.statement.rejected,
+            rejections=stages.statement.rejected if stages.statement is not None else {},
         )
 
     def _register(self, checked: CheckedReplies) -> None:

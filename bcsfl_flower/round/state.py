@@ -394,7 +394,7 @@ class RoundRecord:
     anchoring: Mapping[str, Any] | None = None
     client_metrics: MetricRecord | None = None
     timing: StageTimes | None = None
-    rejections: Mapping[str, str] | None = None
+    rejections: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def committed(self) -> bool:
@@ -402,13 +402,12 @@ class RoundRecord:
         return self.decision.committed
 
     def rejected(self) -> dict[str, str]:
-        """Node id -> reason, for every client rejected (:func:`rejected_clients`).
+        """Return node id -> reason for every client rejected, as the statement records it.
 
-        ``rejections`` (the round statement's, anchored with the round) wins when set.
+        The pipeline fills ``rejections`` from the round statement
+        (:func:`rejected_clients`), so results.json says what is anchored.
         """
-        if self.rejections is not None:
-            return dict(self.rejections)
-        return rejected_clients(self.checked, self.screening, self.decision)
+        return dict(self.rejections)
 
     def trusted(self) -> tuple[str, ...]:
         """Node ids of the trusted clients."""
