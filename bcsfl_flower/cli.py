@@ -22,7 +22,7 @@ that is missing or does not re-hash to its anchored hash, a state statement that
 does not hash to its anchored root, or a committee that is not the stake-weighted draw.
 
 ``replay`` recomputes rounds (every round by default) from their stored updates and
-signed ballots (:mod:`~bcsfl_flower.chain.replay`) and exits non-zero with the first
+signed ballots (:mod:`~bcsfl_flower.audit.replay`) and exits non-zero with the first
 difference.
 """
 
@@ -35,15 +35,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bcsfl_flower.audit.replay import ReplayMismatchError, replay_round
+from bcsfl_flower.audit.run_results import RESULTS_FILE, RunResults
+from bcsfl_flower.audit.verification import load_statement, timeline, verify_trail
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.backends import BACKEND_ANVIL, BACKEND_EMBEDDED
 from bcsfl_flower.chain.certificates import AnchoredRound
 from bcsfl_flower.chain.errors import ChainUnavailableError, RoundNotAnchoredError
 from bcsfl_flower.chain.head import TrailHead
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore, load_model_file
-from bcsfl_flower.chain.replay import ReplayMismatchError, replay_round
-from bcsfl_flower.chain.run_results import RESULTS_FILE, RunResults
-from bcsfl_flower.chain.verification import load_statement, timeline, verify_trail
 from bcsfl_flower.packets import model_hash
 from bcsfl_flower.round.conclusion import conclude
 

@@ -273,3 +273,22 @@ def draw_committee(
         validators=tuple(validators),
         miners=tuple(miners),
     )
+
+
+def quorum_size(n: int) -> int:
+    """Return the number of approvals a committee of ``n`` members needs: ``ceil(2n/3)``.
+
+    Computed as ``(2n + 2) // 3`` in integer arithmetic, so no float rounding can move
+    the boundary (n=3 needs 2, n=4 needs 3, n=5 needs 4, n=6 needs 4, n=7 needs 5).
+
+    Raises
+    ------
+    ValueError
+        If ``n < 1``: an empty committee cannot approve anything, and ``ceil(0) = 0``
+        would approve everything.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}: {n!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (committee size), got {n}")
+    return (2 * n + 2) // 3

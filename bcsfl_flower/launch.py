@@ -13,7 +13,7 @@ tests and experiments can treat a federation like any other command:
   its status is ``completed``;
 * how the run was launched is kept in ``<output-dir>/launch.json``, so a stopped run
   can be resumed from its directory alone (run config ``resume``, see
-  :mod:`bcsfl_flower.checkpoint`).
+  :mod:`bcsfl_flower.audit.checkpoint`).
 
 Usage::
 

@@ -51,6 +51,7 @@ from bcsfl_flower.approvals import (
 )
 from bcsfl_flower.ballots import BALLOT_RECORD_KEY, SignedBallot
 from bcsfl_flower.packets import (
+    PACKET_RECORD_KEY,
     Eip712Domain,
     ModelPacket,
     SignedModelPacket,
@@ -85,10 +86,6 @@ to the same validator distinct)."""
 
 BASELINE_CANDIDATE = "w_t"
 """Name under which validators score the current global model."""
-
-PACKET_RECORD_KEY = "bcsfl.packet"
-"""Train reply: the ConfigRecord with the client's signed model packet."""
-
 
 DP_EPSILON_KEY = "dp-epsilon"
 """Train metric in which a DP client reports the epsilon it has spent so far."""
@@ -744,6 +741,19 @@ PUBLIC_ACTION = "bcsfl_ckks_public"
 
 PUBLIC_MESSAGE_TYPE = f"{MessageType.QUERY}.{PUBLIC_ACTION}"
 """Message type of the public context query: ``"query.bcsfl_ckks_public"``."""
+
+
+def is_ckks_work(msg: Message) -> bool:
+    """Whether ``msg`` is one of the CKKS queries or a train/evaluate flagged CKKS."""
+    message_type = msg.metadata.message_type
+    if message_type in (GRAM_MESSAGE_TYPE, PUBLIC_MESSAGE_TYPE):
+        return True
+    return (
+        message_type in (MessageType.TRAIN, MessageType.EVALUATE)
+        and msg.has_content()
+        and config_value(msg.content, CKKS_CONFIG_KEY) is True
+    )
+
 
 GRAM_REQUEST_RECORD_KEY = "bcsfl.ckks-gram-request"
 """Gram query: ConfigRecord with ``gram`` (EncryptedGram bytes) and ``server-round``."""

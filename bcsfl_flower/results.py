@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bcsfl_flower.chain.run_results import RESULTS_FILE
+from bcsfl_flower.audit.run_results import RESULTS_FILE
 
 
 class RunRecorder:

@@ -15,15 +15,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from bcsfl_flower.audit.checkpoint import ResumeError, load_checkpoint
 from bcsfl_flower.baselines import build_baseline
 from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.chain.keys import client_dev_account, development_addresses, load_keystore
 from bcsfl_flower.chain.retry import RetryPolicy
-from bcsfl_flower.checkpoint import ResumeError, load_checkpoint
 from bcsfl_flower.config import RunSettings
-from bcsfl_flower.notary import MANIFEST_FILE, RoundNotary
 from bcsfl_flower.protocol import DP_EPSILON_KEY
 from bcsfl_flower.results import RunRecorder, load_results
+from bcsfl_flower.round.notary import MANIFEST_FILE, RoundNotary
 from bcsfl_flower.strategy import BCSFL
 from bcsfl_flower.task.attacks import choose_attackers, rejection_scores
 from bcsfl_flower.task.data import load_test_data

@@ -22,10 +22,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
-from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.prompt_grid import PromptGrid
 from bcsfl_flower.protocol import all_refused_for_budget
 from bcsfl_flower.round.metrics import aggregate_evaluate_metrics, round_metrics
+from bcsfl_flower.round.notary import RoundNotary
 from bcsfl_flower.round.pipeline import RoundPipeline
 from bcsfl_flower.round.screening import OUTLIER_NORM_RATIO, SPLIT_MARGIN
 from bcsfl_flower.round.selection import selection_rule
@@ -103,7 +103,7 @@ class BCSFL(FedAvg):
         certificate, stores every committed model and anchors every round on chain.
     start_round : int (default: 1)
         Number of the first round ``start`` runs: a resumed run continues after the
-        last round its chain records (see :mod:`bcsfl_flower.checkpoint`), and
+        last round its chain records (see :mod:`bcsfl_flower.audit.checkpoint`), and
         ``start(num_rounds=N)`` then runs rounds ``start_round..N``.
     round_sink : RoundSink, optional
         Called once per round with a JSON-serialisable record of the round.

@@ -134,7 +134,7 @@ def stated_round(
 
     The committee is the stake-weighted draw over ``members`` (equal stakes) with a
     miner seat for each, so every member with stake is drawn: the statement is what
-    :func:`~bcsfl_flower.chain.verification.verify_trail` checks an anchored committee
+    :func:`~bcsfl_flower.audit.verification.verify_trail` checks an anchored committee
     against. Its one candidate hashes to ``committed`` (when given), and the two drawn
     validators' signed ballots accept it, so the ballots commit it; without it the
     round has no candidate, and the ballots commit nothing.

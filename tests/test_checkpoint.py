@@ -11,14 +11,14 @@ from chain_fixtures import running_anvil
 from flwr.app import ConfigRecord
 from test_notary import GLOBAL, TARGET, MiningGrid, signed_reply
 
+from bcsfl_flower.audit.checkpoint import ResumeError, load_checkpoint
+from bcsfl_flower.audit.verification import verify_trail
 from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.chain.backends import JOURNAL_FILE
 from bcsfl_flower.chain.keys import client_dev_account
-from bcsfl_flower.chain.verification import verify_trail
-from bcsfl_flower.checkpoint import ResumeError, load_checkpoint
-from bcsfl_flower.notary import CHAIN_STATE_DIR, MANIFEST_FILE, RoundNotary
 from bcsfl_flower.packets import model_hash
 from bcsfl_flower.results import RunRecorder, load_results
+from bcsfl_flower.round.notary import CHAIN_STATE_DIR, MANIFEST_FILE, RoundNotary
 from bcsfl_flower.round.settings import StakePolicy
 from bcsfl_flower.round.stakes import settle
 from bcsfl_flower.strategy import BCSFL

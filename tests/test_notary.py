@@ -15,10 +15,10 @@ from flwr.app import Array, ArrayRecord
 
 from bcsfl_flower.chain.certificates import quorum
 from bcsfl_flower.chain.keys import client_dev_account
-from bcsfl_flower.notary import RoundNotary
-from bcsfl_flower.packets import ModelPacket, model_hash
-from bcsfl_flower.protocol import PACKET_RECORD_KEY, VERDICT_RECORD_KEY, MinerVerdict
+from bcsfl_flower.packets import PACKET_RECORD_KEY, ModelPacket, model_hash
+from bcsfl_flower.protocol import VERDICT_RECORD_KEY, MinerVerdict
 from bcsfl_flower.round.checks import PacketCheck
+from bcsfl_flower.round.notary import RoundNotary
 from bcsfl_flower.round.state import Certification
 from bcsfl_flower.round.statement import DecisionSettings, RoundStatement, StatedPlan
 from bcsfl_flower.strategy import BCSFL

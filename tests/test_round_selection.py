@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
+from bcsfl_flower.committee import quorum_size
 from bcsfl_flower.round.bounds import bound_updates
-from bcsfl_flower.round.consensus import accepts, quorum_size
+from bcsfl_flower.round.consensus import accepts
 from bcsfl_flower.round.screening import screen_updates
 from bcsfl_flower.round.selection import (
     SELECTION_RULES,

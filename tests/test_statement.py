@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from chain_fixtures import GENESIS, clients, toy_model
 
+from bcsfl_flower.audit.verification import verify_trail
 from bcsfl_flower.ballots import Ballot, SignedBallot
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.backends import connect
 from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
-from bcsfl_flower.chain.verification import verify_trail
 from bcsfl_flower.packets import Eip712Domain, model_hash
 from bcsfl_flower.round.settings import RoundSettings
 from bcsfl_flower.round.statement import (

@@ -24,15 +24,15 @@ from bcsfl_flower.approvals import (
     committee_root,
     sort_committee,
 )
+from bcsfl_flower.committee import quorum_size
 from bcsfl_flower.packets import (
     Eip712Domain,
     from_hex,
 )
-from bcsfl_flower.round.consensus import quorum_size
 
 quorum = quorum_size
 """The contract's quorum for a committee of ``N`` miners, ``ceil(2N/3)``: the same rule
-as the validators' vote (:func:`bcsfl_flower.round.consensus.quorum_size`)."""
+as the validators' vote (:func:`bcsfl_flower.committee.quorum_size`)."""
 
 
 Attestation = RoundApproval | RoundRollback

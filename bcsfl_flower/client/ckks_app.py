@@ -13,33 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Context, Message, MessageType
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from bcsfl_flower.client.mod import bcsfl_client_app
 from bcsfl_flower.protocol import (
-    CKKS_CONFIG_KEY,
     GRAM_ACTION,
     GRAM_MESSAGE_TYPE,
     PUBLIC_ACTION,
-    PUBLIC_MESSAGE_TYPE,
-    config_value,
+    is_ckks_work,
 )
-
-_CKKS_QUERIES = (GRAM_MESSAGE_TYPE, PUBLIC_MESSAGE_TYPE)
-
-
-def is_ckks_work(msg: Message) -> bool:
-    """Whether ``msg`` is one of the CKKS queries or a train/evaluate flagged CKKS."""
-    message_type = msg.metadata.message_type
-    if message_type in _CKKS_QUERIES:
-        return True
-    return (
-        message_type in (MessageType.TRAIN, MessageType.EVALUATE)
-        and msg.has_content()
-        and config_value(msg.content, CKKS_CONFIG_KEY) is True
-    )
 
 
 def ckks_on_demand(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

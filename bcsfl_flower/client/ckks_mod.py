@@ -64,7 +64,6 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from bcsfl_flower.client.ckks_app import is_ckks_work
 from bcsfl_flower.extras import import_extra
 from bcsfl_flower.privacy.ckks import (
     EncryptedModel,
@@ -85,6 +84,7 @@ from bcsfl_flower.protocol import (
     GRAM_MESSAGE_TYPE,
     PUBLIC_MESSAGE_TYPE,
     gram_reply_content,
+    is_ckks_work,
     model_record,
     public_context_content,
     read_gram_request,

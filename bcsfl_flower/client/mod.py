@@ -6,7 +6,7 @@ the mod, a client also
 1. marks every train reply as coming from a node that serves committee duties
    (:data:`~bcsfl_flower.protocol.DUTY_CAPABLE_RECORD_KEY`), and attaches a signed
    :class:`~bcsfl_flower.packets.ModelPacket` to it, as
-   a ConfigRecord under :data:`~bcsfl_flower.protocol.PACKET_RECORD_KEY`, next to the
+   a ConfigRecord under :data:`~bcsfl_flower.packets.PACKET_RECORD_KEY`, next to the
    reply's arrays. It signs under the EIP-712 domain the strategy puts in the train
    config (:func:`signing_config`) and for the round in ``config["server-round"]``.
    Mods run outermost first, so list ``bcsfl_mod`` first to sign exactly what is sent

@@ -42,6 +42,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from bcsfl_flower.committee import quorum_size
 from bcsfl_flower.extras import import_extra
 from bcsfl_flower.privacy.ckks import (
     ENCRYPTED_ARRAY_KEY,
@@ -66,7 +67,6 @@ from bcsfl_flower.protocol import (
     read_gram_reply,
     read_public_context,
 )
-from bcsfl_flower.round.consensus import quorum_size
 from bcsfl_flower.round.space import GramExchange, UpdateCollector, UpdateSpace
 from bcsfl_flower.round.state import GramResult, UpdateBatch
 

@@ -27,7 +27,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from bcsfl_flower.committee import Committee, draw_committee
-from bcsfl_flower.notary import RoundNotary
 from bcsfl_flower.packets import Eip712Domain, model_hash
 from bcsfl_flower.protocol import ROLLBACK_CANDIDATE, ConfigValue
 from bcsfl_flower.round.bounds import weighted_median
@@ -39,6 +38,7 @@ from bcsfl_flower.round.noise_reference import (
     reference_rng,
     sampling_error_coefficients,
 )
+from bcsfl_flower.round.notary import RoundNotary
 from bcsfl_flower.round.screening import bound_and_screen
 from bcsfl_flower.round.selection import SelectionRule
 from bcsfl_flower.round.settings import RoundSettings

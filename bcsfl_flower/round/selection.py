@@ -37,13 +37,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from bcsfl_flower.committee import quorum_size
 from bcsfl_flower.round.candidates import core_rows, geometric_median_weights, mean_coefficients
 from bcsfl_flower.round.consensus import (
     MAX_LOSS_GROWTH,
     accept_votes,
     count_accepts,
     outgrows_baseline,
-    quorum_size,
 )
 from bcsfl_flower.round.noise_reference import noise_allowance
 from bcsfl_flower.round.settings import SettingError

@@ -5,7 +5,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from bcsfl_flower.notary import RoundNotary
+from bcsfl_flower.round.notary import RoundNotary
 from bcsfl_flower.strategy import BCSFL
 from sklearn_app.task import get_model, get_model_params, set_initial_params
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from bcsfl_flower.audit.verification import load_statement, timeline
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
-from bcsfl_flower.chain.verification import load_statement, timeline
 from bcsfl_flower.packets import Eip712Domain, accepted_root, model_hash
 from bcsfl_flower.round.conclusion import conclude
 from bcsfl_flower.round.plain import PlainBatch, PlainCollector, PlainSpace

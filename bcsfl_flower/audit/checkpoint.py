@@ -15,7 +15,7 @@ source of truth:
 * rounds that ``results.json`` recorded but the chain does not have (a chain that lost
   its last seconds in a crash) are dropped and run again.
 
-A trail that does not verify (:func:`~bcsfl_flower.chain.verification.verify_trail`)
+A trail that does not verify (:func:`~bcsfl_flower.audit.verification.verify_trail`)
 is refused, naming the first broken round; so is a run that already finished.
 """
 
@@ -29,10 +29,10 @@ from typing import Any
 from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 
+from bcsfl_flower.audit.verification import verify_trail
 from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.chain.model_store import ModelIntegrityError
-from bcsfl_flower.chain.verification import verify_trail
-from bcsfl_flower.notary import RoundNotary
+from bcsfl_flower.round.notary import RoundNotary
 
 
 class ResumeError(RuntimeError):

@@ -25,7 +25,7 @@ does not verify, naming the first broken round. The checks:
   ballots carry to the quorum; a rollback is a round they carry nothing in, or one whose
   commit the miners did not certify (then the operator certified the rollback);
 * ``results.json``, where the run directory has one, agrees with the trail on every
-  figure the trail holds (:class:`~bcsfl_flower.chain.run_results.RunResults`: each
+  figure the trail holds (:class:`~bcsfl_flower.audit.run_results.RunResults`: each
   round's outcome, model, rejected clients and the stakes its statement was drawn
   from); its other figures (accuracy, client metrics) are the operator's word, and
   ``bcsfl audit show`` labels them so;
@@ -43,10 +43,10 @@ from bcsfl_flower.approvals import (
     committee_root,
     sort_committee,
 )
+from bcsfl_flower.audit.run_results import RESULTS_FILE, RunResults
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound, quorum
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
-from bcsfl_flower.chain.run_results import RESULTS_FILE, RunResults
 from bcsfl_flower.packets import (
     Eip712Domain,
 )
