@@ -10,7 +10,7 @@ through (fn), summed over rounds and seeds, and the honest rejection rate at 0%
 attackers. The global model follows the honest clients' mean, as it would under a
 screening rule that works.
 
-Rules compared (see the README's "Screening" section for the numbers):
+Rules compared (see "Screening" in docs/round.md for the numbers):
 
 * ``BCSFL (shipped)``: :func:`bcsfl_flower.round.screening.screen_updates` on the Gram
   matrix, i.e. the length test, then average linkage on the mean-centred unit updates

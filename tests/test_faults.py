@@ -4,7 +4,7 @@ No fakes: a local SuperLink, Ray-simulated SuperNodes, real MNIST, a real chain.
 each fault, `bcsfl audit verify` must pass on the run directory, every round that
 results.json reports as anchored must be anchored on chain (and no other), and the
 run must reach its configured number of rounds. Each test prints how long the run
-took to recover, for the README.
+took to recover, for docs/audit-trail.md.
 """
 
 from __future__ import annotations

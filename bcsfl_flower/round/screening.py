@@ -20,7 +20,7 @@ A split is significant when its average-linkage distance exceeds
 structure average (their residuals sum to zero), and :data:`SPLIT_MARGIN` is the
 separation a real group adds. Both constants were chosen with
 ``sim/screening_calibration.py`` on real MNIST updates (0 of 480 honest updates
-rejected at 0% attackers at 20 clients; see the README).
+rejected at 0% attackers at 20 clients; see docs/round.md).
 
 Why stake decides and not head count: when no side holds a qualified share of the stake
 (half the clients attack and hold half the stake) the screen trusts both and reports
