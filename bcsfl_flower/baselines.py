@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAvg,
     FedMedian,
@@ -21,28 +20,9 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from bcsfl_flower.app_metrics import aggregate_train_metrics
 from bcsfl_flower.byzfl_strategy import BYZFL_BASELINES, byzfl_strategies
-from bcsfl_flower.protocol import DP_EPSILON_KEY
-
-
-def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Return Flower's weighted averages, except ``dp-epsilon``: the largest a client spent.
-
-    A federation's privacy guarantee is its weakest client's; an average of epsilons
-    would understate it. Only the metrics change: the strategies' models do not.
-    """
-    metrics = aggregate_metricrecords(records, weighted_by_key)
-    spent = [
-        float(record[DP_EPSILON_KEY])  # type: ignore[arg-type]
-        for content in records
-        for record in content.metric_records.values()
-        if DP_EPSILON_KEY in record
-    ]
-    if spent:
-        metrics[DP_EPSILON_KEY] = max(spent)
-    return metrics
 
 
 @dataclass(frozen=True)

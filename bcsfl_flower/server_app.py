@@ -15,6 +15,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from bcsfl_flower.app_metrics import PARTITION_ID_METRIC, aggregate_train_metrics
 from bcsfl_flower.audit.checkpoint import ResumeError, load_checkpoint
 from bcsfl_flower.baselines import build_baseline
 from bcsfl_flower.chain.audit import ChainManifest
@@ -232,6 +233,7 @@ def build_strategy(
     return BCSFL(
         fraction_train=settings.fraction_train,
         fraction_evaluate=0.0,
+        train_metrics_aggr_fn=aggregate_train_metrics,
         selection=settings.selection,
         num_validators=settings.num_validators,
         num_miners=settings.num_miners,
@@ -254,9 +256,9 @@ def build_strategy(
 def _attack_scores(record: dict[str, Any], attackers: set[int]) -> dict[str, Any]:
     """Score the round's rejections against the simulated attackers, by partition id."""
     partition_of = {
-        node: int(metrics["partition-id"])
+        node: int(metrics[PARTITION_ID_METRIC])
         for node, metrics in record.get("clients", {}).items()
-        if "partition-id" in metrics
+        if PARTITION_ID_METRIC in metrics
     }
     rejected = {partition_of[n] for n in record.get("rejected", {}) if n in partition_of}
     scores = rejection_scores(rejected, attackers, set(partition_of.values()))

@@ -5,7 +5,7 @@ import csv
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from bcsfl_flower.baselines import aggregate_train_metrics
+from bcsfl_flower.app_metrics import aggregate_train_metrics
 from sim.dp_frontier import (
     DP_BATCH_SIZE,
     DP_LEARNING_RATE,
@@ -101,3 +101,13 @@ def test_flowers_strategies_report_the_largest_epsilon_not_the_average():
         [RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 2.0})})], "num-examples"
     )
     assert "dp-epsilon" not in plain
+
+
+def test_the_partition_id_is_reported_per_client_but_never_averaged():
+    replies = [
+        RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 1.0, "partition-id": p})})
+        for p in (0, 3, 7)
+    ]
+    metrics = aggregate_train_metrics(replies, "num-examples")
+    assert "partition-id" not in metrics and metrics["loss"] == pytest.approx(1.0)
+    assert replies[1]["metrics"]["partition-id"] == 3

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from bcsfl_flower.app_metrics import PARTITION_ID_METRIC
 from bcsfl_flower.client.ckks_app import bcsfl_ckks_client_app
 from bcsfl_flower.config import RunSettings
 from bcsfl_flower.protocol import DP_EPSILON_KEY
@@ -76,8 +77,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         {
             "train_loss": train_loss,
             "num-examples": len(data.train.dataset),
-            # Lets the simulation score attacker detection; the strategy never averages it.
-            "partition-id": int(context.node_config["partition-id"]),
+            # Lets the simulation score attacker detection; never averaged.
+            PARTITION_ID_METRIC: int(context.node_config["partition-id"]),
             **extra_metrics,
         }
     )

@@ -49,8 +49,7 @@ def conclude(
     """
     if statement.plan is None or not statement.plan.names:
         reason = "rollback: no candidates" if statement.replies else "rollback: no valid reply"
-        decision = Decision(False, None, 0, 0, 0, reason)
-        return decision, ()
+        return Decision.rollback(reason), ()
     reports = ballot_reports(statement, domain)
     plan = statement.plan.candidate_plan()
     validators = [report.validator for report in reports]  # node ids, in draw order

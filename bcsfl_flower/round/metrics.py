@@ -97,13 +97,14 @@ def aggregate_evaluate_metrics(
 
 
 def round_metrics(record: RoundRecord) -> MetricRecord:
-    """Return the round's outcome as Flower metrics, next to the clients' aggregated ones."""
+    """Return the clients' aggregated metrics and whether the round committed.
+
+    One outcome key per round: Flower prints every round's train metrics in the run's
+    summary, and the decision's detail (who was trusted or rejected, the votes, the
+    quorum) is in the log, the round record and the audit trail.
+    """
     metrics = MetricRecord(dict(record.client_metrics or {}))
     metrics["bcsfl-committed"] = int(record.committed)
-    metrics["bcsfl-num-trusted"] = len(record.trusted())
-    metrics["bcsfl-num-rejected"] = len(record.rejected())
-    metrics["bcsfl-votes-for"] = record.decision.votes_for
-    metrics["bcsfl-quorum"] = record.decision.quorum
     if record.max_dp_epsilon is not None:
         metrics["bcsfl-max-dp-epsilon"] = record.max_dp_epsilon
     return metrics

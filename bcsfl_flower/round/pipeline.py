@@ -144,7 +144,7 @@ class RoundPipeline:
             self._register(checked)
             stages = self._decide(server_round, grid, global_arrays, checked, previous_hash, clock)
         else:
-            stages = _Stages(_rollback("rollback: no valid reply"))
+            stages = _Stages(Decision.rollback("rollback: no valid reply"))
         if stages.statement is None:
             statement = self._statement(server_round, global_arrays, previous_hash, checked, ())
             stages = replace(stages, statement=statement)
@@ -176,7 +176,7 @@ class RoundPipeline:
         )
         gram = self.space.gram(checked.batch, exchange)
         if gram.matrix is None:
-            return _Stages(_rollback(f"rollback: {gram.reason}"), gram=gram)
+            return _Stages(Decision.rollback(f"rollback: {gram.reason}"), gram=gram)
         bounds, screening = bound_and_screen(
             gram.matrix,
             np.array([c.num_examples for c in checked.accepted]),
@@ -514,9 +514,3 @@ class RoundPipeline:
             self.settings.weighted_by_key,
             self.metrics_aggregation,
         )
-
-
-def _rollback(reason: str) -> Decision:
-    return Decision(
-        committed=False, candidate=None, votes_for=0, quorum=0, num_validators=0, reason=reason
-    )

@@ -112,14 +112,8 @@ class SelectionRule(ABC):
 
 def no_validators(plan: CandidatePlan) -> Decision:
     """Return the decision of a round whose committee has no validator."""
-    return Decision(
-        committed=False,
-        candidate=None,
-        votes_for=0,
-        quorum=0,
-        num_validators=0,
-        reason="rollback: no validators in the committee",
-        suspects=plan.fallback_suspects,
+    return Decision.rollback(
+        "rollback: no validators in the committee", suspects=plan.fallback_suspects
     )
 
 
@@ -236,22 +230,20 @@ class TrustedMeanSelection(SelectionRule):
             return _contested_commit(plan, counts[plan.names[-1]], quorum, len(validators), ballots)
         if not eligible:
             best = max(plan.names, key=lambda name: counts[name])
-            return Decision(
-                committed=False,
-                candidate=None,
+            return Decision.rollback(
+                f"rollback: no candidate reached quorum {quorum} of {len(validators)} "
+                f"validators (accept votes: {tally})",
                 votes_for=counts[best],
                 quorum=quorum,
                 num_validators=len(validators),
-                reason=f"rollback: no candidate reached quorum {quorum} of {len(validators)} "
-                f"validators (accept votes: {tally})",
                 ballots=ballots,
                 suspects=plan.fallback_suspects,
             )
         if chosen is None:
             chosen = self._fallback(eligible, scores, margin)
-        return Decision(
-            committed=True,
-            candidate=chosen,
+        return Decision.commit(
+            chosen,
+            plan.supports[plan.names.index(chosen)],
             votes_for=counts[chosen],
             quorum=quorums[chosen],
             num_validators=len(validators),
@@ -259,7 +251,6 @@ class TrustedMeanSelection(SelectionRule):
             f"quorum {quorums[chosen]}, median loss delta {scores[chosen]:+.4f} "
             f"(accept votes: {tally})",
             ballots=ballots,
-            support=plan.supports[plan.names.index(chosen)],
         )
 
     def _fallback(self, eligible: list[str], scores: Mapping[str, float], margin: float) -> str:
@@ -377,16 +368,15 @@ class PaperSelection(SelectionRule):
             count = count_accepts(votes)
             views.append({"primary": primary, "proposal": proposal, "votes": votes})
             if count >= quorum and not outgrows_baseline(reports, proposal):
-                return Decision(
-                    committed=True,
-                    candidate=proposal,
+                return Decision.commit(
+                    proposal,
+                    plan.supports[plan.names.index(proposal)],
                     votes_for=count,
                     quorum=quorum,
                     num_validators=len(validators),
                     reason=f"commit: {proposal!r} proposed by validator {primary} (view "
                     f"{len(views)}), {count}/{len(validators)} accept votes, quorum {quorum}",
                     ballots={"views": views},
-                    support=plan.supports[plan.names.index(proposal)],
                 )
         rejected = {view["proposal"] for view in views if view["proposal"] is not None}
         suspects = tuple(
@@ -395,14 +385,11 @@ class PaperSelection(SelectionRule):
             if name in rejected
             for row in support
         )
-        return Decision(
-            committed=False,
-            candidate=None,
-            votes_for=0,
+        return Decision.rollback(
+            f"rollback: none of {len(views)} proposals reached quorum {quorum} of "
+            f"{len(validators)} validators",
             quorum=quorum,
             num_validators=len(validators),
-            reason=f"rollback: none of {len(views)} proposals reached quorum {quorum} of "
-            f"{len(validators)} validators",
             ballots={"views": views},
             suspects=suspects,
         )
@@ -468,9 +455,9 @@ def _contested_commit(
     needs the validators' quorum.
     """
     chosen = plan.names[-1]
-    return Decision(
-        committed=True,
-        candidate=chosen,
+    return Decision.commit(
+        chosen,
+        plan.supports[-1],
         votes_for=votes_for,
         quorum=quorum,
         num_validators=num_validators,
@@ -478,7 +465,6 @@ def _contested_commit(
         f"below quorum {quorum}; the screen found two groups and neither holds the qualified "
         "stake share, so the committee splits as the federation does",
         ballots=ballots,
-        support=plan.supports[-1],
     )
 
 

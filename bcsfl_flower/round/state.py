@@ -16,7 +16,7 @@ names (``str``) are Flower node ids as strings, as the stake ledger keys them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,6 +328,53 @@ class Decision:
     ballots: Mapping[str, Any] = field(default_factory=dict)
     support: tuple[int, ...] = ()
     suspects: tuple[int, ...] = ()
+
+    @classmethod
+    def commit(
+        cls,
+        candidate: str,
+        support: Sequence[int],
+        *,
+        votes_for: int,
+        quorum: int,
+        num_validators: int,
+        reason: str,
+        ballots: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """Return the decision to commit ``candidate``, drawn from the rows ``support``."""
+        return cls(
+            committed=True,
+            candidate=candidate,
+            votes_for=votes_for,
+            quorum=quorum,
+            num_validators=num_validators,
+            reason=reason,
+            ballots=dict(ballots or {}),
+            support=tuple(support),
+        )
+
+    @classmethod
+    def rollback(
+        cls,
+        reason: str,
+        *,
+        votes_for: int = 0,
+        quorum: int = 0,
+        num_validators: int = 0,
+        ballots: Mapping[str, Any] | None = None,
+        suspects: Sequence[int] = (),
+    ) -> Decision:
+        """Return the decision to keep the global model (no votes unless given)."""
+        return cls(
+            committed=False,
+            candidate=None,
+            votes_for=votes_for,
+            quorum=quorum,
+            num_validators=num_validators,
+            reason=reason,
+            ballots=dict(ballots or {}),
+            suspects=tuple(suspects),
+        )
 
 
 @dataclass(frozen=True)
