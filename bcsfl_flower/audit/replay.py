@@ -34,7 +34,7 @@ from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.packets import Eip712Domain, accepted_root, model_hash
 from bcsfl_flower.round.conclusion import conclude
 from bcsfl_flower.round.plain import PlainBatch, PlainCollector, PlainSpace
-from bcsfl_flower.round.screening import bound_and_screen
+from bcsfl_flower.round.planning import plan_round
 from bcsfl_flower.round.selection import selection_rule
 from bcsfl_flower.round.statement import (
     RoundStatement,
@@ -122,12 +122,16 @@ def _recompute(statement: RoundStatement, store: ModelStore, domain: Eip712Domai
     gram = PlainSpace().gram(batch, None)  # type: ignore[arg-type]  # plaintext needs no exchange
     assert gram.matrix is not None
     settings = statement.settings
-    bounds, screening = bound_and_screen(
+    names = [reply.node for reply in statement.replies]
+    planned = plan_round(
         gram.matrix,
         np.array([reply.num_examples for reply in statement.replies]),
         np.array([statement.stakes[reply.identity] for reply in statement.replies]),
         settings,
+        selection_rule(settings.selection),
+        names,
     )
+    screening, plan = planned.screening, planned.candidates
     pool = tuple(statement.replies[row].identity for row in screening.committee_pool)
     _expect(
         pool == statement.candidates,
@@ -137,8 +141,6 @@ def _recompute(statement: RoundStatement, store: ModelStore, domain: Eip712Domai
     drawn, problem = recorded_draw(statement)
     _expect(problem is None, problem or "")
     committee = by_node(drawn, statement.node_of())
-    names = [reply.node for reply in statement.replies]
-    plan = selection_rule(settings.selection).plan(gram.matrix, bounds, screening, names)
     models = dict(
         zip(plan.names, PlainSpace().combine(start, batch, plan.coefficients), strict=True)
     )

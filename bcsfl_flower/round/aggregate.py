@@ -5,7 +5,7 @@ a committee and a chain. Attack optimisers, such as ``byzfl``'s
 ``Optimal_ALittleIsEnough`` and ``Optimal_InnerProductManipulation``, need the
 aggregate as ``f(vectors) -> vector`` so they can search for the update that moves it
 furthest. :func:`screened_mean` is that function: the bound and screen stages the
-pipeline runs (:func:`~bcsfl_flower.round.screening.bound_and_screen`), then the
+pipeline runs (:func:`~bcsfl_flower.round.planning.plan_round`), then the
 trusted-mean rule's trusted-cluster mean: what commits whenever the validators accept
 it and reject the federation mean with any group the screen set apart. An attack
 tuned against it is an attack tuned to pass BCSFL's screen.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bcsfl_flower.round.screening import bound_and_screen
+from bcsfl_flower.round.planning import plan_round
 from bcsfl_flower.round.selection import TrustedMeanSelection
 from bcsfl_flower.round.settings import RoundSettings
 
@@ -49,8 +49,8 @@ def screened_mean(
     counts = np.ones(size) if num_examples is None else np.asarray(num_examples, np.float64)
     stake = np.ones(size) if stakes is None else np.asarray(stakes, np.float64)
     gram = matrix @ matrix.T
-    bounds, screening = bound_and_screen(gram, counts, stake, settings or RoundSettings())
     rule = TrustedMeanSelection()
-    plan = rule.plan(gram, bounds, screening, [str(i) for i in range(size)])
+    names = [str(i) for i in range(size)]
+    plan = plan_round(gram, counts, stake, settings or RoundSettings(), rule, names).candidates
     row = plan.names.index(rule.MEAN) if rule.MEAN in plan.names else 0  # 0: contested
     return plan.coefficients[row] @ matrix

@@ -39,7 +39,7 @@ from bcsfl_flower.round.noise_reference import (
     sampling_error_coefficients,
 )
 from bcsfl_flower.round.notary import RoundNotary
-from bcsfl_flower.round.screening import bound_and_screen
+from bcsfl_flower.round.planning import plan_round
 from bcsfl_flower.round.selection import SelectionRule
 from bcsfl_flower.round.settings import RoundSettings
 from bcsfl_flower.round.space import GramExchange, UpdateSpace
@@ -177,12 +177,15 @@ class RoundPipeline:
         gram = self.space.gram(checked.batch, exchange)
         if gram.matrix is None:
             return _Stages(Decision.rollback(f"rollback: {gram.reason}"), gram=gram)
-        bounds, screening = bound_and_screen(
+        planned = plan_round(
             gram.matrix,
             np.array([c.num_examples for c in checked.accepted]),
             self.ledger.stakes_for(names),
             self.settings,
+            self.selection,
+            names,
         )
+        bounds, screening, plan = planned.bounds, planned.screening, planned.candidates
         log(
             INFO,
             "screening: %d trusted, %d rejected by screening, %d by checks",
@@ -196,7 +199,6 @@ class RoundPipeline:
         drawn = redraw(statement)
         statement = replace(statement, validators=drawn.validators, miners=drawn.miners)
         committee = by_node(drawn, statement.node_of())
-        plan = self.selection.plan(gram.matrix, bounds, screening, names)
         candidates = CandidateSet(
             plan, self.space.combine(global_arrays, checked.batch, plan.coefficients)
         )

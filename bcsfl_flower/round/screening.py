@@ -231,8 +231,9 @@ def bound_and_screen(
 ) -> tuple[Bounds, Screening]:
     """Run a round's bound and screen stages on its Gram matrix.
 
-    The pipeline and ``bcsfl audit replay`` both call this, so a replayed round bounds
-    and screens exactly as the round did.
+    :func:`~bcsfl_flower.round.planning.plan_round` calls this for the pipeline,
+    ``bcsfl audit replay`` and the bench, so a replayed round bounds and screens exactly
+    as the round did.
     """
     bounds = bound_updates(
         np.sqrt(np.clip(np.diag(gram), 0.0, None)),
