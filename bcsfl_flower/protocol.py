@@ -77,6 +77,11 @@ RUN_KEY = "bcsfl-run"
 """Train-config key with the run's identity (32 bytes), the first member of every signed
 struct (:attr:`~bcsfl_flower.packets.Eip712Domain.run`)."""
 
+DEVELOPMENT_KEYS_KEY = "bcsfl-development-keys"
+"""Signing-config key set (``True``) only when the trail registers the PUBLIC development
+accounts, i.e. in simulation: a node with no keystore signs with its partition's
+development key only then, and refuses to sign otherwise."""
+
 CKKS_CONFIG_KEY = "bcsfl-ckks"
 """Train- and evaluate-config key that switches the CKKS mod on: ``True``."""
 
@@ -113,13 +118,22 @@ def config_value(content: RecordDict, key: str) -> ConfigValue | list[Any] | Non
     return None
 
 
-def signing_config(domain: Eip712Domain) -> dict[str, ConfigValue]:
-    """Return the train-config entries that make clients sign under ``domain``."""
-    return {
+def signing_config(
+    domain: Eip712Domain, *, development_keys: bool = False
+) -> dict[str, ConfigValue]:
+    """Return the config entries that make clients sign under ``domain``.
+
+    ``development_keys`` tells nodes without a keystore that the trail registered the
+    public development accounts (simulation), so they may sign with them.
+    """
+    config: dict[str, ConfigValue] = {
         CHAIN_ID_KEY: domain.chain_id,
         CONTRACT_KEY: domain.verifying_contract,
         RUN_KEY: domain.run,
     }
+    if development_keys:
+        config[DEVELOPMENT_KEYS_KEY] = True
+    return config
 
 
 def signing_domain(content: RecordDict) -> Eip712Domain | None:

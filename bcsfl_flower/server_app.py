@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid import InMemoryGrid
 
 from bcsfl_flower.app_metrics import PARTITION_ID_METRIC, aggregate_train_metrics
 from bcsfl_flower.audit.checkpoint import ResumeError, load_checkpoint
@@ -108,7 +109,13 @@ def _run(
             manifest = ChainManifest.load(recorder.output_dir / MANIFEST_FILE)
         except (OSError, ValueError) as err:
             raise ResumeError(f"the run has no readable audit trail to resume: {err}") from err
-    notary = open_notary(settings, recorder.output_dir, initial_arrays, num_partitions)
+    notary = open_notary(
+        settings,
+        recorder.output_dir,
+        initial_arrays,
+        num_partitions,
+        simulated=isinstance(grid, InMemoryGrid),
+    )
     try:
         stakes = attacker_stakes(settings, attackers)
         start_round = 1
@@ -155,7 +162,12 @@ def peak_rss_mb() -> float:
 
 
 def open_notary(
-    settings: RunSettings, output_dir: Path, initial_arrays: ArrayRecord, num_partitions: int
+    settings: RunSettings,
+    output_dir: Path,
+    initial_arrays: ArrayRecord,
+    num_partitions: int,
+    *,
+    simulated: bool = True,
 ) -> RoundNotary | None:
     """Open the audit trail named by run config ``chain`` (None for ``"none"`` or baselines).
 
@@ -163,9 +175,22 @@ def open_notary(
     the bcsfl mod signs with); ``client-registry`` adds a deployment's client addresses.
     On a shared chain (a URL), ``operator-keystore`` is the account that deploys the
     contract and sends every transaction; without it, the PUBLIC development key does.
+
+    Raises
+    ------
+    ValueError
+        On Flower's deployment engine (``simulated`` false) without ``client-registry``:
+        the development keys are public, so registering them would let any node sign as
+        any client; or when the registry lists a development account.
     """
     if settings.chain == "none" or settings.strategy != "bcsfl":
         return None
+    if not simulated and not settings.client_registry:
+        raise ValueError(
+            "client-registry is unset on Flower's deployment engine: the PUBLIC development "
+            "keys are for simulation only. Set client-registry to a JSON list of the nodes' "
+            "own addresses (one keystore per SuperNode, bcsfl-keystore in its node config)"
+        )
     registered: list[str] = []
     if settings.client_registry:
         registered = list(json.loads(Path(settings.client_registry).read_text()))

@@ -296,7 +296,11 @@ def toy_client_app():
 
 def test_client_app_signs_the_ciphertext_it_sends(secret, public):
     app = toy_client_app()
-    msg = message("train", encrypted_global_record(secret, public), **signing_config(DOMAIN))
+    msg = message(
+        "train",
+        encrypted_global_record(secret, public),
+        **signing_config(DOMAIN, development_keys=True),
+    )
     reply = app(msg, node_context(2))
     sent = reply.content["arrays"]
     assert is_encrypted_record(sent)
@@ -411,7 +415,7 @@ class OneNodeGrid:
 
 def test_train_config_under_another_record_name_switches_ckks_on(secret, public):
     strategy = FedAvg(configrecord_key="fit-settings", min_available_nodes=1, min_train_nodes=1)
-    config = ConfigRecord({CKKS_CONFIG_KEY: True, **signing_config(DOMAIN)})
+    config = ConfigRecord({CKKS_CONFIG_KEY: True, **signing_config(DOMAIN, development_keys=True)})
     incoming = encrypted_global_record(secret, public)
     (msg,) = strategy.configure_train(2, incoming, config, OneNodeGrid())
     assert list(msg.content.config_records) == ["fit-settings"]

@@ -42,6 +42,7 @@ from bcsfl_flower.protocol import (
     APPROVAL_RECORD_KEY,
     CANDIDATE_CONFIG_KEY,
     COMMITTEE_RECORD_KEY,
+    DEVELOPMENT_KEYS_KEY,
     DUTY_MODEL_PREFIX,
     PACKET_RECORD_KEY,
     ROLLBACK_CANDIDATE,
@@ -57,6 +58,8 @@ from bcsfl_flower.protocol import (
 from bcsfl_flower.round.statement import DecisionSettings, RoundStatement, StatedPlan, StatedReply
 
 DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3", bytes(range(32)))
+SIMULATED = {DEVELOPMENT_KEYS_KEY: True}
+"""What a simulation's signing config adds: nodes may sign with development keys."""
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +92,7 @@ def context(partition_id: int = 0, **node_config) -> Context:
 def train_message(round_number: int = 3, *, signed: bool = True) -> Message:
     config = {"server-round": round_number, "lr": 0.1}
     if signed:
-        config.update(signing_config(DOMAIN))
+        config.update(signing_config(DOMAIN, development_keys=True))
     content = RecordDict({"arrays": record(0.0), "config": ConfigRecord(config)})
     return Message(content, dst_node_id=100, message_type="train")
 
@@ -134,7 +137,7 @@ def test_train_config_under_any_record_name_is_signed(configrecord_key):
     """A strategy may send its config under another record (FedAvg's ``configrecord_key``)."""
     strategy = FedAvg(configrecord_key=configrecord_key, min_available_nodes=1, min_train_nodes=1)
     (message,) = strategy.configure_train(
-        7, record(0.0), ConfigRecord(signing_config(DOMAIN)), OneNodeGrid()
+        7, record(0.0), ConfigRecord(signing_config(DOMAIN, development_keys=True)), OneNodeGrid()
     )
     assert list(message.content.config_records) == [configrecord_key]
     reply = bcsfl_mod(message, context(2), fake_training)
@@ -178,7 +181,12 @@ def test_error_replies_and_other_messages_pass_through():
     reply = bcsfl_mod(train_message(), context(), failing)
     assert reply.has_error()
     evaluate = Message(
-        RecordDict({"arrays": record(0.0), "config": ConfigRecord(signing_config(DOMAIN))}),
+        RecordDict(
+            {
+                "arrays": record(0.0),
+                "config": ConfigRecord(signing_config(DOMAIN, development_keys=True)),
+            }
+        ),
         dst_node_id=100,
         message_type="evaluate",
     )
@@ -279,7 +287,7 @@ def duty(
     request = mine_request(
         statement, DOMAIN, [m.address for m in miners], arrays, packets, document
     )
-    content = duty_content(CommitteeDuty({}, {"server-round": 3}, {"c": request}))
+    content = duty_content(CommitteeDuty({}, {"server-round": 3, **SIMULATED}, {"c": request}))
     return Message(content, dst_node_id=100, message_type="evaluate")
 
 
@@ -345,7 +353,9 @@ def test_a_miner_signs_the_rounds_rollback_only_as_a_committee_member(member):
     rollback = RoundRollback(3, PREVIOUS, root, nothing.digest())
     committee = [m.address for m in MINERS]
     request = rollback_request(rollback, DOMAIN, committee, nothing.to_bytes())
-    content = duty_content(CommitteeDuty({}, {"server-round": 3}, {ROLLBACK_CANDIDATE: request}))
+    content = duty_content(
+        CommitteeDuty({}, {"server-round": 3, **SIMULATED}, {ROLLBACK_CANDIDATE: request})
+    )
     message = Message(content, dst_node_id=100, message_type="evaluate")
     reply = bcsfl_mod(message, context(1 if member else 4), must_not_run)
     verdict = read_duty_verdict(reply, ROLLBACK_CANDIDATE)
@@ -390,7 +400,9 @@ def test_a_miner_refuses_a_rollback_of_a_round_the_ballots_commit(committed):
     root = committee_root([m.address for m in MINERS])
     rollback = RoundRollback(3, PREVIOUS, root, statement.digest())
     request = rollback_request(rollback, DOMAIN, [m.address for m in MINERS], statement.to_bytes())
-    content = duty_content(CommitteeDuty({}, {"server-round": 3}, {ROLLBACK_CANDIDATE: request}))
+    content = duty_content(
+        CommitteeDuty({}, {"server-round": 3, **SIMULATED}, {ROLLBACK_CANDIDATE: request})
+    )
     reply = bcsfl_mod(
         Message(content, dst_node_id=100, message_type="evaluate"), context(1), must_not_run
     )
@@ -456,6 +468,24 @@ def test_node_without_a_key_answers_the_duty_with_an_error():
     assert not verdict.approved and "no key" in verdict.reason
 
 
+def test_outside_simulation_a_node_without_a_keystore_refuses_the_development_key(caplog):
+    """A deployment's trail does not admit development keys: a node with a partition id
+    but no keystore neither signs its train reply nor mines, and says what to set."""
+    train = train_message()
+    train.content["config"].pop(DEVELOPMENT_KEYS_KEY)
+    reply = bcsfl_mod(train, context(2), fake_training)
+    assert PACKET_RECORD_KEY not in reply.content  # unsigned: the server rejects it
+    assert "set bcsfl-keystore" in caplog.text
+    request = mine_request(approval(), DOMAIN, [m.address for m in MINERS], record(1.0))
+    content = duty_content(CommitteeDuty({}, {"server-round": 3}, {"c": request}))
+    mined = bcsfl_mod(
+        Message(content, dst_node_id=100, message_type="evaluate"), context(1), must_not_run
+    )
+    verdict = read_verdict(mined)
+    assert not verdict.approved
+    assert "PUBLIC development keys" in verdict.reason and "bcsfl-keystore" in verdict.reason
+
+
 def test_miner_approvals_from_the_mod_anchor_on_chain(tmp_path):
     from bcsfl_flower.chain.audit import AuditTrail
     from bcsfl_flower.chain.backends import connect
@@ -469,7 +499,7 @@ def test_miner_approvals_from_the_mod_anchor_on_chain(tmp_path):
         verifier = PacketVerifier(trail.domain, [client_dev_account(i).address for i in (3, 4)])
         for partition in (3, 4):
             message = train_message(1, signed=False)
-            message.content["config"].update(signing_config(trail.domain))
+            message.content["config"].update(signing_config(trail.domain, development_keys=True))
             reply = bcsfl_mod(message, context(partition), fake_training)
             packets.append(
                 verifier.verify(reply.content[PACKET_RECORD_KEY], reply.content["arrays"], 1)
@@ -490,7 +520,7 @@ def test_miner_approvals_from_the_mod_anchor_on_chain(tmp_path):
                         duty_content(
                             CommitteeDuty(
                                 {},
-                                {},
+                                SIMULATED,
                                 {
                                     "c": mine_request(
                                         statement,
@@ -538,7 +568,7 @@ def loss_of_w(msg: Message, ctx: Context) -> Message:
 
 
 def validation_duty(**models: ArrayRecord) -> Message:
-    content = duty_content(CommitteeDuty(models, {"server-round": 3}, {}))
+    content = duty_content(CommitteeDuty(models, {"server-round": 3, **SIMULATED}, {}))
     return Message(content, dst_node_id=100, message_type="evaluate")
 
 
@@ -558,7 +588,7 @@ def test_a_validator_duty_runs_the_evaluate_handler_once_per_model():
         (0.75, None),
     ]
     # each model reached the handler as the ordinary evaluate message a plain validator gets
-    assert seen == [{"server-round": 3, CANDIDATE_CONFIG_KEY: name} for name in models]
+    assert seen == [{"server-round": 3, **SIMULATED, CANDIDATE_CONFIG_KEY: name} for name in models]
 
 
 def test_a_model_the_handler_fails_on_is_reported_by_name_and_the_rest_still_count():
@@ -606,7 +636,7 @@ def test_a_miner_checks_the_request_against_the_chain_it_reads_itself(tmp_path):
             )
             request = mine_request(signed, domain, committee, record(1.0), (), stated.to_bytes())
             message = Message(
-                duty_content(CommitteeDuty({}, {}, {"c": request})),
+                duty_content(CommitteeDuty({}, SIMULATED, {"c": request})),
                 dst_node_id=101,
                 message_type="evaluate",
             )

@@ -115,3 +115,30 @@ def test_a_deployment_refuses_to_register_public_development_keys(tmp_path):
     with pytest.raises(ValueError, match="public development accounts") as raised:
         open_notary(settings, tmp_path / "run", initial, num_partitions=3)
     assert client_dev_account(3).address in str(raised.value) and own not in str(raised.value)
+
+
+def test_the_deployment_engine_refuses_to_start_without_a_client_registry(tmp_path):
+    from flwr.app import Array, ArrayRecord
+
+    from bcsfl_flower.server_app import open_notary
+
+    initial = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    settings = RunSettings.from_run_config({"chain": "embedded"})
+    with pytest.raises(ValueError, match="client-registry is unset on Flower's deployment"):
+        open_notary(settings, tmp_path / "run", initial, num_partitions=3, simulated=False)
+    assert not (tmp_path / "run").exists()  # refused before any chain or store was made
+    notary = open_notary(settings, tmp_path / "sim", initial, num_partitions=3, simulated=True)
+    try:
+        assert notary is not None and notary.development_keys
+        assert notary.signing_config()["bcsfl-development-keys"] is True
+    finally:
+        notary.connection.close()
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps(["0x" + "ab" * 20]))
+    deployed = RunSettings.from_run_config({"chain": "embedded", "client-registry": str(registry)})
+    notary = open_notary(deployed, tmp_path / "dep", initial, num_partitions=3, simulated=False)
+    try:  # the nodes' own keys only: a node without a keystore is told to set one
+        assert notary is not None and not notary.development_keys
+        assert "bcsfl-development-keys" not in notary.signing_config()
+    finally:
+        notary.connection.close()

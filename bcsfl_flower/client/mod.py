@@ -71,6 +71,7 @@ from bcsfl_flower.packets import (
 )
 from bcsfl_flower.protocol import (
     BASELINE_CANDIDATE,
+    DEVELOPMENT_KEYS_KEY,
     DUTY_CAPABLE_RECORD_KEY,
     PACKET_RECORD_KEY,
     ROUND_KEY,
@@ -172,7 +173,7 @@ def serve_duty(
     verdicts: dict[str, RecordDict] = {}
     if duty.mining:
         try:
-            account = node_account(context)
+            account = node_account(context, development_keys=_development_keys(duty.config))
         except (MissingKeyError, FileNotFoundError, ValueError) as err:
             return _error_reply(msg, f"bcsfl miner has no key: {err}")
         for name, request in duty.mining.items():
@@ -201,17 +202,19 @@ _KEYSTORE_CACHE: dict[tuple[str, str | None], LocalAccount] = {}
 _WARNED_DEV_KEY: set[int] = set()
 
 
-def node_account(context: Context) -> LocalAccount:
+def node_account(context: Context, *, development_keys: bool) -> LocalAccount:
     """Return this node's signing account from its node config.
 
     ``bcsfl-keystore`` (with ``bcsfl-keystore-password-file`` or
-    ``$BCSFL_KEYSTORE_PASSWORD``) wins; otherwise ``partition-id`` selects a PUBLIC
-    development key (simulation only; a warning is logged once per partition).
+    ``$BCSFL_KEYSTORE_PASSWORD``) wins; otherwise, only when ``development_keys`` (the
+    server's signing config says its trail registered the development accounts: a
+    simulation), ``partition-id`` selects a PUBLIC development key (a warning is logged
+    once per partition).
 
     Raises
     ------
     MissingKeyError
-        If the node config has neither key.
+        If the node config has no keystore and the development key is not allowed.
     """
     config = context.node_config
     if KEYSTORE_NODE_KEY in config:
@@ -223,6 +226,12 @@ def node_account(context: Context) -> LocalAccount:
                 path, password_file=None if password_file is None else str(password_file)
             )
         return _KEYSTORE_CACHE[cache_key]
+    if "partition-id" in config and not development_keys:
+        raise MissingKeyError(
+            f"node config has no {KEYSTORE_NODE_KEY!r}, and this federation's trail does not "
+            "register the PUBLIC development keys (they are for simulation only): set "
+            f"{KEYSTORE_NODE_KEY} (and {KEYSTORE_PASSWORD_FILE_NODE_KEY}) in the node config"
+        )
     if "partition-id" in config:
         partition_id = int(config["partition-id"])
         if partition_id not in _WARNED_DEV_KEY:
@@ -245,6 +254,11 @@ def node_account(context: Context) -> LocalAccount:
 # ------------------------------------------------------------------------------------------
 
 
+def _development_keys(config: Mapping[str, Any]) -> bool:
+    """Whether a duty's config admits the public development keys (simulation)."""
+    return config.get(DEVELOPMENT_KEYS_KEY) is True
+
+
 def _sign_train_reply(msg: Message, reply: Message, context: Context) -> None:
     domain = signing_domain(msg.content)
     if domain is None:
@@ -258,8 +272,9 @@ def _sign_train_reply(msg: Message, reply: Message, context: Context) -> None:
     if server_round is None:
         log(WARNING, "bcsfl_mod: train config lacks %r; not signing", ROUND_KEY)
         return
+    allowed = config_value(msg.content, DEVELOPMENT_KEYS_KEY) is True
     try:
-        account = node_account(context)
+        account = node_account(context, development_keys=allowed)
     except (MissingKeyError, FileNotFoundError, ValueError) as err:
         log(WARNING, "bcsfl_mod: cannot sign the train reply: %s", err)
         return
@@ -289,7 +304,7 @@ def _signed_ballot(
     if duty.loss_key is None or domain is None or BASELINE_CANDIDATE not in duty.models:
         return None
     try:
-        account = node_account(context)
+        account = node_account(context, development_keys=_development_keys(duty.config))
     except (MissingKeyError, FileNotFoundError, ValueError) as err:
         log(WARNING, "bcsfl validator: cannot sign its ballot: %s", err)
         return None

@@ -38,7 +38,7 @@ from bcsfl_flower.approvals import (
 from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.backends import ChainConnection, connect
 from bcsfl_flower.chain.certificates import AnchorCertificate
-from bcsfl_flower.chain.keys import client_dev_account
+from bcsfl_flower.chain.keys import client_dev_account, development_addresses
 from bcsfl_flower.chain.model_store import ModelStore
 from bcsfl_flower.chain.retry import RetryPolicy
 from bcsfl_flower.packets import (
@@ -139,7 +139,10 @@ class RoundNotary:
         self.trail = trail
         self.store = store
         self.output_dir = Path(output_dir)
+        registered = list(registered)
         self.verifier = PacketVerifier(trail.domain, registered, window_s=packet_window_s)
+        self.development_keys = bool(development_addresses(registered))
+        """Whether the registered clients include public development accounts."""
         self.require_signed = require_signed
         self.addresses: dict[str, str] = {}
         """Node id -> address, learned from verified packets."""
@@ -202,8 +205,12 @@ class RoundNotary:
         return notary
 
     def signing_config(self) -> dict[str, ConfigValue]:
-        """Train-config entries that make clients running the bcsfl mod sign their replies."""
-        return signing_config(self.trail.domain)
+        """Config entries that make clients running the bcsfl mod sign their replies.
+
+        They admit the public development keys only when this trail registered them
+        (simulation); a deployment's nodes must sign with their own keystores.
+        """
+        return signing_config(self.trail.domain, development_keys=self.development_keys)
 
     def check_packet(self, node_id: int, content: RecordDict, server_round: int) -> PacketCheck:
         """Verify a train reply's packet; an unsigned reply passes unless signing is required."""

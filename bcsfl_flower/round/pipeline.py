@@ -429,6 +429,7 @@ class RoundPipeline:
             arrays if arrays is not None else ArrayRecord(),
             {},
             self.settings.validation,
+            self._signing_config(),
             duty_nodes=duty_nodes,
             mining=plan.requests,
             miners=tuple(plan.signing),
