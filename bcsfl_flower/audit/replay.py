@@ -140,13 +140,14 @@ def _recompute(statement: RoundStatement, store: ModelStore, domain: Eip712Domai
     )
     drawn, problem = recorded_draw(statement)
     _expect(problem is None, problem or "")
-    committee = by_node(drawn, statement.node_of())
+    node_of = statement.node_of()
+    committee = by_node(drawn, node_of)
     models = dict(
         zip(plan.names, PlainSpace().combine(start, batch, plan.coefficients), strict=True)
     )
     _expect_plan(statement, plan.names, {name: model_hash(m) for name, m in models.items()})
     _expect(
-        list(committee.validators) == [statement.node_of()[v] for v in statement.validators],
+        list(committee.validators) == [node_of[v] for v in statement.validators],
         f"{label}: the validators are not the drawn ones",
     )
     try:

@@ -226,27 +226,27 @@ def node_account(context: Context, *, development_keys: bool) -> LocalAccount:
                 path, password_file=None if password_file is None else str(password_file)
             )
         return _KEYSTORE_CACHE[cache_key]
-    if "partition-id" in config and not development_keys:
+    if "partition-id" not in config:
+        raise MissingKeyError(
+            f"node config has neither {KEYSTORE_NODE_KEY!r} nor 'partition-id'; cannot sign"
+        )
+    if not development_keys:
         raise MissingKeyError(
             f"node config has no {KEYSTORE_NODE_KEY!r}, and this federation's trail does not "
             "register the PUBLIC development keys (they are for simulation only): set "
             f"{KEYSTORE_NODE_KEY} (and {KEYSTORE_PASSWORD_FILE_NODE_KEY}) in the node config"
         )
-    if "partition-id" in config:
-        partition_id = int(config["partition-id"])
-        if partition_id not in _WARNED_DEV_KEY:
-            _WARNED_DEV_KEY.add(partition_id)
-            log(
-                WARNING,
-                "bcsfl: partition %d signs with a PUBLIC development key (simulation only; "
-                "set %s in the node config for a real deployment)",
-                partition_id,
-                KEYSTORE_NODE_KEY,
-            )
-        return client_dev_account(partition_id)
-    raise MissingKeyError(
-        f"node config has neither {KEYSTORE_NODE_KEY!r} nor 'partition-id'; cannot sign"
-    )
+    partition_id = int(config["partition-id"])
+    if partition_id not in _WARNED_DEV_KEY:
+        _WARNED_DEV_KEY.add(partition_id)
+        log(
+            WARNING,
+            "bcsfl: partition %d signs with a PUBLIC development key (simulation only; "
+            "set %s in the node config for a real deployment)",
+            partition_id,
+            KEYSTORE_NODE_KEY,
+        )
+    return client_dev_account(partition_id)
 
 
 # ------------------------------------------------------------------------------------------
