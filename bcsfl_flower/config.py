@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -22,17 +21,16 @@ from typing import Any
 from bcsfl_flower.baselines import BASELINES
 from bcsfl_flower.byzfl_strategy import BYZFL_BASELINES
 from bcsfl_flower.extras import MissingExtraError, require_extra
-from bcsfl_flower.round.screening import OUTLIER_NORM_RATIO, SPLIT_MARGIN
-from bcsfl_flower.round.selection import selection_rule
-from bcsfl_flower.round.settings import (
-    DEFAULT_REWARD,
-    DEFAULT_SLASH_FRACTION,
-    RoundSettings,
+from bcsfl_flower.round.constraints import (
+    Boolean,
+    Constraint,
+    Interval,
+    OneOf,
     SettingError,
-    StakePolicy,
-    ValidationSettings,
+    Text,
+    validate_parameters,
 )
-from bcsfl_flower.round.stakes import INITIAL_STAKES
+from bcsfl_flower.round.settings import ROUND_CONSTRAINTS, RoundSettings
 
 DATA_DIR_ENV = "BCSFL_DATA_DIR"
 """Environment variable that names the data directory when ``data-dir`` is empty."""
@@ -52,11 +50,50 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class AbsolutePathOrEmpty(Constraint):
+    """A path the ServerApp can open whatever its working directory, or ``""`` (unset)."""
+
+    def accepts(self, value: Any) -> bool:
+        """Return whether ``value`` is ``""`` or an absolute path."""
+        return isinstance(value, str) and (value == "" or Path(value).is_absolute())
+
+    def describe(self) -> str:
+        """Return the requirement, as it completes "must be ..."."""
+        return "an absolute path (the ServerApp runs in the SuperLink's working directory)"
+
+
+@dataclass(frozen=True)
+class ChainName(Constraint):
+    """Where the audit chain runs: the run's own (embedded, anvil), none, or a node's URL."""
+
+    def accepts(self, value: Any) -> bool:
+        """Return whether ``value`` names a chain."""
+        return isinstance(value, str) and (
+            value in ("embedded", "anvil", "none") or value.startswith(("http://", "https://"))
+        )
+
+    def describe(self) -> str:
+        """Return the requirement, as it completes "must be ..."."""
+        return "'embedded', 'anvil', 'none' or an http(s):// URL"
+
+
+_ROUND = RoundSettings()
+"""The round settings' defaults: the run config's round keys default to them."""
+
+_POSITIVE = Interval(0.0, low_open=True)
+_NON_NEGATIVE = Interval(0.0)
+_COUNT = Interval(1, integer=True)
+_INDEX = Interval(0, integer=True)
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """Every run-config key of the app, typed and validated.
 
     Attribute names are the snake_case form of the kebab-case keys in
-    ``[tool.flwr.app.config]``; :data:`KEYS` maps one to the other.
+    ``[tool.flwr.app.config]``. The round's keys are :class:`RoundSettings` fields under
+    the same names (``dp`` sets ``noisy_updates``), with its defaults and its checks;
+    :meth:`round_settings` is the one place that maps them.
     """
 
     num_server_rounds: int = 3
@@ -73,23 +110,27 @@ class RunSettings:
     attack_scale: float = 1.0
     output_dir: str = ""
     strategy: str = "bcsfl"
-    selection: str = "trusted-mean"
-    num_validators: int = 5
-    num_miners: int = 5
-    initial_stake: str = "equal"
+    selection: str = _ROUND.selection
+    num_validators: int = _ROUND.num_validators
+    num_miners: int = _ROUND.num_miners
+    initial_stake: str = _ROUND.initial_stake
     attacker_stake: float = 1.0
-    stake_reward: float = DEFAULT_REWARD
-    stake_slash: float = DEFAULT_SLASH_FRACTION
-    vote_tolerance: float = 0.05
-    outlier_norm_ratio: float = OUTLIER_NORM_RATIO
-    split_margin: float = SPLIT_MARGIN
-    loss_metric_key: str = "eval_loss"
+    stake_reward: float = _ROUND.stake_reward
+    stake_slash: float = _ROUND.stake_slash
+    stake_ceiling: float = _ROUND.stake_ceiling
+    stake_left_out: float = _ROUND.stake_left_out
+    vote_tolerance: float = _ROUND.vote_tolerance
+    outlier_norm_ratio: float = _ROUND.outlier_norm_ratio
+    split_margin: float = _ROUND.split_margin
+    example_cap_ratio: float = _ROUND.example_cap_ratio
+    loss_metric_key: str = _ROUND.loss_metric_key
+    committee_timeout: float = _ROUND.committee_timeout
     chain: str = "embedded"
     chain_retry_attempts: int = 5
     chain_retry_base_delay: float = 0.5
     packet_window_s: float = 300.0
     require_signed: bool = True
-    replayable_rounds: bool = False
+    replayable_rounds: bool = True
     resume: bool = False
     round_timeout: float = 3600.0
     fault: str = "none"
@@ -103,59 +144,30 @@ class RunSettings:
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
     dp_target_epsilon: float = 0.0
-    ckks: bool = False
+    ckks: bool = _ROUND.ckks
     ckks_key_seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
-        _require(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
-        _require(self.local_epochs >= 1, "local-epochs", "must be >= 1")
-        _require(self.learning_rate > 0.0, "learning-rate", "must be > 0")
-        _require(self.batch_size >= 1, "batch-size", "must be >= 1")
-        _require(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}")
-        _require(self.dirichlet_alpha > 0.0, "dirichlet-alpha", "must be > 0")
-        _require(self.seed >= 0, "seed", "must be >= 0")
-        _require(0.0 <= self.attacker_fraction < 1.0, "attacker-fraction", "must be in [0, 1)")
-        _require(self.attack in ATTACKS, "attack", f"must be one of {ATTACKS}")
-        _require(self.attack_scale > 0.0, "attack-scale", "must be > 0")
-        _require(
-            self.output_dir == "" or Path(self.output_dir).is_absolute(),
-            "output-dir",
-            f"must be an absolute path (the ServerApp runs in the SuperLink's working "
-            f"directory), got {self.output_dir!r}",
-        )
-
-        _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}")
+        try:
+            validate_parameters(self, RUN_CONSTRAINTS)
+            self.round_settings()
+        except SettingError as err:
+            raise ConfigError(f"run config '{_key(err.setting)}' {err.detail}") from err
         _require(
             self.strategy not in BYZFL_BASELINES or importlib.util.find_spec("byzfl") is not None,
             "strategy",
             f"{self.strategy!r} is byzfl's: pip install --no-deps 'byzfl==0.0.11'",
         )
-        _require(self.attacker_stake >= 0.0, "attacker-stake", "must be >= 0")
-        try:
-            self.round_settings()
-            selection_rule(self.selection, encrypted=self.ckks)
-            if self.initial_stake not in INITIAL_STAKES:
-                raise SettingError("initial_stake", f"must be one of {sorted(INITIAL_STAKES)}")
-        except SettingError as err:
-            raise ConfigError(f"run config '{err.setting.replace('_', '-')}' {err.detail}") from err
-        _require(
-            self.chain in ("embedded", "anvil", "none") or self._shared_chain(),
-            "chain",
-            f"must be 'embedded', 'anvil', 'none' or an http(s):// URL, got {self.chain!r}",
-        )
+        self._check_chain()
+        self._check_extras()
+
+    def _check_chain(self) -> None:
+        """Check the settings that only make sense with, or without, an audit chain."""
         _require(
             self.operator_keystore == "" or self.chain != "none",
             "operator-keystore",
             "needs a chain (chain = 'none' anchors nothing)",
         )
-        _require(self.chain_retry_attempts >= 1, "chain-retry-attempts", "must be >= 1")
-        _require(self.chain_retry_base_delay >= 0, "chain-retry-base-delay", "must be >= 0")
-        _require(self.packet_window_s > 0, "packet-window-s", "must be > 0")
-        _require(self.round_timeout > 0, "round-timeout", "must be > 0")
-        _require(self.fault in FAULTS, "fault", f"must be one of {FAULTS}")
-        _require(self.fault_partition >= 0, "fault-partition", "must be >= 0")
-        _require(self.fault_round >= 1, "fault-round", "must be >= 1")
         _require(
             not self.resume or (self.strategy == "bcsfl" and self.chain != "none"),
             "resume",
@@ -173,43 +185,6 @@ class RunSettings:
             "needs an audit chain to check signatures against (chain is 'none'); set "
             "require-signed=false to admit unsigned clients",
         )
-        _require(self.dp_noise_multiplier >= 0, "dp-noise-multiplier", "must be >= 0")
-        _require(self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")
-        _require(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
-        _require(
-            math.isfinite(self.dp_target_epsilon) and self.dp_target_epsilon >= 0,
-            "dp-target-epsilon",
-            "must be a finite number >= 0 (0: no budget)",
-        )
-        _require(
-            self.dp or self.dp_target_epsilon == 0,
-            "dp-target-epsilon",
-            "needs dp=true (a budget means nothing without DP-SGD)",
-        )
-        _require(self.ckks_key_seed >= 0, "ckks-key-seed", "must be >= 0")
-        for flag, extra in ((self.dp, "dp"), (self.ckks, "ckks")):
-            if flag:
-                try:
-                    require_extra(extra, f"run config '{extra}=true'")
-                except MissingExtraError as err:
-                    raise ConfigError(str(err)) from err
-        if self.ckks:
-            _require(
-                self.strategy == "bcsfl",
-                "ckks",
-                f"needs strategy 'bcsfl' (Flower's {self.strategy!r} cannot add ciphertexts)",
-            )
-        for key, path in (
-            ("client-registry", self.client_registry),
-            ("operator-keystore", self.operator_keystore),
-            ("operator-keystore-password-file", self.operator_keystore_password_file),
-        ):
-            _require(
-                path == "" or Path(path).is_absolute(),
-                key,
-                f"must be an absolute path (the ServerApp runs in the SuperLink's working "
-                f"directory), got {path!r}",
-            )
         _require(
             not self._shared_chain() or self.strategy != "bcsfl" or self.client_registry != "",
             "client-registry",
@@ -217,22 +192,41 @@ class RunSettings:
             "would be registered, and any node could sign as one of them",
         )
 
+    def _check_extras(self) -> None:
+        """Check DP's budget and that the extras ``dp`` and ``ckks`` need are installed."""
+        _require(
+            self.dp or self.dp_target_epsilon == 0,
+            "dp-target-epsilon",
+            "needs dp=true (a budget means nothing without DP-SGD)",
+        )
+        for flag, extra in ((self.dp, "dp"), (self.ckks, "ckks")):
+            if flag:
+                try:
+                    require_extra(extra, f"run config '{extra}=true'")
+                except MissingExtraError as err:
+                    raise ConfigError(str(err)) from err
+        _require(
+            not self.ckks or self.strategy == "bcsfl",
+            "ckks",
+            f"needs strategy 'bcsfl' (Flower's {self.strategy!r} cannot add ciphertexts)",
+        )
+
     def _shared_chain(self) -> bool:
         """Whether ``chain`` is a node's URL (a deployment), not a simulation's own chain."""
         return self.chain.startswith(("http://", "https://"))
 
     def round_settings(self) -> RoundSettings:
-        """Return the BCSFL round settings these keys describe (validating them)."""
-        return RoundSettings(
-            num_validators=self.num_validators,
-            num_miners=self.num_miners,
-            vote_tolerance=self.vote_tolerance,
-            noisy_updates=self.dp,
-            outlier_norm_ratio=self.outlier_norm_ratio,
-            split_margin=self.split_margin,
-            stake_policy=StakePolicy(self.stake_reward, self.stake_slash),
-            validation=ValidationSettings(loss_metric_key=self.loss_metric_key),
-        )
+        """Return the BCSFL round settings these keys describe (validating them).
+
+        Every :class:`RoundSettings` field is a key of the same name, but for
+        ``noisy_updates``, which DP-SGD (``dp``) implies.
+        """
+        values = {
+            setting.name: getattr(self, setting.name)
+            for setting in dataclasses.fields(RoundSettings)
+            if setting.name != "noisy_updates"
+        }
+        return RoundSettings(**values, noisy_updates=self.dp)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
@@ -253,7 +247,7 @@ class RunSettings:
         """
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            key = field.name.replace("_", "-")
+            key = _key(field.name)
             if key in run_config:
                 values[field.name] = _coerce(key, run_config[key], type(field.default))
         return cls(**values)
@@ -281,6 +275,55 @@ class RunSettings:
             return path
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return Path.home() / ".cache" / "bcsfl-flower" / "runs" / stamp
+
+
+_PATH = AbsolutePathOrEmpty()
+
+RUN_CONSTRAINTS: Mapping[str, Constraint] = {
+    **{key: ROUND_CONSTRAINTS[key] for key in ROUND_CONSTRAINTS if key != "noisy_updates"},
+    "num_server_rounds": _COUNT,
+    "fraction_train": Interval(0.0, 1.0, low_open=True),
+    "local_epochs": _COUNT,
+    "learning_rate": _POSITIVE,
+    "batch_size": _COUNT,
+    "dataset": OneOf(lambda: DATASETS),
+    "data_dir": Text(),
+    "dirichlet_alpha": _POSITIVE,
+    "seed": _INDEX,
+    "attacker_fraction": Interval(0.0, 1.0, high_open=True),
+    "attack": OneOf(lambda: ATTACKS),
+    "attack_scale": _POSITIVE,
+    "output_dir": _PATH,
+    "strategy": OneOf(lambda: STRATEGIES),
+    "attacker_stake": _NON_NEGATIVE,
+    "chain": ChainName(),
+    "chain_retry_attempts": _COUNT,
+    "chain_retry_base_delay": _NON_NEGATIVE,
+    "packet_window_s": _POSITIVE,
+    "require_signed": Boolean(),
+    "replayable_rounds": Boolean(),
+    "resume": Boolean(),
+    "round_timeout": _POSITIVE,
+    "fault": OneOf(lambda: FAULTS),
+    "fault_partition": _INDEX,
+    "fault_round": _COUNT,
+    "client_registry": _PATH,
+    "operator_keystore": _PATH,
+    "operator_keystore_password_file": _PATH,
+    "dp": Boolean(),
+    "dp_noise_multiplier": _NON_NEGATIVE,
+    "dp_max_grad_norm": _POSITIVE,
+    "dp_delta": Interval(0.0, 1.0, low_open=True, high_open=True),
+    "dp_target_epsilon": _NON_NEGATIVE,
+    "ckks_key_seed": _INDEX,
+}
+"""What each :class:`RunSettings` field accepts; the round's keys reuse
+:data:`~bcsfl_flower.round.settings.ROUND_CONSTRAINTS`."""
+
+
+def _key(setting: str) -> str:
+    """Return the run-config key of a setting (``num_validators`` -> ``num-validators``)."""
+    return setting.replace("_", "-")
 
 
 def _require(condition: bool, key: str, message: str) -> None:

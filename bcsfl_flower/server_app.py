@@ -256,27 +256,15 @@ def build_strategy(
             fraction_train=settings.fraction_train,
         )
     return BCSFL(
-        fraction_train=settings.fraction_train,
-        fraction_evaluate=0.0,
-        train_metrics_aggr_fn=aggregate_train_metrics,
-        selection=settings.selection,
-        num_validators=settings.num_validators,
-        num_miners=settings.num_miners,
-        initial_stake=settings.initial_stake,
+        settings.round_settings(),
         initial_stakes=initial_stakes,
-        stake_reward=settings.stake_reward,
-        stake_slash=settings.stake_slash,
-        vote_tolerance=settings.vote_tolerance,
-        noisy_updates=settings.dp,
-        outlier_norm_ratio=settings.outlier_norm_ratio,
-        split_margin=settings.split_margin,
-        loss_metric_key=settings.loss_metric_key,
-        ckks=settings.ckks,
         notary=notary,
         start_round=start_round,
         round_sink=round_sink,
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=0.0,
+        train_metrics_aggr_fn=aggregate_train_metrics,
     )
-
 
 def _attack_scores(record: dict[str, Any], attackers: set[int]) -> dict[str, Any]:
     """Score the round's rejections against the simulated attackers, by partition id."""

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from logging import INFO
+from operator import attrgetter
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -27,18 +28,11 @@ from bcsfl_flower.protocol import all_refused_for_budget
 from bcsfl_flower.round.metrics import aggregate_evaluate_metrics, round_metrics
 from bcsfl_flower.round.notary import RoundNotary
 from bcsfl_flower.round.pipeline import RoundPipeline
-from bcsfl_flower.round.screening import OUTLIER_NORM_RATIO, SPLIT_MARGIN
 from bcsfl_flower.round.selection import selection_rule
-from bcsfl_flower.round.settings import (
-    DEFAULT_REWARD,
-    DEFAULT_SLASH_FRACTION,
-    RoundSettings,
-    SettingError,
-    StakePolicy,
-    ValidationSettings,
-)
+from bcsfl_flower.round.settings import RoundSettings, SettingError
 from bcsfl_flower.round.space import update_space
 from bcsfl_flower.round.stakes import INITIAL_STAKES, StakeLedger
+from bcsfl_flower.round.validation import ValidationSettings
 
 RoundSink = Callable[[int, dict[str, Any]], None]
 """Receives ``(server_round, record)`` once per round, e.g. :meth:`RunRecorder.record`."""
@@ -48,7 +42,18 @@ class PrivacyBudgetExhaustedError(RuntimeError):
     """Every client of a round refused to train: the run would overspend ``dp-target-epsilon``."""
 
 
-# pylint: disable=too-many-instance-attributes
+def _exposes_round_settings(cls: type[BCSFL]) -> type[BCSFL]:
+    """Give ``cls`` one read-only attribute per :class:`RoundSettings` field.
+
+    Generated from the dataclass, so a new setting needs no second definition here.
+    """
+    for setting in fields(RoundSettings):
+        getter = attrgetter(f"_settings.{setting.name}")
+        setattr(cls, setting.name, property(getter, doc=f"``settings.{setting.name}``."))
+    return cls
+
+
+@_exposes_round_settings
 class BCSFL(FedAvg):
     """BCS-FL: stake-drawn committees, robust screening and 2/3-quorum consensus.
 
@@ -58,46 +63,14 @@ class BCSFL(FedAvg):
 
     Parameters
     ----------
-    selection : {"trusted-mean", "paper"} (default: "trusted-mean")
-        ``"trusted-mean"``: the validators score the trusted cluster's mean, the mean of
-        its core and its geometric median; the best that reaches the quorum commits.
-        ``"paper"``: every trusted local model is a candidate and the first validator
-        drawn proposes its best one for a PBFT accept/reject vote.
-    num_validators, num_miners : int (default: 5, 5)
-        Committee seats, clamped to the number of trusted clients.
-    initial_stake : {"equal", "data-size", "explicit"} (default: "equal")
-        Stake a client gets when first seen: 1.0, its (capped) example count, or its
-        entry in ``initial_stakes``. Entries of ``initial_stakes`` win in every mode.
+    settings : RoundSettings, optional
+        Selection, committee seats, stake rule, screening and validation settings; every
+        default and every check lives there. Keyword arguments that name one of its
+        fields (``num_validators=7``) are applied on top, so
+        ``BCSFL(num_validators=7, fraction_train=0.5)`` works as with ``FedAvg``.
     initial_stakes : Mapping[str, float], optional
         Initial stakes keyed by client address (proved by its signed packet) or node id.
-    stake_reward : float (default: 0.05)
-        Stake each trusted client gains in a committed round.
-    stake_slash : float (default: 0.5)
-        Share of its stake a rejected client loses.
-    vote_tolerance : float (default: 0.05)
-        Loss increase a validator tolerates when it accepts a candidate (absorbs
-        evaluation noise on non-IID data).
-    noisy_updates : bool (default: False)
-        The clients train with differential privacy, so noise dominates every update.
-        Screening then compares updates by their inner products with the others, which
-        the noise leaves unbiased, instead of by their noise-inflated lengths; and the
-        validators also score ``w_t +- r``, ``r`` half the difference of the means of
-        two random halves of the trusted clients, and each tolerates, on top of
-        ``vote_tolerance``, what that sampling error cost it.
-    outlier_norm_ratio : float (default: 2.5)
-        Screening rejects updates longer than this multiple of the stake-weighted
-        median norm.
-    split_margin : float (default: 0.05)
-        How clearly two groups of updates must differ before screening splits them.
-    loss_metric_key : str (default: "eval_loss")
-        Key of the loss in the validators' evaluate replies.
-    committee_timeout : float (default: 600)
-        Seconds to wait for validators (and CKKS key holders).
-    ckks : bool (default: False)
-        CKKS mode: clients running ``bcsfl_ckks_client_app`` send ``Enc(w_k - w_t)``;
-        the server holds only the public context, screens on the Gram matrix a stake-
-        drawn committee of key holders decrypts, and aggregates ciphertexts. No central
-        evaluation is possible.
+        Entries win over ``settings.initial_stake`` in every mode.
     notary : RoundNotary, optional
         Audit trail: verifies the clients' signed packets, gathers the miners' quorum
         certificate, stores every committed model and anchors every round on chain.
@@ -107,62 +80,43 @@ class BCSFL(FedAvg):
         ``start(num_rounds=N)`` then runs rounds ``start_round..N``.
     round_sink : RoundSink, optional
         Called once per round with a JSON-serialisable record of the round.
-    **fedavg_kwargs
-        Every ``FedAvg`` argument (``fraction_train``, ``weighted_by_key``,
-        ``arrayrecord_key``, ``train_metrics_aggr_fn``, ...).
+    **keywords
+        :class:`RoundSettings` fields, and every ``FedAvg`` argument
+        (``fraction_train``, ``weighted_by_key``, ``arrayrecord_key``,
+        ``train_metrics_aggr_fn``, ...).
+
+    Attributes
+    ----------
+    settings : RoundSettings
+        The validated settings; each field is also a read-only attribute
+        (``strategy.num_validators``).
     """
 
-    # pylint: disable=too-many-arguments
     def __init__(
         self,
+        settings: RoundSettings | None = None,
         *,
-        selection: str = "trusted-mean",
-        num_validators: int = 5,
-        num_miners: int = 5,
-        initial_stake: str = "equal",
         initial_stakes: Mapping[str, float] | None = None,
-        stake_reward: float = DEFAULT_REWARD,
-        stake_slash: float = DEFAULT_SLASH_FRACTION,
-        vote_tolerance: float = 0.05,
-        noisy_updates: bool = False,
-        outlier_norm_ratio: float = OUTLIER_NORM_RATIO,
-        split_margin: float = SPLIT_MARGIN,
-        loss_metric_key: str = "eval_loss",
-        committee_timeout: float = 600.0,
-        ckks: bool = False,
         notary: RoundNotary | None = None,
         start_round: int = 1,
         round_sink: RoundSink | None = None,
-        **fedavg_kwargs: Any,
+        **keywords: Any,
     ) -> None:
+        settings, fedavg_kwargs = (settings or RoundSettings()).split_keywords(keywords)
         super().__init__(**fedavg_kwargs)
         if isinstance(start_round, bool) or not isinstance(start_round, int) or start_round < 1:
             raise SettingError("start_round", f"must be an int >= 1, got {start_round!r}")
-        if initial_stake not in INITIAL_STAKES:
-            raise SettingError(
-                "initial_stake", f"must be one of {sorted(INITIAL_STAKES)}, got {initial_stake!r}"
-            )
-        settings = RoundSettings(
-            num_validators=num_validators,
-            num_miners=num_miners,
-            vote_tolerance=vote_tolerance,
-            noisy_updates=noisy_updates,
-            outlier_norm_ratio=outlier_norm_ratio,
-            split_margin=split_margin,
-            stake_policy=StakePolicy(stake_reward, stake_slash),
-            weighted_by_key=self.weighted_by_key,
-            validation=ValidationSettings(
-                loss_metric_key, committee_timeout, self.arrayrecord_key, self.configrecord_key
-            ),
-        )
-        self.space = update_space("ckks" if ckks else "plain")
+        self._settings = settings
+        self.space = update_space("ckks" if settings.ckks else "plain")
         self.pipeline = RoundPipeline(
             settings,
             self.space,
-            selection_rule(selection, encrypted=ckks),
-            INITIAL_STAKES[initial_stake](initial_stakes),
+            selection_rule(settings.selection, encrypted=settings.ckks),
+            INITIAL_STAKES[settings.initial_stake](initial_stakes),
             self.train_metrics_aggr_fn,
             notary,
+            validation=ValidationSettings.of(settings, self.arrayrecord_key, self.configrecord_key),
+            weighted_by_key=self.weighted_by_key,
         )
         self.notary = notary
         self.start_round = start_round
@@ -172,6 +126,11 @@ class BCSFL(FedAvg):
         self._train_sent = 0.0
 
     @property
+    def settings(self) -> RoundSettings:
+        """The round settings, validated when the strategy was built."""
+        return self._settings
+
+    @property
     def ledger(self) -> StakeLedger:
         """The stake table, as the last settled round left it."""
         return self.pipeline.ledger
@@ -179,7 +138,7 @@ class BCSFL(FedAvg):
     def summary(self) -> None:
         """Log the strategy's configuration."""
         super().summary()
-        settings = self.pipeline.settings
+        settings = self._settings
         log(INFO, "\t└──> BCSFL (%s updates):", self.space.name)
         log(INFO, "\t\t├── Selection: %s", self.pipeline.selection.name)
         log(
@@ -198,8 +157,8 @@ class BCSFL(FedAvg):
         log(
             INFO,
             "\t\t└── Stakes: reward %.3f, slash %.0f%%",
-            settings.stake_policy.reward,
-            100 * settings.stake_policy.slash_fraction,
+            settings.stake_reward,
+            100 * settings.stake_slash,
         )
 
     def start(
@@ -255,7 +214,7 @@ class BCSFL(FedAvg):
         must message the committee before the round's model is decided, so the grid is
         kept from here.
         """
-        self.space.prepare(grid, arrays, self.pipeline.settings.validation.timeout)
+        self.space.prepare(grid, arrays, self._settings.committee_timeout)
         self._global_arrays = arrays
         self._grid = grid
         config.update(self.space.message_config())

@@ -1,12 +1,15 @@
 """The run config is read once into typed settings; bad values name their key."""
 
+import dataclasses
 import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from bcsfl_flower.config import ConfigError, RunSettings
+from bcsfl_flower.config import RUN_CONSTRAINTS, ConfigError, RunSettings
+from bcsfl_flower.round.settings import ROUND_CONSTRAINTS, RoundSettings, SettingError
+from bcsfl_flower.strategy import BCSFL
 
 
 def test_defaults_and_overrides():
@@ -71,16 +74,39 @@ def test_data_dir_falls_back_to_environment(monkeypatch, tmp_path):
     assert RunSettings(data_dir="/x/y").resolved_data_dir() == __import__("pathlib").Path("/x/y")
 
 
-def test_the_pyproject_defaults_are_the_settings_defaults():
+def test_the_pyproject_config_lists_every_setting_with_the_dataclass_default():
     import tomllib
 
     from conftest import REPO
 
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    settings = RunSettings.from_run_config(config)
-    for key, value in config.items():
-        assert getattr(settings, key.replace("-", "_")) == value, key
+    defaults = {
+        field.name.replace("_", "-"): field.default for field in dataclasses.fields(RunSettings)
+    }
+    assert config == defaults
+    # and the round keys default to the round settings' own defaults
+    assert RunSettings().round_settings() == RoundSettings()
     assert RunSettings.from_run_config({"chain": "none", "require-signed": False}).chain == "none"
+
+
+def test_every_round_setting_is_a_run_config_key_and_a_read_only_strategy_attribute():
+    round_fields = {field.name for field in dataclasses.fields(RoundSettings)} - {"noisy_updates"}
+    assert round_fields <= {field.name for field in dataclasses.fields(RunSettings)}
+    settings = RunSettings.from_run_config({"stake-ceiling": 3.0, "committee-timeout": 5})
+    assert settings.round_settings().stake_policy.ceiling == 3.0
+    strategy = BCSFL(settings.round_settings(), num_validators=3)
+    assert (strategy.committee_timeout, strategy.num_validators) == (5.0, 3)
+    with pytest.raises(AttributeError):
+        strategy.num_validators = 4  # type: ignore[misc]
+
+
+def test_every_setting_has_a_constraint_and_a_bad_value_names_it():
+    assert set(RUN_CONSTRAINTS) == {field.name for field in dataclasses.fields(RunSettings)}
+    assert set(ROUND_CONSTRAINTS) == {field.name for field in dataclasses.fields(RoundSettings)}
+    with pytest.raises(ConfigError, match="run config 'stake-left-out' must be a number in"):
+        RunSettings.from_run_config({"stake-left-out": 1.0})
+    with pytest.raises(SettingError, match="num_validators must be an int >= 1, got True"):
+        RoundSettings(num_validators=True)
 
 
 def test_dp_turns_on_the_validators_noise_reference():

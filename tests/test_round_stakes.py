@@ -8,7 +8,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from bcsfl_flower.packets import ModelPacket, SignedModelPacket
 from bcsfl_flower.round.bounds import EXAMPLE_CAP_RATIO
-from bcsfl_flower.round.settings import SettingError, StakePolicy
+from bcsfl_flower.round.settings import RoundSettings, SettingError, StakePolicy
 from bcsfl_flower.round.stakes import (
     INITIAL_STAKES,
     DataSizeStake,
@@ -73,9 +73,9 @@ def test_slashing_wins_and_recovery_is_slow():
     ("reward", "slash", "setting"),
     [(-0.1, 0.5, "stake_reward"), (math.nan, 0.5, "stake_reward"), (0.1, 1.0, "stake_slash")],
 )
-def test_stake_policy_is_validated(reward, slash, setting):
+def test_stake_settings_are_validated(reward, slash, setting):
     with pytest.raises(SettingError) as error:
-        StakePolicy(reward, slash)
+        RoundSettings(stake_reward=reward, stake_slash=slash)
     assert error.value.setting == setting
 
 
@@ -110,8 +110,9 @@ def test_rewards_stop_at_the_ceiling_so_nobody_accumulates_the_committee():
 
 def test_stake_ceiling_is_validated():
     with pytest.raises(SettingError) as error:
-        StakePolicy(0.05, 0.5, ceiling=0.5)
+        RoundSettings(stake_ceiling=0.5)
     assert error.value.setting == "stake_ceiling"
+    assert RoundSettings(stake_ceiling=3.0).stake_policy.ceiling == 3.0
 
 
 def test_a_left_out_client_loses_a_tenth_and_a_rejected_one_half():

@@ -69,7 +69,11 @@ from bcsfl_flower.round.statement import (
     redraw,
 )
 from bcsfl_flower.round.timing import StageClock
-from bcsfl_flower.round.validation import exchange_with_committee, stated_ballots
+from bcsfl_flower.round.validation import (
+    ValidationSettings,
+    exchange_with_committee,
+    stated_ballots,
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,10 @@ class RoundPipeline:
         Audit trail: packet checks, mining, anchoring.
     ledger : StakeLedger, optional
         The stake table (a new, empty one by default).
+    validation : ValidationSettings
+        How validators are asked and read (``settings`` plus FedAvg's record names).
+    weighted_by_key : str
+        MetricRecord key of the example count (FedAvg's ``weighted_by_key``).
     """
 
     def __init__(
@@ -116,8 +124,13 @@ class RoundPipeline:
         metrics_aggregation: MetricsAggregation,
         notary: RoundNotary | None = None,
         ledger: StakeLedger | None = None,
+        *,
+        validation: ValidationSettings,
+        weighted_by_key: str,
     ) -> None:
         self.settings = settings
+        self.validation = validation
+        self.weighted_by_key = weighted_by_key
         self.space = space
         self.selection = selection
         self.initial_stake = initial_stake
@@ -135,7 +148,7 @@ class RoundPipeline:
         checked = check_replies(
             replies,
             self.space.collector(global_arrays, len(replies)),
-            self.settings.weighted_by_key,
+            self.weighted_by_key,
             server_round,
             None if self.notary is None else self.notary.check_packet,
         )
@@ -172,7 +185,7 @@ class RoundPipeline:
                     stakes, names, self.settings.num_validators, 0, previous_hash, server_round
                 ).validators
             ),
-            self.settings.validation.timeout,
+            self.validation.timeout,
         )
         gram = self.space.gram(checked.batch, exchange)
         if gram.matrix is None:
@@ -215,7 +228,7 @@ class RoundPipeline:
                 committee.validators,
                 global_arrays,
                 scored,
-                self.settings.validation,
+                self.validation,
                 {**self.space.message_config(), **self._signing_config()},
                 duty_nodes={c.name for c in checked.accepted if c.serves_duty},
             )
@@ -428,7 +441,7 @@ class RoundPipeline:
             (),
             arrays if arrays is not None else ArrayRecord(),
             {},
-            self.settings.validation,
+            self.validation,
             self._signing_config(),
             duty_nodes=duty_nodes,
             mining=plan.requests,
@@ -514,6 +527,6 @@ class RoundPipeline:
         return aggregate_client_metrics(
             [checked.accepted[row].content for row in rows],
             [min(checked.accepted[row].num_examples, bounds.example_cap) for row in rows],
-            self.settings.weighted_by_key,
+            self.weighted_by_key,
             self.metrics_aggregation,
         )

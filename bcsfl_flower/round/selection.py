@@ -45,8 +45,8 @@ from bcsfl_flower.round.consensus import (
     count_accepts,
     outgrows_baseline,
 )
+from bcsfl_flower.round.constraints import SettingError
 from bcsfl_flower.round.noise_reference import noise_allowance
-from bcsfl_flower.round.settings import SettingError
 from bcsfl_flower.round.state import (
     Bounds,
     CandidatePlan,

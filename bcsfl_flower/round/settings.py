@@ -1,200 +1,156 @@
-"""The settings of a round, each validated once, when the strategy is built.
+"""The settings of a round: every default and every check, in one place.
 
-A bad value raises :class:`SettingError`, which names the setting, so the Python API
-(``BCSFL(...)``) and the run config (:mod:`bcsfl_flower.config`, which reports the
-kebab-case key) share one set of rules.
+:class:`RoundSettings` is the one source the strategy (``BCSFL(settings, ...)`` or its
+keyword shorthand), the run config (:meth:`bcsfl_flower.config.RunSettings.round_settings`)
+and the docs read. Each field's rule is a line of :data:`ROUND_CONSTRAINTS`, checked once
+when the settings are built, so a bad value raises one
+:class:`~bcsfl_flower.round.constraints.SettingError` that names the setting, whichever
+way it came in.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from bcsfl_flower.round.bounds import EXAMPLE_CAP_RATIO
+from bcsfl_flower.round.constraints import (
+    Boolean,
+    Constraint,
+    Interval,
+    NonEmptyString,
+    OneOf,
+    SettingError,
+    validate_parameters,
+)
 from bcsfl_flower.round.screening import OUTLIER_NORM_RATIO, SPLIT_MARGIN
+from bcsfl_flower.round.selection import SELECTION_RULES, selection_rule
+from bcsfl_flower.round.stakes import (
+    DEFAULT_LEFT_OUT_FRACTION,
+    DEFAULT_REWARD,
+    DEFAULT_SLASH_FRACTION,
+    DEFAULT_STAKE_CEILING,
+    INITIAL_STAKES,
+    StakePolicy,
+)
 
-DEFAULT_REWARD = 0.05
-"""Stake a trusted client gains in a committed round."""
+__all__ = ["ROUND_CONSTRAINTS", "RoundSettings", "SettingError", "StakePolicy"]
 
-DEFAULT_SLASH_FRACTION = 0.5
-"""Share of its stake a rejected client loses."""
+_FRACTION = Interval(0.0, 1.0, high_open=True)
+_NON_NEGATIVE = Interval(0.0)
 
-DEFAULT_LEFT_OUT_FRACTION = 0.1
-"""Share of its stake a set-apart client loses when the validators leave it out.
-
-Lighter than a rejection: on skewed data an honest group with classes of its own is
-left out in some rounds (up to a quarter of them on the bench's alpha-0.1 federations),
-and a half-stake slash each time compounded to 1/32 within 20 rounds, too little to
-count even when kept: the clean federation ended 5 points under FedAvg. At a tenth (a
-fifth measured 0.8 points lower), the rewards of the rounds it is kept outweigh it,
-while a group left out every round falls to a third of its stake in ten rounds and to
-an eighth in twenty."""
-
-DEFAULT_STAKE_CEILING = 2.0
-"""Largest stake a reward can lift a client to, as a multiple of the median stake.
-
-Without a ceiling, rewards compound with slashes elsewhere: on the bench's skewed
-logistic-regression federations a few clients ended with 7 to 1000 times the median
-stake and drew most committee seats. Twice the median keeps a stake majority of honest
-clients (attackers are slashed towards zero) while no client can outweigh two others."""
-
-
-class SettingError(ValueError):
-    """A round setting is out of range.
-
-    Attributes
-    ----------
-    setting : str
-        The snake_case name of the setting (the run config's key with ``-``).
-    detail : str
-        What is wrong, e.g. ``"must be >= 1, got 0"``.
-    """
-
-    def __init__(self, setting: str, detail: str) -> None:
-        super().__init__(f"{setting} {detail}")
-        self.setting = setting
-        self.detail = detail
-
-
-def _require(condition: bool, setting: str, detail: str) -> None:
-    if not condition:
-        raise SettingError(setting, detail)
-
-
-def _finite(value: float) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class StakePolicy:
-    """How a round changes stakes.
-
-    Attributes
-    ----------
-    reward : float
-        Added to each supporting client's stake in a committed round (>= 0).
-    slash_fraction : float
-        Share of its stake a rejected or suspected client loses, in [0, 1).
-    ceiling : float
-        A reward lifts no stake above this multiple of the round's median stake (>= 1).
-    left_out_fraction : float
-        Share of its stake a set-apart client loses when the validators leave it out,
-        in [0, 1).
-    """
-
-    reward: float = DEFAULT_REWARD
-    slash_fraction: float = DEFAULT_SLASH_FRACTION
-    ceiling: float = DEFAULT_STAKE_CEILING
-    left_out_fraction: float = DEFAULT_LEFT_OUT_FRACTION
-
-    def __post_init__(self) -> None:
-        _require(
-            _finite(self.reward) and self.reward >= 0,
-            "stake_reward",
-            f"must be >= 0, got {self.reward}",
-        )
-        _require(
-            _finite(self.slash_fraction) and 0.0 <= self.slash_fraction < 1.0,
-            "stake_slash",
-            f"must be in [0, 1), got {self.slash_fraction}",
-        )
-        _require(
-            _finite(self.left_out_fraction) and 0.0 <= self.left_out_fraction < 1.0,
-            "stake_left_out",
-            f"must be in [0, 1), got {self.left_out_fraction}",
-        )
-        _require(
-            _finite(self.ceiling) and self.ceiling >= 1.0,
-            "stake_ceiling",
-            f"must be >= 1, got {self.ceiling}",
-        )
-
-
-@dataclass(frozen=True)
-class ValidationSettings:
-    """How validators are asked and read.
-
-    Attributes
-    ----------
-    loss_metric_key : str
-        Key of the loss in the validators' evaluate replies.
-    timeout : float
-        Seconds to wait; a validator that has not answered by then abstains.
-    arrayrecord_key, configrecord_key : str
-        Record names of the evaluate messages (the strategy's FedAvg arguments).
-    """
-
-    loss_metric_key: str = "eval_loss"
-    timeout: float = 600.0
-    arrayrecord_key: str = "arrays"
-    configrecord_key: str = "config"
-
-    def __post_init__(self) -> None:
-        _require(bool(self.loss_metric_key), "loss_metric_key", "must not be empty")
-        _require(
-            _finite(self.timeout) and self.timeout > 0,
-            "committee_timeout",
-            f"must be > 0, got {self.timeout}",
-        )
+ROUND_CONSTRAINTS: Mapping[str, Constraint] = {
+    "selection": OneOf(lambda: SELECTION_RULES),
+    "num_validators": Interval(1, integer=True),
+    "num_miners": Interval(1, integer=True),
+    "initial_stake": OneOf(lambda: INITIAL_STAKES),
+    "stake_reward": _NON_NEGATIVE,
+    "stake_slash": _FRACTION,
+    "stake_ceiling": Interval(1.0),
+    "stake_left_out": _FRACTION,
+    "vote_tolerance": _NON_NEGATIVE,
+    "noisy_updates": Boolean(),
+    "outlier_norm_ratio": Interval(1.0, low_open=True),
+    "split_margin": _NON_NEGATIVE,
+    "example_cap_ratio": Interval(1.0),
+    "loss_metric_key": NonEmptyString(),
+    "committee_timeout": Interval(0.0, low_open=True),
+    "ckks": Boolean(),
+}
+"""What each :class:`RoundSettings` field accepts (scikit-learn's ``_parameter_constraints``)."""
 
 
 @dataclass(frozen=True)
 class RoundSettings:
-    """Everything a round is configured with, validated once at start-up.
+    """Everything a BCSFL round is configured with, validated once when built.
 
     Attributes
     ----------
+    selection : {"trusted-mean", "paper"}
+        ``"trusted-mean"``: the validators score the trusted cluster's mean, the mean of
+        its core and its geometric median; the best that reaches the quorum commits.
+        ``"paper"``: every trusted local model is a candidate and the first validator
+        drawn proposes its best one for a PBFT accept/reject vote.
     num_validators, num_miners : int
         Committee seats (>= 1), clamped to the trusted clients with stake.
+    initial_stake : {"equal", "data-size", "explicit"}
+        Stake a client gets when first seen: 1.0, its (capped) example count, or its
+        entry in the strategy's ``initial_stakes``.
+    stake_reward : float
+        Stake each trusted client gains in a committed round (>= 0).
+    stake_slash : float
+        Share of its stake a rejected client loses, in [0, 1).
+    stake_ceiling : float
+        A reward lifts no stake above this multiple of the median stake (>= 1).
+    stake_left_out : float
+        Share of its stake a set-apart client loses when the validators leave it out,
+        in [0, 1).
     vote_tolerance : float
-        Loss increase a validator tolerates when it accepts a candidate (>= 0).
+        Loss increase a validator tolerates when it accepts a candidate (absorbs
+        evaluation noise on non-IID data; >= 0).
     noisy_updates : bool
-        Updates carry DP noise: screening compares them by their inner-product
-        profiles (:class:`~bcsfl_flower.round.screening.ProfileDirections`) and the
-        committee scores the trusted mean's sampling error
-        (:mod:`bcsfl_flower.round.noise_reference`). Screening then splits with
-        :data:`~bcsfl_flower.round.screening.NOISY_SPLIT_MARGIN`, not ``split_margin``.
+        The clients train with differential privacy, so noise dominates every update.
+        Screening then compares updates by their inner products with the others, which
+        the noise leaves unbiased, and splits with
+        :data:`~bcsfl_flower.round.screening.NOISY_SPLIT_MARGIN`, not ``split_margin``;
+        and the validators also score the trusted mean's sampling error
+        (:mod:`bcsfl_flower.round.noise_reference`).
+    outlier_norm_ratio : float
+        Screening rejects updates longer than this multiple of the stake-weighted median
+        norm (> 1).
     split_margin : float
-        Screening's direction test (>= 0).
+        How clearly two groups of updates must differ before screening splits them
+        (>= 0).
     example_cap_ratio : float
         Example counts are capped at this multiple of the round's median (>= 1).
-    stake_policy : StakePolicy
-        Rewards and slashes.
-    weighted_by_key : str
-        MetricRecord key of the example count (FedAvg's ``weighted_by_key``).
-    validation : ValidationSettings
-        How validators are asked and read.
+    loss_metric_key : str
+        Key of the loss in the validators' evaluate replies.
+    committee_timeout : float
+        Seconds to wait for validators (and CKKS key holders) (> 0).
+    ckks : bool
+        CKKS mode: clients running ``bcsfl_ckks_client_app`` send ``Enc(w_k - w_t)``; the
+        server holds only the public context, screens on the Gram matrix a stake-drawn
+        committee of key holders decrypts, and aggregates ciphertexts.
     """
 
+    selection: str = "trusted-mean"
     num_validators: int = 5
     num_miners: int = 5
+    initial_stake: str = "equal"
+    stake_reward: float = DEFAULT_REWARD
+    stake_slash: float = DEFAULT_SLASH_FRACTION
+    stake_ceiling: float = DEFAULT_STAKE_CEILING
+    stake_left_out: float = DEFAULT_LEFT_OUT_FRACTION
     vote_tolerance: float = 0.05
     noisy_updates: bool = False
     outlier_norm_ratio: float = OUTLIER_NORM_RATIO
     split_margin: float = SPLIT_MARGIN
     example_cap_ratio: float = EXAMPLE_CAP_RATIO
-    stake_policy: StakePolicy = field(default_factory=StakePolicy)
-    weighted_by_key: str = "num-examples"
-    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    loss_metric_key: str = "eval_loss"
+    committee_timeout: float = 600.0
+    ckks: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("num_validators", "num_miners"):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                name,
-                f"must be an int >= 1, got {value!r}",
-            )
-        checks = (
-            ("vote_tolerance", 0.0, "must be >= 0"),
-            ("split_margin", 0.0, "must be >= 0"),
-            ("example_cap_ratio", 1.0, "must be >= 1"),
-        )
-        for name, low, detail in checks:
-            value = getattr(self, name)
-            _require(_finite(value) and value >= low, name, f"{detail}, got {value!r}")
-        _require(
-            _finite(self.outlier_norm_ratio) and self.outlier_norm_ratio > 1,
-            "outlier_norm_ratio",
-            f"must be > 1, got {self.outlier_norm_ratio!r}",
+        validate_parameters(self, ROUND_CONSTRAINTS)
+        # The one check that spans two fields: CKKS hides single updates.
+        selection_rule(self.selection, encrypted=self.ckks)
+
+    def split_keywords(self, keywords: Mapping[str, Any]) -> tuple[RoundSettings, dict[str, Any]]:
+        """Return these settings with the keywords that name one applied, and the rest.
+
+        Lets ``BCSFL(num_validators=7, fraction_train=0.5)`` stand for
+        ``BCSFL(RoundSettings(num_validators=7), fraction_train=0.5)``; the result is
+        validated like any other :class:`RoundSettings`.
+        """
+        names = {field.name for field in fields(self)}
+        ours = {key: value for key, value in keywords.items() if key in names}
+        rest = {key: value for key, value in keywords.items() if key not in names}
+        return replace(self, **ours), rest
+
+    @property
+    def stake_policy(self) -> StakePolicy:
+        """How a round changes stakes, from the ``stake_*`` settings."""
+        return StakePolicy(
+            self.stake_reward, self.stake_slash, self.stake_ceiling, self.stake_left_out
         )

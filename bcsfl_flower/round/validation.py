@@ -41,9 +41,38 @@ from bcsfl_flower.protocol import (
     validation_requests,
 )
 from bcsfl_flower.round.conclusion import unsigned_ballot
-from bcsfl_flower.round.settings import ValidationSettings
+from bcsfl_flower.round.settings import RoundSettings
 from bcsfl_flower.round.state import ValidatorReport
 from bcsfl_flower.round.statement import UNSIGNED_PREFIX, RoundStatement
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """How validators are asked and read: the round's settings plus FedAvg's record names.
+
+    Attributes
+    ----------
+    loss_metric_key : str
+        Key of the loss in the validators' evaluate replies.
+    timeout : float
+        Seconds to wait; a validator that has not answered by then abstains.
+    arrayrecord_key, configrecord_key : str
+        Record names of the evaluate messages (the strategy's FedAvg arguments).
+    """
+
+    loss_metric_key: str
+    timeout: float
+    arrayrecord_key: str
+    configrecord_key: str
+
+    @classmethod
+    def of(
+        cls, settings: RoundSettings, arrayrecord_key: str, configrecord_key: str
+    ) -> ValidationSettings:
+        """Return the validation settings of validated round settings and FedAvg's keys."""
+        return cls(
+            settings.loss_metric_key, settings.committee_timeout, arrayrecord_key, configrecord_key
+        )
 
 
 @dataclass(frozen=True)
