@@ -10,10 +10,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # constraints.txt pins the torch/torchvision pair that installs quickly here.
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+# --no-compile: pip would byte-compile every module of every package (PyTorch alone has
+# thousands), which took half of this script's time here; Python compiles only the
+# modules a run imports, once, on first import.
+.venv/bin/python -m pip install --quiet --no-compile -c constraints.txt -e ".[dev]"
 # byzfl (attacks and robust aggregators for the bench, sim/robust_bench.py): its declared
 # dependencies are the ones pinned above, so --no-deps keeps this environment's pins.
-.venv/bin/python -m pip install --quiet --no-deps "byzfl==0.0.11"
+.venv/bin/python -m pip install --quiet --no-compile --no-deps "byzfl==0.0.11"
 
 # Dev-chain tools: anvil (local Ethereum node), solcjs (offline Solidity compiler) and
 # OpenZeppelin Contracts, exactly as the committed lock file pins them (it lists every
