@@ -44,7 +44,7 @@ def accepts(delta: float, tolerance: float) -> bool | None:
     """
     if math.isnan(delta):
         return None
-    return delta >= -tolerance
+    return bool(delta >= -tolerance)  # a NumPy loss must not give np.True_, which `is True` misses
 
 
 def accept_votes(
