@@ -266,6 +266,7 @@ def build_strategy(
         train_metrics_aggr_fn=aggregate_train_metrics,
     )
 
+
 def _attack_scores(record: dict[str, Any], attackers: set[int]) -> dict[str, Any]:
     """Score the round's rejections against the simulated attackers, by partition id."""
     partition_of = {

@@ -364,3 +364,39 @@ def test_a_contested_round_commits_both_groups_without_quorum_the_set_apart_one_
     agreed = [report(v, 1.0, federation_mean=0.85, trusted_mean=0.9) for v in validators]
     kept = rule.decide(plan, agreed, validators, TOLERANCE)
     assert kept.candidate == "federation-mean" and kept.support == (0, 1)
+
+
+@pytest.mark.parametrize("n_attackers", [0, 3])
+def test_the_leading_candidates_decide_alone_whenever_one_of_them_commits(n_attackers):
+    """What lets a plain validator score two models, not five: over random ballots, a
+    decision from the leading candidates' scores alone that commits one of them is the
+    decision all the scores give."""
+    plan, _, _ = trusted_mean_plan(n_attackers=n_attackers)
+    rule, rng = TrustedMeanSelection(), np.random.default_rng(7)
+    leading = rule.leading(plan)
+    assert leading == plan.names[: plan.names.index("trusted-mean") + 1]
+    assert ("federation-mean" in leading) == (n_attackers > 0)
+    validators = [f"v{i}" for i in range(6)]
+    outcomes = {"leading commits": 0, "fallbacks needed": 0}
+    for _ in range(400):
+        losses = {
+            v: dict(zip(plan.names, rng.uniform(0.9, 1.12, len(plan.names)), strict=True))
+            for v in validators
+        }
+        full = [ValidatorReport(v, 1.0, losses[v]) for v in validators]
+        partial = [ValidatorReport(v, 1.0, {n: losses[v][n] for n in leading}) for v in validators]
+        first = rule.decide(plan, partial, validators, TOLERANCE)
+        if first.committed and first.candidate in leading:
+            outcomes["leading commits"] += 1
+            decision = rule.decide(plan, full, validators, TOLERANCE)
+            assert (decision.candidate, decision.support) == (first.candidate, first.support)
+        else:
+            outcomes["fallbacks needed"] += 1
+    assert min(outcomes.values()) > 20  # both branches were exercised
+
+
+def test_a_rule_whose_decision_weighs_every_candidate_leads_with_all_of_them():
+    plan = CandidatePlan(("1", "2"), np.eye(2), ((0,), (1,)), owners=("1", "2"))
+    assert PaperSelection().leading(plan) == ("1", "2")
+    contested = CandidatePlan(("federation-mean",), np.ones((1, 2)), ((0, 1),), contested=True)
+    assert TrustedMeanSelection().leading(contested) == ("federation-mean",)

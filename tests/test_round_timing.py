@@ -71,10 +71,12 @@ def test_a_round_record_splits_training_the_committee_and_the_decision(clock):
     strategy.aggregate_train(1, replies)
 
     (record,) = records
-    evaluations = len(record["committee"]["validators"]) * (1 + len(record["candidates"]))
+    # w_t and the trusted mean on each validator: the mean committed, so no fallback was asked
+    evaluations = len(grid.sent)
+    assert evaluations == 2 * len(record["committee"]["validators"])
     assert record["timing"] == {
         "decision_s": 0.0,
-        "committee_s": float(evaluations),  # w_t and every candidate, on each validator
+        "committee_s": float(evaluations),
         "anchoring_s": 0.0,  # no chain in this strategy
         "training_s": 30.0,
     }

@@ -329,16 +329,21 @@ def test_a_client_that_runs_the_mod_gets_one_committee_message_even_without_a_ch
     plain = run_round(BCSFL(), federation(num_attackers=0)[0], plain_grid)[2]
     marked = run_round(BCSFL(), replies, duty_grid)[2]
     validators = marked["committee"]["validators"]
-    models = 1 + len(marked["candidates"])
     duties = [m for m in duty_grid.sent if DUTY_RECORD_KEY in m.content.config_records]
     assert sorted(str(m.metadata.dst_node_id) for m in duties) == sorted(
         v for v in validators if int(v) <= 4
     )
-    assert len(duty_grid.sent) == len(duties) + models * sum(int(v) > 4 for v in validators)
-    assert len(plain_grid.sent) == models * len(validators)
+    # A plain validator is asked for w_t and the trusted mean, which commits here.
+    assert len(duty_grid.sent) == len(duties) + 2 * sum(int(v) > 4 for v in validators)
+    assert len(plain_grid.sent) == 2 * len(validators)
     # One message or several, the validators report the same losses: the same decision.
     assert (marked["outcome"], marked["candidate"]) == (plain["outcome"], plain["candidate"])
-    assert marked["votes"] == plain["votes"] and marked["model_hash"] == plain["model_hash"]
+    assert marked["model_hash"] == plain["model_hash"]
+
+    def on_the_mean(record):
+        return {validator: ballot["trusted-mean"] for validator, ballot in record["votes"].items()}
+
+    assert on_the_mean(marked) == on_the_mean(plain)
 
 
 def noisy_federation(signal, num_clients=10, seed=3):
@@ -366,3 +371,58 @@ def test_with_the_noise_reference_noisy_honest_rounds_commit_and_harmful_ones_do
         BCSFL(noisy_updates=True), noisy_federation(-0.3), FakeGrid(squared_distance)
     )
     assert harmful["outcome"] == "rollback"
+
+
+def evaluations_per_validator(grid):
+    counts = {}
+    for message in grid.sent:
+        if message.metadata.message_type == "evaluate":
+            node = str(message.metadata.dst_node_id)
+            counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def test_a_plain_validator_scores_only_w_t_and_the_trusted_mean_when_the_mean_commits():
+    replies, _ = federation(num_honest=8, num_attackers=0)
+    grid = FakeGrid(squared_distance)
+    _, _, record = run_round(BCSFL(), replies, grid)
+    assert record["outcome"] == "commit" and record["candidate"] == "trusted-mean"
+    # Four candidates were planned, but the fallbacks could not change this decision.
+    assert len(record["candidates"]) == 4
+    assert evaluations_per_validator(grid) == {v: 2 for v in record["committee"]["validators"]}
+    assert "validator_problems" not in record
+
+
+def test_the_fallbacks_are_scored_when_the_leading_candidates_miss_the_quorum():
+    replies, attackers = federation(num_honest=8, num_attackers=0)
+    reach = 0.75 * np.linalg.norm(honest_mean(replies, attackers))
+
+    # Every validator refuses a full step; only the half step is short enough.
+    def loss(node, arrays):
+        too_long = np.linalg.norm(arrays["w"].numpy()) > reach
+        return squared_distance(node, arrays) + (1e6 if too_long else 0.0)
+
+    grid = FakeGrid(loss, silent={1})
+    _, _, record = run_round(BCSFL(num_validators=6), replies, grid)
+    assert record["outcome"] == "commit" and record["candidate"] == "trusted-half-step"
+    validators = record["committee"]["validators"]
+    # w_t and the trusted mean first, then the three fallbacks; the silent validator is
+    # not asked twice.
+    expected = {v: 5 for v in validators if v != "1"} | ({"1": 2} if "1" in validators else {})
+    assert evaluations_per_validator(grid) == expected
+
+
+def test_a_client_not_sampled_in_a_round_keeps_its_stake():
+    """Cross-device sampling: stake is the whole population's memory, not the round's."""
+    strategy = BCSFL()
+    first, _ = federation(num_honest=6, num_attackers=2, seed=3)
+    _, _, record = run_round(strategy, first, FakeGrid(squared_distance))
+    settled = dict(record["stakes"])
+    assert settled["7"] == settled["8"] == 0.5  # the attackers were slashed
+    later = [
+        train_reply(node + 10, {"w": (0.5 * TARGET).astype(np.float32)}, 100) for node in range(6)
+    ]
+    _, _, record = run_round(strategy, later, FakeGrid(squared_distance), server_round=2)
+    assert record["outcome"] == "commit"
+    assert {n: record["stakes"][n] for n in settled} == settled
+    assert set(record["committee"]["validators"]) <= {str(n + 10) for n in range(6)}

@@ -16,7 +16,7 @@ stakes and writes the :class:`~bcsfl_flower.round.state.RoundRecord` once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 from typing import Any
@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 
 from bcsfl_flower.committee import Committee, draw_committee
 from bcsfl_flower.packets import Eip712Domain, model_hash
-from bcsfl_flower.protocol import ROLLBACK_CANDIDATE, ConfigValue
+from bcsfl_flower.protocol import BASELINE_CANDIDATE, ROLLBACK_CANDIDATE, ConfigValue
 from bcsfl_flower.round.bounds import weighted_median
 from bcsfl_flower.round.checks import check_replies
 from bcsfl_flower.round.conclusion import conclude
@@ -70,6 +70,7 @@ from bcsfl_flower.round.statement import (
 )
 from bcsfl_flower.round.timing import StageClock
 from bcsfl_flower.round.validation import (
+    CommitteeAnswers,
     ValidationSettings,
     exchange_with_committee,
     stated_ballots,
@@ -221,24 +222,21 @@ class RoundPipeline:
                 global_arrays, checked.batch, bounds, screening, (previous_hash, server_round)
             ),
         }
+        statement = replace(
+            statement, plan=StatedPlan.of(plan, {n: model_hash(a) for n, a in scored.items()})
+        )
+        duty_nodes = {str(c.name) for c in checked.accepted if c.serves_duty}
         with clock.stage("committee"):
-            answers = exchange_with_committee(
+            answers, statement, decision, reports = self._score(
                 grid,
                 server_round,
                 committee.validators,
                 global_arrays,
                 scored,
-                self.validation,
-                {**self.space.message_config(), **self._signing_config()},
-                duty_nodes={c.name for c in checked.accepted if c.serves_duty},
+                statement,
+                duty_nodes,
+                self.selection.leading(plan),
             )
-        hashes = {name: model_hash(arrays) for name, arrays in scored.items()}
-        statement = replace(
-            statement,
-            plan=StatedPlan.of(plan, hashes),
-            ballots=stated_ballots(statement, answers),
-        )
-        decision, reports = conclude(statement, self._domain())
         # what went wrong in the exchange (no reply, a failed evaluation) stays on record
         exchanged = {report.validator: report.problems for report in answers.reports}
         reports = tuple(
@@ -246,6 +244,60 @@ class RoundPipeline:
         )
         log(INFO, "consensus: %s", decision.reason)
         return _Stages(decision, statement, gram, bounds, screening, committee, candidates, reports)
+
+    # pylint: disable=too-many-arguments
+    def _score(
+        self,
+        grid: Grid,
+        server_round: int,
+        validators: Sequence[str],
+        global_arrays: ArrayRecord,
+        scored: Mapping[str, ArrayRecord],
+        statement: RoundStatement,
+        duty_nodes: Collection[str],
+        leading: Collection[str],
+    ) -> tuple[CommitteeAnswers, RoundStatement, Decision, tuple[ValidatorReport, ...]]:
+        """Have the validators score the candidates, and conclude from their ballots.
+
+        A validator without the bcsfl mod pays one ``evaluate`` call per model, so it is
+        first asked for ``w_t``, the rule's leading candidates and the noise references
+        only; the others follow, from the validators that answered, when these alone
+        commit none of the leading ones. Whenever they do, the rule's decision does not
+        depend on the others' scores (:meth:`SelectionRule.leading`): an uncontested
+        round costs a plain validator two evaluations, not five.
+        """
+        first = {BASELINE_CANDIDATE, *leading, *(set(scored) & set(NOISE_REFERENCES))}
+        config = {**self.space.message_config(), **self._signing_config()}
+        answers = exchange_with_committee(
+            grid,
+            server_round,
+            validators,
+            global_arrays,
+            scored,
+            self.validation,
+            config,
+            duty_nodes=duty_nodes,
+            plain_models=first,
+        )
+        statement = replace(statement, ballots=stated_ballots(statement, answers))
+        decision, reports = conclude(statement, self._domain())
+        rest = {name: model for name, model in scored.items() if name not in first}
+        asked = [v for v in answers.answered() if v not in duty_nodes]
+        if rest and asked and not (decision.committed and decision.candidate in first):
+            later = exchange_with_committee(
+                grid,
+                server_round,
+                asked,
+                global_arrays,
+                rest,
+                self.validation,
+                config,
+                plain_models=set(rest),
+            )
+            answers = answers.with_later(later)
+            statement = replace(statement, ballots=stated_ballots(statement, answers))
+            decision, reports = conclude(statement, self._domain())
+        return answers, statement, decision, reports
 
     def _domain(self) -> Eip712Domain | None:
         """Return the trail's signing domain (None without an audit trail)."""
@@ -429,7 +481,7 @@ class RoundPipeline:
         """
         if self.notary is None or stages.committee is None or stages.statement is None:
             return None
-        duty_nodes = {c.name for c in checked.accepted if c.serves_duty}
+        duty_nodes = {str(c.name) for c in checked.accepted if c.serves_duty}
         support = stages.decision.support if arrays is not None else ()
         packets = [p for p in (checked.accepted[row].packet for row in support) if p is not None]
         plan = self.notary.mining_plan(

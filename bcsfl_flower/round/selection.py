@@ -109,6 +109,16 @@ class SelectionRule(ABC):
     ) -> Decision:
         """Return the decision the validators' reports support."""
 
+    def leading(self, plan: CandidatePlan) -> tuple[str, ...]:
+        """Return the candidates whose scores can decide the round on their own.
+
+        A validator that only answers ``evaluate`` messages (a plain ``ClientApp``)
+        pays one evaluation per model, so it is first asked for these; the others are
+        asked only if :meth:`decide` on these alone commits none of them. A rule whose
+        every decision weighs all candidates returns them all (the default).
+        """
+        return plan.names
+
 
 def no_validators(plan: CandidatePlan) -> Decision:
     """Return the decision of a round whose committee has no validator."""
@@ -252,6 +262,18 @@ class TrustedMeanSelection(SelectionRule):
             f"(accept votes: {tally})",
             ballots=ballots,
         )
+
+    def leading(self, plan: CandidatePlan) -> tuple[str, ...]:
+        """Return the federation mean (if any) and the trusted mean: the fallbacks wait.
+
+        :meth:`decide` commits the federation mean or the trusted mean whenever either
+        reaches the quorum, from their two scores alone (:meth:`_with_set_apart`,
+        :meth:`_fallback`), so the fallbacks' scores can only matter when neither does.
+        A contested plan's candidates are all leading.
+        """
+        if plan.contested or self.MEAN not in plan.names:
+            return plan.names
+        return plan.names[: plan.names.index(self.MEAN) + 1]
 
     def _fallback(self, eligible: list[str], scores: Mapping[str, float], margin: float) -> str:
         """Return the trusted mean if it reached the quorum, else the best-scoring fallback.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
@@ -95,6 +95,34 @@ class CommitteeAnswers:
     verdicts: Mapping[str, Mapping[str, MinerVerdict]] = field(default_factory=dict)
     ballots: Mapping[str, SignedBallot] = field(default_factory=dict)
 
+    def answered(self) -> tuple[str, ...]:
+        """Return the validators that reported a loss on ``w_t``, in draw order."""
+        return tuple(r.validator for r in self.reports if not math.isnan(r.baseline_loss))
+
+    def with_later(self, later: CommitteeAnswers) -> CommitteeAnswers:
+        """Return these answers completed by a later exchange's losses and problems.
+
+        A later exchange asks only for what this one did not, so a loss it reports
+        fills a NaN here and a loss it lacks keeps this one's.
+        """
+        by_validator = {report.validator: report for report in later.reports}
+        merged = []
+        for report in self.reports:
+            more = by_validator.get(report.validator)
+            if more is None:
+                merged.append(report)
+                continue
+            losses = {
+                name: loss
+                if math.isnan(more.candidate_losses.get(name, math.nan))
+                else more.candidate_losses[name]
+                for name, loss in report.candidate_losses.items()
+            }
+            merged.append(
+                replace(report, candidate_losses=losses, problems=report.problems + more.problems)
+            )
+        return replace(self, reports=tuple(merged))
+
 
 @dataclass(frozen=True)
 class _Sent:
@@ -119,6 +147,7 @@ def exchange_with_committee(
     duty_nodes: Collection[str] = (),
     mining: Mapping[str, RecordDict] | None = None,
     miners: Sequence[str] = (),
+    plain_models: Collection[str] | None = None,
 ) -> CommitteeAnswers:
     """Have the validators evaluate ``baseline`` and all ``candidates``, and the miners sign.
 
@@ -144,6 +173,10 @@ def exchange_with_committee(
         Candidate name -> its mine request (:meth:`RoundNotary.mining_plan`).
     miners : Sequence[str]
         Miners that can sign (all in ``duty_nodes``).
+    plain_models : Collection[str], optional
+        The models (:data:`BASELINE_CANDIDATE` and candidate names) a validator outside
+        ``duty_nodes`` is asked for, one ``evaluate`` message each; all by default. A
+        duty node gets every model in its one message.
 
     Returns
     -------
@@ -161,13 +194,17 @@ def exchange_with_committee(
         set(map(str, duty_nodes)),
         mining or {},
         miners,
+        models if plain_models is None else plain_models,
     )
+    plain = len(models) if plain_models is None else len(set(models) & set(plain_models))
     log(
         INFO,
-        "committee: %d validators x %d models (w_t + %d candidates), %d miners, %d messages",
+        "committee: %d validators x %d models (w_t + %d candidates; %d asked of one "
+        "without the mod), %d miners, %d messages",
         len(validators),
         len(models),
         len(candidates),
+        plain,
         len(miners),
         len(messages),
     )
@@ -182,6 +219,10 @@ def exchange_with_committee(
     problems: dict[str, list[str]] = {str(v): [] for v in validators}
     verdicts: dict[str, dict[str, MinerVerdict]] = {name: {} for name in mining or {}}
     ballots: dict[str, SignedBallot] = {}
+    expected = {
+        str(v): {name for entry in asked if entry.member == str(v) for name in entry.models}
+        for v in validators
+    }
     for reply in replies:
         asked = sent.pop(reply.metadata.reply_to_message_id, None)
         if asked is None:
@@ -203,7 +244,8 @@ def exchange_with_committee(
             losses[asked.member][name] = loss
         for name in asked.mining:
             verdicts[name][asked.member] = read_duty_verdict(reply, name)
-    return CommitteeAnswers(_reports(validators, models, losses, problems), verdicts, ballots)
+    reports = _reports(validators, models, expected, losses, problems)
+    return CommitteeAnswers(reports, verdicts, ballots)
 
 
 def _committee_messages(
@@ -215,6 +257,7 @@ def _committee_messages(
     duty_nodes: Collection[str],
     mining: Mapping[str, RecordDict],
     miners: Sequence[str],
+    plain_models: Collection[str],
 ) -> tuple[list[Message], list[_Sent]]:
     """Return the exchange's messages and, in the same order, what each one asks."""
     validator_ids, miner_ids = list(map(str, validators)), list(map(str, miners))
@@ -237,9 +280,10 @@ def _committee_messages(
             )
             asked.append(_Sent(member, tuple(evaluates), tuple(signs), duty=True))
             continue
+        plain = {name: model for name, model in evaluates.items() if name in plain_models}
         for request in validation_requests(
-            [member] if evaluates else [],
-            evaluates,
+            [member] if plain else [],
+            plain,
             server_round,
             arrayrecord_key=settings.arrayrecord_key,
             configrecord_key=settings.configrecord_key,
@@ -253,12 +297,16 @@ def _committee_messages(
 def _reports(
     validators: Sequence[str],
     models: Mapping[str, ArrayRecord],
+    expected: Mapping[str, Collection[str]],
     losses: Mapping[str, Mapping[str, float]],
     problems: Mapping[str, list[str]],
 ) -> tuple[ValidatorReport, ...]:
+    """Return one report per validator: a model it was not asked for has a NaN loss."""
     reports = []
     for validator in map(str, validators):
-        missing = [name for name in models if name not in losses[validator]]
+        missing = [
+            name for name in models if name in expected[validator] and name not in losses[validator]
+        ]
         problems_here = list(problems[validator])
         if missing:
             problems_here.append(f"no reply for {missing}")
