@@ -22,9 +22,17 @@ Runs alternate (BCSFL first in even repetitions, FedAvg first in odd ones) so th
 outside load hits both alike; the ratio compares medians. The last line is
 ``BCSFL/FedAvg round wall X.XXx``.
 
+With ``--fraction-train`` below 1 (package app only), a cross-device federation: each
+round samples that share of ``--clients``. The bench then also reports, from each run's
+``results.json``, the peak ServerApp memory, the final accuracy, BCSFL's rollbacks and
+its decision and committee time, checks that every client not sampled in a round kept
+its stake, and the last line names the setting, e.g.
+``BCSFL/FedAvg round wall 1.04x (1000 clients, 5% sampled)``.
+
 Usage::
 
     python sim/bench_round.py                       # package app, 20 clients, 5 rounds
+    python sim/bench_round.py --clients 1000 --fraction-train 0.05 --dirichlet-alpha 1 --repeats 1
     python sim/bench_round.py --app dropin --repeats 3
     python sim/bench_round.py --app dropin-mod
 """
@@ -104,13 +112,24 @@ def dropin_app_dir(app: str, strategy: str, workdir: Path) -> Path:
 
 def run_once(
     app: str, strategy: str, workdir: Path, args: argparse.Namespace, index: int
-) -> tuple[float, float]:
-    """Run one federation; return (strategy wall, whole ``flwr run`` wall) in seconds."""
+) -> tuple[float, float, dict | None]:
+    """Run one federation; return its strategy and ``flwr run`` walls, and its results.
+
+    Walls are in seconds; the results are ``results.json`` (None for the drop-in apps,
+    which write none).
+    """
     output_dir = workdir / f"{app}-{strategy}-{index}"
     run_config: dict[str, object] = {"num-server-rounds": args.rounds}
     if app == "package":
         app_dir, require_results = APP_DIR, True
-        run_config.update({"strategy": strategy, "seed": args.seed})
+        run_config.update(
+            {
+                "strategy": strategy,
+                "seed": args.seed,
+                "fraction-train": args.fraction_train,
+                "dirichlet-alpha": args.dirichlet_alpha,
+            }
+        )
     else:
         app_dir, require_results = dropin_app_dir(app, strategy, output_dir), False
     started = time.perf_counter()
@@ -124,7 +143,31 @@ def run_once(
         require_results=require_results,
     )
     whole = time.perf_counter() - started
-    return strategy_wall_s(run.log_path.read_text()), whole
+    return strategy_wall_s(run.log_path.read_text()), whole, run.results
+
+
+def run_summary(results: dict) -> dict[str, float]:
+    """Return what a cross-device run reports: memory, accuracy, rollbacks, stage times.
+
+    ``kept_stakes_broken`` counts clients that were not sampled in a round yet whose
+    stake changed in it (it must be 0: stake is the federation's memory).
+    """
+    rounds = [r for key, r in sorted(results["rounds"].items(), key=lambda i: int(i[0]))]
+    trained = [r for r in rounds if r.get("round", 0) >= 1 and "clients" in r]
+    timing = [r.get("timing", {}) for r in trained[1:]] or [{}]  # round 1 also starts Ray
+    broken = 0
+    for record in trained:
+        before, after = record.get("stakes_before", {}), record.get("stakes", {})
+        sampled = set(record.get("clients", {}))
+        broken += sum(1 for n, s in before.items() if n not in sampled and after.get(n) != s)
+    return {
+        "peak_rss_mb": max(r.get("peak_rss_mb", 0.0) for r in rounds),
+        "accuracy": float(results.get("final_test_accuracy", float("nan"))),
+        "rollbacks": sum(r.get("outcome") == "rollback" for r in trained),
+        "decision_s": statistics.median(t.get("decision_s", 0.0) for t in timing),
+        "committee_s": statistics.median(t.get("committee_s", 0.0) for t in timing),
+        "kept_stakes_broken": broken,
+    }
 
 
 def main() -> int:
@@ -137,7 +180,19 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--keep", type=Path, help="keep the runs in this directory")
+    parser.add_argument(
+        "--fraction-train", type=float, default=1.0, help="share of clients sampled per round"
+    )
+    parser.add_argument(
+        "--dirichlet-alpha",
+        type=float,
+        default=0.5,
+        help="label skew of the package app's partitions (1000 clients need >= 1: with 60 "
+        "MNIST samples each on average, alpha 0.5 cannot give every one the 20 it needs)",
+    )
     args = parser.parse_args()
+    if args.fraction_train < 1.0 and args.app != "package":
+        parser.error("--fraction-train needs --app package (the drop-in apps fix it at 1)")
 
     walls: dict[str, list[float]] = {"bcsfl": [], "fedavg": []}
     wholes: dict[str, list[float]] = {"bcsfl": [], "fedavg": []}
@@ -146,7 +201,7 @@ def main() -> int:
         for index in range(args.repeats):
             order = ("bcsfl", "fedavg") if index % 2 == 0 else ("fedavg", "bcsfl")
             for strategy in order:
-                wall, whole = run_once(args.app, strategy, workdir, args, index)
+                wall, whole, results = run_once(args.app, strategy, workdir, args, index)
                 walls[strategy].append(wall)
                 wholes[strategy].append(whole)
                 print(
@@ -154,6 +209,9 @@ def main() -> int:
                     f"({wall / args.rounds:5.2f} s/round), flwr run {whole:7.1f} s",
                     flush=True,
                 )
+                if results is not None and args.fraction_train < 1.0:
+                    summary = run_summary(results)
+                    print("  " + ", ".join(f"{k} {v:g}" for k, v in summary.items()), flush=True)
     per_round = {name: statistics.median(values) / args.rounds for name, values in walls.items()}
     whole_ratio = statistics.median(wholes["bcsfl"]) / statistics.median(wholes["fedavg"])
     print(
@@ -161,7 +219,12 @@ def main() -> int:
         f"BCSFL {per_round['bcsfl']:.2f} s/round, FedAvg {per_round['fedavg']:.2f} s/round; "
         f"whole flwr run {whole_ratio:.2f}x"
     )
-    print(f"BCSFL/FedAvg round wall {per_round['bcsfl'] / per_round['fedavg']:.2f}x")
+    setting = (
+        f" ({args.clients} clients, {100 * args.fraction_train:g}% sampled)"
+        if args.fraction_train < 1.0
+        else ""
+    )
+    print(f"BCSFL/FedAvg round wall {per_round['bcsfl'] / per_round['fedavg']:.2f}x{setting}")
     return 0
 
 

@@ -35,3 +35,38 @@ def test_fedavg_and_mod_copies_change_exactly_their_line(tmp_path):
 def test_a_copy_refuses_an_edit_whose_text_is_gone(tmp_path):
     with pytest.raises(ValueError, match="no longer contains"):
         edited_copy_of_dropin(tmp_path / "x", "server_app.py", {"no such line": "x"})
+
+
+def test_a_cross_device_summary_counts_rollbacks_and_any_unsampled_stake_that_moved():
+    from sim.bench_round import run_summary
+
+    rounds = {
+        "0": {"round": 0, "test_accuracy": 0.1, "peak_rss_mb": 900.0},
+        "1": {
+            "round": 1,
+            "clients": {"a": {}},
+            "outcome": "commit",
+            "stakes_before": {"a": 1.0, "b": 1.0},
+            "stakes": {"a": 1.05, "b": 1.0},
+            "timing": {"decision_s": 9.0, "committee_s": 9.0},
+            "peak_rss_mb": 1000.0,
+        },
+        "2": {
+            "round": 2,
+            "clients": {"b": {}},
+            "outcome": "rollback",
+            "stakes_before": {"a": 1.05, "b": 1.0},
+            "stakes": {"a": 0.5, "b": 1.0},  # a was not sampled, yet lost stake
+            "timing": {"decision_s": 0.1, "committee_s": 0.4},
+            "peak_rss_mb": 1010.0,
+        },
+    }
+    summary = run_summary({"rounds": rounds, "final_test_accuracy": 0.9})
+    assert summary == {
+        "peak_rss_mb": 1010.0,
+        "accuracy": 0.9,
+        "rollbacks": 1,
+        "decision_s": 0.1,
+        "committee_s": 0.4,
+        "kept_stakes_broken": 1,
+    }
