@@ -192,8 +192,9 @@ def open_notary(
             "own addresses (one keystore per SuperNode, bcsfl-keystore in its node config)"
         )
     registered: list[str] = []
+    bindings: dict[str, int] = {}
     if settings.client_registry:
-        registered = list(json.loads(Path(settings.client_registry).read_text()))
+        registered, bindings = read_client_registry(Path(settings.client_registry))
         if public := development_addresses(registered):
             raise ValueError(
                 f"client-registry lists public development accounts {public}: their keys "
@@ -212,6 +213,7 @@ def open_notary(
         operator=operator,
         num_simulated_clients=0 if registered else num_partitions,
         registered=registered,
+        node_bindings=bindings,
         retry=RetryPolicy(
             attempts=settings.chain_retry_attempts,
             base_delay_s=settings.chain_retry_base_delay,
@@ -219,6 +221,34 @@ def open_notary(
         packet_window_s=settings.packet_window_s,
         require_signed=settings.require_signed,
         keep_updates=settings.replayable_rounds,
+    )
+
+
+def read_client_registry(path: Path) -> tuple[list[str], dict[str, int]]:
+    """Return a deployment's client addresses and the node id each is bound to.
+
+    The registry is a JSON list of addresses, or an object mapping each address to the
+    node id ``flwr supernode register`` printed for that SuperNode's key: with SuperNode
+    authentication, a bound address is accepted only from its own node.
+
+    Raises
+    ------
+    ValueError
+        If the file is neither, or a node id is not a positive integer.
+    """
+    raw = json.loads(path.read_text())
+    if isinstance(raw, list) and all(isinstance(a, str) for a in raw):
+        return list(raw), {}
+    if isinstance(raw, dict):
+        bad = {
+            a: n for a, n in raw.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1
+        }
+        if bad:
+            raise ValueError(f"client-registry binds addresses to invalid node ids {bad}")
+        return list(raw), dict(raw)
+    raise ValueError(
+        "client-registry must be a JSON list of client addresses, or an object mapping "
+        "each address to its SuperNode's node id"
     )
 
 

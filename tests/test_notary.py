@@ -255,6 +255,40 @@ def test_check_packet_learns_addresses_and_refuses_a_node_that_changes_key(tmp_p
         notary.close()
 
 
+def test_an_address_bound_to_a_node_is_accepted_only_from_that_node(tmp_path):
+    """SuperNode authentication fixes each node's id; the registry binds addresses to ids,
+    so another node holding a stolen Ethereum key cannot sign as its owner."""
+    owner = client_dev_account(0).address
+    notary = RoundNotary.open(
+        "embedded", tmp_path, GLOBAL, node_bindings={owner.lower(): 7}, require_signed=True
+    )
+    try:
+        assert notary.trail.is_registered(owner)
+        update = 0.5 * TARGET
+        stolen = notary.check_packet(8, signed_reply(8, 0, update, notary, 1).content, 1)
+        assert stolen.packet is None
+        assert "binds to node 7: node 8 cannot sign as it" in stolen.rejection
+        # the refused packet did not use up the owner's one packet of the round
+        own = notary.check_packet(7, signed_reply(7, 0, update, notary, 1).content, 1)
+        assert own.rejection is None and own.packet.packet.client == owner
+    finally:
+        notary.close()
+
+
+def test_a_client_registry_is_a_list_or_binds_each_address_to_a_node_id(tmp_path):
+    from bcsfl_flower.server_app import read_client_registry
+
+    path = tmp_path / "registry.json"
+    path.write_text('["0xA", "0xB"]')
+    assert read_client_registry(path) == (["0xA", "0xB"], {})
+    path.write_text('{"0xA": 3, "0xB": 9}')
+    assert read_client_registry(path) == (["0xA", "0xB"], {"0xA": 3, "0xB": 9})
+    for bad in ('{"0xA": "3"}', '{"0xA": 0}', '{"0xA": true}', '"0xA"', "[1]"):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="client-registry"):
+            read_client_registry(path)
+
+
 def test_certification_is_frozen_and_anchoring_needs_a_certificate(tmp_path):
     notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
     try:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
-from flwr.app import ArrayRecord, RecordDict
+from eth_utils import to_checksum_address
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.logger import log
 
 from bcsfl_flower.approvals import (
@@ -119,6 +120,12 @@ class RoundNotary:
         round's statement), so that
         ``bcsfl audit replay`` can recompute the round (run config
         ``replayable-rounds``).
+    node_bindings : Mapping[str, int]
+        Client address -> the Flower node id it may sign from. With SuperNode
+        authentication the SuperLink gives each registered node key one node id
+        (``flwr supernode register`` prints it) and stamps it on that node's messages,
+        so a packet signed with a bound address from any other node is rejected: a node
+        can sign only as itself, even with another node's stolen Ethereum key.
     """
 
     # pylint: disable=too-many-arguments
@@ -133,6 +140,7 @@ class RoundNotary:
         packet_window_s: float = 300.0,
         require_signed: bool = True,
         keep_updates: bool = False,
+        node_bindings: Mapping[str, int] | None = None,
     ) -> None:
         self.connection = connection
         self.keep_updates = keep_updates
@@ -146,6 +154,9 @@ class RoundNotary:
         self.require_signed = require_signed
         self.addresses: dict[str, str] = {}
         """Node id -> address, learned from verified packets."""
+        self.node_bindings = {
+            to_checksum_address(address): node for address, node in (node_bindings or {}).items()
+        }
 
     @classmethod
     def open(
@@ -161,6 +172,7 @@ class RoundNotary:
         packet_window_s: float = 300.0,
         require_signed: bool = True,
         keep_updates: bool = False,
+        node_bindings: Mapping[str, int] | None = None,
     ) -> RoundNotary:
         """Connect to the chain, store the initial model and deploy (or attach to) the contract.
 
@@ -176,6 +188,9 @@ class RoundNotary:
             bcsfl mod uses in simulation; public, so simulation only).
         registered : Sequence[str]
             Further client addresses to register (a deployment's registry).
+        node_bindings : Mapping[str, int], optional
+            Registered addresses bound to the node id each may sign from (see the
+            class's parameters); they are registered too.
         """
         output_dir = Path(output_dir)
         connection = connect(spec, output_dir / CHAIN_STATE_DIR, operator=operator)
@@ -186,7 +201,8 @@ class RoundNotary:
                 connection, genesis, operator_certifies=not require_signed, retry=retry
             )
             addresses = [client_dev_account(p).address for p in range(num_simulated_clients)]
-            addresses += list(registered)
+            bindings = {to_checksum_address(a): n for a, n in (node_bindings or {}).items()}
+            addresses += [a for a in [*registered, *bindings] if a not in addresses]
             trail.register_clients({address: REGISTRATION_STAKE for address in addresses})
             notary = cls(
                 connection,
@@ -197,6 +213,7 @@ class RoundNotary:
                 packet_window_s=packet_window_s,
                 require_signed=require_signed,
                 keep_updates=keep_updates,
+                node_bindings=bindings,
             )
             notary.write_manifest()
         except BaseException:
@@ -222,6 +239,8 @@ class RoundNotary:
                     "by a registered client (require-signed)"
                 )
             return PacketCheck()
+        if (rejection := self._bound_elsewhere(node_id, record)) is not None:
+            return PacketCheck(rejection=rejection)
         arrays = next(iter(content.array_records.values()))
         try:
             packet = self.verifier.verify(record, arrays, server_round)
@@ -234,6 +253,26 @@ class RoundNotary:
                 f"signed as {known} before"
             )
         return PacketCheck(packet=packet)
+
+    def _bound_elsewhere(self, node_id: int, record: ConfigRecord) -> str | None:
+        """Return why a packet claiming an address bound to another node is refused.
+
+        Checked before the packet is verified: verification admits one packet per
+        address and round, so a node holding a stolen key must not use up its owner's.
+        """
+        if not self.node_bindings:
+            return None
+        try:
+            claimed = SignedModelPacket.from_config_record(record).packet.client
+        except ValueError:
+            return None  # malformed: verification rejects it, saying why
+        bound = self.node_bindings.get(claimed)
+        if bound is None or bound == node_id:
+            return None
+        return (
+            f"packet claims {claimed}, which the client registry binds to node {bound}: "
+            f"node {node_id} cannot sign as it"
+        )
 
     # pylint: disable=too-many-arguments
     def mining_plan(
