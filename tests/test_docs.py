@@ -43,6 +43,8 @@ def test_readme_is_short_and_leads_with_the_two_commands() -> None:
     assert len(readme.splitlines()) <= README_MAX_LINES
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
     assert blocks[0].startswith("bash scripts/setup.sh && .venv/bin/python -m bcsfl_flower.launch")
-    assert blocks[1].strip() == 'bash scripts/setup.sh && .venv/bin/python -m pytest -m "not slow"'
+    assert blocks[1].strip() == (
+        'bash scripts/setup.sh && .venv/bin/python -m pytest -m "not slow" -n auto'
+    )
     run = (REPO / ".ci" / "run").read_text()
     assert blocks[1].strip() in run
