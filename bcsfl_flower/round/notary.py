@@ -239,11 +239,12 @@ class RoundNotary:
                     "by a registered client (require-signed)"
                 )
             return PacketCheck()
-        if (rejection := self._bound_elsewhere(node_id, record)) is not None:
+        signed = self._parsed_if_bound(record)
+        if (rejection := self._bound_elsewhere(node_id, signed)) is not None:
             return PacketCheck(rejection=rejection)
         arrays = next(iter(content.array_records.values()))
         try:
-            packet = self.verifier.verify(record, arrays, server_round)
+            packet = self.verifier.verify(signed, arrays, server_round)
         except PacketRejectedError as err:
             return PacketCheck(rejection=f"packet rejected: {err}")
         known = self.addresses.setdefault(str(node_id), packet.packet.client)
@@ -254,18 +255,28 @@ class RoundNotary:
             )
         return PacketCheck(packet=packet)
 
-    def _bound_elsewhere(self, node_id: int, record: ConfigRecord) -> str | None:
-        """Return why a packet claiming an address bound to another node is refused.
+    def _parsed_if_bound(self, record: ConfigRecord) -> SignedModelPacket | ConfigRecord:
+        """Return the packet parsed once, when bindings need its claimed address.
 
-        Checked before the packet is verified: verification admits one packet per
-        address and round, so a node holding a stolen key must not use up its owner's.
+        The binding is checked before the packet is verified: verification admits one
+        packet per address and round, so a node holding a stolen key must not use up
+        its owner's. A record that does not parse is left to verification, which
+        rejects it saying why.
         """
         if not self.node_bindings:
-            return None
+            return record
         try:
-            claimed = SignedModelPacket.from_config_record(record).packet.client
+            return SignedModelPacket.from_config_record(record)
         except ValueError:
-            return None  # malformed: verification rejects it, saying why
+            return record
+
+    def _bound_elsewhere(
+        self, node_id: int, signed: SignedModelPacket | ConfigRecord
+    ) -> str | None:
+        """Return why node ``node_id`` may not send ``signed``: its address is bound elsewhere."""
+        if not isinstance(signed, SignedModelPacket):
+            return None
+        claimed = signed.packet.client
         bound = self.node_bindings.get(claimed)
         if bound is None or bound == node_id:
             return None

@@ -268,36 +268,38 @@ class RoundPipeline:
         """
         first = {BASELINE_CANDIDATE, *leading, *(set(scored) & set(NOISE_REFERENCES))}
         config = {**self.space.message_config(), **self._signing_config()}
-        answers = exchange_with_committee(
-            grid,
-            server_round,
-            validators,
-            global_arrays,
-            scored,
-            self.validation,
-            config,
-            duty_nodes=duty_nodes,
-            plain_models=first,
-        )
-        statement = replace(statement, ballots=stated_ballots(statement, answers))
-        decision, reports = conclude(statement, self._domain())
+
+        def ask(
+            members: Sequence[str], models: Mapping[str, ArrayRecord], plain: Collection[str]
+        ) -> CommitteeAnswers:
+            return exchange_with_committee(
+                grid,
+                server_round,
+                members,
+                global_arrays,
+                models,
+                self.validation,
+                config,
+                duty_nodes=duty_nodes,
+                plain_models=plain,
+            )
+
+        answers = ask(validators, scored, first)
+        statement, decision, reports = self._concluded(statement, answers)
         rest = {name: model for name, model in scored.items() if name not in first}
         asked = [v for v in answers.answered() if v not in duty_nodes]
         if rest and asked and not (decision.committed and decision.candidate in first):
-            later = exchange_with_committee(
-                grid,
-                server_round,
-                asked,
-                global_arrays,
-                rest,
-                self.validation,
-                config,
-                plain_models=set(rest),
-            )
-            answers = answers.with_later(later)
-            statement = replace(statement, ballots=stated_ballots(statement, answers))
-            decision, reports = conclude(statement, self._domain())
+            answers = answers.with_later(ask(asked, rest, set(rest)))
+            statement, decision, reports = self._concluded(statement, answers)
         return answers, statement, decision, reports
+
+    def _concluded(
+        self, statement: RoundStatement, answers: CommitteeAnswers
+    ) -> tuple[RoundStatement, Decision, tuple[ValidatorReport, ...]]:
+        """Return the statement with the committee's ballots, and the decision they make."""
+        statement = replace(statement, ballots=stated_ballots(statement, answers))
+        decision, reports = conclude(statement, self._domain())
+        return statement, decision, reports
 
     def _domain(self) -> Eip712Domain | None:
         """Return the trail's signing domain (None without an audit trail)."""

@@ -219,10 +219,9 @@ def exchange_with_committee(
     problems: dict[str, list[str]] = {str(v): [] for v in validators}
     verdicts: dict[str, dict[str, MinerVerdict]] = {name: {} for name in mining or {}}
     ballots: dict[str, SignedBallot] = {}
-    expected = {
-        str(v): {name for entry in asked if entry.member == str(v) for name in entry.models}
-        for v in validators
-    }
+    expected: dict[str, set[str]] = {str(v): set() for v in validators}
+    for entry in asked:
+        expected.get(entry.member, set()).update(entry.models)
     for reply in replies:
         asked = sent.pop(reply.metadata.reply_to_message_id, None)
         if asked is None:
