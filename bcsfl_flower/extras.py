@@ -3,14 +3,14 @@
 The core install (``pip install bcsfl-flower``) holds what the strategy and the audit
 trail need: Flower, NumPy, SciPy (screening's clustering) and the Ethereum stack. The
 rest is opt-in, so that a scikit-learn or JAX user who swaps one strategy line does not
-pull in PyTorch:
+pull in PyTorch. (The example app, ``examples/pytorch-vision``, is a package of its
+own with its own dependencies.)
 
 ========  =======================================  ====================================
 extra     installs                                 needed for
 ========  =======================================  ====================================
 ckks      TenSEAL                                  CKKS aggregation (``ckks=True``)
 dp        PyTorch, Opacus                          client-side DP-SGD (``dp=true``)
-examples  PyTorch, torchvision, flwr-datasets, ...  the bundled MNIST/CIFAR-10 example app
 dev       all of the above, pytest, ruff, ...      working on bcsfl-flower itself
 ========  =======================================  ====================================
 
@@ -27,7 +27,6 @@ from types import ModuleType
 EXTRAS: Mapping[str, tuple[str, ...]] = {
     "ckks": ("tenseal",),
     "dp": ("torch", "opacus"),
-    "examples": ("torch", "torchvision", "flwr_datasets"),
 }
 """Extra name -> the top-level modules it installs."""
 

@@ -13,7 +13,10 @@ fi
 # --no-compile: pip would byte-compile every module of every package (PyTorch alone has
 # thousands), which took half of this script's time here; Python compiles only the
 # modules a run imports, once, on first import.
-.venv/bin/python -m pip install --quiet --no-compile -c constraints.txt -e ".[dev]"
+# The plugin (with its dev tools) and the example app (examples/pytorch-vision, which
+# depends on the plugin), both editable.
+.venv/bin/python -m pip install --quiet --no-compile -c constraints.txt \
+  -e ".[dev]" -e ./examples/pytorch-vision
 # byzfl (attacks and robust aggregators for the bench, sim/robust_bench.py): its declared
 # dependencies are the ones pinned above, so --no-deps keeps this environment's pins.
 .venv/bin/python -m pip install --quiet --no-compile --no-deps "byzfl==0.0.11"

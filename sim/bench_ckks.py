@@ -42,7 +42,6 @@ import numpy as np
 import tenseal as ts
 from flwr.app import Array, ArrayRecord
 
-from bcsfl_flower.launch import run_federation
 from bcsfl_flower.privacy.ckks import (
     ENCRYPTED_ARRAY_KEY,
     EncryptedModel,
@@ -59,8 +58,9 @@ from bcsfl_flower.privacy.ckks_keys import (
     slot_count,
 )
 from bcsfl_flower.privacy.encrypted_screening import decrypt_gram, encrypted_gram, gram_to_cosine
-from bcsfl_flower.results import RESULTS_FILE
-from bcsfl_flower.task.models import MnistCNN
+from bcsfl_vision.launch import run_federation
+from bcsfl_vision.results import RESULTS_FILE
+from bcsfl_vision.task.models import MnistCNN
 from sim.experiments import add_data_dir_argument
 from sim.grid import LABEL_FLIP, ExperimentSpec
 

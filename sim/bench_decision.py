@@ -6,7 +6,7 @@ Flower's ``start`` calls them. BCSFL's validators answer instantly (a fake grid 
 replies with a fixed loss without evaluating anything), so what is timed is the
 server's own work: checks, bounds, screening, committee, candidates, decision and
 stakes. BCSFL runs without an audit chain, as the other two have none. MultiKrum is
-configured as in the grid (:func:`bcsfl_flower.baselines.build_baseline`, 30% assumed
+configured as in the grid (:func:`bcsfl_vision.baselines.build_baseline`, 30% assumed
 attackers, keeping ``n - f`` updates).
 
 Strategies run interleaved, repetition by repetition, so that outside load hits all of
@@ -37,9 +37,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bcsfl_flower.baselines import build_baseline  # noqa: E402
 from bcsfl_flower.protocol import BASELINE_CANDIDATE, CANDIDATE_CONFIG_KEY  # noqa: E402
 from bcsfl_flower.strategy import BCSFL  # noqa: E402
+from bcsfl_vision.baselines import build_baseline  # noqa: E402
 
 LAYERS = {"fc1.weight": (1024, 784), "fc1.bias": (1024,), "fc2.weight": (170, 1024)}
 """A 1M-parameter MLP: 784 -> 1024 -> 170 (1,004,544 parameters)."""

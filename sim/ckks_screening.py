@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bcsfl_flower.launch import run_federation
-from bcsfl_flower.results import RESULTS_FILE
+from bcsfl_vision.launch import run_federation
+from bcsfl_vision.results import RESULTS_FILE
 from sim.experiments import add_data_dir_argument
 from sim.grid import LABEL_FLIP, ExperimentSpec
 

@@ -1,6 +1,6 @@
 """Run the robustness grid as real Flower simulations and write its table and figures.
 
-Every run is ``flwr run`` of this app (via :func:`bcsfl_flower.launch.run_federation`),
+Every run is ``flwr run`` of this app (via :func:`bcsfl_vision.launch.run_federation`),
 so the experiments exercise exactly the strategy code a user deploys. The grid is
 resumable: finished runs are kept and skipped when the command is run again, so an
 interrupted grid picks up where it stopped, and ``--report-only`` rebuilds the outputs
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
-from bcsfl_flower.config import DATA_DIR_ENV
+from bcsfl_vision.config import DATA_DIR_ENV
 from sim.figures import plot_grid
 from sim.grid import PRESETS, STRATEGIES, ExperimentSpec, Preset
 from sim.records import RunResult
@@ -66,7 +66,7 @@ def check_data(dataset: str, data_dir: Path) -> int:
     FileNotFoundError
         If the dataset is not in ``data_dir``.
     """
-    from bcsfl_flower.task.data import load_split  # torch: only when runs are due
+    from bcsfl_vision.task.data import load_split  # torch: only when runs are due
 
     return len(load_split(dataset, Path(data_dir).resolve(), train=False))
 

@@ -15,7 +15,7 @@ BCSFL weighs validators by stake, Flower's built-in strategies ignore it, so for
 the cell is the plain 50% cell again, run for comparison.
 
 Attack strengths (run config ``attack-scale``, see
-:func:`bcsfl_flower.task.attacks.poison_update`), chosen so that each attack breaks
+:func:`bcsfl_vision.task.attacks.poison_update`), chosen so that each attack breaks
 plain FedAvg at 30% attackers rather than merely slowing it down:
 
 - ``sign-flip`` 4.0: ``d' = -4 d``; the mean update ``0.7 d - 0.3 * 4 d = -0.5 d``
@@ -256,7 +256,7 @@ class ExperimentSpec:
     def num_attackers(self) -> int:
         """Number of attacking clients: ``round(attacker_fraction * num_clients)``.
 
-        The app picks that many (:func:`bcsfl_flower.task.attacks.choose_attackers`).
+        The app picks that many (:func:`bcsfl_vision.task.attacks.choose_attackers`).
         """
         return round(self.attacker_fraction * self.num_clients)
 

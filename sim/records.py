@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bcsfl_flower.results import RESULTS_FILE
+from bcsfl_vision.results import RESULTS_FILE
 from sim.grid import LABEL_FLIP, ExperimentSpec
 from sim.metrics import (
     attack_success_rate,

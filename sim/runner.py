@@ -1,7 +1,7 @@
 """Run the grid's federations one after another, resumably, with a live progress display.
 
 Each :class:`~sim.grid.ExperimentSpec` runs as a real ``flwr run`` of the app through
-:func:`bcsfl_flower.launch.run_federation`, in ``<out>/runs/<run_id>/``. Before a run
+:func:`bcsfl_vision.launch.run_federation`, in ``<out>/runs/<run_id>/``. Before a run
 starts, the runner writes the spec to ``spec.json`` beside the results
 (:meth:`~sim.grid.ExperimentSpec.to_record`); a run counts as finished when its
 ``results.json`` says ``completed`` and its ``spec.json`` matches the spec asked for, so
@@ -26,9 +26,9 @@ from pathlib import Path
 from flwr.common.logger import log
 from rich.progress import Progress
 
-from bcsfl_flower.launch import FederationFailedError, FederationRun, run_federation
-from bcsfl_flower.progress import new_progress
-from bcsfl_flower.results import RESULTS_FILE
+from bcsfl_vision.launch import FederationFailedError, FederationRun, run_federation
+from bcsfl_vision.progress import new_progress
+from bcsfl_vision.results import RESULTS_FILE
 from sim.grid import ExperimentSpec
 from sim.records import TIMING_FILE
 
@@ -39,7 +39,7 @@ RUNS_DIR = "runs"
 """Sub-directory of the output directory that holds one directory per run."""
 
 Launch = Callable[..., FederationRun]
-"""Signature of :func:`bcsfl_flower.launch.run_federation` (injectable for tests)."""
+"""Signature of :func:`bcsfl_vision.launch.run_federation` (injectable for tests)."""
 
 
 @dataclass
@@ -74,7 +74,7 @@ class GridRunner:
         Seconds after which one run is stopped and counted as failed.
     launch : Launch, optional
         Function that runs one federation; default
-        :func:`~bcsfl_flower.launch.run_federation`.
+        :func:`~bcsfl_vision.launch.run_federation`.
     stream : bool
         Echo each run's log while it runs.
     """

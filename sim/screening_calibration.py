@@ -48,10 +48,10 @@ from bcsfl_flower.round.screening import (
     split_threshold,
     unit_gram,
 )
-from bcsfl_flower.task.attacks import choose_attackers
-from bcsfl_flower.task.data import load_client_data
-from bcsfl_flower.task.models import build_model
-from bcsfl_flower.task.training import train
+from bcsfl_vision.task.attacks import choose_attackers
+from bcsfl_vision.task.data import load_client_data
+from bcsfl_vision.task.models import build_model
+from bcsfl_vision.task.training import train
 
 Rule = Callable[[np.ndarray, np.ndarray, slice], set[int]]
 """``(updates, stakes, output-layer columns) -> rejected rows``."""

@@ -14,6 +14,8 @@ import grimp
 import networkx as nx
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("bcsfl_flower", "bcsfl_vision")
+"""The plugin and the example app (``examples/pytorch-vision``)."""
 
 
 def test_import_contracts_are_kept() -> None:
@@ -31,12 +33,12 @@ def test_import_contracts_are_kept() -> None:
 
 
 def _module_graph() -> nx.DiGraph:
-    graph = grimp.build_graph("bcsfl_flower")
+    graph = grimp.build_graph(*PACKAGES)
     edges = nx.DiGraph()
     for module in graph.modules:
         edges.add_node(module)
         for imported in graph.find_modules_directly_imported_by(module):
-            if imported.startswith("bcsfl_flower"):
+            if imported.split(".")[0] in PACKAGES:
                 edges.add_edge(module, imported)
     return edges
 

@@ -17,11 +17,11 @@ from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.chain.backends import JOURNAL_FILE
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.packets import model_hash
-from bcsfl_flower.results import RunRecorder, load_results
 from bcsfl_flower.round.notary import CHAIN_STATE_DIR, MANIFEST_FILE, RoundNotary
 from bcsfl_flower.round.settings import StakePolicy
 from bcsfl_flower.round.stakes import settle
 from bcsfl_flower.strategy import BCSFL
+from bcsfl_vision.results import RunRecorder, load_results
 
 PARTITIONS = range(6)
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from bcsfl_flower.config import RUN_CONSTRAINTS, ConfigError, RunSettings
 from bcsfl_flower.round.settings import ROUND_CONSTRAINTS, RoundSettings, SettingError
 from bcsfl_flower.strategy import BCSFL
+from bcsfl_vision.config import RUN_CONSTRAINTS, ConfigError, RunSettings
 
 
 def test_defaults_and_overrides():
@@ -77,9 +77,10 @@ def test_data_dir_falls_back_to_environment(monkeypatch, tmp_path):
 def test_the_pyproject_config_lists_every_setting_with_the_dataclass_default():
     import tomllib
 
-    from conftest import REPO
+    from bcsfl_vision.launch import APP_DIR
 
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    app = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    config = app["tool"]["flwr"]["app"]["config"]
     defaults = {
         field.name.replace("_", "-"): field.default for field in dataclasses.fields(RunSettings)
     }
@@ -129,7 +130,7 @@ def test_a_deployment_refuses_to_register_public_development_keys(tmp_path):
     from flwr.app import Array, ArrayRecord
 
     from bcsfl_flower.chain.keys import client_dev_account, dev_account
-    from bcsfl_flower.server_app import open_notary
+    from bcsfl_vision.server_app import open_notary
 
     registry = tmp_path / "registry.json"
     own = "0x" + "ab" * 20
@@ -146,7 +147,7 @@ def test_a_deployment_refuses_to_register_public_development_keys(tmp_path):
 def test_the_deployment_engine_refuses_to_start_without_a_client_registry(tmp_path):
     from flwr.app import Array, ArrayRecord
 
-    from bcsfl_flower.server_app import open_notary
+    from bcsfl_vision.server_app import open_notary
 
     initial = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
     settings = RunSettings.from_run_config({"chain": "embedded"})

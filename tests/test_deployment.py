@@ -40,8 +40,8 @@ from eth_account import Account
 from web3 import Web3
 
 from bcsfl_flower.chain.backends import spawn_anvil, stop_anvil
-from bcsfl_flower.launch import APP_DIR
 from bcsfl_flower.processes import free_port, port_in_use, terminate_tree
+from bcsfl_vision.launch import APP_DIR
 
 # The slow tier (`pytest -m slow`): .ci/run runs it after the README's fast tier.
 pytestmark = pytest.mark.slow
@@ -230,7 +230,7 @@ def loopback_deployment(tmp_path: Path) -> Iterator[Loopback]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         # Three machines' worth of processes share this one's cores: one PyTorch
         # thread each, or their OpenMP threads wait on each other (see
-        # bcsfl_flower.launch.DEFAULT_CLIENT_CPUS).
+        # bcsfl_vision.launch.DEFAULT_CLIENT_CPUS).
         "OMP_NUM_THREADS": "1",
         "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
     }

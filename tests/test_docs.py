@@ -42,7 +42,7 @@ def test_readme_is_short_and_leads_with_the_two_commands() -> None:
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= README_MAX_LINES
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-    assert blocks[0].startswith("bash scripts/setup.sh && .venv/bin/python -m bcsfl_flower.launch")
+    assert blocks[0].startswith("bash scripts/setup.sh && .venv/bin/python -m bcsfl_vision.launch")
     assert blocks[1].strip() == (
         'bash scripts/setup.sh && .venv/bin/python -m pytest -m "not slow" -n auto'
     )

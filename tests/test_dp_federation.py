@@ -3,7 +3,7 @@
 import pytest
 from conftest import DATA_DIR
 
-from bcsfl_flower.launch import FederationFailedError, run_federation
+from bcsfl_vision.launch import FederationFailedError, run_federation
 
 # The slow tier (`pytest -m slow`): .ci/run runs it after the README's fast tier.
 pytestmark = pytest.mark.slow

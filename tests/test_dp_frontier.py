@@ -5,7 +5,7 @@ import csv
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from bcsfl_flower.app_metrics import aggregate_train_metrics
+from bcsfl_vision.app_metrics import aggregate_train_metrics
 from sim.dp_frontier import (
     DP_BATCH_SIZE,
     DP_LEARNING_RATE,

@@ -16,7 +16,7 @@ from conftest import DATA_DIR
 from rich.console import Console
 from rich.progress import Progress
 
-from bcsfl_flower.launch import FederationFailedError, run_federation
+from bcsfl_vision.launch import FederationFailedError, run_federation
 
 
 def test_two_round_federation_on_mnist_completes_above_chance(tmp_path):
@@ -210,9 +210,9 @@ def _decrypt_and_test(run, key_seed: int) -> float:
     from bcsfl_flower.client.ckks_mod import key_seed_bytes
     from bcsfl_flower.privacy.ckks import decrypt_arrays, from_array_record
     from bcsfl_flower.privacy.ckks_keys import create_secret_context
-    from bcsfl_flower.task.data import load_test_data
-    from bcsfl_flower.task.models import MnistCNN
-    from bcsfl_flower.task.training import test
+    from bcsfl_vision.task.data import load_test_data
+    from bcsfl_vision.task.models import MnistCNN
+    from bcsfl_vision.task.training import test
 
     rounds = run.results["rounds"]
     final = rounds[str(max(int(r) for r in rounds))]["model_hash"]

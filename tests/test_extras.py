@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from bcsfl_flower.config import ConfigError, RunSettings
 from bcsfl_flower.extras import EXTRAS, MissingExtraError, import_extra, require_extra
+from bcsfl_vision.config import ConfigError, RunSettings
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_import_extra_turns_an_import_error_into_the_extra_to_install():
 
 
 def test_every_extra_lists_modules():
-    assert set(EXTRAS) == {"ckks", "dp", "examples"}
+    assert set(EXTRAS) == {"ckks", "dp"}
     assert all(EXTRAS.values())
 
 

@@ -22,8 +22,8 @@ import pytest
 from conftest import DATA_DIR
 
 from bcsfl_flower.chain.audit import ChainManifest
-from bcsfl_flower.launch import FederationFailedError, resume_federation, run_federation
-from bcsfl_flower.results import load_results
+from bcsfl_vision.launch import FederationFailedError, resume_federation, run_federation
+from bcsfl_vision.results import load_results
 
 # The slow tier (`pytest -m slow`): .ci/run runs it after the README's fast tier.
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bcsfl_flower import launch
-from bcsfl_flower.launch import FederationFailedError, run_federation
+from bcsfl_vision import launch
+from bcsfl_vision.launch import FederationFailedError, run_federation
 
 
 @pytest.fixture

@@ -276,7 +276,7 @@ def test_an_address_bound_to_a_node_is_accepted_only_from_that_node(tmp_path):
 
 
 def test_a_client_registry_is_a_list_or_binds_each_address_to_a_node_id(tmp_path):
-    from bcsfl_flower.server_app import read_client_registry
+    from bcsfl_vision.server_app import read_client_registry
 
     path = tmp_path / "registry.json"
     path.write_text('["0xA", "0xB"]')

@@ -7,7 +7,7 @@ import os
 from rich.console import Console
 from rich.progress import Progress
 
-from bcsfl_flower.progress import FederationProgress, RoundReport, latest_round
+from bcsfl_vision.progress import FederationProgress, RoundReport, latest_round
 
 
 def _quiet_display() -> Progress:

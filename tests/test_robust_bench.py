@@ -12,9 +12,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp.strategy import FedAvg
 
-from bcsfl_flower.baselines import BASELINES, build_baseline
-from bcsfl_flower.byzfl_strategy import ByzflStrategy, CenteredClippingStrategy
 from bcsfl_flower.round.aggregate import screened_mean
+from bcsfl_vision.baselines import BASELINES, build_baseline
+from bcsfl_vision.byzfl_strategy import ByzflStrategy, CenteredClippingStrategy
 from sim import robust_bench
 from sim.robust.attacks import ATTACKS, RoundView
 from sim.robust.report import accuracy_table, gini, summarise

@@ -15,11 +15,11 @@ import pytest
 import torch
 from conftest import DATA_DIR, REPO
 
-from bcsfl_flower.launch import FederationFailedError, FederationRun
-from bcsfl_flower.task.attacks import choose_attackers
-from bcsfl_flower.task.data import load_client_data, load_split, load_test_data
-from bcsfl_flower.task.models import build_model
-from bcsfl_flower.task.training import evaluate_confusion
+from bcsfl_vision.launch import FederationFailedError, FederationRun
+from bcsfl_vision.task.attacks import choose_attackers
+from bcsfl_vision.task.data import load_client_data, load_split, load_test_data
+from bcsfl_vision.task.models import build_model
+from bcsfl_vision.task.training import evaluate_confusion
 from sim.experiments import (
     EXIT_OK,
     EXIT_USAGE,

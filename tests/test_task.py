@@ -5,14 +5,14 @@ import pytest
 import torch
 from conftest import DATA_DIR
 
-from bcsfl_flower.task.attacks import choose_attackers, flip_labels
-from bcsfl_flower.task.data import (
+from bcsfl_vision.task.attacks import choose_attackers, flip_labels
+from bcsfl_vision.task.data import (
     MIN_PARTITION_SIZE,
     dirichlet_partitions,
     load_client_data,
     load_split,
 )
-from bcsfl_flower.task.models import MnistCNN, build_model, cifar10_resnet
+from bcsfl_vision.task.models import MnistCNN, build_model, cifar10_resnet
 
 LABELS = np.repeat(np.arange(10), 500)  # 5000 balanced labels
 

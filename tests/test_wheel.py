@@ -98,7 +98,7 @@ def test_a_scikit_learn_app_runs_from_the_core_wheel_and_its_trail_audits(core):
     runs = root / "run"
     federate = (
         "from pathlib import Path\n"
-        "from bcsfl_flower.launch import run_federation\n"
+        "from bcsfl_vision.launch import run_federation\n"
         f"out = Path({str(runs)!r})\n"
         f"run = run_federation(out, num_supernodes=4, app_dir=Path({str(app)!r}),\n"
         "    run_config={'output-dir': str(out / 'trail')}, require_results=False,\n"

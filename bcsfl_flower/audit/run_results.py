@@ -24,7 +24,7 @@ from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound
 from bcsfl_flower.round.statement import RoundStatement
 
 RESULTS_FILE = "results.json"
-"""Name of a run's results file (written by :mod:`bcsfl_flower.results`)."""
+"""Name of a run's results file (written by :mod:`bcsfl_vision.results`)."""
 
 VERIFIED_FIELDS = ("outcome", "model_hash", "rejected", "stakes_before")
 """The fields of a round's record that ``verify`` checks against the trail."""

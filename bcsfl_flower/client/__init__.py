@@ -1,1 +1,1 @@
-"""Client side: the example ClientApp and the bcsfl client mod."""
+"""Client side: the bcsfl client mod, and its CKKS variant."""

@@ -4,7 +4,7 @@ A settings dataclass lists, per field, one :class:`Constraint`; :func:`validate_
 checks every field against it once, when the dataclass is built. The rules thereby live
 beside the defaults they guard, and a bad value raises one :class:`SettingError` that
 names the setting and what it must be, whether it came from the Python API or from the
-run config (:mod:`bcsfl_flower.config`, which reports the kebab-case key).
+run config (:mod:`bcsfl_vision.config`, which reports the kebab-case key).
 """
 
 from __future__ import annotations

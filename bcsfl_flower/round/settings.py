@@ -1,7 +1,7 @@
 """The settings of a round: every default and every check, in one place.
 
 :class:`RoundSettings` is the one source the strategy (``BCSFL(settings, ...)`` or its
-keyword shorthand), the run config (:meth:`bcsfl_flower.config.RunSettings.round_settings`)
+keyword shorthand), the run config (:meth:`bcsfl_vision.config.RunSettings.round_settings`)
 and the docs read. Each field's rule is a line of :data:`ROUND_CONSTRAINTS`, checked once
 when the settings are built, so a bad value raises one
 :class:`~bcsfl_flower.round.constraints.SettingError` that names the setting, whichever

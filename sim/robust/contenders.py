@@ -16,10 +16,10 @@ import byzfl
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 
-from bcsfl_flower.baselines import build_baseline
-from bcsfl_flower.byzfl_strategy import byzfl_strategies
 from bcsfl_flower.round.aggregate import screened_mean
 from bcsfl_flower.strategy import BCSFL
+from bcsfl_vision.baselines import build_baseline
+from bcsfl_vision.byzfl_strategy import byzfl_strategies
 
 VectorAggregator = Callable[[np.ndarray], np.ndarray]
 

@@ -22,7 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message import make_message
 
-from bcsfl_flower.task.attacks import choose_attackers, flip_labels
+from bcsfl_vision.task.attacks import choose_attackers, flip_labels
 from sim.robust.attacks import ATTACKS, RoundView
 from sim.robust.contenders import CONTENDERS
 from sim.robust.messages import reply_metadata

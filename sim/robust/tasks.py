@@ -2,7 +2,7 @@
 
 Everything a client does runs in this process on real MNIST: local SGD on its own
 Dirichlet partition (or an IID share), and the loss a validator reports on its held-out
-tenth. Data are decoded once (:func:`~bcsfl_flower.task.data.load_split`) and
+tenth. Data are decoded once (:func:`~bcsfl_vision.task.data.load_split`) and
 partitioned with the example app's own partitioner, so the bench's skew is the grid's.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bcsfl_flower.task.data import VALIDATION_FRACTION, dirichlet_partitions, load_split
-from bcsfl_flower.task.models import MnistCNN
+from bcsfl_vision.task.data import VALIDATION_FRACTION, dirichlet_partitions, load_split
+from bcsfl_vision.task.models import MnistCNN
 
 Weights = dict[str, np.ndarray]
 """A model's state as named float32 arrays, in the model's own order."""

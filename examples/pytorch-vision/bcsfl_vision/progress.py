@@ -1,6 +1,6 @@
 """Live progress of a federation, read from its results file as each round lands.
 
-The ServerApp rewrites ``results.json`` after every round (:mod:`bcsfl_flower.results`),
+The ServerApp rewrites ``results.json`` after every round (:mod:`bcsfl_vision.results`),
 so the launcher, which only sees ``flwr run``'s log, can follow a run without parsing
 log lines: it polls the file's modification time and, when it changes, shows the last
 round's decision (committed or rolled back), its test accuracy and whether it was

@@ -16,21 +16,21 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.superlink.grid import InMemoryGrid
 
-from bcsfl_flower.app_metrics import PARTITION_ID_METRIC, aggregate_train_metrics
 from bcsfl_flower.audit.checkpoint import ResumeError, load_checkpoint
-from bcsfl_flower.baselines import build_baseline
 from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.chain.keys import client_dev_account, development_addresses, load_keystore
 from bcsfl_flower.chain.retry import RetryPolicy
-from bcsfl_flower.config import RunSettings
 from bcsfl_flower.protocol import DP_EPSILON_KEY
-from bcsfl_flower.results import RunRecorder, load_results
 from bcsfl_flower.round.notary import MANIFEST_FILE, RoundNotary
 from bcsfl_flower.strategy import BCSFL
-from bcsfl_flower.task.attacks import choose_attackers, rejection_scores
-from bcsfl_flower.task.data import load_test_data
-from bcsfl_flower.task.models import build_model
-from bcsfl_flower.task.training import evaluate_confusion
+from bcsfl_vision.app_metrics import PARTITION_ID_METRIC, aggregate_train_metrics
+from bcsfl_vision.baselines import build_baseline
+from bcsfl_vision.config import RunSettings
+from bcsfl_vision.results import RunRecorder, load_results
+from bcsfl_vision.task.attacks import choose_attackers, rejection_scores
+from bcsfl_vision.task.data import load_test_data
+from bcsfl_vision.task.models import build_model
+from bcsfl_vision.task.training import evaluate_confusion
 
 app = ServerApp()
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bcsfl_flower.baselines import BASELINES
-from bcsfl_flower.byzfl_strategy import BYZFL_BASELINES
 from bcsfl_flower.extras import MissingExtraError, require_extra
 from bcsfl_flower.round.constraints import (
     Boolean,
@@ -31,6 +29,8 @@ from bcsfl_flower.round.constraints import (
     validate_parameters,
 )
 from bcsfl_flower.round.settings import ROUND_CONSTRAINTS, RoundSettings
+from bcsfl_vision.baselines import BASELINES
+from bcsfl_vision.byzfl_strategy import BYZFL_BASELINES
 
 DATA_DIR_ENV = "BCSFL_DATA_DIR"
 """Environment variable that names the data directory when ``data-dir`` is empty."""

@@ -21,8 +21,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from bcsfl_flower.app_metrics import aggregate_train_metrics
-from bcsfl_flower.byzfl_strategy import BYZFL_BASELINES, byzfl_strategies
+from bcsfl_vision.app_metrics import aggregate_train_metrics
+from bcsfl_vision.byzfl_strategy import BYZFL_BASELINES, byzfl_strategies
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def build_baseline(
     operator who knows the threat model would set it (which favours them). MultiKrum
     keeps ``n - f`` updates. FedTrimmedAvg trims ``beta = max(0.1, attacker_fraction)``
     from each end, capped below 0.5. byzfl's are wrapped by
-    :mod:`bcsfl_flower.byzfl_strategy` (centered clipping at the round's median norm).
+    :mod:`bcsfl_vision.byzfl_strategy` (centered clipping at the round's median norm).
     """
     if name not in BASELINE_BUILDERS:
         raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from bcsfl_flower.app_metrics import PARTITION_ID_METRIC
 from bcsfl_flower.client.ckks_app import bcsfl_ckks_client_app
-from bcsfl_flower.config import RunSettings
 from bcsfl_flower.protocol import DP_EPSILON_KEY
-from bcsfl_flower.task.attacks import UPDATE_ATTACKS, choose_attackers, poison_update
-from bcsfl_flower.task.data import ClientData, load_client_data
-from bcsfl_flower.task.models import build_model
-from bcsfl_flower.task.training import test, train
+from bcsfl_vision.app_metrics import PARTITION_ID_METRIC
+from bcsfl_vision.config import RunSettings
+from bcsfl_vision.task.attacks import UPDATE_ATTACKS, choose_attackers, poison_update
+from bcsfl_vision.task.data import ClientData, load_client_data
+from bcsfl_vision.task.models import build_model
+from bcsfl_vision.task.training import test, train
 
 app = bcsfl_ckks_client_app()
 

@@ -17,8 +17,8 @@ tests and experiments can treat a federation like any other command:
 
 Usage::
 
-    python -m bcsfl_flower.launch --num-supernodes 10 --run-config "num-server-rounds=3"
-    python -m bcsfl_flower.launch --resume runs/20261130-101500
+    python -m bcsfl_vision.launch --num-supernodes 10 --run-config "num-server-rounds=3"
+    python -m bcsfl_vision.launch --resume runs/20261130-101500
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import psutil
 from flwr.common.logger import log
 from rich.progress import Progress
 
-from bcsfl_flower.config import DATA_DIR_ENV
 from bcsfl_flower.processes import free_port, terminate_tree
-from bcsfl_flower.progress import FederationProgress, new_progress
-from bcsfl_flower.results import RESULTS_FILE, load_results
+from bcsfl_vision.config import DATA_DIR_ENV
+from bcsfl_vision.progress import FederationProgress, new_progress
+from bcsfl_vision.results import RESULTS_FILE, load_results
 
 APP_DIR = Path(__file__).resolve().parent.parent
 """The Flower App directory (the one holding ``pyproject.toml``) when run from a checkout."""
@@ -126,7 +126,7 @@ def run_federation(
         CPUs Ray reserves per simulated ClientApp, and the OpenMP threads it lets one
         use (:data:`DEFAULT_CLIENT_CPUS`; Flower's own default is 2).
     progress : rich.progress.Progress, optional
-        A live display to follow the run's rounds on (:mod:`bcsfl_flower.progress`):
+        A live display to follow the run's rounds on (:mod:`bcsfl_vision.progress`):
         round k of N, committed or rolled back, accuracy, anchored, ETA. None shows none.
 
     Raises

@@ -20,7 +20,7 @@ from flwr_datasets.partitioner import DirichletPartitioner
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision import datasets as tv_datasets
 
-from bcsfl_flower.task.attacks import choose_attackers, flip_labels
+from bcsfl_vision.task.attacks import choose_attackers, flip_labels
 
 _NORMALISATION = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -155,7 +155,7 @@ def load_client_data(
 
     The partition's samples are split ``1 - VALIDATION_FRACTION`` / ``VALIDATION_FRACTION``
     with a seed derived from ``seed`` and ``partition_id``. An attacker partition
-    (chosen by :func:`~bcsfl_flower.task.attacks.choose_attackers`) has all its labels
+    (chosen by :func:`~bcsfl_vision.task.attacks.choose_attackers`) has all its labels
     flipped, validation included: a malicious validator judges candidates by its own
     poisoned data.
     """
