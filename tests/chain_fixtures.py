@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -129,15 +129,17 @@ def stated_round(
     members: Sequence[LocalAccount],
     domain: Eip712Domain,
     committed: bytes | None,
-) -> tuple[bytes, list[LocalAccount]]:
-    """Store round ``round_number``'s state statement; return its root and drawn miners.
+    stakes: Mapping[str, float] | None = None,
+) -> tuple[RoundStatement, list[LocalAccount]]:
+    """Store round ``round_number``'s state statement; return it and its drawn miners.
 
     The committee is the stake-weighted draw over ``members`` (equal stakes) with a
     miner seat for each, so every member with stake is drawn: the statement is what
     :func:`~bcsfl_flower.audit.verification.verify_trail` checks an anchored committee
     against. Its one candidate hashes to ``committed`` (when given), and the two drawn
     validators' signed ballots accept it, so the ballots commit it; without it the
-    round has no candidate, and the ballots commit nothing.
+    round has no candidate, and the ballots commit nothing. ``stakes`` (the last
+    round's settlement) defaults to 10 each.
     """
     addresses = sorted(m.address for m in members)
     statement = RoundStatement(
@@ -153,7 +155,7 @@ def stated_round(
             selection="trusted-mean",
             space="plain",
         ),
-        stakes=dict.fromkeys(addresses, 10.0),
+        stakes=dict(stakes) if stakes is not None else dict.fromkeys(addresses, 10.0),
         replies=tuple(
             StatedReply(str(i), address, 1.0, "0x" + bytes([i + 1]).hex() * 32)
             for i, address in enumerate(addresses)
@@ -181,4 +183,4 @@ def stated_round(
         )
     root = store.save_document(statement.to_bytes())
     assert root == statement.digest()
-    return root, [account[address] for address in drawn.miners]
+    return statement, [account[address] for address in drawn.miners]

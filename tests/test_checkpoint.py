@@ -19,7 +19,7 @@ from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.packets import model_hash
 from bcsfl_flower.round.notary import CHAIN_STATE_DIR, MANIFEST_FILE, RoundNotary
 from bcsfl_flower.round.settings import StakePolicy
-from bcsfl_flower.round.stakes import settle
+from bcsfl_flower.round.stakes import StakeChanges, settle
 from bcsfl_flower.strategy import BCSFL
 from bcsfl_vision.results import RunRecorder, load_results
 
@@ -32,8 +32,11 @@ def open_notary(run_dir):
     )
 
 
-def play(strategy, notary, rounds, arrays, node_offset=1):
-    """Run ``rounds`` through the Strategy API; node ids are partition + node_offset."""
+def play(strategy, notary, rounds, arrays, node_offset=1, poisoned=()):
+    """Run ``rounds`` through the Strategy API; node ids are partition + node_offset.
+
+    The ``poisoned`` partitions send the honest step reversed and tripled.
+    """
     partition_of = {p + node_offset: p for p in PARTITIONS}
     grid = MiningGrid(partition_of)
     grid.get_node_ids = lambda: list(partition_of)
@@ -41,11 +44,12 @@ def play(strategy, notary, rounds, arrays, node_offset=1):
         list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         rng = np.random.default_rng(server_round)
         current = arrays["w"].numpy()
+        step = {p: (-3.0 if p in poisoned else 1.0) * 0.5 * (TARGET - current) for p in PARTITIONS}
         replies = [
             signed_reply(
                 node,
                 partition,
-                current + 0.5 * (TARGET - current) + rng.normal(0, 0.05, TARGET.size),
+                current + step[partition] + rng.normal(0, 0.05, TARGET.size),
                 notary,
                 server_round,
             )
@@ -98,6 +102,30 @@ def test_a_stopped_run_resumes_after_its_last_round_with_its_model_and_stakes(st
         assert report.ok and report.anchored == 4 and report.latest_round == 4
     finally:
         notary.close()
+
+
+def test_resumed_stakes_are_the_anchored_settlement_whatever_results_json_says(tmp_path):
+    """Slashes and rewards re-derived from the statements match the ledger to the bit."""
+    recorder = RunRecorder(tmp_path, {"num-server-rounds": 6})
+    notary = open_notary(tmp_path)
+    try:
+        strategy = BCSFL(notary=notary, num_miners=4, round_sink=recorder.record)
+        play(strategy, notary, (1, 2, 3, 4), GLOBAL, poisoned=(5,))
+        report = verify_trail(notary.trail, ChainManifest.load(tmp_path / MANIFEST_FILE))
+        assert report.ok, [f.message for f in report.failures]
+    finally:
+        notary.close()
+    ledger = strategy.ledger.as_dict()
+    assert ledger["6"] < 0.5 < 1.0 < min(ledger[str(p + 1)] for p in range(5))  # slashed
+    expected = {client_dev_account(p).address: ledger[str(p + 1)] for p in PARTITIONS}
+    results = load_results(tmp_path)
+    for record in results["rounds"].values():  # an operator's edit of the unverified file
+        for node in record.get("stakes", {}):
+            record["stakes"][node] = 1.0
+    (tmp_path / "results.json").write_text(__import__("json").dumps(results))
+    notary, checkpoint = checkpoint_of(tmp_path, num_rounds=6)
+    notary.close()
+    assert checkpoint.round == 4 and checkpoint.stakes == expected
 
 
 def test_a_tampered_model_store_refuses_to_resume_naming_the_round(stopped_run):
@@ -159,9 +187,8 @@ def test_a_client_that_reconnects_under_a_new_node_id_keeps_its_stake(tmp_path):
         strategy.ledger.apply(
             settle(
                 before,
-                rewarded=[],
-                slashed=["1"],
-                policy=StakePolicy(reward=0.0, slash_fraction=0.5),
+                StakeChanges(slashed=("1",)),
+                StakePolicy(reward=0.0, slash_fraction=0.5),
             )
         )
         slashed = strategy.ledger.stake("1")

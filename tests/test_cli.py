@@ -24,6 +24,7 @@ from bcsfl_flower.chain.backends import JOURNAL_FILE, connect
 from bcsfl_flower.chain.model_store import ModelStore
 from bcsfl_flower.cli import main
 from bcsfl_flower.packets import model_hash
+from bcsfl_flower.round.settlement import stated_settlement
 from bcsfl_flower.round.statement import RoundStatement
 
 
@@ -39,12 +40,15 @@ def make_run(run_dir: Path, backend: str = "embedded") -> ModelStore:
     with connect(backend, run_dir / "chain") as connection:
         trail = AuditTrail.open(connection, GENESIS)
         trail.register_clients({m.address: 10 for m in miners})
+        stakes = None
         for round_number in (1, 2, 3):
             _, head = trail.head()
             committed = None if round_number == 2 else model_hash(toy_model(float(round_number)))
-            state_root, drawn = stated_round(
-                store, round_number, head, miners, trail.domain, committed
+            statement, drawn = stated_round(
+                store, round_number, head, miners, trail.domain, committed, stakes
             )
+            state_root = statement.digest()
+            stakes = stated_settlement(statement, committed is not None, trail.domain).after
             assert sorted(m.address for m in drawn) == sorted(m.address for m in miners)
             if round_number == 2:
                 certified = rollback_certificate(trail, 2, miners, state_root, signers=miners[:3])
@@ -236,7 +240,8 @@ def write_results(run_dir: Path, **changes) -> None:
             "outcome": "rollback" if number == 2 else "commit",
             "model_hash": "0x" + model_hash(toy_model(1.0 if number == 2 else number)).hex(),
             "rejected": {},
-            "stakes_before": {"0": 10.0, "1": 10.0},
+            # round 1's commit rewarded every client (0.05); the rollback changed nothing
+            "stakes_before": dict.fromkeys(("0", "1"), 10.0 if number == 1 else 10.05),
             "accuracy": 0.9,
         }
         for number in (1, 2, 3)

@@ -14,6 +14,7 @@ from bcsfl_flower.round.stakes import (
     DataSizeStake,
     EqualStake,
     ExplicitStake,
+    StakeChanges,
     StakeLedger,
     settle,
 )
@@ -48,7 +49,11 @@ def test_ledger_registers_once_and_snapshots_in_id_order():
 
 def test_settle_slashes_a_fraction_and_rewards_a_constant():
     before = {"good": 1.0, "bad": 1.0, "idle": 1.0}
-    settlement = settle(before, ["good", "unknown"], ["bad", "unknown"], StakePolicy(0.05, 0.5))
+    settlement = settle(
+        before,
+        StakeChanges(rewarded=("good", "unknown"), slashed=("bad", "unknown")),
+        StakePolicy(0.05, 0.5),
+    )
     assert settlement.after == {"good": 1.05, "bad": 0.5, "idle": 1.0}
     assert settlement.rewarded == ("good",) and settlement.slashed == ("bad",)
     assert settlement.before == before
@@ -60,11 +65,11 @@ def test_settle_slashes_a_fraction_and_rewards_a_constant():
 def test_slashing_wins_and_recovery_is_slow():
     policy = StakePolicy(0.05, 0.5)
     stake = {"x": 1.0}
-    stake = dict(settle(stake, ["x"], ["x"], policy).after)
+    stake = dict(settle(stake, StakeChanges(rewarded=("x",), slashed=("x",)), policy).after)
     assert stake == {"x": 0.5}
     rounds = 0
     while stake["x"] < 1.0:
-        stake = dict(settle(stake, ["x"], [], policy).after)
+        stake = dict(settle(stake, StakeChanges(rewarded=("x",)), policy).after)
         rounds += 1
     assert rounds == 10  # one rejection costs ten honest rounds
 
@@ -99,12 +104,12 @@ def test_rewards_stop_at_the_ceiling_so_nobody_accumulates_the_committee():
     policy = StakePolicy(0.5, 0.5, ceiling=2.0)
     stakes = {str(i): 1.0 for i in range(5)}
     for _ in range(20):  # client 0 is always rewarded, client 4 always slashed
-        stakes = dict(settle(stakes, ["0"], ["4"], policy).after)
+        stakes = dict(settle(stakes, StakeChanges(rewarded=("0",), slashed=("4",)), policy).after)
         median = float(np.median(list(stakes.values())))
         assert stakes["0"] <= 2.0 * median + 1e-12
     assert stakes["0"] == 2.0 and stakes["4"] < 1e-5
     # a stake already above the ceiling is not cut by a reward, only not raised
-    above = settle({"a": 5.0, "b": 1.0, "c": 1.0}, ["a"], [], policy).after
+    above = settle({"a": 5.0, "b": 1.0, "c": 1.0}, StakeChanges(rewarded=("a",)), policy).after
     assert above["a"] == 5.0
 
 
@@ -117,5 +122,9 @@ def test_stake_ceiling_is_validated():
 
 def test_a_left_out_client_loses_a_tenth_and_a_rejected_one_half():
     policy = StakePolicy()
-    after = settle({"a": 1.0, "b": 1.0, "c": 1.0}, ["c"], ["a"], policy, left_out=["b", "a"]).after
+    after = settle(
+        {"a": 1.0, "b": 1.0, "c": 1.0},
+        StakeChanges(rewarded=("c",), slashed=("a",), left_out=("b", "a")),
+        policy,
+    ).after
     assert after == {"a": 0.5, "b": pytest.approx(0.9), "c": 1.05}

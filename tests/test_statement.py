@@ -23,6 +23,7 @@ from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.packets import Eip712Domain, model_hash
 from bcsfl_flower.round.settings import RoundSettings
+from bcsfl_flower.round.settlement import stated_settlement
 from bcsfl_flower.round.statement import (
     DecisionSettings,
     RoundStatement,
@@ -171,8 +172,11 @@ def anchor(trail: AuditTrail, store: ModelStore, statement: RoundStatement, mine
     )
 
 
-def run(tmp_path: Path, tamper) -> list[str]:
-    """Anchor rounds 1 and 2 (round 2 through ``tamper``); return verify's failures."""
+def run(tmp_path: Path, tamper, restake=None) -> list[str]:
+    """Anchor rounds 1 and 2 (round 2 through ``tamper``); return verify's failures.
+
+    Round 2's stake table is the one round 1 settled, changed by ``restake`` if given.
+    """
     store = ModelStore(tmp_path / "models")
     store.save(toy_model(0.0))
     by_address = {a.address: a for a in ACCOUNTS}
@@ -181,7 +185,8 @@ def run(tmp_path: Path, tamper) -> list[str]:
         trail.register_clients({a.address: 1 for a in ACCOUNTS})
         first = statement_for(1, GENESIS, EQUAL, trail.domain)
         anchor(trail, store, first, [by_address[m] for m in first.miners])
-        stakes = {**EQUAL, ACCOUNTS[3].address: 0.5}
+        stakes = dict(stated_settlement(first, True, trail.domain).after)
+        stakes.update(restake or {})
         second = statement_for(2, model_hash(toy_model(1.0)), stakes, trail.domain)
         tamper(trail, store, second, by_address)
         trail.write_manifest(tmp_path / "chain.json", store.root)
@@ -202,12 +207,20 @@ def test_verify_fails_on_a_tampered_stake_table(tmp_path):
         honest(trail, store, statement, by_address)
         path = store.root / f"{statement.digest().hex()}.json"
         raw = json.loads(path.read_bytes())
-        raw["stakes"][ACCOUNTS[3].address] = 5.0  # the slashed client's stake, restored
+        raw["stakes"][ACCOUNTS[3].address] = 5.0  # one client's stake, raised after signing
         path.write_bytes(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode())
 
     failures = run(tmp_path, tampered)
     assert len(failures) == 1
     assert failures[0].startswith("round 2: state statement") and "modified" in failures[0]
+
+
+def test_verify_fails_when_a_signed_stake_table_is_not_the_last_settlement(tmp_path):
+    # The operator states (and the miners sign) a table that favours one client.
+    failures = run(tmp_path, honest, restake={ACCOUNTS[3].address: 5.0})
+    assert len(failures) == 1
+    assert failures[0].startswith("round 2: the stake table is not round 1's settlement")
+    assert f"{ACCOUNTS[3].address} has 5.0, settled 1.05" in failures[0]
 
 
 def test_verify_fails_when_the_operator_anchors_a_swapped_committee(tmp_path):

@@ -9,9 +9,10 @@ source of truth:
   no round is anchored twice and none is skipped;
 * the model is the last anchored one, loaded from the store and re-hashed against its
   anchor;
-* the stake table is the one the last recorded round settled, keyed by the clients'
+* the stake table is the one the last recorded round settled, re-derived from its
+  anchored statement (:mod:`~bcsfl_flower.round.settlement`), keyed by the clients'
   addresses (node ids change when a federation restarts; a client proves its address
-  with its signed packet);
+  with its signed packet), so ``results.json`` decides nothing about stake;
 * rounds that ``results.json`` recorded but the chain does not have (a chain that lost
   its last seconds in a crash) are dropped and run again.
 
@@ -26,13 +27,16 @@ from dataclasses import dataclass
 from logging import WARNING
 from typing import Any
 
+from eth_utils import is_address
 from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 
-from bcsfl_flower.audit.verification import verify_trail
+from bcsfl_flower.audit.verification import load_statement, timeline, verify_trail
 from bcsfl_flower.chain.audit import ChainManifest
+from bcsfl_flower.chain.certificates import AnchoredRound
 from bcsfl_flower.chain.model_store import ModelIntegrityError
 from bcsfl_flower.round.notary import RoundNotary
+from bcsfl_flower.round.settlement import NodeIdentities, stated_settlement
 
 
 class ResumeError(RuntimeError):
@@ -110,28 +114,21 @@ def load_checkpoint(
     return Checkpoint(
         round=latest,
         arrays=ArrayRecord({key: Array(value) for key, value in stored.items()}),
-        stakes=_stakes_by_address(rounds, latest),
+        stakes=_settled_stakes(notary),
         dropped_rounds=dropped,
     )
 
 
-def _stakes_by_address(rounds: Mapping[str, Any], latest: int) -> dict[str, float]:
-    """Return the stakes the last recorded round on chain settled, keyed by client address."""
-    recorded = [int(r) for r, record in rounds.items() if int(r) <= latest and "stakes" in record]
-    if not recorded:
-        return {}
-    last = max(recorded)
-    if last < latest:
-        log(
-            WARNING,
-            "resume: round %d is on chain but not in results.json; its stake changes are lost",
-            latest,
+def _settled_stakes(notary: RoundNotary) -> dict[str, float]:
+    """Return the stakes the last recorded round settled, by address, from the statements."""
+    nodes = NodeIdentities()
+    settlement = None
+    for record in timeline(notary.trail):
+        statement = load_statement(notary.store, record.round, record.state_root)
+        settlement = stated_settlement(
+            statement, isinstance(record, AnchoredRound), notary.trail.domain, nodes.as_dict()
         )
-    addresses: dict[str, str] = {}
-    for number in sorted(recorded):
-        addresses.update(rounds[str(number)].get("addresses", {}))
-    return {
-        addresses[node]: float(stake)
-        for node, stake in rounds[str(last)]["stakes"].items()
-        if node in addresses
-    }
+        nodes.add(statement)
+    if settlement is None:
+        return {}
+    return {who: stake for who, stake in settlement.after.items() if is_address(who)}

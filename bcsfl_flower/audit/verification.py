@@ -24,6 +24,9 @@ does not verify, naming the first broken round. The checks:
   its miners ran), is what the chain records: an anchored round commits the model the
   ballots carry to the quorum; a rollback is a round they carry nothing in, or one whose
   commit the miners did not certify (then the operator certified the rollback);
+* every round's stake table is the one the round before it settled, re-derived from
+  that round's statement and outcome (:mod:`~bcsfl_flower.round.settlement`): a
+  participant of both has the same stake, to the bit;
 * ``results.json``, where the run directory has one, agrees with the trail on every
   figure the trail holds (:class:`~bcsfl_flower.audit.run_results.RunResults`: each
   round's outcome, model, rejected clients and the stakes its statement was drawn
@@ -51,6 +54,8 @@ from bcsfl_flower.packets import (
     Eip712Domain,
 )
 from bcsfl_flower.round.conclusion import conclude
+from bcsfl_flower.round.settlement import NodeIdentities, stated_settlement
+from bcsfl_flower.round.state import Settlement
 from bcsfl_flower.round.statement import RoundStatement, recorded_draw
 
 
@@ -134,8 +139,10 @@ def verify_trail(
     anchored_hashes = [(0, genesis)]
     operator_certifies = trail.operator_certifies()
     results = RunResults.read(manifest.path.parent / RESULTS_FILE)
+    stakes = _StakeHistory(trail.domain)
     for record in records:
         statement = _verify_statement(report, store, record.round, record.state_root, head)
+        stakes.check(report, record, statement)
         _verify_certificate(report, trail, registry, record, manifest.operator, operator_certifies)
         if statement is not None:
             _verify_certifying_miners(report, statement, record, manifest.operator)
@@ -352,6 +359,46 @@ def _verify_decision(
         f"{label}: the chain records a rollback, the ballots commit {decision.candidate}",
         record.round,
     )
+
+
+class _StakeHistory:
+    """Each round's settlement, re-derived, held against the next round's stake table."""
+
+    def __init__(self, domain: Eip712Domain) -> None:
+        self.domain = domain
+        self.nodes = NodeIdentities()
+        self.settled: Settlement | None = None
+
+    def check(
+        self,
+        report: TrailReport,
+        record: AnchoredRound | RolledBackRound,
+        statement: RoundStatement | None,
+    ) -> None:
+        """Check the statement's stakes against the last settlement, then settle its round."""
+        if statement is None:  # already reported; the next round has nothing to hold to
+            self.settled = None
+            return
+        if self.settled is not None:
+            differ = [
+                f"{who} has {statement.stakes[who]!r}, settled {stake!r}"
+                for who, stake in self.settled.after.items()
+                if who in statement.stakes and statement.stakes[who] != stake
+            ]
+            report.check(
+                not differ,
+                f"round {record.round}: the stake table is not round {record.round - 1}'s "
+                f"settlement: {'; '.join(differ[:3])}",
+                record.round,
+            )
+        committed = isinstance(record, AnchoredRound)
+        try:
+            self.settled = stated_settlement(
+                statement, committed, self.domain, self.nodes.as_dict()
+            )
+        except (KeyError, TypeError, ValueError):  # the decision check reports why
+            self.settled = None
+        self.nodes.add(statement)
 
 
 @dataclass

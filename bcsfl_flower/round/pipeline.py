@@ -43,7 +43,13 @@ from bcsfl_flower.round.planning import plan_round
 from bcsfl_flower.round.selection import SelectionRule
 from bcsfl_flower.round.settings import RoundSettings
 from bcsfl_flower.round.space import GramExchange, UpdateSpace
-from bcsfl_flower.round.stakes import InitialStake, StakeLedger, settle
+from bcsfl_flower.round.stakes import (
+    InitialStake,
+    StakeChanges,
+    StakeLedger,
+    settle,
+    stake_changes,
+)
 from bcsfl_flower.round.state import (
     Bounds,
     CandidateSet,
@@ -160,7 +166,7 @@ class RoundPipeline:
         else:
             stages = _Stages(Decision.rollback("rollback: no valid reply"))
         if stages.statement is None:
-            statement = self._statement(server_round, global_arrays, previous_hash, checked, ())
+            statement = self._statement(server_round, global_arrays, previous_hash, checked, None)
             stages = replace(stages, statement=statement)
         return self._finish(
             server_round, grid, global_arrays, checked, stages, previous_hash, clock
@@ -207,9 +213,7 @@ class RoundPipeline:
             len(screening.rejected),
             len(checked.rejected),
         )
-        statement = self._statement(
-            server_round, global_arrays, previous_hash, checked, screening.committee_pool
-        )
+        statement = self._statement(server_round, global_arrays, previous_hash, checked, screening)
         drawn = redraw(statement)
         statement = replace(statement, validators=drawn.validators, miners=drawn.miners)
         committee = by_node(drawn, statement.node_of())
@@ -370,10 +374,8 @@ class RoundPipeline:
             log(WARNING, "round %d rolled back: %s", server_round, decision.reason)
         settlement = settle(
             self.ledger.as_dict(),
-            self._rewarded(checked, stages.screening, decision),
-            self._slashed(checked, stages.screening, decision),
+            self._stake_changes(checked, stages.screening, decision),
             self.settings.stake_policy,
-            self._left_out(checked, stages.screening, decision),
         )
         self.ledger.apply(settlement)
         return RoundRecord(
@@ -425,7 +427,7 @@ class RoundPipeline:
         global_arrays: ArrayRecord,
         previous_hash: bytes,
         checked: CheckedReplies,
-        pool: Iterable[int],
+        screening: Screening | None,
     ) -> RoundStatement:
         """State what the round decides from (its committee is drawn from this statement).
 
@@ -449,6 +451,8 @@ class RoundPipeline:
             for c in checked.accepted
         )
         stakes.update({r.identity: self.ledger.stake(r.node) for r in replies})
+        pool = () if screening is None else screening.committee_pool
+        set_apart = () if screening is None else screening.set_apart
         return RoundStatement(
             round=server_round,
             previous_hash="0x" + previous_hash.hex(),
@@ -456,6 +460,7 @@ class RoundPipeline:
             stakes=stakes,
             replies=replies,
             candidates=tuple(replies[row].identity for row in pool),
+            set_apart=tuple(replies[row].identity for row in set_apart),
             sketch_seed=checked.batch.sketch_seed,
             model_keys=tuple(global_arrays.keys()),
         )
@@ -529,47 +534,30 @@ class RoundPipeline:
         rollback = None if stages.decision.committed else certification
         return self.notary.rollback(server_round, decision.reason, statement.digest(), rollback)
 
-    def _rewarded(
-        self, checked: CheckedReplies, screening: Screening | None, decision: Decision
-    ) -> list[str]:
-        """Return the trusted clients of a committed round and the set-apart ones it drew on.
+    @staticmethod
+    def _stake_changes(
+        checked: CheckedReplies, screening: Screening | None, decision: Decision
+    ) -> StakeChanges:
+        """Return whom the round rewards and slashes, by node id (:func:`stake_changes`).
 
-        A rollback rewards nobody.
+        The screen's classes and the decision's rows, named; a round without a screen
+        (no Gram matrix) slashes only the clients its checks rejected.
         """
-        if not decision.committed or screening is None:
-            return []
-        rows = set(screening.trusted) | (set(screening.set_apart) & set(decision.support))
-        return [checked.names[row] for row in sorted(rows)]
+        names = checked.names
 
-    def _slashed(
-        self, checked: CheckedReplies, screening: Screening | None, decision: Decision
-    ) -> list[str]:
-        """Clients rejected by a check or by screening, and a rolled-back round's suspects.
+        def named(rows: Iterable[int]) -> list[str]:
+            return [names[row] for row in rows]
 
-        A client the screen only set apart is not slashed here (see :meth:`_left_out`).
-        """
-        slashed = list(checked.rejected)
         if screening is None:
-            return slashed
-        spared = set(screening.set_apart) | set(decision.support)
-        rows = [row for row in screening.rejected if row not in spared]
-        if not decision.committed:
-            rows += decision.suspects
-        return slashed + [checked.names[row] for row in rows]
-
-    def _left_out(
-        self, checked: CheckedReplies, screening: Screening | None, decision: Decision
-    ) -> list[str]:
-        """Set-apart clients the committed candidate did not draw on (a lighter slash).
-
-        On skewed data an honest group with its own classes costs the trusted
-        validators some of their gain: reason to leave it out of this round's model,
-        weak evidence of an attack. A full slash every such round compounded into
-        stakes too small to count even in the rounds it was kept.
-        """
-        if screening is None or not decision.committed:
-            return []
-        return [checked.names[r] for r in screening.set_apart if r not in decision.support]
+            return StakeChanges(slashed=tuple(sorted(checked.rejected)))
+        return stake_changes(
+            trusted=named(screening.trusted),
+            set_apart=named(screening.set_apart),
+            rejected=[*checked.rejected, *named(screening.rejected)],
+            support=named(decision.support),
+            suspects=named(decision.suspects),
+            committed=decision.committed,
+        )
 
     def _client_metrics(
         self, checked: CheckedReplies, bounds: Bounds | None, decision: Decision

@@ -29,7 +29,7 @@ round is part of the round record.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -162,25 +162,74 @@ class StakeLedger:
         return participant
 
 
-def settle(
-    before: Mapping[str, float],
-    rewarded: Iterable[str],
-    slashed: Iterable[str],
-    policy: StakePolicy,
-    left_out: Iterable[str] = (),
-) -> Settlement:
+@dataclass(frozen=True)
+class StakeChanges:
+    """Whom a round rewards, slashes and lightly slashes (:func:`stake_changes`).
+
+    Keys are whatever the caller keys stakes by: node ids in the round, identities in
+    a replay of its statement.
+    """
+
+    rewarded: tuple[str, ...] = ()
+    slashed: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()
+
+
+def stake_changes(
+    *,
+    trusted: Collection[str],
+    set_apart: Collection[str],
+    rejected: Collection[str],
+    support: Collection[str],
+    suspects: Collection[str],
+    committed: bool,
+) -> StakeChanges:
+    """Return whom a round's outcome rewards and slashes (the rules of the module docstring).
+
+    The round calls this with node ids; an auditor or a resumed run calls it with the
+    identities of the anchored statement (:func:`~bcsfl_flower.round.statement.stated_changes`),
+    so a stake table is re-derived by the very same rules that set it.
+
+    Parameters
+    ----------
+    trusted, set_apart : Collection[str]
+        The screen's trusted clients, and those it set apart.
+    rejected : Collection[str]
+        Every client rejected by a check or by screening; the set-apart ones in it are
+        left out (a lighter slash) or spared, never slashed in full.
+    support : Collection[str]
+        Whom the decided candidate drew on (empty for a rollback).
+    suspects : Collection[str]
+        Whom a rollback suspects (slashed only when the round rolled back).
+    committed : bool
+        Whether the round committed a model (a rollback rewards nobody).
+    """
+    spared = set(set_apart) | set(support)
+    slashed = [c for c in rejected if c not in spared]
+    if not committed:
+        return StakeChanges(slashed=tuple(sorted({*slashed, *suspects})))
+    return StakeChanges(
+        rewarded=tuple(sorted({*trusted, *(set(set_apart) & set(support))})),
+        slashed=tuple(sorted(slashed)),
+        left_out=tuple(sorted(set(set_apart) - set(support))),
+    )
+
+
+def settle(before: Mapping[str, float], changes: StakeChanges, policy: StakePolicy) -> Settlement:
     """Return the stake table after a round.
 
     Slashing wins over rewarding: a client in both lists (it cannot be, in a round the
     pipeline settles) is only slashed. Unknown ids are ignored: a reply rejected before
     its sender was ever registered has no stake to lose. A reward stops at
     ``policy.ceiling`` times the median stake before the round (a stake already above
-    it is not cut, only not raised). Clients in ``left_out`` (set apart by the screen,
-    then left out by the validators) lose ``policy.left_out_fraction`` instead.
+    it is not cut, only not raised). Clients left out (set apart by the screen, then
+    left out by the validators) lose ``policy.left_out_fraction`` instead.
     """
-    slashed_ids = sorted({p for p in slashed if p in before})
-    light_ids = sorted({p for p in left_out if p in before} - set(slashed_ids))
-    rewarded_ids = sorted({p for p in rewarded if p in before} - set(slashed_ids) - set(light_ids))
+    slashed_ids = sorted({p for p in changes.slashed if p in before})
+    light_ids = sorted({p for p in changes.left_out if p in before} - set(slashed_ids))
+    rewarded_ids = sorted(
+        {p for p in changes.rewarded if p in before} - set(slashed_ids) - set(light_ids)
+    )
     after = dict(before)
     ceiling = policy.ceiling * float(np.median(list(before.values()))) if before else 0.0
     for participant in rewarded_ids:

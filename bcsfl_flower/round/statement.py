@@ -39,9 +39,16 @@ from flwr.app import ConfigRecord
 from bcsfl_flower.committee import Committee, draw_committee
 from bcsfl_flower.packets import SignedModelPacket
 from bcsfl_flower.round.settings import RoundSettings
+from bcsfl_flower.round.stakes import (
+    DEFAULT_LEFT_OUT_FRACTION,
+    DEFAULT_REWARD,
+    DEFAULT_SLASH_FRACTION,
+    DEFAULT_STAKE_CEILING,
+    StakePolicy,
+)
 from bcsfl_flower.round.state import CandidatePlan
 
-STATEMENT_FORMAT = "bcsfl-round-statement/2"
+STATEMENT_FORMAT = "bcsfl-round-statement/3"
 """Value of ``format`` in a statement document."""
 
 UNSIGNED_PREFIX = "node:"
@@ -78,7 +85,7 @@ class StatedReply:
 
 @dataclass(frozen=True)
 class DecisionSettings:
-    """The settings that decide a round, as replay needs them."""
+    """The settings that decide a round and settle its stakes, as replay needs them."""
 
     num_validators: int
     num_miners: int
@@ -89,6 +96,10 @@ class DecisionSettings:
     selection: str
     space: str
     noisy_updates: bool = False
+    stake_reward: float = DEFAULT_REWARD
+    stake_slash: float = DEFAULT_SLASH_FRACTION
+    stake_ceiling: float = DEFAULT_STAKE_CEILING
+    stake_left_out: float = DEFAULT_LEFT_OUT_FRACTION
 
     @classmethod
     def of(cls, settings: RoundSettings, selection: str, space: str) -> DecisionSettings:
@@ -103,6 +114,17 @@ class DecisionSettings:
             selection,
             space,
             settings.noisy_updates,
+            settings.stake_reward,
+            settings.stake_slash,
+            settings.stake_ceiling,
+            settings.stake_left_out,
+        )
+
+    @property
+    def stake_policy(self) -> StakePolicy:
+        """Return how the round settles stakes (:func:`~bcsfl_flower.round.stakes.settle`)."""
+        return StakePolicy(
+            self.stake_reward, self.stake_slash, self.stake_ceiling, self.stake_left_out
         )
 
 
@@ -188,6 +210,10 @@ class RoundStatement:
         The accepted replies, in the order the round checked them.
     candidates : tuple[str, ...]
         Identities the committee was drawn from (the trusted and set-apart clients).
+    set_apart : tuple[str, ...]
+        The candidates the screen set apart (the rest it trusted): with the decision
+        and the stake policy, what the round's settlement follows from
+        (:mod:`~bcsfl_flower.round.settlement`).
     validators, miners : tuple[str, ...]
         The drawn committee by identity, in draw order.
     sketch_seed : int | None
@@ -214,6 +240,7 @@ class RoundStatement:
     stakes: Mapping[str, float]
     replies: tuple[StatedReply, ...] = ()
     candidates: tuple[str, ...] = ()
+    set_apart: tuple[str, ...] = ()
     validators: tuple[str, ...] = ()
     miners: tuple[str, ...] = ()
     sketch_seed: int | None = None
@@ -230,6 +257,9 @@ class RoundStatement:
         unknown = [c for c in self.candidates if c not in self.stakes]
         if unknown:
             raise ValueError(f"draw candidates {unknown} have no stake in the statement")
+        stray = [c for c in self.set_apart if c not in self.candidates]
+        if stray:
+            raise ValueError(f"set-apart clients {stray} are not draw candidates")
 
     def to_bytes(self) -> bytes:
         """Return the canonical encoding (sorted keys, no spaces, exact floats)."""
@@ -268,6 +298,7 @@ class RoundStatement:
                 stakes={str(k): float(v) for k, v in raw["stakes"].items()},
                 replies=tuple(StatedReply(**reply) for reply in raw["replies"]),
                 candidates=tuple(raw["candidates"]),
+                set_apart=tuple(raw["set_apart"]),
                 validators=tuple(raw["validators"]),
                 miners=tuple(raw["miners"]),
                 sketch_seed=raw["sketch_seed"],
