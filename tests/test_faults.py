@@ -30,7 +30,10 @@ pytestmark = pytest.mark.slow
 
 ROUNDS = 3
 BASE = {"num-server-rounds": ROUNDS, "seed": 7}
-SILENT_TIMEOUT_S = 60.0
+SILENT_TIMEOUT_S = 180.0
+"""Round timeout of the silent-client run. Every round has it, and round 1 starts cold
+(Ray's actors, PyTorch, the data): beside another federation on the same two cores
+(the slow tier runs two test files at once) all four clients once missed 60 s there."""
 
 
 def assert_trail_matches_results(run_dir: Path) -> dict:
@@ -155,7 +158,8 @@ def test_a_client_that_never_answers_is_left_behind_after_the_timeout(tmp_path):
             "fault-round": 2,
             # The silent client holds one of the two slots for the whole timeout while
             # the other three train one after another in the other slot, single-threaded:
-            # about 10 s in all on a quiet 2-core machine, 30 s under load. 60 s leaves
+            # about 10 s in all on a quiet 2-core machine, 30 s under load; a cold
+            # round 1 beside another federation took over 60 s. SILENT_TIMEOUT_S leaves
             # them room, so only the silent client is ever left behind.
             "round-timeout": SILENT_TIMEOUT_S,
         },

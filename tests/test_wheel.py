@@ -3,7 +3,10 @@
 The fixture builds bcsfl-flower's wheel from this checkout, installs it into a fresh
 virtualenv with nothing but its core dependencies (plus scikit-learn, which the user's
 app below needs for itself), and every test then runs that environment's Python from a
-scratch directory, so nothing is imported from the source tree. The user's app is
+scratch directory, so nothing is imported from the source tree. The example app's
+wheel is added without its dependencies, for its launcher (``bcsfl_vision.launch``,
+``flwr run`` made offline), which imports neither PyTorch nor anything else the core
+lacks. The user's app is
 ``tests/sklearn_app``: a Flower scikit-learn app written the way Flower's own example is,
 with FedAvg swapped for BCSFL and an audit trail.
 """
@@ -43,16 +46,18 @@ def run(command: list[str | Path], cwd: Path, timeout: float = 900) -> subproces
 def core(tmp_path_factory) -> tuple[Path, Path]:
     """Return (the core environment's python, a scratch directory)."""
     root = tmp_path_factory.mktemp("wheel")
-    built = run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", root / "dist", REPO], root
-    )
+    wheels = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", root / "dist"]
+    built = run([*wheels, REPO, REPO / "examples" / "pytorch-vision"], root)
     assert built.returncode == 0, built.stderr
     (wheel,) = (root / "dist").glob("bcsfl_flower-*.whl")
+    (example,) = (root / "dist").glob("bcsfl_vision-*.whl")
     made = run([sys.executable, "-m", "venv", root / "venv"], root)
     assert made.returncode == 0, made.stderr
     python = root / "venv" / "bin" / "python"
     installed = run([python, "-m", "pip", "install", wheel, "scikit-learn"], root)
     assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-2000:]
+    launcher = run([python, "-m", "pip", "install", "--no-deps", example], root)
+    assert launcher.returncode == 0, launcher.stdout[-2000:] + launcher.stderr[-2000:]
     return python, root
 
 
