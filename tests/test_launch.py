@@ -74,3 +74,24 @@ def test_each_clientapp_gets_one_cpu_unless_asked_and_a_resume_keeps_it(tmp_path
         "num-supernodes=3 client-resources-num-cpus=2",
         "num-supernodes=3 client-resources-num-cpus=2",
     ]
+
+
+def test_the_launcher_starts_the_local_superlink_and_waits_for_its_health(tmp_path):
+    """``flwr run`` would give it 15 s; the launcher waits on /health, then stops it by pid."""
+    import httpx
+    import psutil
+
+    http_port, control_port = launch.free_port(), launch.free_port()
+    env = launch._run_environment(tmp_path / "flwr-home", http_port, control_port)
+    try:
+        assert launch.start_local_superlink(tmp_path / "flwr-home", env, http_port, control_port)
+        assert httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5).is_success
+        (superlink,) = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if f"127.0.0.1:{control_port}" in (p.info["cmdline"] or [])
+        ]
+    finally:
+        launch._stop_superlink(control_port)
+    assert not superlink.is_running()
+    assert (tmp_path / "flwr-home" / "local-superlink" / "superlink.log").is_file()

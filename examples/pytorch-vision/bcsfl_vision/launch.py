@@ -36,6 +36,7 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 from flwr.common.logger import log
 from rich.progress import Progress
@@ -49,8 +50,16 @@ APP_DIR = Path(__file__).resolve().parent.parent
 """The Flower App directory (the one holding ``pyproject.toml``) when run from a checkout."""
 
 SUPERLINK_START_ATTEMPTS = 3
-"""``flwr run`` gives its local SuperLink 15 s to start; on a loaded 2-core machine it can
-take longer, and the run is then retried on fresh ports (nothing of it has run yet)."""
+"""Starts of the local SuperLink tried, each on fresh ports (nothing of the run has run
+yet when one fails)."""
+
+SUPERLINK_READY_TIMEOUT = 180.0
+"""Seconds the launcher waits for the local SuperLink it starts to answer ``/health``.
+
+``flwr run`` starts a local SuperLink itself when none answers, but gives it 15 s: beside
+another federation on two cores, three starts in a row missed that (a resume in the slow
+tier). The launcher starts it first, the way ``flwr run`` would, and waits on its health
+endpoint, so ``flwr run`` finds it running."""
 
 SUPERLINK_START_FAILURE = "Failed to start local SuperLink"
 """What ``flwr run`` prints when its local SuperLink does not start in time."""
@@ -215,6 +224,9 @@ def _flwr_run(
     command = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), "--stream"]
     offset = log_path.stat().st_size if log_path.is_file() else 0
     flower_status = None
+    if not start_local_superlink(output_dir / "flwr-home", env, http_port, control_port):
+        _stop_superlink(control_port)
+        return 1, None, False
     try:
         with _follow(output_dir, progress) as follow:
             returncode = _stream(
@@ -351,6 +363,50 @@ def _stream(
                 process.kill()
                 raise FederationFailedError(f"run exceeded {timeout:.0f}s; see {log_path}")
         return process.wait()
+
+
+def start_local_superlink(
+    flwr_home: Path, env: Mapping[str, str], http_port: int, control_port: int
+) -> bool:
+    """Start the run's local SuperLink as ``flwr run`` would; return whether it answers.
+
+    Waits up to :data:`SUPERLINK_READY_TIMEOUT` for its ``/health`` endpoint, and gives up
+    early if the process exits. The caller stops it (:func:`_stop_superlink`).
+    """
+    runtime = flwr_home / "local-superlink"
+    runtime.mkdir(parents=True, exist_ok=True)
+    command = [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{control_port}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+        "--log-file",
+        str(runtime / "superlink.log"),
+        "--database",
+        str(runtime / "state.db"),
+    ]
+    process = subprocess.Popen(  # stopped by _stop_superlink, found by its control port
+        command,
+        env=dict(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + SUPERLINK_READY_TIMEOUT
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=2.0).is_success:
+                return True
+        time.sleep(0.5)
+    log(WARNING, "the local SuperLink did not answer on port %d; see %s", http_port, runtime)
+    return False
 
 
 def _stop_superlink(control_port: int) -> None:
