@@ -31,12 +31,11 @@ from eth_utils import is_address
 from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 
-from bcsfl_flower.audit.verification import load_statement, timeline, verify_trail
+from bcsfl_flower.audit.verification import verify_trail
 from bcsfl_flower.chain.audit import ChainManifest
-from bcsfl_flower.chain.certificates import AnchoredRound
 from bcsfl_flower.chain.model_store import ModelIntegrityError
 from bcsfl_flower.round.notary import RoundNotary
-from bcsfl_flower.round.settlement import NodeIdentities, stated_settlement
+from bcsfl_flower.round.state import Settlement
 
 
 class ResumeError(RuntimeError):
@@ -114,21 +113,13 @@ def load_checkpoint(
     return Checkpoint(
         round=latest,
         arrays=ArrayRecord({key: Array(value) for key, value in stored.items()}),
-        stakes=_settled_stakes(notary),
+        stakes=_by_address(report.settled),
         dropped_rounds=dropped,
     )
 
 
-def _settled_stakes(notary: RoundNotary) -> dict[str, float]:
-    """Return the stakes the last recorded round settled, by address, from the statements."""
-    nodes = NodeIdentities()
-    settlement = None
-    for record in timeline(notary.trail):
-        statement = load_statement(notary.store, record.round, record.state_root)
-        settlement = stated_settlement(
-            statement, isinstance(record, AnchoredRound), notary.trail.domain, nodes.as_dict()
-        )
-        nodes.add(statement)
+def _by_address(settlement: Settlement | None) -> dict[str, float]:
+    """Return the settled stakes of signed clients (node ids change on restart)."""
     if settlement is None:
         return {}
     return {who: stake for who, stake in settlement.after.items() if is_address(who)}

@@ -76,6 +76,8 @@ class TrailReport:
     anchored: int = 0
     rolled_back: int = 0
     latest_round: int = 0
+    settled: Settlement | None = None
+    """The last recorded round's settlement, re-derived from its statement (resume reads it)."""
 
     def check(self, condition: bool, message: str, round_number: int | None = None) -> bool:
         """Count one check; record a failure when ``condition`` is false."""
@@ -179,6 +181,7 @@ def verify_trail(
             report.check(False, f"round {round_number}: model store: {err}", round_number)
         else:
             report.check(True, "")
+    report.settled = stakes.settled
     return report
 
 
