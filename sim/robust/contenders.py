@@ -3,7 +3,8 @@
 Each contender builds a Flower :class:`~flwr.serverapp.strategy.Strategy` (driven
 through the public Strategy API, as in a real ``flwr run``) and gives the optimal
 attacks its aggregate as ``f(vectors) -> vector``: byzfl's own implementation of the
-same rule for the Flower and byzfl baselines, and
+same rule for the Flower and byzfl baselines,
+:func:`~bcsfl_vision.flame.flame_aggregate` with fixed-seed noise for FLAME, and
 :func:`~bcsfl_flower.round.aggregate.screened_mean` for BCSFL.
 """
 
@@ -20,6 +21,7 @@ from bcsfl_flower.round.aggregate import screened_mean
 from bcsfl_flower.strategy import BCSFL
 from bcsfl_vision.baselines import build_baseline
 from bcsfl_vision.byzfl_strategy import byzfl_strategies
+from bcsfl_vision.flame import flame_aggregate
 
 VectorAggregator = Callable[[np.ndarray], np.ndarray]
 
@@ -64,6 +66,12 @@ def _trimmed(n: int, f: int) -> VectorAggregator:
     return byzfl.TrMean(f=int(min(max(0.1, f / n), 0.45) * n))
 
 
+def _flame(n: int, f: int) -> VectorAggregator:
+    # Every call draws the same noise (a fresh Generator with a fixed seed), so the
+    # optimal attacks' line search sees a deterministic aggregate.
+    return lambda vectors: flame_aggregate(vectors, np.random.default_rng(0))
+
+
 CONTENDERS: Mapping[str, Contender] = {
     c.name: c
     for c in (
@@ -89,9 +97,10 @@ CONTENDERS: Mapping[str, Contender] = {
             _byzfl("arc-nnm-trmean"),
             lambda n, f: _pipeline(byzfl.ARC(f=f), byzfl.NNM(f=f), byzfl.TrMean(f=f)),
         ),
+        Contender("flame", _flower("flame"), _flame),
         Contender("bcsfl", lambda n, f: BCSFL(fraction_evaluate=0.0), lambda n, f: screened_mean),
     )
 }
-"""Contenders by name: FedAvg, Flower's robust built-ins, byzfl's baselines and BCSFL."""
+"""Contenders by name: FedAvg, Flower's robust built-ins, byzfl's baselines, FLAME and BCSFL."""
 
 BASELINES = tuple(name for name in CONTENDERS if name != "bcsfl")

@@ -1,9 +1,10 @@
-"""The baselines, Flower's own strategies and byzfl's, configured for comparison with BCSFL.
+"""The baselines, Flower's own strategies, byzfl's and FLAME, configured for comparison.
 
 The experiments compare BCSFL against the baselines a Flower user would reach for
-first, Flower's implementations unchanged, and against the robust aggregators of the
-``byzfl`` library (EPFL/INRIA) wrapped as Flower strategies. This module only maps the
-run config onto their arguments so that every strategy sees the same federation.
+first, Flower's implementations unchanged, against the robust aggregators of the
+``byzfl`` library (EPFL/INRIA) wrapped as Flower strategies, and against FLAME
+(:mod:`bcsfl_vision.flame`). This module only maps the run config onto their arguments
+so that every strategy sees the same federation.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flwr.serverapp.strategy import (
 
 from bcsfl_vision.app_metrics import aggregate_train_metrics
 from bcsfl_vision.byzfl_strategy import BYZFL_BASELINES, byzfl_strategies
+from bcsfl_vision.flame import FlameStrategy
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,11 @@ BASELINE_BUILDERS: Mapping[str, BaselineBuilder] = {
         beta=min(max(0.1, threat.attacker_fraction), 0.45), **common
     ),
     **{name: _byzfl(name) for name in BYZFL_BASELINES},
+    "flame": lambda threat, common: FlameStrategy(**common),
 }
 """The baselines by run-config name: Flower's own, then byzfl's (``byzfl`` is imported
-only when one of those is built)."""
+only when one of those is built), then FLAME (scikit-learn is imported when it first
+aggregates)."""
 
 BASELINES = tuple(BASELINE_BUILDERS)
 
@@ -80,6 +84,8 @@ def build_baseline(
     keeps ``n - f`` updates. FedTrimmedAvg trims ``beta = max(0.1, attacker_fraction)``
     from each end, capped below 0.5. byzfl's are wrapped by
     :mod:`bcsfl_vision.byzfl_strategy` (centered clipping at the round's median norm).
+    FLAME needs no ``f`` (its cluster is any majority) and seeds its noise with 0 and
+    the round.
     """
     if name not in BASELINE_BUILDERS:
         raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
