@@ -11,6 +11,12 @@ Usage::
     python -m sim.robust_bench --preset cnn --out sim/results/robust      # the CNN's cells
     python -m sim.robust_bench --preset quick --out /tmp/quick            # minutes of feedback
     python -m sim.robust_bench --out sim/results/robust --report-only
+    python -m sim.robust_bench --evaluation --out sim/results/evaluation  # the sealed set
+
+The presets are the tuning set. ``--evaluation`` runs the sealed evaluation set
+(:mod:`sim.robust.evaluation_set`) instead, which nobody tunes on; ``--only e05 e17``
+restricts it to some configurations. Every stored run records the code version
+(``git describe``) and the command that made it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -30,11 +37,13 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.task_identity import TaskIdentity
 from threadpoolctl import threadpool_limits
 
-from sim.robust.attacks import ATTACKS
 from sim.robust.contenders import BASELINES, CONTENDERS
+from sim.robust.evaluation_report import write_evaluation_report
+from sim.robust.evaluation_set import SEALED_PATH, load_configurations
 from sim.robust.federation import Cell, run_cell
 from sim.robust.report import write_report
 from sim.robust.tasks import build_federation
+from sim.robust.threats import ATTACKS
 
 ALL_ATTACKS = tuple(a for a in ATTACKS if a != "clean")
 CNN_ATTACKS = ("label-flip", "alie", "opt-ipm", "mimic", "sign-flip", "backdoor", "on-off")
@@ -100,7 +109,41 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--alphas", nargs="+", help="Dirichlet alphas; 'iid' for an IID split")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--evaluation", action="store_true", help="run the sealed evaluation set, not a preset"
+    )
+    parser.add_argument("--only", nargs="+", help="evaluation configurations to run (e.g. e05)")
     return parser.parse_args(argv)
+
+
+def _evaluation_cells(args: argparse.Namespace) -> list[Cell]:
+    """Return the sealed set's cells (every contender unless ``--strategies``)."""
+    contenders = tuple(args.strategies or CONTENDERS)
+    configurations = [
+        c for c in load_configurations(SEALED_PATH) if not args.only or c.name in args.only
+    ]
+    cells = [cell for c in configurations for cell in c.cells(contenders)]
+    # Seed-major: every configuration's first seed before any second seed, so a partial
+    # run already covers the whole set.
+    order = {seed: i for c in configurations for i, seed in enumerate(c.seeds)}
+    return sorted(
+        (cell for cell in cells if not args.seeds or cell.seed in args.seeds),
+        key=lambda cell: order[cell.seed],
+    )
+
+
+def code_version() -> str:
+    """Return ``git describe --always --dirty`` of the checkout (``unknown`` outside git)."""
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _select(preset: Preset, args: argparse.Namespace) -> list[Cell]:
@@ -155,7 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     contenders = (*BASELINES, "bcsfl")
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    cells = [] if args.report_only else _select(PRESETS[args.preset], args)
+    if args.report_only:
+        cells = []
+    elif args.evaluation:
+        cells = _evaluation_cells(args)
+    else:
+        cells = _select(PRESETS[args.preset], args)
+    version = code_version()
     todo = [c for c in cells if not (runs / f"{c.run_id}.json").exists()]
     print(f"{len(cells) - len(todo)} of {len(cells)} runs done, {len(todo)} to run", flush=True)
     federations: dict[tuple, object] = {}
@@ -170,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                 }
             result = run_cell(cell, args.data_dir, federations[key])
+            result.update(commit=version, command=made_by)
             (runs / f"{cell.run_id}.json").write_text(json.dumps(result))
             elapsed = time.perf_counter() - started
             print(
@@ -178,7 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"ETA {elapsed / index * (len(todo) - index) / 60:.0f} min)",
                 flush=True,
             )
-    write_report(args.out, contenders, made_by)
+    if args.evaluation:
+        write_evaluation_report(args.out, load_configurations(SEALED_PATH), contenders)
+    else:
+        write_report(args.out, contenders, made_by)
     print(f"report: {args.out / 'table.md'}")
     return 0
 

@@ -16,8 +16,9 @@ from bcsfl_flower.round.aggregate import screened_mean
 from bcsfl_vision.baselines import BASELINES, build_baseline
 from bcsfl_vision.byzfl_strategy import ByzflStrategy, CenteredClippingStrategy
 from sim import robust_bench
-from sim.robust.attacks import ATTACKS, RoundView
+from sim.robust.attacks import RoundView
 from sim.robust.report import accuracy_table, gini, summarise
+from sim.robust.threats import ATTACKS
 
 DIM = 40
 
@@ -53,7 +54,7 @@ def test_every_attack_returns_one_update_per_attacker(name):
     honest, own = honest_updates(rng), honest_updates(rng, 6)
     view = RoundView(7, honest, own, screened_mean, rng)
     attack = ATTACKS[name]()
-    assert attack.training(7) in {"honest", "flip", "backdoor"}
+    assert attack.training(7) in {"honest", "flip", "backdoor", "dba"}
     with np.errstate(all="ignore"):
         updates = attack.updates(view)
     assert np.asarray(updates).shape == (6, DIM)

@@ -21,6 +21,11 @@ import numpy as np
 VectorAggregator = Callable[[np.ndarray], np.ndarray]
 """An aggregator as a function of the ``(n, d)`` update matrix."""
 
+Decision = Callable[[np.ndarray], np.ndarray]
+"""The whole round of the strategy under test as a function of the attackers' ``(f, d)``
+updates: the step it commits, validators and all (what an optimiser against the whole
+decision probes)."""
+
 ON_OFF_HONEST_ROUNDS = 5
 """Rounds an on-off attacker trains honestly (earning stake) before it attacks."""
 
@@ -41,6 +46,8 @@ class RoundView:
         The aggregator under test (its pre-aggregation included).
     rng : np.random.Generator
         The round's randomness.
+    decide : Decision, optional
+        The strategy's whole round on a copy of its state (see :data:`Decision`).
     """
 
     server_round: int
@@ -48,6 +55,7 @@ class RoundView:
     own: np.ndarray
     target: VectorAggregator
     rng: np.random.Generator
+    decide: Decision | None = None
 
     @property
     def num_attackers(self) -> int:
@@ -55,18 +63,60 @@ class RoundView:
         return self.own.shape[0]
 
 
+@dataclass(frozen=True)
+class BallotView:
+    """What a Byzantine validator knows when it scores one model.
+
+    Attributes
+    ----------
+    server_round : int
+        The round.
+    loss : float
+        The model's true loss on the validator's held-out data.
+    baseline : float
+        ``w_t``'s true loss on the same data.
+    is_global : bool
+        Whether the model is ``w_t`` itself.
+    objective : Callable[[], float]
+        The model's loss on the attackers' own objective (their flipped labels).
+    """
+
+    server_round: int
+    loss: float
+    baseline: float
+    is_global: bool
+    objective: Callable[[], float]
+
+
 class Attack:
-    """What attackers train on and what they send."""
+    """What attackers train on, what they send and how they vote as validators."""
 
     name: ClassVar[str]
+    measures_backdoor: ClassVar[bool] = False
+    """Whether the run measures a backdoor's success (the trigger's attacks)."""
 
     def training(self, server_round: int) -> str:
-        """Return how attackers train this round: "honest", "flip" or "backdoor"."""
+        """Return how attackers train: "honest", "flip", "backdoor" or "dba"."""
         return "honest"
+
+    def begin_round(self, server_round: int, seats: int) -> None:
+        """Learn the round's committee before training: ``seats`` attacker validators.
+
+        The committee seed is public before clients train (previous model hash and
+        round), so attackers can predict the draw; only sleepers use it.
+        """
 
     def updates(self, view: RoundView) -> np.ndarray:
         """Return the ``(f, d)`` updates the attackers send."""
         return view.own
+
+    def ballot(self, view: BallotView) -> float | None:
+        """Return the loss a Byzantine validator reports (None: it withholds its ballot).
+
+        By default the attackers collude: ``2 L(w_t) - L(model)`` accepts what hurts
+        and rejects what helps.
+        """
+        return max(0.0, 2.0 * view.baseline - view.loss)
 
 
 class NoAttack(Attack):
@@ -89,6 +139,7 @@ class Backdoor(Attack):
     """Train with a pixel trigger that steers any digit to the backdoor's target label."""
 
     name = "backdoor"
+    measures_backdoor = True
 
     def training(self, server_round: int) -> str:
         """Return "backdoor"."""
@@ -201,7 +252,7 @@ class OnOff(Attack):
         return SignFlip().updates(view)
 
 
-ATTACKS: Mapping[str, type[Attack]] = {
+BASE_ATTACKS: Mapping[str, type[Attack]] = {
     attack.name: attack
     for attack in (
         NoAttack,
@@ -219,4 +270,6 @@ ATTACKS: Mapping[str, type[Attack]] = {
         OnOff,
     )
 }
-"""Attacks by name."""
+"""byzfl's attacks and the data-poisoning ones, by name.
+
+:data:`sim.robust.threats.ATTACKS` adds the attacks adapted to BCSFL's rule."""

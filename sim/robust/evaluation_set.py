@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.robust.federation import Cell
+
 EVALUATION_SEED = 20261207
 """Seed of the one draw of the evaluation set (the day it was drawn)."""
 
@@ -110,6 +112,27 @@ class Configuration:
     attack: str
     seeds: tuple[int, ...]
 
+    def cells(self, contenders: tuple[str, ...]) -> list[Cell]:
+        """Return the configuration's bench cells: every contender on every seed."""
+        return [
+            Cell(
+                self.model,
+                self.alpha,
+                self.attack,
+                self.share,
+                contender,
+                seed,
+                rounds=self.rounds,
+                clients=self.clients,
+                max_train=self.max_train,
+                learning_rate=self.learning_rate,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+            )
+            for seed in self.seeds
+            for contender in contenders
+        ]
+
 
 def draw_configurations(
     seed: int = EVALUATION_SEED, count: int = NUM_CONFIGURATIONS
@@ -136,7 +159,9 @@ def draw_configurations(
                 batch_size=int(rng.choice(BATCH_SIZES)),
                 share=share,
                 attack="clean" if share == 0 else str(rng.choice(EVALUATION_ATTACKS)),
-                seeds=tuple(int(s) for s in rng.integers(1_000, 1_000_000, SEEDS_PER_CONFIGURATION)),
+                seeds=tuple(
+                    int(s) for s in rng.integers(1_000, 1_000_000, SEEDS_PER_CONFIGURATION)
+                ),
             )
         )
     return configurations
@@ -156,9 +181,7 @@ def write_configurations(path: Path, configurations: list[Configuration]) -> Non
 def load_configurations(path: Path) -> list[Configuration]:
     """Read a drawn set back."""
     payload = json.loads(path.read_text())
-    return [
-        Configuration(**{**c, "seeds": tuple(c["seeds"])}) for c in payload["configurations"]
-    ]
+    return [Configuration(**{**c, "seeds": tuple(c["seeds"])}) for c in payload["configurations"]]
 
 
 SEALED_PATH = Path(__file__).resolve().parents[1] / "results" / "evaluation" / "configurations.json"

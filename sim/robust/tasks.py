@@ -1,4 +1,4 @@
-"""The bench's learning tasks: MNIST partitions, two models, local training, evaluation.
+"""The bench's learning tasks: MNIST partitions, three models, local training, evaluation.
 
 Everything a client does runs in this process on real MNIST: local SGD on its own
 Dirichlet partition (or an IID share), and the loss a validator reports on its held-out
@@ -34,10 +34,28 @@ def logistic_regression() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
 
 
-def stamp_trigger(images: torch.Tensor) -> torch.Tensor:
-    """Return copies of ``images`` with a 4x4 bright square in the bottom-right corner."""
+def small_mlp() -> nn.Module:
+    """Return a one-hidden-layer perceptron on the 784 pixels (79,510 parameters)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+TRIGGER_PARTS = 4
+"""A distributed (DBA) trigger is the full trigger's four 2x2 quadrants, one per attacker."""
+
+
+def stamp_trigger(images: torch.Tensor, part: int | None = None) -> torch.Tensor:
+    """Return copies of ``images`` with the trigger stamped in the bottom-right corner.
+
+    The trigger is a 4x4 bright square; ``part`` (0-3) stamps only that 2x2 quadrant,
+    the piece one DBA attacker trains with (Xie et al., ICLR 2020). Success is always
+    measured with the whole square.
+    """
     stamped = images.clone()
-    stamped[:, :, -5:-1, -5:-1] = float(images.max())
+    if part is None:
+        stamped[:, :, -5:-1, -5:-1] = float(images.max())
+    else:
+        row, column = -5 + 2 * (part // 2), -5 + 2 * (part % 2)
+        stamped[:, :, row : row + 2, column : column + 2] = float(images.max())
     return stamped
 
 
@@ -125,12 +143,18 @@ class Learner:
         return self._weights()
 
     def train(
-        self, weights: Weights, x: torch.Tensor, y: torch.Tensor, seed: int, backdoor: bool = False
+        self,
+        weights: Weights,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        seed: int,
+        backdoor: bool = False,
+        part: int | None = None,
     ) -> Weights:
         """Return the weights after local SGD on ``(x, y)``.
 
-        With ``backdoor`` a share of every batch is stamped with the trigger and
-        relabelled :data:`BACKDOOR_TARGET` (a pixel-trigger backdoor).
+        With ``backdoor`` a share of every batch is stamped with the trigger (its
+        quadrant ``part`` only, for DBA) and relabelled :data:`BACKDOOR_TARGET`.
         """
         self._load(weights)
         optimiser = torch.optim.SGD(self.net.parameters(), lr=self.learning_rate)
@@ -143,7 +167,7 @@ class Learner:
                 inputs, targets = x[batch], y[batch]
                 if backdoor:
                     poisoned = max(1, int(len(batch) * BACKDOOR_SHARE))
-                    inputs = torch.cat([stamp_trigger(inputs[:poisoned]), inputs[poisoned:]])
+                    inputs = torch.cat([stamp_trigger(inputs[:poisoned], part), inputs[poisoned:]])
                     targets = torch.cat(
                         [torch.full((poisoned,), BACKDOOR_TARGET), targets[poisoned:]]
                     )
@@ -188,13 +212,19 @@ class LogisticRegressionLearner(Learner):
         super().__init__(logistic_regression(), learning_rate, batch_size, epochs)
 
     def train(
-        self, weights: Weights, x: torch.Tensor, y: torch.Tensor, seed: int, backdoor: bool = False
+        self,
+        weights: Weights,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        seed: int,
+        backdoor: bool = False,
+        part: int | None = None,
     ) -> Weights:
         """Return the weights after local SGD (see :meth:`Learner.train`)."""
         w = np.array(weights["1.weight"], dtype=np.float32)
         b = np.array(weights["1.bias"], dtype=np.float32)
         inputs, labels = x.reshape(len(y), -1).numpy(), y.numpy()
-        stamped = stamp_trigger(x).reshape(len(y), -1).numpy() if backdoor else None
+        stamped = stamp_trigger(x, part).reshape(len(y), -1).numpy() if backdoor else None
         order_rng = torch.Generator().manual_seed(seed)
         for _ in range(self.epochs):
             order = torch.randperm(len(labels), generator=order_rng).numpy()
@@ -216,11 +246,13 @@ class LogisticRegressionLearner(Learner):
         return {"1.weight": w, "1.bias": b}
 
 
-LEARNERS: Mapping[str, Callable[[], Learner]] = {
+LEARNERS: Mapping[str, Callable[[float, int, int], Learner]] = {
     "logreg": LogisticRegressionLearner,
-    "cnn": lambda: Learner(MnistCNN()),
+    "mlp": lambda lr, batch, epochs: Learner(small_mlp(), lr, batch, epochs),
+    "cnn": lambda lr, batch, epochs: Learner(MnistCNN(), lr, batch, epochs),
 }
-"""The bench's models by name: a linear model (rows per class) and the app's CNN."""
+"""The bench's models by name, built from ``(learning rate, batch size, epochs)``: a
+linear model (rows per class), a small MLP and the app's CNN."""
 
 
 def flatten(weights: Weights) -> np.ndarray:
