@@ -62,6 +62,10 @@ class Preset:
     seeds: tuple[int, ...]
     rounds: int = 20
     max_train: int | None = None
+    clients: int = 20
+    learning_rate: float = 0.05
+    epochs: int = 1
+    batch_size: int = 32
 
     def cells(self) -> Iterator[Cell]:
         """Yield every cell: clean once per skew, then every attack at every share."""
@@ -78,9 +82,16 @@ class Preset:
                             contender,
                             seed,
                             rounds=self.rounds,
+                            clients=self.clients,
                             max_train=self.max_train,
+                            learning_rate=self.learning_rate,
+                            epochs=self.epochs,
+                            batch_size=self.batch_size,
                         )
 
+
+HARD_ATTACKS = ("label-flip", "backdoor", "dba", "noisy-copies", "min-max", "sleeper")
+"""The failures the issue reported, and their adaptive variants (tuning only)."""
 
 PRESETS = {
     "logreg": Preset(
@@ -94,6 +105,32 @@ PRESETS = {
         ("label-flip", "alie", "mimic", "sign-flip", "backdoor", "on-off"),
         ("fedavg", "bcsfl"),
         (42,),
+    ),
+    # Tuning cells away from the defaults' own settings (the issue's failures): a faster
+    # learning rate on a subsample, and the CNN at a size two cores carry.
+    "hard-logreg": Preset(
+        "logreg",
+        (0.1, 0.5),
+        (0.2,),
+        HARD_ATTACKS,
+        ("fedavg", "flame", "bcsfl"),
+        (42, 43),
+        max_train=400,
+        learning_rate=0.1,
+        epochs=2,
+    ),
+    "hard-cnn": Preset(
+        "cnn",
+        (0.1, 0.5),
+        (0.3,),
+        ("label-flip", "backdoor"),
+        ("fedavg", "flame", "bcsfl"),
+        (42,),
+        rounds=8,
+        clients=10,
+        max_train=300,
+        learning_rate=0.05,
+        epochs=2,
     ),
 }
 

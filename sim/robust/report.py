@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from sim.robust.objectives import ATTACK_GAP, BACKDOOR_MILD, BACKDOOR_SKEWED, CLEAN_GAP
+
 
 def gini(values: Sequence[float]) -> float:
     """Return the Gini coefficient of non-negative ``values`` (0: equal; near 1: one holds all)."""
@@ -141,8 +143,31 @@ def worst_cases(rows: list[dict[str, Any]], contenders: Sequence[str]) -> dict[t
     return out
 
 
+def worst_backdoor(
+    rows: list[dict[str, Any]], key: tuple, contender: str
+) -> tuple[float, str] | None:
+    """Return the contender's highest mean backdoor success in a group, and its attack."""
+    model, alpha, share = key
+    members = [
+        r
+        for r in rows
+        if (r["model"], r["alpha"], r["share"], r["strategy"]) == (model, alpha, share, contender)
+        and r["backdoor"] is not None
+    ]
+    scored = [
+        (float(np.mean([r["backdoor"] for r in m])), attack)
+        for (attack,), m in _group(members, "attack").items()
+    ]
+    return max(scored) if scored else None
+
+
 def worst_case_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> list[str]:
-    """Return the worst case over attacks per model, skew and share."""
+    """Return the worst case over attacks per model, skew and share.
+
+    Accuracy alone would call a group held where a backdoor succeeds with the main task
+    intact, so a contender's worst backdoor success above :data:`BACKDOOR_MILD` is
+    printed beside its worst accuracy.
+    """
     lines = [
         "| model | skew | attackers | " + " | ".join(contenders) + " |",
         "|---" * (len(contenders) + 3) + "|",
@@ -151,7 +176,16 @@ def worst_case_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> l
         worst_cases(rows, contenders).items(),
         key=lambda i: (i[0][0], -1 if i[0][1] is None else i[0][1], i[0][2]),
     ):
-        cells = [f"{per[c][0]:.3f} ({per[c][1]})" if c in per else "-" for c in contenders]
+        cells = []
+        for contender in contenders:
+            if contender not in per:
+                cells.append("-")
+                continue
+            text = f"{per[contender][0]:.3f} ({per[contender][1]})"
+            backdoor = worst_backdoor(rows, (model, alpha, share), contender)
+            if backdoor is not None and backdoor[0] > BACKDOOR_MILD:
+                text += f"; {backdoor[1]} succeeds {backdoor[0]:.0%}"
+            cells.append(text)
         lines.append(f"| {model} | {_skew(alpha)} | {share:.0%} | " + " | ".join(cells) + " |")
     return lines
 
@@ -159,13 +193,14 @@ def worst_case_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> l
 def gap_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> list[str]:
     """Return BCSFL against the best baseline of each cell (FedAvg in clean cells).
 
-    The issue's per-cell target: BCSFL at least the best baseline minus 3 points in every
-    attacked cell, and at least FedAvg minus 1 point when clean. Means over the seeds
-    BCSFL ran.
+    The verdict uses the sealed set's objectives (:mod:`sim.robust.evaluation_report`),
+    backdoor success included, and names every loss: a cell is never "met" by a
+    tolerance. Means over the seeds BCSFL ran.
     """
     lines = [
-        "| model | skew | attackers | attack | BCSFL | best baseline | gap (points) | target met |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | skew | attackers | attack | BCSFL | best baseline | gap (points) | "
+        "BCSFL backdoor success | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     baselines = [c for c in contenders if c != "bcsfl"]
     cells = _group(rows, "model", "alpha", "share", "attack")
@@ -180,12 +215,26 @@ def gap_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> list[str
             continue
         best = max(theirs, key=lambda c: theirs[c])
         gap = 100 * (ours - theirs[best])
-        allowed = -1.0 if share == 0 else -3.0
+        backdoor = _mean(r["backdoor"] for r in members if r["strategy"] == "bcsfl")
+        reasons = []
+        if gap < 100 * (CLEAN_GAP if share == 0 else ATTACK_GAP):
+            reasons.append(f"accuracy {gap:+.1f} pt")
+        if backdoor is not None and backdoor > _backdoor_bound(alpha, members):
+            reasons.append(f"backdoor {backdoor:.1%}")
+        verdict = "lost: " + ", ".join(reasons) if reasons else f"held ({gap:+.1f} pt)"
         lines.append(
             f"| {model} | {_skew(alpha)} | {share:.0%} | {attack} | {ours:.3f} | "
-            f"{best} {theirs[best]:.3f} | {gap:+.1f} | {'yes' if gap >= allowed else 'no'} |"
+            f"{best} {theirs[best]:.3f} | {gap:+.1f} | {_fmt(backdoor)} | {verdict} |"
         )
     return lines
+
+
+def _backdoor_bound(alpha: float | None, members: list[dict[str, Any]]) -> float:
+    """Return the backdoor success a cell allows BCSFL (see the evaluation's objectives)."""
+    if alpha is not None and alpha <= 0.1:
+        others = [r["backdoor"] for r in members if r["strategy"] != "bcsfl" and r["backdoor"]]
+        return min([BACKDOOR_SKEWED, *others])
+    return BACKDOOR_MILD
 
 
 def bcsfl_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -215,20 +264,21 @@ def bcsfl_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def backdoor_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> list[str]:
-    """Return the backdoor's success rate per contender (mean over seeds)."""
+    """Return the backdoors' success rate per contender (mean over seeds)."""
     lines = [
-        "| model | skew | attackers | " + " | ".join(contenders) + " |",
-        "|---" * (len(contenders) + 3) + "|",
+        "| model | skew | attackers | attack | " + " | ".join(contenders) + " |",
+        "|---" * (len(contenders) + 4) + "|",
     ]
-    backdoor = [r for r in rows if r["attack"] == "backdoor"]
-    for (model, alpha, share), members in sorted(
-        _group(backdoor, "model", "alpha", "share").items(),
-        key=lambda i: (i[0][0], -1 if i[0][1] is None else i[0][1], i[0][2]),
+    backdoor = [r for r in rows if r["backdoor"] is not None]
+    for (model, alpha, share, attack), members in sorted(
+        _group(backdoor, "model", "alpha", "share", "attack").items(), key=_cell_order
     ):
         cells = [
             _fmt(_mean(r["backdoor"] for r in members if r["strategy"] == c)) for c in contenders
         ]
-        lines.append(f"| {model} | {_skew(alpha)} | {share:.0%} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {model} | {_skew(alpha)} | {share:.0%} | {attack} | " + " | ".join(cells) + " |"
+        )
     return lines
 
 
