@@ -133,7 +133,7 @@ def test_a_set_apart_group_is_kept_unless_it_does_the_validators_net_harm():
     assert rare.candidate == "federation-mean"
     # one validator cannot buy the group in with an extreme loss: its say is clipped
     bought = rule.decide(
-        plan, reports([0.96, 0.96, 0.96, 0.96, 0.0], 0.90, 0.97), validators, TOLERANCE
+        plan, reports([1.01, 1.01, 1.01, 1.01, 0.0], 0.90, 0.97), validators, TOLERANCE
     )
     assert bought.candidate == "trusted-mean"
 
