@@ -94,3 +94,18 @@ class FakeGrid:
 
     def get_node_ids(self):
         return []
+
+
+def update_replies(weights, updates) -> list[Message]:
+    """Return node ``k + 1``'s train reply carrying ``weights + updates[k]`` (50 examples)."""
+    return [
+        train_reply(node + 1, {"w": (weights + update).astype(np.float32)}, 50)
+        for node, update in enumerate(updates)
+    ]
+
+
+class NodeGrid:
+    """A grid that only lists nodes 1-20 (what sampling in ``configure_train`` needs)."""
+
+    def get_node_ids(self):
+        return list(range(1, 21))

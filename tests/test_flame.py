@@ -7,7 +7,7 @@ import pytest
 # Imported at collection (it takes seconds: scipy.stats and pandas come with it), so that
 # the first test to cluster does not pay for it; flame.py imports it lazily.
 import sklearn.cluster  # noqa: F401
-from flower_messages import train_reply
+from flower_messages import NodeGrid, update_replies
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from bcsfl_vision.baselines import BASELINES, build_baseline
@@ -20,18 +20,6 @@ DIM = 40
 def honest_updates(rng, count=14):
     common = rng.normal(size=DIM)
     return common + 0.3 * rng.normal(size=(count, DIM))
-
-
-def _replies(weights, updates):
-    return [
-        train_reply(node + 1, {"w": (weights + update).astype(np.float32)}, 50)
-        for node, update in enumerate(updates)
-    ]
-
-
-class _Grid:
-    def get_node_ids(self):
-        return list(range(1, 21))
 
 
 def _clipped_mean(updates, admitted):
@@ -107,8 +95,8 @@ def test_flame_noise_is_seeded_and_scales_with_lambda_and_the_median_norm():
 
 def _run_round(strategy, server_round, weights, updates):
     arrays = ArrayRecord({"w": Array(weights)})
-    list(strategy.configure_train(server_round, arrays, ConfigRecord(), _Grid()))
-    new, metrics = strategy.aggregate_train(server_round, _replies(weights, updates))
+    list(strategy.configure_train(server_round, arrays, ConfigRecord(), NodeGrid()))
+    new, metrics = strategy.aggregate_train(server_round, update_replies(weights, updates))
     return new["w"].numpy(), metrics
 
 

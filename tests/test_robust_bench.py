@@ -7,7 +7,7 @@ import byzfl
 import numpy as np
 import pytest
 from conftest import DATA_DIR
-from flower_messages import train_reply
+from flower_messages import NodeGrid, update_replies
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp.strategy import FedAvg
@@ -60,19 +60,7 @@ def test_every_attack_returns_one_update_per_attacker(name):
     assert np.asarray(updates).shape == (6, DIM)
 
 
-def _replies(weights, updates):
-    return [
-        train_reply(node + 1, {"w": (weights + update).astype(np.float32)}, 50)
-        for node, update in enumerate(updates)
-    ]
-
-
-class _Grid:
-    def get_node_ids(self):
-        return list(range(1, 21))
-
-
-def test_byzfl_strategy_aggregates_updates_and_leaves_out_non_finite_replies():
+def test_byzfl_strategy_aggregates_updates_and_leaves_out_non_finiteupdate_replies():
     rng = np.random.default_rng(3)
     weights = np.zeros(DIM, np.float32)
     honest = honest_updates(rng, 16)
@@ -80,8 +68,8 @@ def test_byzfl_strategy_aggregates_updates_and_leaves_out_non_finite_replies():
     updates[-1, 0] = np.inf
     strategy = ByzflStrategy(byzfl.Median(), fraction_evaluate=0.0)
     arrays = ArrayRecord({"w": Array(weights)})
-    list(strategy.configure_train(1, arrays, ConfigRecord(), _Grid()))
-    new, _ = strategy.aggregate_train(1, _replies(weights, updates))
+    list(strategy.configure_train(1, arrays, ConfigRecord(), NodeGrid()))
+    new, _ = strategy.aggregate_train(1, update_replies(weights, updates))
     expected = np.median(updates[:-1], axis=0)
     np.testing.assert_allclose(new["w"].numpy(), expected, rtol=1e-5)
 
@@ -91,8 +79,10 @@ def test_centered_clipping_clips_at_the_median_norm_around_its_last_step():
     weights = np.zeros(DIM, np.float32)
     updates = np.vstack([honest_updates(rng, 16), np.full((4, DIM), 50.0)])
     strategy = CenteredClippingStrategy(byzfl.CenteredClipping(), fraction_evaluate=0.0)
-    list(strategy.configure_train(1, ArrayRecord({"w": Array(weights)}), ConfigRecord(), _Grid()))
-    new, _ = strategy.aggregate_train(1, _replies(weights, updates))
+    list(
+        strategy.configure_train(1, ArrayRecord({"w": Array(weights)}), ConfigRecord(), NodeGrid())
+    )
+    new, _ = strategy.aggregate_train(1, update_replies(weights, updates))
     radius = np.median(np.linalg.norm(updates, axis=1))
     assert strategy.aggregator.tau == pytest.approx(radius)
     assert np.linalg.norm(new["w"].numpy()) <= radius + 1e-3  # every vector clipped to radius
