@@ -41,7 +41,7 @@ from sim.robust.objectives import (
     ROLLBACKS,
     STAKE_RATIO,
 )
-from sim.robust.report import load_runs, summarise
+from sim.robust.report import load_runs, on_common_seeds, summarise
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,6 @@ class Verdict:
         return bool(self.failures)
 
 
-def _common_seed_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_contender: dict[str, set[int]] = {}
-    for row in rows:
-        by_contender.setdefault(row["strategy"], set()).add(row["seed"])
-    common = set.intersection(*by_contender.values()) if by_contender else set()
-    return [row for row in rows if row["seed"] in common]
-
-
 def _matches(row: dict[str, Any], configuration: Configuration) -> bool:
     keys = ("model", "alpha", "clients", "rounds", "max_train", "learning_rate", "epochs")
     return (
@@ -84,7 +76,7 @@ def _matches(row: dict[str, Any], configuration: Configuration) -> bool:
 
 def judge(configuration: Configuration, rows: list[dict[str, Any]]) -> Verdict | None:
     """Return the configuration's verdict, or None until BCSFL and a baseline both ran."""
-    rows = _common_seed_runs([r for r in rows if _matches(r, configuration)])
+    rows = on_common_seeds([r for r in rows if _matches(r, configuration)])
     contenders = sorted({r["strategy"] for r in rows})
     if "bcsfl" not in contenders or len(contenders) < 2:
         return None

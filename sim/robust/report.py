@@ -96,7 +96,7 @@ def accuracy_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> lis
     ]
     cells = _group(rows, "model", "alpha", "share", "attack")
     for (model, alpha, share, attack), members in sorted(cells.items(), key=_cell_order):
-        members = _on_common_seeds(members)
+        members = on_common_seeds(members)
         means = {c: _mean(r["accuracy"] for r in members if r["strategy"] == c) for c in contenders}
         seeds = len({r["seed"] for r in members})
         lines.append(
@@ -107,7 +107,7 @@ def accuracy_table(rows: list[dict[str, Any]], contenders: Sequence[str]) -> lis
     return lines
 
 
-def _on_common_seeds(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def on_common_seeds(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep the runs on the seeds that every contender of the cell ran."""
     by_contender: dict[str, set[int]] = {}
     for run in members:
