@@ -117,7 +117,7 @@ def _row(strategy, accuracy, backdoor=None, **bcsfl):
 
 
 def test_a_configuration_is_lost_on_backdoor_success_whatever_its_accuracy():
-    ours = {"honest_rejected": 0.0, "honest_max_to_median": 1.0, "rollbacks": 0}
+    ours = {"honest_rejected": 0.0, "honest_max_to_median": 1.0, "rollbacks": 0, "validators": 9}
     rows = [
         _row("fedavg", 0.80, 0.99),
         _row("flame", 0.79, 0.10),
@@ -131,10 +131,21 @@ def test_a_configuration_is_lost_on_backdoor_success_whatever_its_accuracy():
 
 def test_no_tolerance_passes_a_clean_loss_beyond_two_points_or_a_spiral_of_exclusion():
     clean = Configuration("e98", "logreg", 0.1, 10, 20, None, 0.05, 1, 32, 0.0, "clean", (7,))
-    ours = {"honest_rejected": 0.12, "honest_max_to_median": 1.0, "rollbacks": 3}
+    ours = {"honest_rejected": 0.12, "honest_max_to_median": 1.0, "rollbacks": 3, "validators": 9}
     rows = [
         {**_row("fedavg", 0.90), "attack": "clean", "share": 0.0},
         {**_row("bcsfl", 0.879, **ours), "attack": "clean", "share": 0.0},
     ]
     failures = _failures(judge(clean, rows))
     assert [f.split(" ")[0] for f in failures] == ["accuracy", "12%", "3"]
+
+
+def test_a_clean_federation_of_twenty_must_spread_its_committee_over_fifteen_validators():
+    clean = Configuration("e97", "logreg", 0.1, 20, 20, None, 0.05, 1, 32, 0.0, "clean", (7,))
+    fields = {"clients": 20, "attack": "clean", "share": 0.0}
+    ours = {"honest_rejected": 0.0, "honest_max_to_median": 1.0, "rollbacks": 0}
+    rows = [{**_row("fedavg", 0.90), **fields}, {**_row("bcsfl", 0.90, **ours), **fields}]
+    rows[1]["validators"] = 14
+    assert judge(clean, rows).failures == ("14 distinct validators",)
+    rows[1]["validators"] = 15
+    assert not judge(clean, rows).lost

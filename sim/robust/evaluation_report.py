@@ -36,6 +36,7 @@ from sim.robust.objectives import (
     BACKDOOR_SKEWED,
     CLEAN_GAP,
     CLEAN_MEDIAN_GAP,
+    DISTINCT_VALIDATORS,
     HONEST_EXCLUDED,
     HONEST_EXCLUDED_MEAN,
     ROLLBACKS,
@@ -55,6 +56,7 @@ class Verdict:
     honest_excluded: float | None
     stake_ratio: float | None
     rollbacks: int | None
+    validators: float | None = None
     failures: tuple[str, ...] = field(default=())
 
     @property
@@ -100,6 +102,7 @@ def judge(configuration: Configuration, rows: list[dict[str, Any]]) -> Verdict |
         honest,
         stake_ratio,
         rollbacks,
+        validators=float(np.mean([r["validators"] for r in ours])),
     )
     return Verdict(**{**verdict.__dict__, "failures": _failures(verdict)})
 
@@ -124,6 +127,15 @@ def _failures(verdict: Verdict) -> tuple[str, ...]:
         failures.append(f"{verdict.honest_excluded:.0%} honest excluded per round")
     if verdict.rollbacks is not None and verdict.rollbacks > ROLLBACKS:
         failures.append(f"{verdict.rollbacks} rollbacks")
+    served = verdict.validators
+    if (
+        configuration.share == 0
+        and configuration.clients >= 20
+        and configuration.rounds >= 20
+        and served is not None
+        and served < DISTINCT_VALIDATORS
+    ):
+        failures.append(f"{served:.0f} distinct validators")
     return tuple(failures)
 
 
@@ -156,8 +168,8 @@ def verdict_table(verdicts: Sequence[Verdict]) -> list[str]:
     lines = [
         "| config | model | alpha | clients | lr | epochs | batch | attackers | attack | "
         "BCSFL | FedAvg | best baseline | backdoor (BCSFL / lowest baseline) | "
-        "honest excluded | stake max/median | rollbacks | seeds | lost: why |",
-        "|---" * 18 + "|",
+        "honest excluded | stake max/median | rollbacks | validators | seeds | lost: why |",
+        "|---" * 19 + "|",
     ]
     for verdict in verdicts:
         c = verdict.configuration
@@ -175,7 +187,8 @@ def verdict_table(verdicts: Sequence[Verdict]) -> list[str]:
             f"{c.epochs} | {c.batch_size} | {c.share:.0%} | {c.attack} | "
             f"{verdict.accuracy['bcsfl']:.3f} | {fedavg:.3f} | "
             f"{best} {baselines[best]:.3f} | {backdoor} | {verdict.honest_excluded:.1%} | "
-            f"{verdict.stake_ratio:.2f} | {verdict.rollbacks} | {verdict.seeds} | "
+            f"{verdict.stake_ratio:.2f} | {verdict.rollbacks} | {verdict.validators:.0f} | "
+            f"{verdict.seeds} | "
             f"{'; '.join(verdict.failures) or 'no'} |"
         )
     return lines
@@ -259,6 +272,7 @@ def write_evaluation_report(
                     "honest_excluded": v.honest_excluded,
                     "stake_ratio": v.stake_ratio,
                     "rollbacks": v.rollbacks,
+                    "distinct_validators": v.validators,
                     "seeds": v.seeds,
                 }
                 for v in verdicts

@@ -24,3 +24,5 @@ STAKE_RATIO = 3.0
 """Largest stake over the median stake at the end of a clean run, at most."""
 ROLLBACKS = 2
 """Rollbacks in any run, at most."""
+DISTINCT_VALIDATORS = 15
+"""Distinct validators that serve over 20 rounds with at least 20 clients, at least."""
