@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from chain_fixtures import GENESIS, clients, toy_model
 
+from bcsfl_flower.audit.replay import ReplayMismatchError, _load_model
 from bcsfl_flower.audit.verification import verify_trail
 from bcsfl_flower.ballots import Ballot, SignedBallot
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
@@ -35,6 +36,7 @@ from bcsfl_flower.round.statement import (
 )
 
 ACCOUNTS = clients(8)
+NUM_CLIENTS = len(ACCOUNTS)
 SETTINGS = DecisionSettings.of(
     RoundSettings(num_validators=3, num_miners=3), "trusted-mean", "plain"
 )
@@ -46,8 +48,10 @@ def statement_for(
     stakes: dict[str, float],
     domain: Eip712Domain | None = None,
     losses: tuple[float, ...] = (0.5, 0.5, 0.5),
+    repliers: int = NUM_CLIENTS,
 ) -> RoundStatement:
-    """A round whose 8 signed replies are all trusted, with its committee drawn.
+    """A round whose first ``repliers`` (default: all 8) signed replies are all trusted,
+    with its committee drawn.
 
     With ``domain``, its one candidate is ``toy_model(round_number)`` and the drawn
     validators' ballots score it at ``losses`` (against 1.0 for ``w_t``): with the
@@ -55,7 +59,7 @@ def statement_for(
     """
     replies = tuple(
         StatedReply(str(100 + i), a.address, 50.0, "0x" + bytes([i + 1]).hex() * 32)
-        for i, a in enumerate(ACCOUNTS)
+        for i, a in enumerate(ACCOUNTS[:repliers])
     )
     statement = RoundStatement(
         round=round_number,
@@ -172,10 +176,11 @@ def anchor(trail: AuditTrail, store: ModelStore, statement: RoundStatement, mine
     )
 
 
-def run(tmp_path: Path, tamper, restake=None) -> list[str]:
+def run(tmp_path: Path, tamper, restake=None, drop=(), repliers=NUM_CLIENTS) -> list[str]:
     """Anchor rounds 1 and 2 (round 2 through ``tamper``); return verify's failures.
 
-    Round 2's stake table is the one round 1 settled, changed by ``restake`` if given.
+    Round 2's stake table is the one round 1 settled, changed by ``restake`` if given
+    and without the identities in ``drop``.
     """
     store = ModelStore(tmp_path / "models")
     store.save(toy_model(0.0))
@@ -187,7 +192,10 @@ def run(tmp_path: Path, tamper, restake=None) -> list[str]:
         anchor(trail, store, first, [by_address[m] for m in first.miners])
         stakes = dict(stated_settlement(first, True, trail.domain).after)
         stakes.update(restake or {})
-        second = statement_for(2, model_hash(toy_model(1.0)), stakes, trail.domain)
+        stakes = {who: stake for who, stake in stakes.items() if who not in drop}
+        second = statement_for(
+            2, model_hash(toy_model(1.0)), stakes, trail.domain, repliers=repliers
+        )
         tamper(trail, store, second, by_address)
         trail.write_manifest(tmp_path / "chain.json", store.root)
         report = verify_trail(trail, ChainManifest.load(tmp_path / "chain.json"))
@@ -221,6 +229,25 @@ def test_verify_fails_when_a_signed_stake_table_is_not_the_last_settlement(tmp_p
     assert len(failures) == 1
     assert failures[0].startswith("round 2: the stake table is not round 1's settlement")
     assert f"{ACCOUNTS[3].address} has 5.0, settled 1.05" in failures[0]
+
+
+PHANTOM = "0x" + "ab" * 20
+
+
+def test_verify_fails_on_a_signed_phantom_stake_entry(tmp_path):
+    # An identity nobody registered, that never replied, enters the table with stake 50.
+    failures = run(tmp_path, honest, restake={PHANTOM: 50.0})
+    assert failures == [
+        f"round 2: the stake table holds {PHANTOM}, neither in round 1's settlement nor "
+        "replying in round 2"
+    ]
+
+
+def test_verify_fails_on_a_signed_stake_table_that_drops_a_client(tmp_path):
+    # The last client does not reply in round 2, and its entry is left out.
+    assert run(tmp_path / "kept", honest, repliers=7) == []
+    failures = run(tmp_path / "dropped", honest, drop={ACCOUNTS[7].address}, repliers=7)
+    assert f"round 2: the stake table drops {ACCOUNTS[7].address}, settled by round 1" in failures
 
 
 def test_verify_fails_when_the_operator_anchors_a_swapped_committee(tmp_path):
@@ -320,3 +347,27 @@ def test_verify_fails_when_a_round_anchors_no_statement(tmp_path):
 
     failures = run(tmp_path, missing)
     assert len(failures) == 1 and "no document" in failures[0]
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "models/" + "ab" * 32, "0xnothex"])
+def test_replay_names_a_stated_model_that_is_not_a_hash_instead_of_crashing(tmp_path, name):
+    store = ModelStore(tmp_path / "models")
+    with pytest.raises(ReplayMismatchError, match=r"^w_t: not a model hash"):
+        _load_model(store, name, ("w", "b"), "w_t")
+
+
+def test_a_stored_model_or_statement_linked_to_a_pristine_copy_elsewhere_is_refused(tmp_path):
+    store = ModelStore(tmp_path / "run" / "models")
+    digest = store.save(toy_model(1.0))
+    document = store.save_document(b'{"round": 1}')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for path in (store.path(digest), store.root / f"{document.hex()}.json"):
+        pristine = elsewhere / path.name
+        pristine.write_bytes(path.read_bytes())
+        path.unlink()
+        path.symlink_to(pristine)  # the content still hashes right, from outside the run
+    with pytest.raises(ModelIntegrityError, match="is a symbolic link"):
+        store.load(digest)
+    with pytest.raises(ModelIntegrityError, match="is a symbolic link"):
+        store.load_document(document)

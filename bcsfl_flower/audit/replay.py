@@ -205,10 +205,13 @@ def _checked_batch(
 
 
 def _load_model(store: ModelStore, digest: str, keys: Sequence[str], label: str) -> ArrayRecord:
-    """Load a stored model in the round's key order (replay's sums then match bit for bit)."""
+    """Load a stored model in the round's key order (replay's sums then match bit for bit).
+
+    A name that is not a model hash (a path, say) is a mismatch like a missing file.
+    """
     try:
         arrays = store.load(digest)
-    except (FileNotFoundError, ModelIntegrityError) as err:
+    except (FileNotFoundError, ModelIntegrityError, ValueError) as err:
         raise ReplayMismatchError(f"{label}: {err}") from err
     ordered = [key for key in keys if key in arrays] + sorted(set(arrays) - set(keys))
     return ArrayRecord({key: Array(arrays[key]) for key in ordered})

@@ -382,6 +382,7 @@ class _StakeHistory:
         if statement is None:  # already reported; the next round has nothing to hold to
             self.settled = None
             return
+        self._check_members(report, record.round, statement)
         if self.settled is not None:
             differ = [
                 f"{who} has {statement.stakes[who]!r}, settled {stake!r}"
@@ -402,6 +403,32 @@ class _StakeHistory:
         except (KeyError, TypeError, ValueError):  # the decision check reports why
             self.settled = None
         self.nodes.add(statement)
+
+    def _check_members(self, report: TrailReport, number: int, statement: RoundStatement) -> None:
+        """Hold the table's identities to the last settlement's plus this round's repliers.
+
+        Values are compared by :meth:`check`; this compares who is in the table. A client
+        enters it when it first replies (with its initial stake) and never leaves, so an
+        entry that neither the last settlement nor a reply of this round accounts for is
+        made up (a phantom stake that would carry into every later settlement), and an
+        entry that disappeared was dropped.
+        """
+        replied = {reply.identity for reply in statement.replies}
+        known = set(self.settled.after) if self.settled is not None else set()
+        phantoms = sorted(set(statement.stakes) - known - replied)
+        report.check(
+            not phantoms,
+            f"round {number}: the stake table holds {', '.join(phantoms[:3])}, neither in "
+            f"round {number - 1}'s settlement nor replying in round {number}",
+            number,
+        )
+        dropped = sorted(known - set(statement.stakes))
+        report.check(
+            not dropped,
+            f"round {number}: the stake table drops {', '.join(dropped[:3])}, "
+            f"settled by round {number - 1}",
+            number,
+        )
 
 
 @dataclass

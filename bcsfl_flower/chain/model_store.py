@@ -85,6 +85,7 @@ class ModelStore:
         target = self.path(digest)
         if not target.is_file():
             raise FileNotFoundError(f"no model 0x{_hex(digest)} in {self.root}")
+        _refuse_link(target)
         arrays = load_model_file(target)
         if verify:
             actual = model_hash(arrays)
@@ -128,6 +129,7 @@ class ModelStore:
         target = self.root / f"{_hex(digest)}{DOCUMENT_SUFFIX}"
         if not target.is_file():
             raise FileNotFoundError(f"no document 0x{_hex(digest)} in {self.root}")
+        _refuse_link(target)
         data = target.read_bytes()
         actual = hashlib.sha256(data).hexdigest()
         if actual != _hex(digest):
@@ -158,6 +160,19 @@ def load_model_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise ModelIntegrityError(f"{path} is not a readable model archive: {err}") from err
+
+
+def _refuse_link(target: Path) -> None:
+    """Refuse a stored file that is a symbolic link.
+
+    An audit reads the run directory's own files: a link to a pristine copy elsewhere
+    would let a tampered file pass, and would read outside the directory.
+    """
+    if target.is_symlink():
+        raise ModelIntegrityError(
+            f"{target} is a symbolic link (to {os.readlink(target)}); the store holds "
+            "only its own files"
+        )
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
