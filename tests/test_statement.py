@@ -23,6 +23,7 @@ from bcsfl_flower.chain.backends import connect
 from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.packets import Eip712Domain, model_hash
+from bcsfl_flower.round.conclusion import record_ballot_faults
 from bcsfl_flower.round.settings import RoundSettings
 from bcsfl_flower.round.settlement import stated_settlement
 from bcsfl_flower.round.statement import (
@@ -335,9 +336,52 @@ def test_verify_fails_when_the_chain_anchors_what_the_ballots_do_not_commit(tmp_
         honest(trail, store, forge(statement, trail.domain), by_address)
 
     failures = run(tmp_path, anchored_anyway)
-    assert len(failures) == 1, why
-    assert failures[0].startswith("round 2: the chain anchors 0x")
-    assert "the ballots do not: rollback: no candidate reached quorum" in failures[0]
+    anchors = [f for f in failures if f.startswith("round 2: the chain anchors 0x")]
+    assert len(anchors) == 1, why
+    assert "the ballots do not: rollback: no candidate reached quorum" in anchors[0]
+    # A ballot that does not check is stated as counting: tampering, named on its own.
+    false_records = [f for f in failures if "'s ballot counts but does not check" in f]
+    assert (
+        len(false_records) == {"rejected": 0, "forged ballots": 3, "another run's ballots": 3}[why]
+    )
+    assert sorted(failures) == sorted(anchors + false_records)
+
+
+def test_a_ballot_edited_after_the_round_fails_verify_even_where_the_rest_reach_quorum(tmp_path):
+    """One ballot's loss edited and the round re-anchored with the public keys: the other
+    ballots still commit the candidate, so only the ballot record shows the edit."""
+
+    def edited(trail, store, statement, by_address):
+        ballots = [dict(entry) for entry in statement.ballots]
+        ballots[0]["loss_bits"] = [bits + 1 for bits in ballots[0]["loss_bits"]]
+        edited_by.append(ballots[0]["validator"])
+        honest(trail, store, dataclasses.replace(statement, ballots=tuple(ballots)), by_address)
+
+    edited_by: list[str] = []
+    failures = run(tmp_path, edited)
+    assert len(failures) == 1
+    assert failures[0].startswith(f"round 2: {edited_by[0]}'s ballot counts but does not check")
+
+
+def test_a_ballot_rejected_when_the_round_ran_is_recorded_with_its_reason(tmp_path):
+    def marked(trail, store, statement, by_address):
+        forged = with_ballots(statement, trail.domain, (0.5, 0.5, 0.5), [ACCOUNTS[7]] * 3)
+        honest(trail, store, record_ballot_faults(forged, trail.domain), by_address)
+
+    # Recorded as rejected, the three forged ballots are abstentions, not false records:
+    # what fails is only that the chain anchors a candidate they cannot commit.
+    failures = run(tmp_path, marked)
+    assert len(failures) == 1 and failures[0].startswith("round 2: the chain anchors 0x")
+
+
+def test_a_valid_ballot_recorded_as_rejected_fails_verify(tmp_path):
+    def hidden(trail, store, statement, by_address):
+        ballots = [dict(entry) for entry in statement.ballots]
+        ballots[0]["rejected"] = "made up"  # a valid vote passed off as an abstention
+        honest(trail, store, dataclasses.replace(statement, ballots=tuple(ballots)), by_address)
+
+    failures = run(tmp_path, hidden)
+    assert any("'s ballot checks but is recorded as rejected (made up)" in f for f in failures)
 
 
 def test_verify_fails_when_a_round_anchors_no_statement(tmp_path):

@@ -53,7 +53,7 @@ from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.packets import (
     Eip712Domain,
 )
-from bcsfl_flower.round.conclusion import conclude
+from bcsfl_flower.round.conclusion import conclude, false_ballot_records
 from bcsfl_flower.round.settlement import NodeIdentities, stated_settlement
 from bcsfl_flower.round.state import Settlement
 from bcsfl_flower.round.statement import RoundStatement, recorded_draw
@@ -338,9 +338,12 @@ def _verify_decision(
     label = f"round {record.round}"
     try:
         decision, _ = conclude(statement, domain)
+        false_records = false_ballot_records(statement, domain)
     except (KeyError, TypeError, ValueError) as err:  # a statement made to break the audit
         report.check(False, f"{label}: its decision cannot be recomputed: {err!r}", record.round)
         return
+    for problem in false_records:
+        report.check(False, f"{label}: {problem}", record.round)
     if isinstance(record, AnchoredRound):
         carried = None
         if decision.committed and statement.plan is not None:

@@ -12,13 +12,19 @@ for this run, round and starting model, one per validator. A validator whose ide
 is unsigned (``node:<id>``, admitted only where the federation accepts unsigned
 clients) is recorded with its plain losses. Anything else is an abstention, which
 counts against every candidate like a "no", and its report says why.
+
+A ballot that did not check when the round ran is recorded with its reason under
+:data:`REJECTED_KEY` (:func:`record_ballot_faults`), so the statement says which ballots
+count. A recorded ballot that does not check although the statement counts it, or one
+that checks although the statement records it as rejected, is tampering, not an
+abstention: :func:`false_ballot_records` names it, and ``bcsfl audit verify`` fails.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bcsfl_flower.ballots import SignedBallot, ballot_fault, loss_bits, loss_from_bits
@@ -59,18 +65,69 @@ def conclude(
     return rule.decide(plan, reports, validators, statement.settings.vote_tolerance), reports
 
 
+REJECTED_KEY = "rejected"
+"""Key of a stated ballot that did not check when the round ran; its value says why."""
+
+
+def record_ballot_faults(statement: RoundStatement, domain: Eip712Domain | None) -> RoundStatement:
+    """Return ``statement`` with every ballot that does not check marked rejected, with why."""
+    if statement.plan is None:
+        return statement
+    reader = _reader(statement, domain)
+    ballots = []
+    for entry in statement.ballots:
+        problem = reader.check(_counted(entry), str(entry.get("validator")))
+        ballots.append(entry if problem is None else {**entry, REJECTED_KEY: problem})
+    return replace(statement, ballots=tuple(ballots))
+
+
+def false_ballot_records(statement: RoundStatement, domain: Eip712Domain | None) -> list[str]:
+    """Return where the statement's record of its ballots is false (empty when it is true).
+
+    Each recorded ballot must be a drawn validator's only one; it must check unless it
+    is recorded as rejected, and not check if it is.
+    """
+    if statement.plan is None:
+        return [] if not statement.ballots else ["ballots recorded for a round with no plan"]
+    reader = _reader(statement, domain)
+    drawn = set(statement.validators)
+    problems, seen = [], set()
+    for entry in statement.ballots:
+        identity = str(entry.get("validator"))
+        if identity not in drawn or identity in seen:
+            why = "not a drawn validator" if identity not in drawn else "a second ballot"
+            problems.append(f"a ballot from {identity}: {why}")
+            continue
+        seen.add(identity)
+        fault = reader.check(_counted(entry), identity)
+        recorded = entry.get(REJECTED_KEY)
+        if recorded is None and fault is not None:
+            problems.append(f"{identity}'s ballot counts but does not check: {fault}")
+        elif recorded is not None and fault is None:
+            problems.append(f"{identity}'s ballot checks but is recorded as rejected ({recorded})")
+    return problems
+
+
+def _counted(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a stated ballot without its rejection mark (what the validator sent)."""
+    return {key: value for key, value in entry.items() if key != REJECTED_KEY}
+
+
+def _reader(statement: RoundStatement, domain: Eip712Domain | None) -> _Ballot:
+    assert statement.plan is not None
+    scored = {name: bytes.fromhex(h[2:]) for name, h in statement.plan.scored.items()}
+    return _Ballot(statement.round, bytes.fromhex(statement.previous_hash[2:]), scored, domain)
+
+
 def ballot_reports(
     statement: RoundStatement, domain: Eip712Domain | None
 ) -> tuple[ValidatorReport, ...]:
     """Return one report per drawn validator, from its ballot (see the module docstring)."""
-    assert statement.plan is not None
-    scored = {name: bytes.fromhex(h[2:]) for name, h in statement.plan.scored.items()}
-    previous = bytes.fromhex(statement.previous_hash[2:])
     by_validator: dict[str, list[Mapping[str, Any]]] = {}
     for entry in statement.ballots:
         by_validator.setdefault(str(entry.get("validator")), []).append(entry)
     node_of = statement.node_of()
-    reader = _Ballot(statement.round, previous, scored, domain)
+    reader = _reader(statement, domain)
     reports = []
     for identity in statement.validators:
         baseline, losses, problem = reader.read(by_validator.get(identity, []), identity)
@@ -102,6 +159,18 @@ class _Ballot:
         if len(entries) != 1:
             return *nothing, "no ballot" if not entries else f"{len(entries)} ballots, not one"
         entry = entries[0]
+        if REJECTED_KEY in entry:
+            return *nothing, f"rejected when the round ran: {entry[REJECTED_KEY]}"
+        return self._read_one(entry, identity)
+
+    def check(self, entry: Mapping[str, Any], identity: str) -> str | None:
+        """Return why one ballot does not count (None if it checks)."""
+        return self._read_one(entry, identity)[2]
+
+    def _read_one(
+        self, entry: Mapping[str, Any], identity: str
+    ) -> tuple[float, dict[str, float], str | None]:
+        nothing = math.nan, dict.fromkeys(self.scored, math.nan)
         if not entry.get("signature"):
             if identity.startswith(UNSIGNED_PREFIX):
                 return self._unsigned(entry)

@@ -31,7 +31,7 @@ from bcsfl_flower.packets import Eip712Domain, model_hash
 from bcsfl_flower.protocol import BASELINE_CANDIDATE, ROLLBACK_CANDIDATE, ConfigValue
 from bcsfl_flower.round.bounds import weighted_median
 from bcsfl_flower.round.checks import check_replies
-from bcsfl_flower.round.conclusion import conclude
+from bcsfl_flower.round.conclusion import conclude, record_ballot_faults
 from bcsfl_flower.round.metrics import MetricsAggregation, aggregate_client_metrics
 from bcsfl_flower.round.noise_reference import (
     NOISE_REFERENCES,
@@ -302,6 +302,7 @@ class RoundPipeline:
     ) -> tuple[RoundStatement, Decision, tuple[ValidatorReport, ...]]:
         """Return the statement with the committee's ballots, and the decision they make."""
         statement = replace(statement, ballots=stated_ballots(statement, answers))
+        statement = record_ballot_faults(statement, self._domain())
         decision, reports = conclude(statement, self._domain())
         return statement, decision, reports
 
