@@ -91,13 +91,18 @@ def load_split(dataset: str, data_dir: Path, train: bool) -> Split:
 
 
 def dirichlet_partitions(
-    labels: np.ndarray, num_partitions: int, alpha: float, seed: int
+    labels: np.ndarray,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    min_partition_size: int = MIN_PARTITION_SIZE,
 ) -> list[np.ndarray]:
     """Split sample indices into label-skewed partitions with a Dirichlet(alpha) prior.
 
     Smaller ``alpha`` means more skew (alpha=0.5 is the common "moderately non-IID"
-    setting). Every partition has at least :data:`MIN_PARTITION_SIZE` samples: the
-    partitioner redraws until that holds, and fails loudly if it cannot.
+    setting). Every partition has at least ``min_partition_size`` samples (default
+    :data:`MIN_PARTITION_SIZE`): the partitioner redraws until that holds, and fails
+    loudly if it cannot.
 
     Returns
     -------
@@ -111,7 +116,7 @@ def dirichlet_partitions(
         num_partitions=num_partitions,
         partition_by="label",
         alpha=alpha,
-        min_partition_size=MIN_PARTITION_SIZE,
+        min_partition_size=min_partition_size,
         self_balancing=False,
         shuffle=True,
         seed=seed,
