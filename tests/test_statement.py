@@ -22,7 +22,7 @@ from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.backends import connect
 from bcsfl_flower.chain.certificates import AnchorCertificate
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
-from bcsfl_flower.packets import Eip712Domain, model_hash
+from bcsfl_flower.packets import Eip712Domain, ModelPacket, model_hash
 from bcsfl_flower.round.conclusion import record_ballot_faults
 from bcsfl_flower.round.settings import RoundSettings
 from bcsfl_flower.round.settlement import stated_settlement
@@ -33,6 +33,7 @@ from bcsfl_flower.round.statement import (
     StatedReply,
     by_node,
     identity_of,
+    packet_fields,
     redraw,
 )
 
@@ -415,3 +416,47 @@ def test_a_stored_model_or_statement_linked_to_a_pristine_copy_elsewhere_is_refu
         store.load(digest)
     with pytest.raises(ModelIntegrityError, match="is a symbolic link"):
         store.load_document(document)
+
+
+@pytest.mark.parametrize("splice", ["another run", "another round", "another update"])
+def test_verify_fails_on_a_packet_spliced_in_from_elsewhere(tmp_path, splice):
+    """verify checks every stated packet itself: replay needs the kept updates."""
+
+    def spliced(trail, store, statement, by_address):
+        first = statement.replies[0]
+        domain = trail.domain
+        round_number, update = statement.round, first.update_hash
+        if splice == "another run":
+            domain = dataclasses.replace(domain, run=b"\x07" * 32)
+        elif splice == "another round":
+            round_number = statement.round + 5
+        else:
+            update = "0x" + "ee" * 32
+        packet = ModelPacket(bytes.fromhex(update[2:]), 1_700_000_000, round_number, first.identity)
+        signed = packet.sign(by_address[first.identity], domain)
+        reply = dataclasses.replace(first, packet=packet_fields(signed))
+        statement = dataclasses.replace(statement, replies=(reply, *statement.replies[1:]))
+        honest(trail, store, statement, by_address)
+
+    failures = run(tmp_path, spliced)
+    assert len(failures) == 1
+    assert failures[0].startswith("round 2, reply 0 (node 100): its signed packet does not sign")
+
+
+def test_verify_accepts_a_packet_that_signs_its_stated_update(tmp_path):
+    def signed_reply(trail, store, statement, by_address):
+        first = statement.replies[0]
+        packet = ModelPacket(
+            bytes.fromhex(first.update_hash[2:]), 1_700_000_000, statement.round, first.identity
+        )
+        reply = dataclasses.replace(
+            first, packet=packet_fields(packet.sign(by_address[first.identity], trail.domain))
+        )
+        honest(
+            trail,
+            store,
+            dataclasses.replace(statement, replies=(reply, *statement.replies[1:])),
+            by_address,
+        )
+
+    assert run(tmp_path, signed_reply) == []

@@ -40,6 +40,7 @@ from bcsfl_flower.round.statement import (
     RoundStatement,
     StatedReply,
     by_node,
+    packet_fault,
     recorded_draw,
     signed_packet,
 )
@@ -190,15 +191,8 @@ def _checked_batch(
     for index, reply in enumerate(statement.replies):
         label = f"round {statement.round}, reply {index} (node {reply.node})"
         arrays = _load_model(store, reply.update_hash, statement.model_keys, label)
-        if reply.packet is not None:
-            packet = signed_packet(reply.packet)
-            _expect(
-                packet.recover(domain) == reply.identity
-                and "0x" + packet.packet.model_hash.hex() == reply.update_hash
-                and packet.packet.round == statement.round,
-                f"{label}: its signed packet does not sign update {reply.update_hash} of "
-                f"round {statement.round} by {reply.identity}",
-            )
+        fault = packet_fault(reply, statement.round, domain)
+        _expect(fault is None, f"{label}: {fault}")
         fault = collector.add(arrays)
         _expect(fault is None, f"{label}: the round accepted it, but the check fails: {fault}")
     return collector.finish()

@@ -56,7 +56,7 @@ from bcsfl_flower.packets import (
 from bcsfl_flower.round.conclusion import conclude, false_ballot_records
 from bcsfl_flower.round.settlement import NodeIdentities, stated_settlement
 from bcsfl_flower.round.state import Settlement
-from bcsfl_flower.round.statement import RoundStatement, recorded_draw
+from bcsfl_flower.round.statement import RoundStatement, packet_fault, recorded_draw
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,9 @@ def verify_trail(
     results = RunResults.read(manifest.path.parent / RESULTS_FILE)
     stakes = _StakeHistory(trail.domain)
     for record in records:
-        statement = _verify_statement(report, store, record.round, record.state_root, head)
+        statement = _verify_statement(
+            report, store, record.round, record.state_root, head, trail.domain
+        )
         stakes.check(report, record, statement)
         _verify_certificate(report, trail, registry, record, manifest.operator, operator_certifies)
         if statement is not None:
@@ -284,7 +286,12 @@ def load_statement(store: ModelStore, round_number: int, state_root: bytes) -> R
 
 
 def _verify_statement(
-    report: TrailReport, store: ModelStore, round_number: int, state_root: bytes, head: bytes
+    report: TrailReport,
+    store: ModelStore,
+    round_number: int,
+    state_root: bytes,
+    head: bytes,
+    domain: Eip712Domain,
 ) -> RoundStatement | None:
     """Check a round's statement and its committee draw; return it if it loads."""
     label = f"round {round_number}"
@@ -301,6 +308,11 @@ def _verify_statement(
     )
     _, problem = recorded_draw(statement)
     report.check(problem is None, problem or "", round_number)
+    for index, reply in enumerate(statement.replies):
+        fault = packet_fault(reply, round_number, domain)
+        report.check(
+            fault is None, f"{label}, reply {index} (node {reply.node}): {fault}", round_number
+        )
     return statement
 
 

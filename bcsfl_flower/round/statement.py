@@ -37,7 +37,7 @@ import numpy as np
 from flwr.app import ConfigRecord
 
 from bcsfl_flower.committee import Committee, draw_committee
-from bcsfl_flower.packets import SignedModelPacket
+from bcsfl_flower.packets import Eip712Domain, SignedModelPacket
 from bcsfl_flower.round.settings import RoundSettings
 from bcsfl_flower.round.stakes import (
     DEFAULT_LEFT_OUT_FRACTION,
@@ -333,6 +333,32 @@ def signed_packet(fields: Mapping[str, Any]) -> SignedModelPacket:
             }
         )
     )
+
+
+def packet_fault(reply: StatedReply, round_number: int, domain: Eip712Domain) -> str | None:
+    """Return why a stated reply's signed packet does not sign its update (None if it does).
+
+    The packet must recover, under the trail's domain (chain, contract and run), to the
+    reply's identity, and sign this round and the stated update hash: a packet spliced in
+    from another run or round, or re-pointed at another update, fails.
+    """
+    if reply.packet is None:
+        return None
+    try:
+        packet = signed_packet(reply.packet)
+        signer = packet.recover(domain)
+    except (KeyError, TypeError, ValueError) as err:
+        return f"its signed packet cannot be read: {err}"
+    if (
+        signer != reply.identity
+        or "0x" + packet.packet.model_hash.hex() != reply.update_hash
+        or packet.packet.round != round_number
+    ):
+        return (
+            f"its signed packet does not sign update {reply.update_hash} of round "
+            f"{round_number} by {reply.identity}"
+        )
+    return None
 
 
 def identity_of(node: str, address: str | None) -> str:
