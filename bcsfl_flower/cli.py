@@ -211,6 +211,7 @@ def _cmd_show(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTra
             details["unverified"] = {
                 "note": f"{RESULTS_FILE} figures the trail does not hold: the operator's word",
                 **results.unverified(record.round),
+                "run": results.run_unverified(),
             }
             print(json.dumps(details, indent=2))
             return EXIT_OK

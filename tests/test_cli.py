@@ -247,7 +247,8 @@ def write_results(run_dir: Path, **changes) -> None:
         for number in (1, 2, 3)
     }
     rounds["3"].update(changes)
-    (run_dir / "results.json").write_text(json.dumps({"status": "completed", "rounds": rounds}))
+    document = {"status": "completed", "final_test_accuracy": 0.9, "rounds": rounds}
+    (run_dir / "results.json").write_text(json.dumps(document))
 
 
 @pytest.mark.parametrize(
@@ -256,6 +257,9 @@ def write_results(run_dir: Path, **changes) -> None:
         ({"rejected": {"2": "screening: forged"}}, "round 3: results.json says rejected"),
         ({"stakes_before": {"0": 0.01}}, "round 3: results.json says node 0 held stake 0.01"),
         ({"outcome": "rollback"}, "round 3: results.json says outcome 'rollback'"),
+        # the table round 3 settled (verify re-derives it, to the bit): two rewards of 0.05
+        ({"stakes": {"0": 10.05 + 0.05, "1": 50.0}}, "round 3: results.json says node 1 settled"),
+        ({"stakes": {"7": 1.0}}, "round 3: results.json says node 7 settled at stake 1.0, the"),
     ],
 )
 def test_verify_fails_when_results_json_contradicts_the_trail(tmp_path, capsys, changes, failure):
@@ -268,6 +272,12 @@ def test_verify_fails_when_results_json_contradicts_the_trail(tmp_path, capsys, 
     assert f"FAIL {failure}" in capsys.readouterr().out
 
 
+def test_a_settled_stake_table_that_matches_the_trail_verifies(tmp_path, capsys):
+    make_run(tmp_path)
+    write_results(tmp_path, stakes={"0": 10.05 + 0.05, "1": 10.05 + 0.05})
+    assert audit(tmp_path, "verify") == 0, capsys.readouterr().out
+
+
 def test_show_labels_what_the_trail_does_not_hold(tmp_path, capsys):
     make_run(tmp_path)
     write_results(tmp_path, accuracy=0.99)  # an edited accuracy verifies: nothing holds it
@@ -276,6 +286,7 @@ def test_show_labels_what_the_trail_does_not_hold(tmp_path, capsys):
     assert audit(tmp_path, "show", "3") == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["unverified"]["accuracy"] == 0.99
+    assert shown["unverified"]["run"]["final_test_accuracy"] == 0.9  # run-level: unverified
     assert "operator's word" in shown["unverified"]["note"]
     assert "outcome" not in shown["unverified"]
     assert shown["statement"]["decision"]["committed"] is True

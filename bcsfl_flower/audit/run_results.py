@@ -5,11 +5,12 @@ operator's word until the trail backs it. :class:`RunResults` splits a round's r
 in two:
 
 * what the trail holds, checked by ``bcsfl audit verify``: the outcome and the model
-  (on chain), the rejected clients and their reasons, and the stake table the round
-  drew its committee from (in the anchored statement; the stakes a round settled are
-  the next statement's);
+  (on chain), the rejected clients and their reasons, the stake table the round drew
+  its committee from (in the anchored statement) and the one it settled (re-derived
+  from the statement by ``verify``);
 * everything else (accuracy, client metrics, timings), which ``bcsfl audit show``
-  prints under ``unverified``.
+  prints under ``unverified``, and so are the run-level figures (the final test
+  accuracy, the attackers an experiment planted, the status).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound
-from bcsfl_flower.round.statement import RoundStatement
+from bcsfl_flower.round.statement import UNSIGNED_PREFIX, RoundStatement
 
 RESULTS_FILE = "results.json"
 """Name of a run's results file (written by :mod:`bcsfl_vision.results`)."""
 
-VERIFIED_FIELDS = ("outcome", "model_hash", "rejected", "stakes_before")
+VERIFIED_FIELDS = ("outcome", "model_hash", "rejected", "stakes_before", "stakes")
 """The fields of a round's record that ``verify`` checks against the trail."""
 
 
@@ -35,6 +36,7 @@ class RunResults:
     """The rounds of a run's ``results.json`` (none when the run directory has none)."""
 
     rounds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    run_level: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> RunResults:
@@ -44,7 +46,8 @@ class RunResults:
             rounds = document.get("rounds", {})
         except (OSError, ValueError, AttributeError):
             return cls()
-        return cls(rounds if isinstance(rounds, dict) else {})
+        run_level = {key: value for key, value in document.items() if key != "rounds"}
+        return cls(rounds if isinstance(rounds, dict) else {}, run_level)
 
     def disagreements(
         self, record: AnchoredRound | RolledBackRound, statement: RoundStatement
@@ -74,6 +77,34 @@ class RunResults:
                     f"{label} says node {node} held stake {stake}, the statement {stated}"
                 )
         return problems
+
+    def settled_disagreements(
+        self, round_number: int, settled: Mapping[str, float], identities: Mapping[str, str]
+    ) -> list[str]:
+        """Return where round ``round_number``'s settled ``stakes`` differ from the trail's.
+
+        ``settled`` is the settlement ``verify`` re-derived (by identity); ``identities``
+        maps node ids to identities as the rounds so far left them.
+        """
+        entry = self.rounds.get(str(round_number))
+        stakes = entry.get("stakes") if isinstance(entry, Mapping) else None
+        if not isinstance(stakes, Mapping):
+            return []
+        label = f"round {round_number}: {RESULTS_FILE}"
+        problems = []
+        for node, stake in stakes.items():
+            identity = identities.get(str(node), f"{UNSIGNED_PREFIX}{node}")
+            trail_stake = settled.get(identity)
+            if trail_stake is None or stake != trail_stake:
+                problems.append(
+                    f"{label} says node {node} settled at stake {stake!r}, the trail "
+                    f"{'has no such client' if trail_stake is None else repr(trail_stake)}"
+                )
+        return problems
+
+    def run_unverified(self) -> dict[str, Any]:
+        """Return the run-level figures (none of them is held by the trail)."""
+        return dict(self.run_level)
 
     def unverified(self, round_number: int) -> dict[str, Any]:
         """Return round ``round_number``'s figures that the trail does not hold."""

@@ -147,6 +147,11 @@ def verify_trail(
             report, store, record.round, record.state_root, head, trail.domain
         )
         stakes.check(report, record, statement)
+        if stakes.settled is not None:
+            for problem in results.settled_disagreements(
+                record.round, stakes.settled.after, stakes.nodes.as_dict()
+            ):
+                report.check(False, problem, record.round)
         _verify_certificate(report, trail, registry, record, manifest.operator, operator_certifies)
         if statement is not None:
             _verify_certifying_miners(report, statement, record, manifest.operator)
