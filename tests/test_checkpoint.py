@@ -104,7 +104,7 @@ def test_a_stopped_run_resumes_after_its_last_round_with_its_model_and_stakes(st
         notary.close()
 
 
-def test_resumed_stakes_are_the_anchored_settlement_whatever_results_json_says(tmp_path):
+def test_resumed_stakes_are_the_anchored_settlement_and_an_edited_one_is_refused(tmp_path):
     """Slashes and rewards re-derived from the statements match the ledger to the bit."""
     recorder = RunRecorder(tmp_path, {"num-server-rounds": 6})
     notary = open_notary(tmp_path)
@@ -118,14 +118,17 @@ def test_resumed_stakes_are_the_anchored_settlement_whatever_results_json_says(t
     ledger = strategy.ledger.as_dict()
     assert ledger["6"] < 0.5 < 1.0 < min(ledger[str(p + 1)] for p in range(5))  # slashed
     expected = {client_dev_account(p).address: ledger[str(p + 1)] for p in PARTITIONS}
-    results = load_results(tmp_path)
-    for record in results["rounds"].values():  # an operator's edit of the unverified file
-        for node in record.get("stakes", {}):
-            record["stakes"][node] = 1.0
-    (tmp_path / "results.json").write_text(__import__("json").dumps(results))
     notary, checkpoint = checkpoint_of(tmp_path, num_rounds=6)
     notary.close()
     assert checkpoint.round == 4 and checkpoint.stakes == expected
+    results = load_results(tmp_path)
+    for record in results["rounds"].values():  # an operator's edit of the settled stakes
+        for node in record.get("stakes", {}):
+            record["stakes"][node] = 1.0
+    (tmp_path / "results.json").write_text(__import__("json").dumps(results))
+    # verify re-derives every settlement, so the edit is caught and nothing resumes from it
+    with pytest.raises(ResumeError, match="results.json says node 1 settled at stake 1.0"):
+        checkpoint_of(tmp_path, num_rounds=6)
 
 
 def test_a_tampered_model_store_refuses_to_resume_naming_the_round(stopped_run):
