@@ -168,14 +168,17 @@ class CellRun:
             return loss
         if node not in self._baseline_loss:
             self._baseline_loss[node] = self.learner.loss(self.weights, shard.val_x, shard.val_y)
-        flipped = torch.from_numpy(flip_labels(shard.val_y.numpy(), num_classes=10))
         return self.attack.ballot(
             BallotView(
                 self._round,
                 loss,
                 self._baseline_loss[node],
                 is_global=all(np.array_equal(weights[k], self.weights[k]) for k in weights),
-                objective=lambda: self.learner.loss(weights, shard.val_x, flipped),
+                objective=lambda: self.learner.loss(
+                    weights,
+                    shard.val_x,
+                    torch.from_numpy(flip_labels(shard.val_y.numpy(), num_classes=10)),
+                ),
             )
         )
 
