@@ -152,6 +152,16 @@ class RoundApproval(MinerStatement):
             self.timestamp,
         )
 
+    def refusal(self) -> RoundRollback:
+        """Return the rollback a miner signs when it refuses this approval.
+
+        A refusing miner signs that the round keeps the model it started from, over the
+        same committee and statement. A quorum of refusals certifies the rollback of a
+        round whose ballots commit; without one, the operator's rollback of such a round
+        is its word alone, and ``bcsfl audit verify`` reports the round as withheld.
+        """
+        return RoundRollback(self.round, self.previous_hash, self.committee_root, self.state_root)
+
     def to_config_record(self) -> ConfigRecord:
         """Return the approval as a ConfigRecord, for a miner duty message."""
         return ConfigRecord(

@@ -454,12 +454,25 @@ def _read_packets(record: ConfigRecord | None) -> tuple[SignedModelPacket, ...] 
     )
 
 
-def verdict_content(signer: str, *, signature: bytes | None = None, reason: str = "") -> RecordDict:
-    """Return a miner's reply: an approval with ``signature``, or a refusal with ``reason``."""
+def verdict_content(
+    signer: str,
+    *,
+    signature: bytes | None = None,
+    reason: str = "",
+    refusal: bytes | None = None,
+) -> RecordDict:
+    """Return a miner's reply: an approval with ``signature``, or a refusal with ``reason``.
+
+    A refusal of a commit may carry ``refusal``, the miner's signature over the round's
+    rollback (:meth:`~bcsfl_flower.approvals.RoundApproval.refusal`), so that the
+    rollback is the miners' word and not the operator's.
+    """
     if signature is not None:
         verdict = ConfigRecord({"approved": True, "signer": signer, "signature": signature})
     else:
         verdict = ConfigRecord({"approved": False, "signer": signer, "reason": reason})
+        if refusal is not None:
+            verdict["refusal"] = refusal
     return RecordDict({VERDICT_RECORD_KEY: verdict})
 
 
@@ -475,11 +488,14 @@ class MinerVerdict:
         Its approval signature, if it approved.
     reason : str | None
         Why it refused, or what was wrong with the reply.
+    refusal : bytes | None
+        Its signature over the round's rollback, if it refused a commit and signed so.
     """
 
     signer: str | None
     signature: bytes | None
     reason: str | None
+    refusal: bytes | None = None
 
     @property
     def approved(self) -> bool:
@@ -493,7 +509,13 @@ def _verdict_from(record: ConfigRecord) -> MinerVerdict:
     signature = record.get("signature")
     if record.get("approved") is True and isinstance(signature, bytes) and signer is not None:
         return MinerVerdict(signer, signature, None)
-    return MinerVerdict(signer, None, str(record.get("reason", "not approved")))
+    refusal = record.get("refusal")
+    return MinerVerdict(
+        signer,
+        None,
+        str(record.get("reason", "not approved")),
+        refusal if isinstance(refusal, bytes) and signer is not None else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------

@@ -370,7 +370,8 @@ def test_a_miner_signs_the_rounds_rollback_only_as_a_committee_member(member):
     ("statement", "reason"),
     [
         (round_statement(loss=2.0), "commit no candidate"),
-        (round_statement(signer=MINERS[0]), "commit no candidate"),  # a forged ballot
+        # a ballot that does not check, stated as counting: garbled in flight, or forged
+        (round_statement(signer=MINERS[0]), "record of its ballots is false"),
         (round_statement(value=1.5), "not the model asked"),
         (round_statement(round_number=4), "round 4's"),
         (None, "no statement"),
@@ -378,7 +379,11 @@ def test_a_miner_signs_the_rounds_rollback_only_as_a_committee_member(member):
 )
 def test_a_miner_signs_only_what_the_ballots_decide(statement, reason):
     """The miner recomputes the decision from the statement it signs, with the round's own
-    function: the operator cannot have it certify a candidate the validators rejected."""
+    function: the operator cannot have it certify a candidate the validators rejected.
+
+    Where it could read the statement, it signs the round's rollback instead, so that a
+    quorum of refusals certifies the rollback as the miners' word; over a statement it
+    could not read, it signs nothing."""
     request = approval()
     if statement is not None:
         request = dataclasses.replace(request, state_root=statement.digest())
@@ -388,10 +393,16 @@ def test_a_miner_signs_only_what_the_ballots_decide(statement, reason):
     )
     assert not verdict.approved
     assert reason in verdict.reason
-    # a statement other than the one whose hash it signs is refused as well
+    readable = statement is not None and statement.round == request.round
+    if readable:
+        assert request.refusal().recover(verdict.refusal, DOMAIN) == MINERS[1].address
+    else:
+        assert verdict.refusal is None
+    # a statement other than the one whose hash it signs is refused as well, unsigned
     tampered = duty(approval(), record(1.0), document=round_statement(loss=0.4).to_bytes())
     verdict = read_verdict(bcsfl_mod(tampered, context(1), must_not_run))
     assert not verdict.approved and "does not hash to the state root" in verdict.reason
+    assert verdict.refusal is None
 
 
 @pytest.mark.parametrize("committed", [True, False])

@@ -13,6 +13,8 @@ import pytest
 from flower_messages import FakeGrid, train_reply
 from flwr.app import Array, ArrayRecord
 
+from bcsfl_flower.audit.verification import verify_trail
+from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.chain.certificates import quorum
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.packets import PACKET_RECORD_KEY, ModelPacket, model_hash
@@ -206,7 +208,9 @@ def test_two_nodes_signing_with_one_key_do_not_stop_mining(tmp_path):
         notary.close()
 
 
-@pytest.mark.parametrize(("refusing", "outcome"), [({1}, "commit"), ({1, 2, 3}, "rollback")])
+@pytest.mark.parametrize(
+    ("refusing", "outcome"), [({1}, "commit"), ({1, 2, 3}, "rollback"), ({1, 2, 3, 4}, "rollback")]
+)
 def test_refusing_miners_are_recorded_and_count_against_the_quorum(tmp_path, refusing, outcome):
     notary = RoundNotary.open("embedded", tmp_path, GLOBAL, num_simulated_clients=6)
     try:
@@ -223,10 +227,30 @@ def test_refusing_miners_are_recorded_and_count_against_the_quorum(tmp_path, ref
             assert len(record["chain"]["signers"]) == quorum(6) == 4
             assert client_dev_account(0).address not in record["chain"]["signers"]
         else:
-            assert "quorum certificate failed (3 refused)" in record["reason"]
+            assert f"quorum certificate failed ({len(refusing)} refused)" in record["reason"]
             assert [r.round for r in notary.trail.rollbacks()] == [1]
+            assert_rollback_is_the_miners_word_only_with_a_quorum_of_refusals(
+                notary, tmp_path, record, len(refusing) >= quorum(6)
+            )
     finally:
         notary.close()
+
+
+def assert_rollback_is_the_miners_word_only_with_a_quorum_of_refusals(
+    notary, run_dir, record, quorum_refused
+):
+    """Refusing miners sign the rollback; a quorum of them certifies it, and verify accepts
+    it. Fewer, and the operator certifies it alone: verify reports the round withheld,
+    whatever the (unsigned) reason on chain says."""
+    (rollback,) = notary.trail.rollbacks()
+    operator = notary.connection.operator.address
+    assert record["chain"]["certified_by"] == ("miners" if quorum_refused else "operator")
+    assert (list(rollback.committee) == [operator]) is not quorum_refused
+    assert "quorum certificate" in rollback.reason
+    report = verify_trail(notary.trail, ChainManifest.load(run_dir / "chain.json"))
+    withheld = [f.message for f in report.failures if f.round == 1 and "withheld" in f.message]
+    assert report.ok is quorum_refused, report.failures
+    assert bool(withheld) is not quorum_refused
 
 
 def test_check_packet_learns_addresses_and_refuses_a_node_that_changes_key(tmp_path):

@@ -23,7 +23,9 @@ does not verify, naming the first broken round. The checks:
   (:func:`~bcsfl_flower.round.conclusion.conclude`, the function the round itself and
   its miners ran), is what the chain records: an anchored round commits the model the
   ballots carry to the quorum; a rollback is a round they carry nothing in, or one whose
-  commit the miners did not certify (then the operator certified the rollback);
+  commit a quorum of the drawn miners refused, each signing the rollback (the operator's
+  rollback of a round the ballots commit is reported as withheld: the chain's reason
+  text is not signed, and proves nothing);
 * every round's stake table is the one the round before it settled, re-derived from
   that round's statement and outcome (:mod:`~bcsfl_flower.round.settlement`): a
   participant of both has the same stake, to the bit;
@@ -376,10 +378,10 @@ def _verify_decision(
             record.round,
         )
         return
-    uncertified = list(record.committee) == [operator] and "quorum certificate" in record.reason
     report.check(
-        not decision.committed or uncertified,
-        f"{label}: the chain records a rollback, the ballots commit {decision.candidate}",
+        not decision.committed or list(record.committee) != [operator],
+        f"{label}: withheld: the ballots commit {decision.candidate}, and the operator alone "
+        "certifies its rollback (no quorum of the miners signed a refusal of the commit)",
         record.round,
     )
 

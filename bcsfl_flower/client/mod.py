@@ -56,6 +56,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from bcsfl_flower.approvals import (
+    RoundApproval,
     RoundRollback,
     committee_root,
 )
@@ -88,7 +89,7 @@ from bcsfl_flower.protocol import (
     signing_domain,
     verdict_content,
 )
-from bcsfl_flower.round.conclusion import conclude
+from bcsfl_flower.round.conclusion import conclude, false_ballot_records
 from bcsfl_flower.round.statement import RoundStatement
 
 KEYSTORE_NODE_KEY = "bcsfl-keystore"
@@ -153,7 +154,7 @@ def serve_duty(
     without the mod would get (:func:`~bcsfl_flower.protocol.evaluation_content`), so
     the app's own evaluate handler, and any inner mod (the CKKS mod decrypts), serve
     it unchanged. A model whose evaluation fails is reported by name; the others still
-    count. Each candidate to mine is checked (:func:`_check_candidate`) and signed, or
+    count. Each candidate to mine is checked (:func:`_candidate_fault`) and signed, or
     refused with the reason.
     """
     metrics: dict[str, RecordDict] = {}
@@ -321,22 +322,39 @@ def _signed_ballot(
 
 
 def _verdict(content: RecordDict, account: LocalAccount, context: Context) -> RecordDict:
-    """Check one mine request and return the signed approval, or the refusal and why."""
+    """Check one mine request and return the signed approval, or the refusal and why.
+
+    A miner that refuses a commit for what the round holds (its ballots, candidate,
+    timestamp or packets), not for who asks it, signs the round's rollback instead
+    (:meth:`~bcsfl_flower.approvals.RoundApproval.refusal`): a quorum of such refusals
+    certifies the rollback, so it is not the operator's word alone.
+    """
     try:
-        request = read_mine_request(content)
-        reason = _check_candidate(request, account, context)
+        request, statement = read_mine_request(content), None
+        reason = _standing_fault(request, account, context)
+        refusal = None
+        if reason is None:
+            statement, reason = _read_statement(request)
+        if statement is not None:
+            reason = _candidate_fault(request, statement, context)
+            if reason is not None and isinstance(request.approval, RoundApproval):
+                refusal = request.approval.refusal().sign(account, request.domain)
     except (KeyError, TypeError, ValueError) as err:
-        request, reason = None, f"malformed duty message: {err}"
+        request, reason, refusal = None, f"malformed duty message: {err}", None
     if request is None or reason is not None:
         log(WARNING, "bcsfl miner %s refuses to approve: %s", account.address, reason)
-        return verdict_content(account.address, reason=str(reason))
+        return verdict_content(account.address, reason=str(reason), refusal=refusal)
     return verdict_content(
         account.address, signature=request.approval.sign(account, request.domain)
     )
 
 
-def _check_candidate(request: MineRequest, account: LocalAccount, context: Context) -> str | None:
-    """Return why the candidate (or the rollback) must not be signed, or None if it holds."""
+def _standing_fault(request: MineRequest, account: LocalAccount, context: Context) -> str | None:
+    """Return why this miner must sign nothing for the request, or None.
+
+    The request must name a committee that hashes to the signed root and holds this
+    miner, under a signing domain that is the miner's own chain's, where it has one.
+    """
     approval = request.approval
     if request.miners is None:
         return "the request names no committee"
@@ -347,7 +365,37 @@ def _check_candidate(request: MineRequest, account: LocalAccount, context: Conte
     own_chain = OwnChainView.of(context.node_config)
     if own_chain is not None and (fault := own_chain.fault(request.domain, approval)):
         return fault
-    fault = _decision_fault(request)
+    return None
+
+
+def _read_statement(request: MineRequest) -> tuple[RoundStatement | None, str | None]:
+    """Return the statement the request asks to sign, or why it cannot be read.
+
+    It must hash to the signed state root and be that round's, from the model the
+    round starts from: a miner signs nothing, not even a refusal, over a statement it
+    has not read.
+    """
+    approval = request.approval
+    if request.statement is None:
+        return None, "the request carries no statement to recompute the decision from"
+    if hashlib.sha256(request.statement).digest() != approval.state_root:
+        return None, "the statement does not hash to the state root it asks to sign"
+    try:
+        statement = RoundStatement.from_bytes(request.statement)
+    except ValueError as err:
+        return None, f"the statement is malformed: {err}"
+    start = "0x" + approval.start_hash.hex()
+    if (statement.round, statement.previous_hash) != (approval.round, start):
+        return None, f"the statement is round {statement.round}'s from {statement.previous_hash}"
+    return statement, None
+
+
+def _candidate_fault(
+    request: MineRequest, statement: RoundStatement, context: Context
+) -> str | None:
+    """Return why the candidate (or the rollback) must not be signed, or None if it holds."""
+    approval = request.approval
+    fault = _decision_fault(approval, statement, request.domain)
     if fault is not None or isinstance(approval, RoundRollback):
         return fault
     if request.arrays is None:
@@ -367,26 +415,23 @@ def _check_candidate(request: MineRequest, account: LocalAccount, context: Conte
     return None
 
 
-def _decision_fault(request: MineRequest) -> str | None:
+def _decision_fault(
+    approval: RoundApproval | RoundRollback, statement: RoundStatement, domain: Eip712Domain
+) -> str | None:
     """Return why the ballots do not support what the miner is asked to sign, or None.
 
     The miner recomputes the decision from the statement it is asked to sign
     (:func:`~bcsfl_flower.round.conclusion.conclude`, the pipeline's own function): a
     commit must be the candidate the ballots carry, a rollback a round they carry none.
+    It signs neither over a statement whose record of its ballots is false (a valid
+    ballot recorded as rejected, or one that does not check recorded as counting):
+    otherwise an operator that garbles ballots in flight could have honest miners
+    certify a rollback blamed on the validators.
     """
-    approval = request.approval
-    if request.statement is None:
-        return "the request carries no statement to recompute the decision from"
-    if hashlib.sha256(request.statement).digest() != approval.state_root:
-        return "the statement does not hash to the state root it asks to sign"
-    try:
-        statement = RoundStatement.from_bytes(request.statement)
-    except ValueError as err:
-        return f"the statement is malformed: {err}"
-    start = "0x" + approval.start_hash.hex()
-    if (statement.round, statement.previous_hash) != (approval.round, start):
-        return f"the statement is round {statement.round}'s from {statement.previous_hash}"
-    decision, _ = conclude(statement, request.domain)
+    false_records = false_ballot_records(statement, domain)
+    if false_records:
+        return f"the statement's record of its ballots is false: {false_records[0]}"
+    decision, _ = conclude(statement, domain)
     if isinstance(approval, RoundRollback):
         return f"the ballots commit {decision.candidate}" if decision.committed else None
     if not decision.committed or statement.plan is None:

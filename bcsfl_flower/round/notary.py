@@ -348,6 +348,7 @@ class RoundNotary:
         if not plan.signing:
             return self._operator_certification(approval)
         signatures: dict[str, bytes] = {}
+        refused: dict[str, bytes] = {}
         refusals: dict[str, str] = {}
         for node, address in plan.signing.items():
             verdict = verdicts.get(node)
@@ -355,6 +356,8 @@ class RoundNotary:
                 refusals[node] = "no reply"
             elif not verdict.approved or verdict.signature is None:
                 refusals[node] = verdict.reason or "no verdict"
+                if verdict.refusal is not None and verdict.signer == address:
+                    refused[address] = verdict.refusal
             elif verdict.signer != address:  # one miner must not speak for another
                 refusals[node] = f"answered as {verdict.signer}, but node {node} is {address}"
             else:
@@ -366,7 +369,9 @@ class RoundNotary:
             )
         except ValueError as err:
             log(WARNING, "mining: round %d has no quorum certificate: %s", plan.server_round, err)
-            return Certification(False, "none", refusals)
+            return Certification(
+                False, "none", refusals, refusal=self._refusal(approval, committee, refused)
+            )
         log(
             INFO,
             "mining: %d/%d miners approved round %d",
@@ -375,6 +380,28 @@ class RoundNotary:
             plan.server_round,
         )
         return Certification(True, "miners", refusals, certificate)
+
+    def _refusal(
+        self,
+        approval: RoundApproval | RoundRollback,
+        committee: list[str],
+        refused: Mapping[str, bytes],
+    ) -> AnchorCertificate | None:
+        """Return the certificate of a quorum of signed refusals of a commit, if there is one.
+
+        It certifies the round's rollback as the miners' word: without it, the rollback of
+        a round whose ballots commit is the operator's alone, which ``bcsfl audit verify``
+        reports as withheld.
+        """
+        if not isinstance(approval, RoundApproval) or not refused:
+            return None
+        try:
+            return AnchorCertificate.build(
+                approval.refusal(), committee, dict(refused), self.trail.domain
+            )
+        except ValueError as err:
+            log(WARNING, "mining: round %d's refusals certify no rollback: %s", approval.round, err)
+            return None
 
     def _operator_certification(self, approval: RoundApproval | RoundRollback) -> Certification:
         """Certify ``approval`` with the operator's key alone, where the contract allows it."""

@@ -532,7 +532,10 @@ class RoundPipeline:
         )
         if decision.committed and certification is not None:
             return self.notary.anchor(arrays, certification)
-        rollback = None if stages.decision.committed else certification
+        rollback = certification
+        if stages.decision.committed:  # the miners refused the commit: their signed refusals
+            refused = certification.refusal if certification is not None else None
+            rollback = refused and Certification(True, "miners", certificate=refused)
         return self.notary.rollback(server_round, decision.reason, statement.digest(), rollback)
 
     @staticmethod

@@ -391,12 +391,16 @@ class Certification:
         Miner node id -> why it did not sign.
     certificate : Any
         The :class:`~bcsfl_flower.chain.certificates.AnchorCertificate`, if any.
+    refusal : Any
+        Where a commit failed, the certificate of a quorum of the miners' signed
+        refusals: the round's rollback, certified by them rather than by the operator.
     """
 
     certified: bool
     certified_by: str
     refusals: Mapping[str, str] = field(default_factory=dict)
     certificate: Any = None
+    refusal: Any = None
 
 
 @dataclass(frozen=True)
