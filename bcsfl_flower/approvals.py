@@ -49,9 +49,22 @@ ROUND_ROLLBACK_TYPES: dict[str, list[dict[str, str]]] = {
         {"name": "keptModelHash", "type": "bytes32"},
         {"name": "committeeRoot", "type": "bytes32"},
         {"name": "stateRoot", "type": "bytes32"},
+        {"name": "reasonHash", "type": "bytes32"},
     ]
 }
 """EIP-712 types of a miner's rollback; mirrors ``BCSFLAudit.RoundRollback``."""
+
+
+ROLLBACK_REASON_LIMIT = 200
+"""Longest reason a rollback records (a longer one is cut: calldata costs gas)."""
+
+REFUSAL_REASON = "rollback: a quorum of the round's miners refused to certify the commit"
+"""The reason of a rollback certified by the miners' refusals of the ballots' commit."""
+
+
+def rollback_reason(text: str) -> str:
+    """Return ``text`` as a rollback records it (at most :data:`ROLLBACK_REASON_LIMIT`)."""
+    return text[:ROLLBACK_REASON_LIMIT]
 
 
 class MinerStatement(ABC):
@@ -160,7 +173,9 @@ class RoundApproval(MinerStatement):
         round whose ballots commit; without one, the operator's rollback of such a round
         is its word alone, and ``bcsfl audit verify`` reports the round as withheld.
         """
-        return RoundRollback(self.round, self.previous_hash, self.committee_root, self.state_root)
+        return RoundRollback(
+            self.round, self.previous_hash, self.committee_root, self.state_root, REFUSAL_REASON
+        )
 
     def to_config_record(self) -> ConfigRecord:
         """Return the approval as a ConfigRecord, for a miner duty message."""
@@ -220,12 +235,18 @@ class RoundRollback(MinerStatement):
         :func:`committee_root` of the signing committee.
     state_root : bytes
         Hash of the round's state statement.
+    reason : str
+        Why the round rolled back, as recorded on chain: it is signed (its keccak256 is
+        the struct's ``reasonHash``), and recomputed from the statement by the miners
+        and by ``bcsfl audit verify``
+        (:func:`~bcsfl_flower.round.conclusion.stated_rollback_reason`).
     """
 
     round: int
     kept_model_hash: bytes
     committee_root: bytes
     state_root: bytes
+    reason: str
 
     @property
     def start_hash(self) -> bytes:
@@ -237,6 +258,16 @@ class RoundRollback(MinerStatement):
         check_hash("kept_model_hash", self.kept_model_hash)
         check_hash("committee_root", self.committee_root)
         check_hash("state_root", self.state_root)
+        if not isinstance(self.reason, str) or len(self.reason) > ROLLBACK_REASON_LIMIT:
+            raise ValueError(
+                f"reason must be a str of at most {ROLLBACK_REASON_LIMIT} characters, "
+                f"got {self.reason!r:.80}"
+            )
+
+    @property
+    def reason_hash(self) -> bytes:
+        """keccak256 of the reason's UTF-8 bytes (the contract's ``keccak256(bytes(reason))``)."""
+        return keccak(self.reason.encode("utf-8"))
 
     def signable(self, domain: Eip712Domain) -> SignableMessage:
         """Return the EIP-712 message for this rollback under ``domain``."""
@@ -247,12 +278,19 @@ class RoundRollback(MinerStatement):
                 "keptModelHash": self.kept_model_hash,
                 "committeeRoot": self.committee_root,
                 "stateRoot": self.state_root,
+                "reasonHash": self.reason_hash,
             },
         )
 
-    def as_contract_tuple(self) -> tuple[int, bytes, bytes, bytes]:
+    def as_contract_tuple(self) -> tuple[int, bytes, bytes, bytes, bytes]:
         """Return the rollback as the ABI tuple ``recordRollback`` takes."""
-        return (self.round, self.kept_model_hash, self.committee_root, self.state_root)
+        return (
+            self.round,
+            self.kept_model_hash,
+            self.committee_root,
+            self.state_root,
+            self.reason_hash,
+        )
 
     def to_config_record(self) -> ConfigRecord:
         """Return the rollback as a ConfigRecord, for a miner duty message."""
@@ -262,6 +300,7 @@ class RoundRollback(MinerStatement):
                 "kept-model-hash": self.kept_model_hash,
                 "committee-root": self.committee_root,
                 "state-root": self.state_root,
+                "reason": self.reason,
             }
         )
 
@@ -281,6 +320,7 @@ class RoundRollback(MinerStatement):
         ("kept-model-hash", bytes),
         ("committee-root", bytes),
         ("state-root", bytes),
+        ("reason", str),
     )
 
 

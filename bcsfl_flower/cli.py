@@ -295,6 +295,10 @@ def _cmd_verify(args: argparse.Namespace, manifest: ChainManifest, trail: AuditT
         ]
     for failure in failures:
         print(f"FAIL {failure}")
+    for note in report.notes:
+        print(f"NOTE {note}")
+    if report.unaccounted:
+        print(f"NOTE not part of the trail, not audited: {', '.join(report.unaccounted)}")
     if failures:
         checks = report.checks + (args.head is not None)
         print(f"audit trail INVALID: {len(failures)} of {checks} checks failed")

@@ -68,11 +68,14 @@ contract BCSFLAudit is EIP712 {
     /// @param keptModelHash The model the federation keeps: the last anchored one.
     /// @param committeeRoot keccak256 of the signing committee, as in {RoundApproval}.
     /// @param stateRoot Hash of the round's state statement: why nothing committed.
+    /// @param reasonHash keccak256 of the reason text {recordRollback} emits: the reason is
+    /// signed, and anyone can recompute it from the statement.
     struct RoundRollback {
         uint64 round;
         bytes32 keptModelHash;
         bytes32 committeeRoot;
         bytes32 stateRoot;
+        bytes32 reasonHash;
     }
 
     /// @dev The rolling head, one storage slot. `modelDigest` is the first 24 bytes of
@@ -96,7 +99,7 @@ contract BCSFLAudit is EIP712 {
     /// @notice EIP-712 type hash of {RoundRollback}.
     bytes32 public constant ROUND_ROLLBACK_TYPEHASH = keccak256(
         "RoundRollback(bytes32 run,uint64 round,bytes32 keptModelHash,bytes32 committeeRoot,"
-        "bytes32 stateRoot)"
+        "bytes32 stateRoot,bytes32 reasonHash)"
     );
 
     /// @notice Largest committee accepted by {anchorRound}; bounds the work of one anchor.
@@ -171,8 +174,8 @@ contract BCSFLAudit is EIP712 {
     /// @param keptModelHash The model hash the federation keeps (the last anchored one).
     /// @param committeeRoot Commitment to the signing committee.
     /// @param stateRoot Hash of the round's state statement (a rolled-back round draws a committee too).
-    /// @param reason Human-readable reason, e.g. "validator quorum not reached" (not signed:
-    /// the statement says why, the reason only summarises it).
+    /// @param reason Why, e.g. "rollback: no candidate reached quorum ...": signed (its hash
+    /// is the rollback's `reasonHash`) and recomputable from the round's statement.
     event RoundRolledBack(
         uint64 indexed round,
         bytes32 indexed keptModelHash,
@@ -219,6 +222,8 @@ contract BCSFLAudit is EIP712 {
     /// @notice The operator signed a round's approval, and this trail was deployed without
     /// {operatorCertifies}.
     error OperatorCannotCertify();
+    /// @notice The reason text does not hash to the signed `reasonHash`.
+    error ReasonMismatch(bytes32 expected, bytes32 got);
     /// @notice Signatures must be sorted by signer, strictly ascending (hence one per miner):
     /// the signer of signature `index` is a committee member at or before the previous one.
     error SignaturesNotSorted(uint256 index, address signer);
@@ -327,7 +332,7 @@ contract BCSFLAudit is EIP712 {
     /// @param rollback The signed rollback.
     /// @param miners The signing committee, strictly ascending.
     /// @param signatures Concatenated 65-byte signatures, sorted by signer address.
-    /// @param reason Human-readable reason for the rollback.
+    /// @param reason The reason the miners signed (its keccak256 is `rollback.reasonHash`).
     function recordRollback(
         RoundRollback calldata rollback,
         address[] calldata miners,
@@ -340,6 +345,8 @@ contract BCSFLAudit is EIP712 {
         if (_digest(rollback.keptModelHash) != head.modelDigest) {
             revert BrokenHashLink(head.modelDigest, rollback.keptModelHash);
         }
+        bytes32 reasonHash = keccak256(bytes(reason));
+        if (reasonHash != rollback.reasonHash) revert ReasonMismatch(rollback.reasonHash, reasonHash);
 
         _verifyCertificate(
             _rollbackDigest(rollback), rollback.committeeRoot, miners, signatures, true
@@ -535,7 +542,8 @@ contract BCSFLAudit is EIP712 {
                     rollback.round,
                     rollback.keptModelHash,
                     rollback.committeeRoot,
-                    rollback.stateRoot
+                    rollback.stateRoot,
+                    rollback.reasonHash
                 )
             )
         );

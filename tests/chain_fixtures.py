@@ -112,9 +112,11 @@ def rollback_certificate(
     miners: Sequence[LocalAccount],
     state_root: bytes = bytes(32),
     signers: Sequence[LocalAccount] | None = None,
+    reason: str = "no quorum",
 ) -> AnchorCertificate:
     """A certificate of round ``round_number``'s rollback, signed by ``signers`` (all miners)."""
-    rollback = trail.prepare_rollback(round_number, [m.address for m in miners], state_root)
+    committee = [m.address for m in miners]
+    rollback = trail.prepare_rollback(round_number, committee, state_root, reason)
     return certificate(trail, rollback, miners, miners if signers is None else signers)
 
 

@@ -24,6 +24,7 @@ from bcsfl_flower.chain.backends import JOURNAL_FILE, connect
 from bcsfl_flower.chain.model_store import ModelStore
 from bcsfl_flower.cli import main
 from bcsfl_flower.packets import model_hash
+from bcsfl_flower.round.conclusion import stated_rollback_reason
 from bcsfl_flower.round.settlement import stated_settlement
 from bcsfl_flower.round.statement import RoundStatement
 
@@ -51,8 +52,11 @@ def make_run(run_dir: Path, backend: str = "embedded") -> ModelStore:
             stakes = stated_settlement(statement, committed is not None, trail.domain).after
             assert sorted(m.address for m in drawn) == sorted(m.address for m in miners)
             if round_number == 2:
-                certified = rollback_certificate(trail, 2, miners, state_root, signers=miners[:3])
-                trail.record_rollback(certified, "validators did not reach 2/3")
+                reason = stated_rollback_reason(statement, trail.domain)
+                certified = rollback_certificate(
+                    trail, 2, miners, state_root, signers=miners[:3], reason=reason
+                )
+                trail.record_rollback(certified)
                 continue
             store.save(toy_model(float(round_number)))
             approval = approval_for(trail, round_number, float(round_number), miners, state_root)
@@ -85,7 +89,7 @@ def test_verify_passes_on_an_untouched_run(run_dir, capsys):
 def test_list_and_show(run_dir, capsys):
     assert audit(run_dir, "list") == 0
     out = capsys.readouterr().out
-    assert "rolled back" in out and "validators did not reach 2/3" in out
+    assert "rolled back" in out and "rollback: no candidates" in out
     assert f"0x{model_hash(toy_model(3.0)).hex()[:16]}" in out
     assert "3/4" in out
     assert audit(run_dir, "show", "3") == 0
@@ -99,7 +103,7 @@ def test_list_and_show(run_dir, capsys):
     rolled = json.loads(capsys.readouterr().out)
     assert rolled["kept_model_hash"] == "0x" + model_hash(toy_model(1.0)).hex()
     assert RoundStatement.from_bytes(store.load_document(rolled["state_root"])).round == 2
-    assert rolled["reason"] == "validators did not reach 2/3"
+    assert rolled["reason"] == "rollback: no candidates"
     assert len(rolled["signatures"]) == 3 and rolled["operator_signed"] is False
     assert audit(run_dir, "show", "0") == 0
     assert json.loads(capsys.readouterr().out) == {"round": 0, "genesis_hash": "0x" + GENESIS.hex()}
@@ -233,15 +237,20 @@ def test_console_entry_point_exits_non_zero_on_mismatch(run_dir, tmp_path):
     assert bad.returncode == 1
 
 
+NODES = ("0", "1", "2", "3")
+
+
 def write_results(run_dir: Path, **changes) -> None:
     """The run's results.json as the ServerApp writes it, with round 3's ``changes``."""
     rounds = {
         str(number): {
+            "round": number,
             "outcome": "rollback" if number == 2 else "commit",
             "model_hash": "0x" + model_hash(toy_model(1.0 if number == 2 else number)).hex(),
             "rejected": {},
             # round 1's commit rewarded every client (0.05); the rollback changed nothing
-            "stakes_before": dict.fromkeys(("0", "1"), 10.0 if number == 1 else 10.05),
+            "stakes_before": dict.fromkeys(NODES, 10.0 if number == 1 else 10.05),
+            "stakes": dict.fromkeys(NODES, 10.05 + 0.05 if number == 3 else 10.05),
             "accuracy": 0.9,
         }
         for number in (1, 2, 3)
@@ -274,8 +283,13 @@ def test_verify_fails_when_results_json_contradicts_the_trail(tmp_path, capsys, 
 
 def test_a_settled_stake_table_that_matches_the_trail_verifies(tmp_path, capsys):
     make_run(tmp_path)
-    write_results(tmp_path, stakes={"0": 10.05 + 0.05, "1": 10.05 + 0.05})
+    write_results(tmp_path, stakes=dict.fromkeys(NODES, 10.05 + 0.05))
     assert audit(tmp_path, "verify") == 0, capsys.readouterr().out
+    # a table that leaves a client out is not the trail's
+    write_results(tmp_path, stakes=dict.fromkeys(NODES[:3], 10.05 + 0.05))
+    capsys.readouterr()
+    assert audit(tmp_path, "verify") == 1
+    assert "round 3: results.json's stakes leaves out" in capsys.readouterr().out
 
 
 def test_show_labels_what_the_trail_does_not_hold(tmp_path, capsys):

@@ -55,6 +55,7 @@ from bcsfl_flower.protocol import (
     serves_duty,
     signing_config,
 )
+from bcsfl_flower.round.conclusion import stated_rollback_reason
 from bcsfl_flower.round.statement import DecisionSettings, RoundStatement, StatedPlan, StatedReply
 
 DOMAIN = Eip712Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3", bytes(range(32)))
@@ -350,7 +351,8 @@ def test_miner_refuses_a_bad_package(case, reason):
 def test_a_miner_signs_the_rounds_rollback_only_as_a_committee_member(member):
     nothing = round_statement(loss=2.0)  # the candidate raises the only validator's loss
     root = committee_root([m.address for m in MINERS])
-    rollback = RoundRollback(3, PREVIOUS, root, nothing.digest())
+    reason = stated_rollback_reason(nothing, DOMAIN)
+    rollback = RoundRollback(3, PREVIOUS, root, nothing.digest(), reason)
     committee = [m.address for m in MINERS]
     request = rollback_request(rollback, DOMAIN, committee, nothing.to_bytes())
     content = duty_content(
@@ -409,7 +411,20 @@ def test_a_miner_signs_only_what_the_ballots_decide(statement, reason):
 def test_a_miner_refuses_a_rollback_of_a_round_the_ballots_commit(committed):
     statement = round_statement(loss=0.5 if committed else 2.0)
     root = committee_root([m.address for m in MINERS])
-    rollback = RoundRollback(3, PREVIOUS, root, statement.digest())
+    rollback = RoundRollback(
+        3, PREVIOUS, root, statement.digest(), stated_rollback_reason(statement, DOMAIN)
+    )
+    verdict = rollback_verdict(rollback, statement)
+    assert verdict.approved is not committed
+    if committed:
+        assert "the ballots commit trusted-mean" in verdict.reason
+    else:  # the reason is signed: a miner signs only the one the ballots give
+        edited = dataclasses.replace(rollback, reason="the validators were attackers")
+        verdict = rollback_verdict(edited, statement)
+        assert not verdict.approved and "the rollback's reason is" in verdict.reason
+
+
+def rollback_verdict(rollback, statement):
     request = rollback_request(rollback, DOMAIN, [m.address for m in MINERS], statement.to_bytes())
     content = duty_content(
         CommitteeDuty({}, {"server-round": 3, **SIMULATED}, {ROLLBACK_CANDIDATE: request})
@@ -417,10 +432,7 @@ def test_a_miner_refuses_a_rollback_of_a_round_the_ballots_commit(committed):
     reply = bcsfl_mod(
         Message(content, dst_node_id=100, message_type="evaluate"), context(1), must_not_run
     )
-    verdict = read_duty_verdict(reply, ROLLBACK_CANDIDATE)
-    assert verdict.approved is not committed
-    if committed:
-        assert "the ballots commit trusted-mean" in verdict.reason
+    return read_duty_verdict(reply, ROLLBACK_CANDIDATE)
 
 
 def test_malformed_duty_is_refused_not_raised():

@@ -97,7 +97,7 @@ def rollback_rejection(
     if kept is not None:
         rollback = dataclasses.replace(rollback, kept_model_hash=kept)
     function = trail.contract.functions.recordRollback(
-        rollback.as_contract_tuple(), list(cert.committee), cert.packed_signatures, "reason"
+        rollback.as_contract_tuple(), list(cert.committee), cert.packed_signatures, rollback.reason
     )
     return owner_sends(trail, function)
 
@@ -511,7 +511,7 @@ def test_domain_views_match_the_off_chain_signer(anvil_connection):
     )
     assert functions.ROUND_ROLLBACK_TYPEHASH().call() == keccak(
         text="RoundRollback(bytes32 run,uint64 round,bytes32 keptModelHash,"
-        "bytes32 committeeRoot,bytes32 stateRoot)"
+        "bytes32 committeeRoot,bytes32 stateRoot,bytes32 reasonHash)"
     )
     # the contract computes the very digests the miners sign off chain
     assert functions.approvalDigest(approval.as_contract_tuple()).call() == approval.digest(
@@ -694,7 +694,7 @@ def test_a_rollback_needs_a_certificate(anvil_connection):
     )
     assert rollback_rejection(trail, misused).error_name == "SignerNotInCommittee"
     assert trail.latest_round() == 0
-    trail.record_rollback(rollback_certificate(trail, 1, miners, signers=miners[:2]), "no quorum")
+    trail.record_rollback(rollback_certificate(trail, 1, miners, signers=miners[:2]))
     assert trail.latest_round() == 1
 
 
@@ -706,9 +706,9 @@ def test_the_operator_certifies_a_rollback_alone_but_a_commit_only_if_deployed_t
     approval = trail.prepare_approval(1, model_hash(toy_model(1.0)), bytes(32), [operator.address])
     alone = AnchorCertificate.operator_signed(approval, operator, trail.domain)
     assert anchor_rejection(trail, alone).error_name == "OperatorCannotCertify"
-    rollback = trail.prepare_rollback(1, [operator.address], b"\x01" * 32)
+    rollback = trail.prepare_rollback(1, [operator.address], b"\x01" * 32, "no valid reply")
     rolled = trail.record_rollback(
-        AnchorCertificate.operator_signed(rollback, operator, trail.domain), "no valid reply"
+        AnchorCertificate.operator_signed(rollback, operator, trail.domain)
     )
     assert rolled.signers == (operator.address,)
     assert trail.rollbacks() == [rolled]
@@ -1077,7 +1077,7 @@ def test_rollback_keeps_the_head_and_the_next_round_links_past_it(anvil_connecti
     trail.anchor_round(certificate(trail, approval_for(trail, 1, 1.0, miners), miners, miners))
     state_root = b"\x5a" * 32
     rolled = trail.record_rollback(
-        rollback_certificate(trail, 2, miners, state_root), "validators did not reach 2/3"
+        rollback_certificate(trail, 2, miners, state_root, reason="validators did not reach 2/3")
     )
     assert rolled.kept_model_hash == one
     assert rolled.state_root == state_root
@@ -1095,14 +1095,14 @@ def test_rollback_keeps_the_head_and_the_next_round_links_past_it(anvil_connecti
     }
     assert event["transactionHash"].to_0x_hex() == rolled.tx_hash
     with pytest.raises(ChainRejectedError) as raised:
-        trail.record_rollback(rollback_certificate(trail, 2, miners), "again")
+        trail.record_rollback(rollback_certificate(trail, 2, miners, reason="again"))
     assert raised.value.error_name == "UnexpectedRound"
     assert raised.value.arguments == {"expected": 3, "got": 2}
     third = approval_for(trail, 3, 3.0, miners)
     assert third.previous_hash == one
     trail.anchor_round(certificate(trail, third, miners, miners))
     # a rollback without a state statement records the zero root
-    trail.record_rollback(rollback_certificate(trail, 4, miners), "no candidate")
+    trail.record_rollback(rollback_certificate(trail, 4, miners, reason="no candidate"))
 
     three = model_hash(toy_model(3.0))
     rollbacks = trail.rollbacks()

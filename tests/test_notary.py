@@ -13,6 +13,7 @@ import pytest
 from flower_messages import FakeGrid, train_reply
 from flwr.app import Array, ArrayRecord
 
+from bcsfl_flower.approvals import REFUSAL_REASON
 from bcsfl_flower.audit.verification import verify_trail
 from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.chain.certificates import quorum
@@ -239,14 +240,14 @@ def test_refusing_miners_are_recorded_and_count_against_the_quorum(tmp_path, ref
 def assert_rollback_is_the_miners_word_only_with_a_quorum_of_refusals(
     notary, run_dir, record, quorum_refused
 ):
-    """Refusing miners sign the rollback; a quorum of them certifies it, and verify accepts
-    it. Fewer, and the operator certifies it alone: verify reports the round withheld,
-    whatever the (unsigned) reason on chain says."""
+    """Refusing miners sign the rollback, with the reason that says so; a quorum of them
+    certifies it, and verify accepts it. Fewer, and the operator certifies it alone:
+    verify reports the round withheld."""
     (rollback,) = notary.trail.rollbacks()
     operator = notary.connection.operator.address
     assert record["chain"]["certified_by"] == ("miners" if quorum_refused else "operator")
     assert (list(rollback.committee) == [operator]) is not quorum_refused
-    assert "quorum certificate" in rollback.reason
+    assert rollback.reason == REFUSAL_REASON
     report = verify_trail(notary.trail, ChainManifest.load(run_dir / "chain.json"))
     withheld = [f.message for f in report.failures if f.round == 1 and "withheld" in f.message]
     assert report.ok is quorum_refused, report.failures

@@ -16,7 +16,8 @@ in two:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,13 @@ from bcsfl_flower.round.statement import UNSIGNED_PREFIX, RoundStatement
 RESULTS_FILE = "results.json"
 """Name of a run's results file (written by :mod:`bcsfl_vision.results`)."""
 
-VERIFIED_FIELDS = ("outcome", "model_hash", "rejected", "stakes_before", "stakes")
+COMPLETED = "completed"
+"""``status`` of a run that ran all its rounds (:mod:`bcsfl_vision.results`)."""
+
+VERIFIED_FIELDS = ("round", "outcome", "model_hash", "rejected", "stakes_before", "stakes")
 """The fields of a round's record that ``verify`` checks against the trail."""
+
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -37,46 +43,93 @@ class RunResults:
 
     rounds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     run_level: Mapping[str, Any] = field(default_factory=dict)
+    problem: str | None = None
+    """Why the file could not be read as a run's results (None when it could, or is absent)."""
+    present: bool = True
+    """Whether the run directory has the file at all."""
 
     @classmethod
     def read(cls, path: Path) -> RunResults:
-        """Read ``path``; a missing or unreadable file holds no rounds (nothing to check)."""
+        """Read ``path``; a missing file holds no rounds (a run stopped before writing it).
+
+        A file that is a symbolic link, not JSON or not shaped as a run's results holds no
+        rounds either, and says why in :attr:`problem`, which ``verify`` reports.
+        """
+        if path.is_symlink():
+            return cls(problem=f"{path.name} is a symbolic link (to {os.readlink(path)})")
+        if not path.exists():
+            return cls(present=False)
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
-            rounds = document.get("rounds", {})
-        except (OSError, ValueError, AttributeError):
-            return cls()
+        except (OSError, ValueError) as err:
+            return cls(problem=f"{path.name} is not readable JSON: {err}")
+        rounds = document.get("rounds") if isinstance(document, dict) else None
+        if not isinstance(rounds, dict) or not all(isinstance(r, dict) for r in rounds.values()):
+            return cls(problem=f"{path.name} is not a run's results (no table of round records)")
         run_level = {key: value for key, value in document.items() if key != "rounds"}
-        return cls(rounds if isinstance(rounds, dict) else {}, run_level)
+        return cls(rounds, run_level)
+
+    def round_problems(self, trail_rounds: Sequence[int]) -> list[str]:
+        """Return the rounds the file records that the trail does not, and vice versa.
+
+        A run that stopped (not ``completed``) after anchoring a round but before
+        recording it may lack the trail's last round; every other gap is an edit.
+        """
+        recorded = set(self.rounds)
+        expected = {str(number) for number in trail_rounds}
+        problems = [
+            f"{RESULTS_FILE} records round {number}, which the trail does not"
+            for number in sorted(recorded - expected)
+        ]
+        stopped = self.run_level.get("status") != COMPLETED
+        last = str(max(trail_rounds)) if trail_rounds and stopped else None
+        problems += [
+            f"round {number}: {RESULTS_FILE} has no record of it"
+            for number in sorted(expected - recorded - {last}, key=int)
+            if self.rounds
+        ]
+        return problems
 
     def disagreements(
-        self, record: AnchoredRound | RolledBackRound, statement: RoundStatement
+        self,
+        record: AnchoredRound | RolledBackRound,
+        statement: RoundStatement,
+        identities: Mapping[str, str],
     ) -> list[str]:
-        """Return where round ``record.round``'s record contradicts the trail."""
+        """Return where round ``record.round``'s record contradicts the trail.
+
+        Every field of :data:`VERIFIED_FIELDS` must be there and agree; ``identities``
+        maps node ids to the identities the rounds so far bound them to.
+        """
         entry = self.rounds.get(str(record.round))
-        if not isinstance(entry, Mapping):
+        if entry is None:
             return []
-        label = f"round {record.round}: results.json"
+        label = f"round {record.round}: {RESULTS_FILE}"
         anchored = isinstance(record, AnchoredRound)
         model = record.model_hash if anchored else record.kept_model_hash
         expected = {
+            "round": record.round,
             "outcome": "commit" if anchored else "rollback",
             "model_hash": "0x" + model.hex(),
             "rejected": dict(statement.rejected),
         }
         problems = [
-            f"{label} says {name} {entry.get(name)!r}, the trail {value!r}"
+            f"{label} says {name} {entry.get(name, '(missing)')!r}, the trail {value!r}"
             for name, value in expected.items()
-            if name in entry and entry[name] != value
+            if entry.get(name, _MISSING) != value
         ]
-        identity = {reply.node: reply.identity for reply in statement.replies}
-        for node, stake in dict(entry.get("stakes_before", {})).items():
-            stated = statement.stakes.get(identity.get(node, ""))
-            if stated is not None and stake != stated:
+        before = entry.get("stakes_before", _MISSING)
+        if not isinstance(before, Mapping):
+            return [*problems, f"{label} has no stake table stakes_before: {before!r}"]
+        for node, stake in before.items():
+            identity = identities.get(str(node), f"{UNSIGNED_PREFIX}{node}")
+            stated = statement.stakes.get(identity)
+            if stake != stated:
                 problems.append(
-                    f"{label} says node {node} held stake {stake}, the statement {stated}"
+                    f"{label} says node {node} held stake {stake!r}, the statement "
+                    f"{'has no such client' if stated is None else repr(stated)}"
                 )
-        return problems
+        return problems + _omitted(label, "stakes_before", before, statement.stakes, identities)
 
     def settled_disagreements(
         self, round_number: int, settled: Mapping[str, float], identities: Mapping[str, str]
@@ -87,10 +140,12 @@ class RunResults:
         maps node ids to identities as the rounds so far left them.
         """
         entry = self.rounds.get(str(round_number))
-        stakes = entry.get("stakes") if isinstance(entry, Mapping) else None
-        if not isinstance(stakes, Mapping):
+        if entry is None:
             return []
         label = f"round {round_number}: {RESULTS_FILE}"
+        stakes = entry.get("stakes", _MISSING)
+        if not isinstance(stakes, Mapping):
+            return [f"{label} has no settled stake table stakes: {stakes!r}"]
         problems = []
         for node, stake in stakes.items():
             identity = identities.get(str(node), f"{UNSIGNED_PREFIX}{node}")
@@ -100,7 +155,7 @@ class RunResults:
                     f"{label} says node {node} settled at stake {stake!r}, the trail "
                     f"{'has no such client' if trail_stake is None else repr(trail_stake)}"
                 )
-        return problems
+        return problems + _omitted(label, "stakes", stakes, settled, identities)
 
     def run_unverified(self) -> dict[str, Any]:
         """Return the run-level figures (none of them is held by the trail)."""
@@ -110,3 +165,18 @@ class RunResults:
         """Return round ``round_number``'s figures that the trail does not hold."""
         entry = self.rounds.get(str(round_number), {})
         return {key: value for key, value in entry.items() if key not in VERIFIED_FIELDS}
+
+
+def _omitted(
+    label: str,
+    name: str,
+    table: Mapping[str, Any],
+    trail_table: Mapping[str, Any],
+    identities: Mapping[str, str],
+) -> list[str]:
+    """Return a problem naming the trail's clients that ``table`` (by node id) leaves out."""
+    listed = {identities.get(str(node), f"{UNSIGNED_PREFIX}{node}") for node in table}
+    left_out = sorted(set(trail_table) - listed)
+    if not left_out:
+        return []
+    return [f"{label}'s {name} leaves out {', '.join(left_out[:3])}, in the trail's table"]

@@ -40,6 +40,7 @@ does not verify, naming the first broken round. The checks:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from eth_utils import is_address
@@ -48,6 +49,11 @@ from bcsfl_flower.approvals import (
     committee_root,
     sort_committee,
 )
+from bcsfl_flower.audit.run_directory import (
+    deployment_record_problems,
+    symbolic_links,
+    unaccounted_files,
+)
 from bcsfl_flower.audit.run_results import RESULTS_FILE, RunResults
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound, quorum
@@ -55,10 +61,19 @@ from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.packets import (
     Eip712Domain,
 )
-from bcsfl_flower.round.conclusion import conclude, false_ballot_records
+from bcsfl_flower.round.conclusion import (
+    conclude,
+    false_ballot_records,
+    stated_rollback_reason,
+)
 from bcsfl_flower.round.settlement import NodeIdentities, stated_settlement
 from bcsfl_flower.round.state import Settlement
-from bcsfl_flower.round.statement import RoundStatement, packet_fault, recorded_draw
+from bcsfl_flower.round.statement import (
+    RoundStatement,
+    StatedReply,
+    packet_fault,
+    recorded_draw,
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,11 @@ class TrailReport:
     latest_round: int = 0
     settled: Settlement | None = None
     """The last recorded round's settlement, re-derived from its statement (resume reads it)."""
+    unaccounted: list[str] = field(default_factory=list)
+    """Files of the run directory that no check read: not part of the trail, not audited."""
+    notes: list[str] = field(default_factory=list)
+    """What the audit could not check and does not count as a failure (a run without
+    ``results.json``, for example)."""
 
     def check(self, condition: bool, message: str, round_number: int | None = None) -> bool:
         """Count one check; record a failure when ``condition`` is false."""
@@ -127,6 +147,20 @@ def verify_trail(
         f"genesis: contract has 0x{genesis.hex()}, manifest 0x{manifest.genesis_hash.hex()}",
         0,
     )
+    report.check(
+        manifest.run == "0x" + trail.domain.run.hex(),
+        f"{manifest.path.name}: run {manifest.run}, the contract's runId is "
+        f"0x{trail.domain.run.hex()}",
+        0,
+    )
+    owner = trail.contract.functions.owner().call()
+    report.check(
+        owner == manifest.operator,
+        f"{manifest.path.name}: operator {manifest.operator}, the contract's owner is {owner}",
+        0,
+    )
+    for problem in deployment_record_problems(trail, manifest):
+        report.check(False, problem, 0)
     records = timeline(trail)
     latest = report.latest_round = trail.latest_round()
     if not accept_shorter_chain:
@@ -142,12 +176,22 @@ def verify_trail(
     head = genesis
     anchored_hashes = [(0, genesis)]
     operator_certifies = trail.operator_certifies()
-    results = RunResults.read(manifest.path.parent / RESULTS_FILE)
+    run_dir = manifest.path.parent
+    for link in symbolic_links(run_dir):
+        report.check(False, f"{link} is a symbolic link: an audit reads only the run's own files")
+    results = RunResults.read(run_dir / RESULTS_FILE)
+    report.check(results.problem is None, results.problem or "")
+    if not results.present:
+        report.notes.append(f"no {RESULTS_FILE}: the run's figures are not audited")
+    for problem in results.round_problems(numbers):
+        report.check(False, problem, _round_named(problem))
     stakes = _StakeHistory(trail.domain)
+    replies: list[StatedReply] = []
     for record in records:
         statement = _verify_statement(
             report, store, record.round, record.state_root, head, trail.domain
         )
+        replies += statement.replies if statement is not None else ()
         stakes.check(report, record, statement)
         if stakes.settled is not None:
             for problem in results.settled_disagreements(
@@ -158,7 +202,7 @@ def verify_trail(
         if statement is not None:
             _verify_certifying_miners(report, statement, record, manifest.operator)
             _verify_decision(report, statement, record, trail.domain, manifest.operator)
-            for problem in results.disagreements(record, statement):
+            for problem in results.disagreements(record, statement, stakes.nodes.as_dict()):
                 report.check(False, problem, record.round)
         if isinstance(record, RolledBackRound):
             report.rolled_back += 1
@@ -191,7 +235,16 @@ def verify_trail(
         else:
             report.check(True, "")
     report.settled = stakes.settled
+    named = [digest.hex() for _, digest in anchored_hashes] + [r.state_root.hex() for r in records]
+    named += [reply.update_hash[2:] for reply in replies]
+    report.unaccounted = unaccounted_files(run_dir, manifest, store, named)
     return report
+
+
+def _round_named(problem: str) -> int | None:
+    """Return the round a problem names ("round N: ..." or "... round N, ..."), if any."""
+    match = re.search(r"round (\d+)", problem)
+    return int(match.group(1)) if match else None
 
 
 def _check_manifest_head(
@@ -202,6 +255,17 @@ def _check_manifest_head(
         f"the trail ends at round {latest}, but {manifest.path.name} recorded round "
         f"{manifest.latest_round}: rounds are missing from the chain",
         latest + 1,
+    )
+    report.check(
+        manifest.head_hash is not None,
+        f"{manifest.path.name} records no head (every run writes the round and model it reached)",
+        0,
+    )
+    report.check(
+        manifest.head_round <= manifest.latest_round,
+        f"{manifest.path.name} records head round {manifest.head_round}, past its latest "
+        f"round {manifest.latest_round}",
+        manifest.head_round,
     )
     if manifest.head_hash is not None and manifest.head_round <= latest:
         recorded = trail.get_round(manifest.head_round) if manifest.head_round else genesis
@@ -378,6 +442,13 @@ def _verify_decision(
             record.round,
         )
         return
+    expected = stated_rollback_reason(statement, domain)
+    report.check(
+        record.reason == expected,
+        f"{label}: the rollback records the reason {record.reason!r:.80}, the statement's is "
+        f"{expected!r:.80}",
+        record.round,
+    )
     report.check(
         not decision.committed or list(record.committee) != [operator],
         f"{label}: withheld: the ballots commit {decision.candidate}, and the operator alone "

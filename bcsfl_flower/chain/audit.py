@@ -8,8 +8,8 @@ A round's life on chain, as the strategy drives it::
     # ... miners sign ``approval`` (see bcsfl_flower.client.mod) ...
     certificate = AnchorCertificate.build(approval, committee, signatures, trail.domain)
     anchored = trail.anchor_round(certificate)
-    # or: rollback = trail.prepare_rollback(round, committee, state_root), signed likewise
-    rolled = trail.record_rollback(AnchorCertificate.build(rollback, ...), reason)
+    # or: rollback = trail.prepare_rollback(round, committee, state_root, reason), signed
+    rolled = trail.record_rollback(AnchorCertificate.build(rollback, ...))
 
 The contract stores only its rolling head (the last anchored model hash and the round
 counters); every round's fields are read back from its events (:meth:`anchored_rounds`,
@@ -42,9 +42,11 @@ from web3.contract import Contract
 from web3.types import TxReceipt
 
 from bcsfl_flower.approvals import (
+    ROLLBACK_REASON_LIMIT,
     RoundApproval,
     RoundRollback,
     committee_root,
+    rollback_reason,
 )
 from bcsfl_flower.chain.backends import ChainConnection
 from bcsfl_flower.chain.certificates import AnchorCertificate, AnchoredRound, RolledBackRound
@@ -414,11 +416,21 @@ class AuditTrail:
         )
 
     def prepare_rollback(
-        self, round_number: int, committee: Iterable[str], state_root: bytes = bytes(32)
+        self,
+        round_number: int,
+        committee: Iterable[str],
+        state_root: bytes = bytes(32),
+        reason: str = "",
     ) -> RoundRollback:
-        """Return the rollback miners sign for ``round_number``, keeping the chain head."""
+        """Return the rollback miners sign for ``round_number``, keeping the chain head.
+
+        ``reason`` is cut to what a rollback records
+        (:func:`~bcsfl_flower.approvals.rollback_reason`).
+        """
         _, kept = self.head()
-        return RoundRollback(round_number, kept, committee_root(committee), state_root)
+        return RoundRollback(
+            round_number, kept, committee_root(committee), state_root, rollback_reason(reason)
+        )
 
     def anchor_round(self, certificate: AnchorCertificate) -> AnchoredRound:
         """Anchor a round with its certificate and return it once the receipt confirms.
@@ -487,11 +499,12 @@ class AuditTrail:
             int(receipt["gasUsed"]),
         )
 
-    def record_rollback(self, certificate: AnchorCertificate, reason: str) -> RolledBackRound:
+    def record_rollback(self, certificate: AnchorCertificate) -> RolledBackRound:
         """Record that a round rolled back to the last anchored model, with its certificate.
 
         ``certificate`` certifies a :class:`~bcsfl_flower.approvals.RoundRollback`
-        (:meth:`prepare_rollback`): the round's miners', or the operator's alone.
+        (:meth:`prepare_rollback`): the round's miners', or the operator's alone. The
+        reason it records is the one they signed.
 
         Raises
         ------
@@ -504,7 +517,7 @@ class AuditTrail:
         rollback = certificate.approval
         if not isinstance(rollback, RoundRollback):
             raise TypeError("record_rollback needs a RoundRollback's certificate")
-        round_number = rollback.round
+        round_number, reason = rollback.round, rollback.reason
 
         def already_recorded() -> TxReceipt | None:
             if self._recorded_round() < round_number:
@@ -525,13 +538,12 @@ class AuditTrail:
                 reason,
             ),
             gas=_ROUND_GAS_LIMIT,
-            resume={**certificate.to_dict(), "reason": reason},
+            resume=certificate.to_dict(),
             already_done=already_recorded,
         )
         log(INFO, "Recorded rollback of round %d: %s", round_number, reason)
         return RolledBackRound(
             rollback,
-            reason,
             certificate.committee,
             certificate.signers,
             certificate.signatures,
@@ -586,12 +598,12 @@ class AuditTrail:
                 kept_model_hash=bytes(raw["keptModelHash"]),
                 committee_root=bytes(raw["committeeRoot"]),
                 state_root=bytes(raw["stateRoot"]),
+                reason=str(params["reason"])[:ROLLBACK_REASON_LIMIT],
             )
             committee, signers, signatures = self._certificate_of(params, rollback)
             rounds.append(
                 RolledBackRound(
                     rollback,
-                    str(event["args"]["reason"]),
                     committee,
                     signers,
                     signatures,
@@ -751,6 +763,7 @@ class ChainManifest:
     latest_round: int = 0
     head_round: int = 0
     head_hash: bytes | None = None
+    run: str | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ChainManifest:
@@ -764,6 +777,11 @@ class ChainManifest:
             If it is not a bcsfl chain manifest or a field is missing, naming it.
         """
         manifest_path = Path(path)
+        if manifest_path.is_symlink():  # a link to a pristine manifest elsewhere
+            raise ValueError(
+                f"{manifest_path} is a symbolic link (to {os.readlink(manifest_path)}): an "
+                "audit reads only the run directory's own files"
+            )
         if not manifest_path.is_file():
             raise FileNotFoundError(f"chain manifest {manifest_path} does not exist")
         try:
@@ -791,6 +809,7 @@ class ChainManifest:
                 anvil_state=paths["anvil_state"],
                 rpc_url=data.get("rpc_url"),
                 latest_round=int(data.get("latest_round", 0)),
+                run=str(data["run"]) if "run" in data else None,
                 head_round=int(data.get("head", {}).get("round", 0)),
                 head_hash=(
                     bytes.fromhex(data["head"]["model_hash"][2:]) if "head" in data else None

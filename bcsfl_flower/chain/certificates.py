@@ -178,6 +178,7 @@ class AnchorCertificate:
                     kept_model_hash=from_hex(data["kept_model_hash"]),
                     committee_root=from_hex(data["committee_root"]),
                     state_root=from_hex(data["state_root"]),
+                    reason=str(data["reason"]),
                 )
             else:
                 approval = RoundApproval(
@@ -244,7 +245,6 @@ class RolledBackRound:
     """One rolled-back round, as read back from the chain, with its certificate."""
 
     rollback: RoundRollback
-    reason: str
     committee: tuple[str, ...]
     signers: tuple[str, ...]
     signatures: tuple[bytes, ...]
@@ -266,11 +266,15 @@ class RolledBackRound:
         """Hash of the round's state statement."""
         return self.rollback.state_root
 
+    @property
+    def reason(self) -> str:
+        """Why the round rolled back, as its certificate signs it."""
+        return self.rollback.reason
+
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly record (hex strings)."""
         return {
             **_attestation_dict(self.rollback),
-            "reason": self.reason,
             "committee": list(self.committee),
             "signers": list(self.signers),
             "signatures": ["0x" + signature.hex() for signature in self.signatures],
@@ -286,6 +290,7 @@ def _attestation_dict(approval: Attestation) -> dict[str, Any]:
             "kept_model_hash": "0x" + approval.kept_model_hash.hex(),
             "committee_root": "0x" + approval.committee_root.hex(),
             "state_root": "0x" + approval.state_root.hex(),
+            "reason": approval.reason,
         }
     return _approval_dict(approval)
 

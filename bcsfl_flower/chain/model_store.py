@@ -52,6 +52,10 @@ class ModelStore:
         """Return the file path for a hash (bytes or hex, with or without ``0x``)."""
         return self.root / f"{_hex(digest)}{SUFFIX}"
 
+    def document_path(self, digest: bytes | str) -> Path:
+        """Return the file path of the document (a round statement) stored under a hash."""
+        return self.root / f"{_hex(digest)}{DOCUMENT_SUFFIX}"
+
     def save(self, arrays: ArraysLike) -> bytes:
         """Store a model and return its hash; storing the same model twice is a no-op.
 
@@ -111,7 +115,7 @@ class ModelStore:
     def save_document(self, data: bytes) -> bytes:
         """Store a document (a round statement) under its SHA-256 hash and return the hash."""
         digest = hashlib.sha256(data).digest()
-        target = self.root / f"{digest.hex()}{DOCUMENT_SUFFIX}"
+        target = self.document_path(digest)
         if not target.is_file():
             _write_atomically(target, data)
         return digest
@@ -126,7 +130,7 @@ class ModelStore:
         ModelIntegrityError
             If the file does not hash to ``digest``: it was modified.
         """
-        target = self.root / f"{_hex(digest)}{DOCUMENT_SUFFIX}"
+        target = self.document_path(digest)
         if not target.is_file():
             raise FileNotFoundError(f"no document 0x{_hex(digest)} in {self.root}")
         _refuse_link(target)

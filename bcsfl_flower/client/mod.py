@@ -89,7 +89,11 @@ from bcsfl_flower.protocol import (
     signing_domain,
     verdict_content,
 )
-from bcsfl_flower.round.conclusion import conclude, false_ballot_records
+from bcsfl_flower.round.conclusion import (
+    conclude,
+    false_ballot_records,
+    stated_rollback_reason,
+)
 from bcsfl_flower.round.statement import RoundStatement
 
 KEYSTORE_NODE_KEY = "bcsfl-keystore"
@@ -433,7 +437,14 @@ def _decision_fault(
         return f"the statement's record of its ballots is false: {false_records[0]}"
     decision, _ = conclude(statement, domain)
     if isinstance(approval, RoundRollback):
-        return f"the ballots commit {decision.candidate}" if decision.committed else None
+        if decision.committed:
+            return f"the ballots commit {decision.candidate}"
+        expected = stated_rollback_reason(statement, domain)
+        if approval.reason != expected:
+            return (
+                f"the rollback's reason is {approval.reason!r:.80}, the ballots' {expected!r:.80}"
+            )
+        return None
     if not decision.committed or statement.plan is None:
         return f"the ballots commit no candidate ({decision.reason})"
     committed = statement.plan.scored.get(str(decision.candidate))

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bcsfl_flower.approvals import REFUSAL_REASON, rollback_reason
 from bcsfl_flower.ballots import SignedBallot, ballot_fault, loss_bits, loss_from_bits
 from bcsfl_flower.packets import Eip712Domain
 from bcsfl_flower.protocol import BASELINE_CANDIDATE
@@ -63,6 +64,18 @@ def conclude(
         return no_validators(plan), reports
     rule = selection_rule(statement.settings.selection)
     return rule.decide(plan, reports, validators, statement.settings.vote_tolerance), reports
+
+
+def stated_rollback_reason(statement: RoundStatement, domain: Eip712Domain | None) -> str:
+    """Return the reason a rollback of this round records, recomputed from its statement.
+
+    The decision's own reason where the ballots carry nothing; where they commit, the
+    miners refused the commit (:data:`~bcsfl_flower.approvals.REFUSAL_REASON`). The
+    miners sign it and ``bcsfl audit verify`` recomputes it, so the reason on chain is
+    evidence, not the operator's summary.
+    """
+    decision, _ = conclude(statement, domain)
+    return REFUSAL_REASON if decision.committed else rollback_reason(decision.reason)
 
 
 REJECTED_KEY = "rejected"

@@ -59,6 +59,7 @@ from bcsfl_flower.protocol import (
     signing_config,
 )
 from bcsfl_flower.round.checks import PacketCheck
+from bcsfl_flower.round.conclusion import stated_rollback_reason
 from bcsfl_flower.round.state import Certification
 from bcsfl_flower.round.statement import RoundStatement
 
@@ -320,7 +321,8 @@ class RoundNotary:
         document, root, domain = statement.to_bytes(), statement.digest(), self.trail.domain
         approval: RoundApproval | RoundRollback
         if outcome == ROLLBACK_CANDIDATE:
-            approval = self.trail.prepare_rollback(statement.round, committee, root)
+            reason = stated_rollback_reason(statement, domain)
+            approval = self.trail.prepare_rollback(statement.round, committee, root, reason)
             request = rollback_request(approval, domain, committee, document)
         else:
             assert arrays is not None and statement.plan is not None
@@ -432,30 +434,30 @@ class RoundNotary:
         }
 
     def rollback(
-        self,
-        server_round: int,
-        reason: str,
-        state_root: bytes,
-        certification: Certification | None = None,
+        self, statement: RoundStatement, certification: Certification | None = None
     ) -> dict[str, Any]:
         """Record a rolled-back round on chain, with the hash of its state statement.
 
         ``certification`` is the miners' certificate of the rollback; without one (the
-        round drew no committee, or too few miners signed) the operator certifies it.
+        round drew no committee, or too few miners signed) the operator certifies it. The
+        reason recorded is the one recomputed from the statement
+        (:func:`~bcsfl_flower.round.conclusion.stated_rollback_reason`), which the miners
+        sign too.
         """
         if certification is None or not certification.certified:
+            reason = stated_rollback_reason(statement, self.trail.domain)
             rollback = self.trail.prepare_rollback(
-                server_round, [self.connection.operator.address], state_root
+                statement.round, [self.connection.operator.address], statement.digest(), reason
             )
             certification = self._operator_certification(rollback)
-        rolled = self.trail.record_rollback(certification.certificate, reason[:200])
+        rolled = self.trail.record_rollback(certification.certificate)
         self.write_manifest()
         return {
             "anchored": False,
             "certified_by": certification.certified_by,
             "signers": list(rolled.signers),
             "rollback_tx": rolled.tx_hash,
-            "state_root": "0x" + state_root.hex(),
+            "state_root": "0x" + statement.digest().hex(),
         }
 
     def keep_round(self, statement: RoundStatement, updates: Sequence[ArrayRecord]) -> None:

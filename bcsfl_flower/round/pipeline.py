@@ -536,7 +536,7 @@ class RoundPipeline:
         if stages.decision.committed:  # the miners refused the commit: their signed refusals
             refused = certification.refusal if certification is not None else None
             rollback = refused and Certification(True, "miners", certificate=refused)
-        return self.notary.rollback(server_round, decision.reason, statement.digest(), rollback)
+        return self.notary.rollback(statement, rollback)
 
     @staticmethod
     def _stake_changes(
