@@ -21,6 +21,7 @@ from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.packets import PACKET_RECORD_KEY, ModelPacket, model_hash
 from bcsfl_flower.protocol import VERDICT_RECORD_KEY, MinerVerdict
 from bcsfl_flower.round.checks import PacketCheck
+from bcsfl_flower.round.conclusion import stated_rollback_reason
 from bcsfl_flower.round.notary import RoundNotary
 from bcsfl_flower.round.state import Certification
 from bcsfl_flower.round.statement import DecisionSettings, RoundStatement, StatedPlan
@@ -329,10 +330,13 @@ def test_certification_is_frozen_and_anchoring_needs_a_certificate(tmp_path):
         certification = notary.certify(plan, "mean", {})
         assert not certification.certified
         assert certification.refusals == {"operator": "the operator cannot certify"}
-        rolled = notary.rollback(1, "rollback: no miner can sign", bytes(32), certification)
+        rolled = notary.rollback(statement(1), certification)
         assert rolled["certified_by"] == "operator"
         assert rolled["signers"] == [notary.connection.operator.address]
-        assert [r.round for r in notary.trail.rollbacks()] == [1]
+        (recorded,) = notary.trail.rollbacks()
+        assert recorded.round == 1
+        # the reason on chain is the statement's own, whatever the pipeline logged
+        assert recorded.reason == stated_rollback_reason(statement(1), notary.trail.domain)
     finally:
         notary.close()
 

@@ -40,7 +40,7 @@ from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.cli import main
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "fuzzer-report.json"
-COMMANDS = (("verify",), ("list",), ("show", "2"), ("replay",))
+COMMANDS = (("verify",), ("list",), ("show", "2"), ("replay",), ("head",))
 
 _opened: list[str] | None = None
 

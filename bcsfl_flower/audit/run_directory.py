@@ -67,7 +67,23 @@ def unaccounted_files(
             if path.is_symlink() or resolved in read:
                 continue
             unread.append(str(path.relative_to(run_dir)))
-    return sorted(unread)
+    root = run_dir.resolve()
+    return _by_folder(
+        sorted(unread), {str(p.relative_to(root)) for p in read if p.is_relative_to(root)}
+    )
+
+
+def _by_folder(unread: list[str], read: set[str]) -> list[str]:
+    """Name a top-level folder the audit reads nothing in once ("flwr-home/ (25 files)")."""
+    read_tops = {path.split("/")[0] for path in read if "/" in path}
+    grouped: dict[str, list[str]] = {}
+    for path in unread:
+        top = path.split("/")[0] if "/" in path else path
+        grouped.setdefault(top if top not in read_tops else path, []).append(path)
+    return [
+        f"{key}/ ({len(paths)} files)" if "/" in paths[0] and key != paths[0] else key
+        for key, paths in grouped.items()
+    ]
 
 
 def deployment_record_problems(trail: AuditTrail, manifest: ChainManifest) -> list[str]:

@@ -28,6 +28,9 @@ from bcsfl_flower.round.statement import UNSIGNED_PREFIX, RoundStatement
 RESULTS_FILE = "results.json"
 """Name of a run's results file (written by :mod:`bcsfl_vision.results`)."""
 
+GENESIS_ROUND = "0"
+"""Key of the initial model's record (its evaluation: the trail holds no round 0 to check)."""
+
 COMPLETED = "completed"
 """``status`` of a run that ran all its rounds (:mod:`bcsfl_vision.results`)."""
 
@@ -69,17 +72,23 @@ class RunResults:
         run_level = {key: value for key, value in document.items() if key != "rounds"}
         return cls(rounds, run_level)
 
-    def round_problems(self, trail_rounds: Sequence[int]) -> list[str]:
+    def round_problems(
+        self, trail_rounds: Sequence[int], *, chain_may_be_short: bool = False
+    ) -> list[str]:
         """Return the rounds the file records that the trail does not, and vice versa.
 
         A run that stopped (not ``completed``) after anchoring a round but before
-        recording it may lack the trail's last round; every other gap is an edit.
+        recording it may lack the trail's last round; a chain that lost its last rounds in
+        a crash (``chain_may_be_short``, as a resume accepts) may lack the file's last
+        ones. Every other gap is an edit.
         """
-        recorded = set(self.rounds)
+        recorded = set(self.rounds) - {GENESIS_ROUND}  # the initial model's evaluation
         expected = {str(number) for number in trail_rounds}
+        latest = max(trail_rounds, default=0)
         problems = [
             f"{RESULTS_FILE} records round {number}, which the trail does not"
-            for number in sorted(recorded - expected)
+            for number in sorted(recorded - expected, key=_round_order)
+            if not (chain_may_be_short and _round_order(number) > latest)
         ]
         stopped = self.run_level.get("status") != COMPLETED
         last = str(max(trail_rounds)) if trail_rounds and stopped else None
@@ -180,3 +189,8 @@ def _omitted(
     if not left_out:
         return []
     return [f"{label}'s {name} leaves out {', '.join(left_out[:3])}, in the trail's table"]
+
+
+def _round_order(number: str) -> int:
+    """Sort key of a round key of results.json (a key that is not a number sorts first)."""
+    return int(number) if number.isdigit() else -1
