@@ -19,6 +19,7 @@ seed; the slow tier tries every mutation and writes the report committed in
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -204,11 +205,17 @@ def _first_failure(out: str) -> str:
 
 def _listed_unverified(run_dir: Path, path: str) -> bool:
     """Whether ``show`` lists the results.json field at ``path`` (or one above) unverified."""
+    return any(path == top or path.startswith(top + "/") for top in _unverified_tops(run_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _unverified_tops(run_dir: Path) -> frozenset[str]:
+    """The pristine run's results.json paths ``show`` lists as unverified (read once)."""
     results = RunResults.read(run_dir / RESULTS_FILE)
     listed = set(results.run_unverified())
     for number in results.rounds:
         listed |= {f"rounds/{number}/{key}" for key in results.unverified(int(number))}
-    return any(path == top or path.startswith(top + "/") for top in listed)
+    return frozenset(listed)
 
 
 def test_the_fuzzer_covers_every_kind_of_file_and_tamper(pristine):
