@@ -7,6 +7,7 @@
     bcsfl audit verify-model FILE [--round N]
     bcsfl audit verify
     bcsfl audit replay [ROUND ...]
+    bcsfl audit report [RUN_DIR] [--out FILE]
 
 Every command reads the run's ``chain.json`` (written by the strategy next to its other
 outputs; see :class:`~bcsfl_flower.chain.audit.ChainManifest`) and reconnects to the
@@ -24,6 +25,9 @@ does not hash to its anchored root, or a committee that is not the stake-weighte
 ``replay`` recomputes rounds (every round by default) from their stored updates and
 signed ballots (:mod:`~bcsfl_flower.audit.replay`) and exits non-zero with the first
 difference.
+
+``report`` writes the run's explorer page (:mod:`~bcsfl_flower.audit.explorer`): one
+self-contained HTML file with every round marked as ``verify`` judged it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bcsfl_flower.audit.explorer.page import REPORT_FILE, save_page
+from bcsfl_flower.audit.explorer.view import run_view
 from bcsfl_flower.audit.replay import ReplayMismatchError, replay_round
 from bcsfl_flower.audit.run_results import RESULTS_FILE, RunResults
 from bcsfl_flower.audit.verification import load_statement, timeline, verify_trail
@@ -133,6 +139,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("rounds", type=int, nargs="*", help="round numbers (default: every round)")
     replay.set_defaults(handler=_cmd_replay)
+
+    report = actions.add_parser(
+        "report",
+        help="write the run's explorer page: one HTML file, every round verified",
+        parents=[where],
+    )
+    report.add_argument(
+        "run",
+        type=Path,
+        nargs="?",
+        metavar="RUN_DIR",
+        help="the run's output directory (as --run-dir)",
+    )
+    report.add_argument(
+        "--out", type=Path, help=f"where to write the page (default: RUN_DIR/{REPORT_FILE})"
+    )
+    report.set_defaults(handler=_cmd_report)
     return parser
 
 
@@ -164,6 +187,8 @@ def _location(*, suppress: bool = False) -> argparse.ArgumentParser:
 
 
 def _manifest_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "run", None) is not None:  # ``report RUN_DIR``
+        return Path(args.run) / MANIFEST_NAME
     return args.manifest if args.manifest is not None else args.run_dir / MANIFEST_NAME
 
 
@@ -328,6 +353,18 @@ def _cmd_replay(args: argparse.Namespace, manifest: ChainManifest, trail: AuditT
             f"chain records ({result.reason})"
         )
     return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
+    run = run_view(trail, manifest, verify_trail(trail, manifest))
+    try:
+        written = save_page(run, manifest.path.parent, args.out)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot write the report: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    verdict = "verified" if written.verified else "does NOT verify"
+    print(f"report: {written.path} ({written.size / 1e6:.2f} MB); the trail {verdict}")
+    return EXIT_OK if written.verified else EXIT_MISMATCH
 
 
 def _yes(flag: bool) -> str:

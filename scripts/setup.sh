@@ -22,10 +22,23 @@ fi
 .venv/bin/python -m pip install --quiet --no-compile --no-deps "byzfl==0.0.11"
 
 # Dev-chain tools: anvil (local Ethereum node), solcjs (offline Solidity compiler) and
-# OpenZeppelin Contracts, exactly as the committed lock file pins them (it lists every
-# platform's optional anvil binary, so `npm ci` accepts it and changes nothing); install
-# scripts are not needed (see FACTS.md).
+# OpenZeppelin Contracts, and playwright-core for the browser tests, exactly as the
+# committed lock file pins them (it lists every platform's optional anvil binary, so
+# `npm ci` accepts it and changes nothing); install scripts are not needed (see FACTS.md).
 npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+
+# Debian's Chromium, which the explorer page's browser tests (tests/test_explorer.py)
+# drive headless through playwright-core (installed above from the lock file).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+      >/dev/null
+  else
+    echo "setup: /usr/bin/chromium is missing: install Debian's chromium (as root) for" \
+      "the browser tests" >&2
+  fi
+fi
 
 # MNIST: copy the official files from ../shared/data when present (never write there).
 if [ ! -f data/MNIST/raw/train-images-idx3-ubyte.gz ] && [ -d ../shared/data/MNIST/raw ]; then

@@ -32,10 +32,11 @@ def open_notary(run_dir):
     )
 
 
-def play(strategy, notary, rounds, arrays, node_offset=1, poisoned=()):
+def play(strategy, notary, rounds, arrays, node_offset=1, poisoned=(), broken=()):
     """Run ``rounds`` through the Strategy API; node ids are partition + node_offset.
 
-    The ``poisoned`` partitions send the honest step reversed and tripled.
+    The ``poisoned`` partitions send the honest step reversed and tripled; the ``broken``
+    ones send an update with a NaN, which a check rejects.
     """
     partition_of = {p + node_offset: p for p in PARTITIONS}
     grid = MiningGrid(partition_of)
@@ -45,6 +46,8 @@ def play(strategy, notary, rounds, arrays, node_offset=1, poisoned=()):
         rng = np.random.default_rng(server_round)
         current = arrays["w"].numpy()
         step = {p: (-3.0 if p in poisoned else 1.0) * 0.5 * (TARGET - current) for p in PARTITIONS}
+        for partition in broken:
+            step[partition] = np.where(np.arange(TARGET.size) == 0, np.nan, step[partition])
         replies = [
             signed_reply(
                 node,

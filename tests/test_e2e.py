@@ -103,6 +103,32 @@ def test_bcsfl_rejects_label_flippers_and_beats_fedavg(attacked_runs):
 
 
 @pytest.mark.slow
+def test_the_launcher_writes_the_explorer_page_and_a_browser_shows_it_verified(
+    attacked_runs, tmp_path
+):
+    from test_explorer import PAGE_LIMIT, browse
+
+    run = attacked_runs["bcsfl"]
+    assert attacked_runs["fedavg"].report is None  # FedAvg keeps no trail to show
+    assert run.report is not None and run.report.verified
+    assert run.report.path == run.output_dir / "report.html"
+    assert run.report.size < PAGE_LIMIT
+    seen = browse(run.report.path, tmp_path / "explorer.png")
+    assert seen["plots"] == "ready", seen
+    assert [(r["round"], r["verified"]) for r in seen["rounds"]] == [
+        (n, True) for n in range(1, ATTACK_ROUNDS + 1)
+    ]
+    reasons = {
+        reason
+        for number in range(1, ATTACK_ROUNDS + 1)
+        for reason in run.results["rounds"][str(number)]["rejected"].values()
+    }
+    assert seen["rejected_reason"]["visible"] and seen["rejected_reason"]["text"] in reasons
+    assert seen["stake_lines"] == 10 == len(seen["stake_legend"])
+    assert not seen["errors"] and not seen["requests"]
+
+
+@pytest.mark.slow
 def test_every_committed_round_is_anchored_and_verifiable(attacked_runs):
     run = attacked_runs["bcsfl"]
     rounds = [run.results["rounds"][str(r)] for r in range(1, ATTACK_ROUNDS + 1)]

@@ -9,9 +9,10 @@ time (:mod:`run_mutations`). For each mutation, one of two outcomes is required:
 * or the mutation is one the audit declares: a ``results.json`` field that ``bcsfl audit
   show`` lists as unverified, or a file ``verify`` names as not part of the trail.
 
-Every audit command (``verify``, ``list``, ``show``, ``replay``) must answer without a
-traceback, and none may read a file outside the run directory (an audit hook watches
-every ``open``). The fast tier tries a fixed sample, drawn by Hypothesis with a fixed
+Every audit command (``verify``, ``list``, ``show``, ``replay``, ``head`` and ``report``)
+must answer without a traceback, the explorer page must judge the run as ``verify``
+does, and none may read a file outside the run directory (an audit hook watches every
+``open``). The fast tier tries a fixed sample, drawn by Hypothesis with a fixed
 seed; the slow tier tries every mutation and writes the report committed in
 ``docs/fuzzer-report.json``.
 """
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from recorded_run import record_three_rounds
 from run_mutations import Mutation, mutations
 
 from bcsfl_flower.audit.run_results import RESULTS_FILE, RunResults
@@ -41,7 +42,14 @@ from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.cli import main
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "fuzzer-report.json"
-COMMANDS = (("verify",), ("list",), ("show", "2"), ("replay",), ("head",))
+COMMANDS = (
+    ("verify",),
+    ("list",),
+    ("show", "2"),
+    ("replay",),
+    ("head",),
+    ("report", "--out", os.devnull),
+)
 
 _opened: list[str] | None = None
 
@@ -65,24 +73,7 @@ class Verdict:
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> tuple[Path, Path, list[Mutation]]:
     """The run, a pristine copy outside it (where links point) and every mutation."""
-    from test_checkpoint import PARTITIONS, open_notary, play
-    from test_notary import GLOBAL
-
-    from bcsfl_flower.strategy import BCSFL
-    from bcsfl_vision.results import RunRecorder
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    run_dir = tmp_path_factory.mktemp("fuzzed-run")
-    recorder = RunRecorder(run_dir, {"num-server-rounds": 3})
-    notary = open_notary(run_dir)
-    try:
-        strategy = BCSFL(notary=notary, num_miners=4, round_sink=recorder.record)
-        arrays = play(strategy, notary, (1,), GLOBAL)
-        arrays = play(strategy, notary, (2,), arrays, poisoned=tuple(PARTITIONS))
-        play(strategy, notary, (3,), arrays)
-        recorder.finish()
-    finally:
-        notary.close()
+    run_dir = record_three_rounds(tmp_path_factory.mktemp("fuzzed-run"))
     outside = tmp_path_factory.mktemp("outside") / "copy"
     shutil.copytree(run_dir, outside)
     code, out = _audit(run_dir, "verify")
@@ -178,6 +169,8 @@ def judge(
     for name, (_, out) in answers.items():
         assert "Traceback" not in out, f"{mutation}: {name} printed a traceback:\n{out}"
     code, out = answers["verify"]
+    if "report" in answers:  # the explorer page judges the run as verify does
+        assert (answers["report"][0] == 0) == (code == 0), f"{mutation}: {answers['report']}"
     if code != 0:
         _require_named(mutation, out)
         return Verdict("caught", _first_failure(out))

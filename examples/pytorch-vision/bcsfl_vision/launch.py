@@ -11,6 +11,8 @@ tests and experiments can treat a federation like any other command:
   pid when the run ends;
 * success is read from the run's own ``results.json``: the exit code is 0 only when
   its status is ``completed``;
+* at the end of a BCSFL run, its explorer page (``report.html``, see
+  :mod:`bcsfl_flower.audit.explorer`) is written next to ``results.json``;
 * how the run was launched is kept in ``<output-dir>/launch.json``, so a stopped run
   can be resumed from its directory alone (run config ``resume``, see
   :mod:`bcsfl_flower.audit.checkpoint`).
@@ -41,7 +43,10 @@ import psutil
 from flwr.common.logger import log
 from rich.progress import Progress
 
+from bcsfl_flower.audit.explorer import WrittenReport, write_report
+from bcsfl_flower.chain.errors import ChainUnavailableError
 from bcsfl_flower.processes import free_port, terminate_tree
+from bcsfl_flower.round.notary import MANIFEST_FILE
 from bcsfl_vision.config import DATA_DIR_ENV
 from bcsfl_vision.progress import FederationProgress, new_progress
 from bcsfl_vision.results import RESULTS_FILE, load_results
@@ -90,6 +95,8 @@ class FederationRun:
     results: dict[str, Any] | None
     log_path: Path
     flower_status: str | None = None
+    report: WrittenReport | None = None
+    """The run's explorer page, where one was written."""
 
     @property
     def results_path(self) -> Path:
@@ -109,6 +116,7 @@ def run_federation(
     require_results: bool = True,
     client_cpus: int = DEFAULT_CLIENT_CPUS,
     progress: Progress | None = None,
+    report: bool = True,
 ) -> FederationRun:
     """Run ``flwr run`` on ``app_dir`` and return its results, or raise if it failed.
 
@@ -137,6 +145,8 @@ def run_federation(
     progress : rich.progress.Progress, optional
         A live display to follow the run's rounds on (:mod:`bcsfl_vision.progress`):
         round k of N, committed or rolled back, accuracy, anchored, ETA. None shows none.
+    report : bool
+        Write the run's explorer page (``report.html``) when the run has an audit trail.
 
     Raises
     ------
@@ -202,7 +212,24 @@ def run_federation(
         raise FederationFailedError(
             f"the SuperLink reports the run {flower_status}; see {log_path}"
         )
-    return FederationRun(output_dir, results, log_path, flower_status)
+    page = _write_report(output_dir) if report else None
+    return FederationRun(output_dir, results, log_path, flower_status, page)
+
+
+def _write_report(output_dir: Path) -> WrittenReport | None:
+    """Write the run's explorer page; a run without a trail (FedAvg) has none.
+
+    A page that cannot be written does not fail a completed federation: the warning
+    says why, and ``bcsfl audit report`` can write it later.
+    """
+    manifest = output_dir / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        return write_report(manifest, chain=None)
+    except (OSError, ValueError, ChainUnavailableError) as err:
+        log(WARNING, "The explorer page was not written: %s", err)
+        return None
 
 
 def _flwr_run(
@@ -253,6 +280,7 @@ def resume_federation(
     timeout: float = 3600.0,
     stream: bool = True,
     progress: Progress | None = None,
+    report: bool = True,
 ) -> FederationRun:
     """Resume the stopped run in ``run_dir``, as it was launched, from its last anchored round.
 
@@ -279,6 +307,7 @@ def resume_federation(
         stream=stream,
         client_cpus=launch.get("client_cpus") or DEFAULT_CLIENT_CPUS,
         progress=progress,
+        report=report,
     )
 
 
@@ -448,6 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"directory holding MNIST/raw/*.gz (default: ${DATA_DIR_ENV} or ./data)",
     )
     parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not write the run's explorer page (report.html) at the end",
+    )
+    parser.add_argument(
         "--resume",
         type=Path,
         metavar="RUN_DIR",
@@ -458,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with new_progress() as display:
             if args.resume is not None:
-                run = resume_federation(args.resume, progress=display)
+                run = resume_federation(args.resume, progress=display, report=not args.no_report)
             else:
                 run = run_federation(
                     args.output_dir,
@@ -466,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_config={key: _parse_scalar(value) for key, value in overrides.items()},
                     data_dir=args.data_dir,
                     progress=display,
+                    report=not args.no_report,
                 )
     except FederationFailedError as err:
         print(f"bcsfl: federation FAILED: {err}", file=sys.stderr)
@@ -473,6 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     accuracy = (run.results or {}).get("final_test_accuracy")
     print(f"bcsfl: federation completed; final test accuracy {accuracy}")
     print(f"bcsfl: results in {run.results_path}")
+    if run.report is not None:
+        verdict = "verified" if run.report.verified else "does NOT verify"
+        print(f"bcsfl: explorer page in {run.report.path} (the trail {verdict})")
     return 0
 
 
