@@ -36,20 +36,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psutil
 from flwr.common.logger import log
 from rich.progress import Progress
 
-from bcsfl_flower.audit.explorer import WrittenReport, write_report
-from bcsfl_flower.chain.errors import ChainUnavailableError
 from bcsfl_flower.processes import free_port, terminate_tree
-from bcsfl_flower.round.notary import MANIFEST_FILE
 from bcsfl_vision.config import DATA_DIR_ENV
 from bcsfl_vision.progress import FederationProgress, new_progress
 from bcsfl_vision.results import RESULTS_FILE, load_results
+
+if TYPE_CHECKING:
+    from bcsfl_flower.audit.explorer import WrittenReport
 
 APP_DIR = Path(__file__).resolve().parent.parent
 """The Flower App directory (the one holding ``pyproject.toml``) when run from a checkout."""
@@ -222,6 +222,12 @@ def _write_report(output_dir: Path) -> WrittenReport | None:
     A page that cannot be written does not fail a completed federation: the warning
     says why, and ``bcsfl audit report`` can write it later.
     """
+    # Imported here: the audit tools (web3, py-evm) take seconds to import, which a
+    # launch with --no-report or a FedAvg run need not pay.
+    from bcsfl_flower.audit.explorer import write_report
+    from bcsfl_flower.chain.errors import ChainUnavailableError
+    from bcsfl_flower.round.notary import MANIFEST_FILE
+
     manifest = output_dir / MANIFEST_FILE
     if not manifest.is_file():
         return None
