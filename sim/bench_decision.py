@@ -37,9 +37,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bcsfl_flower.protocol import BASELINE_CANDIDATE, CANDIDATE_CONFIG_KEY  # noqa: E402
-from bcsfl_flower.strategy import BCSFL  # noqa: E402
-from bcsfl_vision.baselines import build_baseline  # noqa: E402
+from bcsfl_flower.protocol import BASELINE_CANDIDATE, CANDIDATE_CONFIG_KEY
+from bcsfl_flower.strategy import BCSFL
+from bcsfl_vision.baselines import build_baseline
 
 LAYERS = {"fc1.weight": (1024, 784), "fc1.bias": (1024,), "fc2.weight": (170, 1024)}
 """A 1M-parameter MLP: 784 -> 1024 -> 170 (1,004,544 parameters)."""
@@ -77,7 +77,7 @@ class InstantGrid:
         """Return the federation's node ids."""
         return self.node_ids
 
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:  # noqa: ANN001
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
         """Reply to every evaluate message with the loss of the model it names."""
         replies = []
         for message in messages:

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bcsfl_vision.launch import APP_DIR, run_federation  # noqa: E402
+from bcsfl_vision.launch import APP_DIR, run_federation
 
 DROPIN_DIR = Path(__file__).resolve().parent.parent / "tests" / "dropin_app"
 BCSFL_LINE = "strategy = BCSFL(fraction_train=fraction_train)"

@@ -50,18 +50,18 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only
 
-import matplotlib.pyplot as plt  # noqa: E402
-from eth_account.signers.local import LocalAccount  # noqa: E402
-from flwr.common.logger import log  # noqa: E402
+import matplotlib.pyplot as plt
+from eth_account.signers.local import LocalAccount
+from flwr.common.logger import log
 
-from bcsfl_flower.chain.audit import AuditTrail  # noqa: E402
-from bcsfl_flower.chain.backends import ChainConnection, connect  # noqa: E402
-from bcsfl_flower.chain.certificates import AnchorCertificate, quorum  # noqa: E402
-from bcsfl_flower.chain.keys import client_dev_account  # noqa: E402
-from bcsfl_flower.committee import draw_committee  # noqa: E402
-from bcsfl_flower.packets import model_hash  # noqa: E402
-from sim.bench_anchor import COMMITTEE, setup, toy_model  # noqa: E402
-from sim.report import write_csv  # noqa: E402
+from bcsfl_flower.chain.audit import AuditTrail
+from bcsfl_flower.chain.backends import ChainConnection, connect
+from bcsfl_flower.chain.certificates import AnchorCertificate, quorum
+from bcsfl_flower.chain.keys import client_dev_account
+from bcsfl_flower.committee import draw_committee
+from bcsfl_flower.packets import model_hash
+from sim.bench_anchor import COMMITTEE, setup, toy_model
+from sim.report import write_csv
 
 COMMITTEE_MODE = "committee"
 ALL_NODES_MODE = "all-nodes"

@@ -31,14 +31,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 
-import matplotlib.pyplot as plt  # noqa: E402
-from flwr.common.logger import log  # noqa: E402
+import matplotlib.pyplot as plt
+from flwr.common.logger import log
 
-from sim.experiments import add_data_dir_argument  # noqa: E402
-from sim.grid import CLEAN, LABEL_FLIP, STRATEGIES, Cell, ExperimentSpec  # noqa: E402
-from sim.records import RunResult  # noqa: E402
-from sim.report import write_csv  # noqa: E402
-from sim.runner import GridRunner  # noqa: E402
+from sim.experiments import add_data_dir_argument
+from sim.grid import CLEAN, LABEL_FLIP, STRATEGIES, Cell, ExperimentSpec
+from sim.records import RunResult
+from sim.report import write_csv
+from sim.runner import GridRunner
 
 NOISE_MULTIPLIERS = (1.5, 2.0, 3.0)
 """DP-SGD noise multipliers of the frontier, least private first (epsilon about 11, 7.5

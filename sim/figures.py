@@ -19,13 +19,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
-from sim.grid import LABEL_FLIP, STRATEGIES, Cell  # noqa: E402
-from sim.records import RunResult  # noqa: E402
+from sim.grid import LABEL_FLIP, STRATEGIES, Cell
+from sim.records import RunResult
 
 PANEL_COLUMNS = 4
 

@@ -301,7 +301,7 @@ def replay_journal(web3: Web3, journal: Path) -> int:
             try:
                 tx_hash = web3.eth.send_raw_transaction(raw)
                 receipt = web3.eth.wait_for_transaction_receipt(tx_hash, timeout=_RECEIPT_TIMEOUT_S)
-            except Exception as err:  # noqa: BLE001 - any failure means the journal is bad
+            except Exception as err:  # any failure means the journal is bad
                 raise ValueError(
                     f"{journal}:{number}: replay diverged: the chain refused the transaction: {err}"
                 ) from err
@@ -484,7 +484,7 @@ def _wait_until_up(
             if web3.is_connected():
                 web3.eth.chain_id  # noqa: B018 - a real request, not just a socket
                 return
-        except Exception:  # noqa: BLE001 - any failure means "not up yet"
+        except Exception:  # any failure means "not up yet"
             pass
         if time.monotonic() >= deadline:
             raise ChainUnavailableError(

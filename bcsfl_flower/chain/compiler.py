@@ -241,7 +241,7 @@ def _native_solc() -> Path | None:
         return None
     try:
         found = get_solc_version(Path(on_path))
-    except Exception:  # noqa: BLE001 - any broken binary simply is not used
+    except Exception:  # any broken binary simply is not used
         return None
     return Path(on_path) if str(found) == SOLC_VERSION else None
 

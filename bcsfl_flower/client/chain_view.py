@@ -77,7 +77,7 @@ class OwnChainView:
         """
         try:
             return self._fault(request_domain, signed)
-        except Exception as err:  # noqa: BLE001 - any failed read means "cannot check"
+        except Exception as err:  # any failed read means "cannot check"
             return f"cannot read the chain at {self.url}: {type(err).__name__}: {err}"
 
     def _fault(self, request_domain: Eip712Domain, signed: MinerStatement) -> str | None:
@@ -100,7 +100,7 @@ class OwnChainView:
 
 
 @functools.lru_cache(maxsize=8)
-def _contract(url: str, address: str):  # noqa: ANN202 - a web3 Contract
+def _contract(url: str, address: str):  # a web3 Contract
     web3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 10}))
     return web3.eth.contract(address=address, abi=load_artifact()["abi"])
 

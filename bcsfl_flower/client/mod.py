@@ -167,7 +167,7 @@ def serve_duty(
         inner = Message(metadata=copy.copy(msg.metadata), content=evaluation_content(duty, name))
         try:
             reply = call_next(inner, context)
-        except Exception as err:  # noqa: BLE001 - the app's handler may raise anything
+        except Exception as err:  # the app's handler may raise anything
             errors[name] = f"{type(err).__name__}: {err}"
             continue
         if reply.has_error():

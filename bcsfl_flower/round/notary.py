@@ -129,7 +129,6 @@ class RoundNotary:
         can sign only as itself, even with another node's stolen Ethereum key.
     """
 
-    # pylint: disable=too-many-arguments
     def __init__(
         self,
         connection: ChainConnection,
@@ -286,7 +285,6 @@ class RoundNotary:
             f"node {node_id} cannot sign as it"
         )
 
-    # pylint: disable=too-many-arguments
     def mining_plan(
         self,
         statement: RoundStatement,

@@ -249,7 +249,6 @@ class RoundPipeline:
         log(INFO, "consensus: %s", decision.reason)
         return _Stages(decision, statement, gram, bounds, screening, committee, candidates, reports)
 
-    # pylint: disable=too-many-arguments
     def _score(
         self,
         grid: Grid,

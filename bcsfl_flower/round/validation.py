@@ -134,7 +134,6 @@ class _Sent:
     duty: bool = False
 
 
-# pylint: disable=too-many-arguments,too-many-locals
 def exchange_with_committee(
     grid: Grid,
     server_round: int,
