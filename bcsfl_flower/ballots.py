@@ -36,6 +36,7 @@ from bcsfl_flower.packets import (
     check_hash,
     from_hex,
     recover_signer,
+    to_hex,
     typed_data_digest,
     typed_fields,
 )
@@ -156,10 +157,10 @@ class SignedBallot:
         return {
             "round": ballot.round,
             "validator": ballot.validator,
-            "previous_hash": "0x" + ballot.previous_hash.hex(),
-            "models": ["0x" + model.hex() for model in ballot.models],
+            "previous_hash": to_hex(ballot.previous_hash),
+            "models": [to_hex(model) for model in ballot.models],
             "loss_bits": [loss_bits(loss) for loss in ballot.losses],
-            "signature": "0x" + self.signature.hex(),
+            "signature": to_hex(self.signature),
         }
 
     @classmethod

@@ -50,7 +50,7 @@ from bcsfl_flower.chain.certificates import AnchoredRound
 from bcsfl_flower.chain.errors import ChainUnavailableError, RoundNotAnchoredError
 from bcsfl_flower.chain.head import TrailHead
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore, load_model_file
-from bcsfl_flower.packets import model_hash
+from bcsfl_flower.packets import model_hash, to_hex
 from bcsfl_flower.round.conclusion import conclude
 
 MANIFEST_NAME = "chain.json"
@@ -223,7 +223,7 @@ def _cmd_list(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTra
 
 def _cmd_show(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
     if args.round == 0:
-        print(json.dumps({"round": 0, "genesis_hash": "0x" + trail.get_round(0).hex()}, indent=2))
+        print(json.dumps({"round": 0, "genesis_hash": to_hex(trail.get_round(0))}, indent=2))
         return EXIT_OK
     for record in timeline(trail):
         if record.round == args.round:

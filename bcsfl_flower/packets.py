@@ -644,6 +644,11 @@ def typed_fields(
     return values
 
 
+def to_hex(data: bytes) -> str:
+    """Return ``data`` as a ``0x``-prefixed hex string (the inverse of :func:`from_hex`)."""
+    return "0x" + data.hex()
+
+
 def from_hex(text: object) -> bytes:
     """Return the bytes of a ``0x``-prefixed hex string (the JSON form of hashes here).
 

@@ -31,7 +31,7 @@ from bcsfl_flower.audit.verification import load_statement, timeline
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
-from bcsfl_flower.packets import Eip712Domain, accepted_root, model_hash
+from bcsfl_flower.packets import Eip712Domain, accepted_root, model_hash, to_hex
 from bcsfl_flower.round.conclusion import conclude
 from bcsfl_flower.round.plain import PlainBatch, PlainCollector, PlainSpace
 from bcsfl_flower.round.planning import plan_round
@@ -177,7 +177,7 @@ def _expect_plan(statement: RoundStatement, names: Sequence[str], hashes: dict[s
     assert stated is not None
     for name, digest in hashes.items():
         _expect(
-            stated.scored.get(name) == "0x" + digest.hex(),
+            stated.scored.get(name) == to_hex(digest),
             f"{label}: candidate {name} replays to 0x{digest.hex()}, the statement's ballots "
             f"scored {stated.scored.get(name)}",
         )

@@ -22,6 +22,7 @@ from web3.exceptions import Web3Exception
 from bcsfl_flower.audit.run_results import RESULTS_FILE
 from bcsfl_flower.chain.audit import DEPLOYMENT_FILE, AuditTrail, ChainManifest
 from bcsfl_flower.chain.model_store import ModelStore
+from bcsfl_flower.packets import to_hex
 
 
 def symbolic_links(run_dir: Path) -> list[str]:
@@ -118,7 +119,7 @@ def deployment_record_problems(trail: AuditTrail, manifest: ChainManifest) -> li
         "chain_id": manifest.chain_id,
         "contract": trail.address,
         "deploy_block": manifest.deploy_block,
-        "genesis_hash": "0x" + manifest.genesis_hash.hex(),
+        "genesis_hash": to_hex(manifest.genesis_hash),
         "operator": manifest.operator,
         "deploy_tx creates": trail.address,
     }

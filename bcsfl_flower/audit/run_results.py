@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound
+from bcsfl_flower.packets import to_hex
 from bcsfl_flower.round.statement import UNSIGNED_PREFIX, RoundStatement
 
 RESULTS_FILE = "results.json"
@@ -119,7 +120,7 @@ class RunResults:
         expected = {
             "round": record.round,
             "outcome": "commit" if anchored else "rollback",
-            "model_hash": "0x" + model.hex(),
+            "model_hash": to_hex(model),
             "rejected": dict(statement.rejected),
         }
         problems = [

@@ -60,6 +60,7 @@ from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound, quor
 from bcsfl_flower.chain.model_store import ModelIntegrityError, ModelStore
 from bcsfl_flower.packets import (
     Eip712Domain,
+    to_hex,
 )
 from bcsfl_flower.round.conclusion import (
     conclude,
@@ -148,7 +149,7 @@ def verify_trail(
         0,
     )
     report.check(
-        manifest.run == "0x" + trail.domain.run.hex(),
+        manifest.run == to_hex(trail.domain.run),
         f"{manifest.path.name}: run {manifest.run}, the contract's runId is "
         f"0x{trail.domain.run.hex()}",
         0,
@@ -372,7 +373,7 @@ def _verify_statement(
         report.check(False, str(err), round_number)
         return None
     report.check(
-        statement.previous_hash == "0x" + head.hex(),
+        statement.previous_hash == to_hex(head),
         f"{label}: the state statement starts from {statement.previous_hash}, the last "
         f"anchored model is 0x{head.hex()}",
         round_number,
@@ -432,7 +433,7 @@ def _verify_decision(
         if decision.committed and statement.plan is not None:
             carried = statement.plan.scored.get(str(decision.candidate))
         report.check(
-            carried == "0x" + record.model_hash.hex(),
+            carried == to_hex(record.model_hash),
             f"{label}: the chain anchors 0x{record.model_hash.hex()}, the ballots "
             + (
                 f"commit {decision.candidate} ({carried})"

@@ -61,6 +61,7 @@ from bcsfl_flower.packets import (
     SIGNATURE_BYTES,
     Eip712Domain,
     check_hash,
+    to_hex,
 )
 
 DEPLOYMENT_FILE = "deployment.json"
@@ -154,7 +155,7 @@ class AuditTrail:
             ),
             retry if retry is not None else RetryPolicy(),
             sleep,
-            resume={"genesis_hash": "0x" + genesis_hash.hex()},
+            resume={"genesis_hash": to_hex(genesis_hash)},
             abi=artifact["abi"],
         )
         trail = cls(
@@ -169,7 +170,7 @@ class AuditTrail:
             "contract": trail.address,
             "deploy_tx": receipt["transactionHash"].to_0x_hex(),
             "deploy_block": trail.deploy_block,
-            "genesis_hash": "0x" + genesis_hash.hex(),
+            "genesis_hash": to_hex(genesis_hash),
             "operator": operator,
         }
         _write_json(connection.state_dir / DEPLOYMENT_FILE, record)
@@ -666,12 +667,12 @@ class AuditTrail:
             **description,
             "contract": self.address,
             "deploy_block": self.deploy_block,
-            "genesis_hash": "0x" + genesis.hex(),
-            "run": "0x" + self.domain.run.hex(),
+            "genesis_hash": to_hex(genesis),
+            "run": to_hex(self.domain.run),
             "operator": self.connection.operator.address,
             "models": _relative(Path(models_dir), base),
             "latest_round": self.latest_round(),
-            "head": {"round": head_round, "model_hash": "0x" + head_hash.hex()},
+            "head": {"round": head_round, "model_hash": to_hex(head_hash)},
         }
         _write_json(manifest_path, record)
         return manifest_path

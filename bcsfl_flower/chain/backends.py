@@ -47,6 +47,7 @@ from web3.types import TxReceipt
 from bcsfl_flower.chain.compiler import repository_root
 from bcsfl_flower.chain.errors import ChainUnavailableError
 from bcsfl_flower.chain.keys import DEV_MNEMONIC, OPERATOR_DEV_INDEX, dev_account
+from bcsfl_flower.packets import to_hex
 from bcsfl_flower.processes import free_port, port_in_use
 
 BACKEND_EMBEDDED = "embedded"
@@ -317,7 +318,7 @@ def replay_journal(web3: Web3, journal: Path) -> int:
 
 def _append_journal(journal: Path, raw: bytes, receipt: TxReceipt) -> None:
     entry = {
-        "raw": "0x" + raw.hex(),
+        "raw": to_hex(raw),
         "hash": receipt["transactionHash"].to_0x_hex(),
         "status": int(receipt["status"]),
     }

@@ -28,6 +28,7 @@ from bcsfl_flower.committee import quorum_size
 from bcsfl_flower.packets import (
     Eip712Domain,
     from_hex,
+    to_hex,
 )
 
 quorum = quorum_size
@@ -158,7 +159,7 @@ class AnchorCertificate:
             **_attestation_dict(self.approval),
             "committee": list(self.committee),
             "signers": list(self.signers),
-            "signatures": ["0x" + signature.hex() for signature in self.signatures],
+            "signatures": [to_hex(signature) for signature in self.signatures],
         }
 
     @classmethod
@@ -233,7 +234,7 @@ class AnchoredRound:
             **_attestation_dict(self.approval),
             "committee": list(self.committee),
             "signers": list(self.signers),
-            "signatures": ["0x" + signature.hex() for signature in self.signatures],
+            "signatures": [to_hex(signature) for signature in self.signatures],
             "tx_hash": self.tx_hash,
             "block_number": self.block_number,
             "gas_used": self.gas_used,
@@ -277,7 +278,7 @@ class RolledBackRound:
             **_attestation_dict(self.rollback),
             "committee": list(self.committee),
             "signers": list(self.signers),
-            "signatures": ["0x" + signature.hex() for signature in self.signatures],
+            "signatures": [to_hex(signature) for signature in self.signatures],
             "tx_hash": self.tx_hash,
             "block_number": self.block_number,
         }
@@ -287,9 +288,9 @@ def _attestation_dict(approval: Attestation) -> dict[str, Any]:
     if isinstance(approval, RoundRollback):
         return {
             "round": approval.round,
-            "kept_model_hash": "0x" + approval.kept_model_hash.hex(),
-            "committee_root": "0x" + approval.committee_root.hex(),
-            "state_root": "0x" + approval.state_root.hex(),
+            "kept_model_hash": to_hex(approval.kept_model_hash),
+            "committee_root": to_hex(approval.committee_root),
+            "state_root": to_hex(approval.state_root),
             "reason": approval.reason,
         }
     return _approval_dict(approval)
@@ -298,10 +299,10 @@ def _attestation_dict(approval: Attestation) -> dict[str, Any]:
 def _approval_dict(approval: RoundApproval) -> dict[str, Any]:
     return {
         "round": approval.round,
-        "model_hash": "0x" + approval.model_hash.hex(),
-        "previous_hash": "0x" + approval.previous_hash.hex(),
-        "accepted_root": "0x" + approval.accepted_root.hex(),
-        "committee_root": "0x" + approval.committee_root.hex(),
-        "state_root": "0x" + approval.state_root.hex(),
+        "model_hash": to_hex(approval.model_hash),
+        "previous_hash": to_hex(approval.previous_hash),
+        "accepted_root": to_hex(approval.accepted_root),
+        "committee_root": to_hex(approval.committee_root),
+        "state_root": to_hex(approval.state_root),
         "timestamp": approval.timestamp,
     }

@@ -10,6 +10,8 @@ from typing import Any
 from eth_abi import decode as abi_decode
 from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 
+from bcsfl_flower.packets import to_hex
+
 
 class ChainUnavailableError(RuntimeError):
     """The chain did not answer, even after retrying.
@@ -121,7 +123,7 @@ def _readable(kind: str, value: Any) -> Any:
     if kind == "address":
         return to_checksum_address(value)
     if isinstance(value, bytes):
-        return "0x" + value.hex()
+        return to_hex(value)
     return value
 
 

@@ -19,6 +19,7 @@ from eth_utils import to_checksum_address
 
 from bcsfl_flower.chain.audit import AuditTrail
 from bcsfl_flower.chain.errors import RoundNotAnchoredError
+from bcsfl_flower.packets import to_hex
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,11 @@ class TrailHead:
         return cls(
             chain_id=chain_id,
             contract=trail.address,
-            genesis_hash="0x" + trail.genesis_hash().hex(),
-            run="0x" + trail.domain.run.hex(),
+            genesis_hash=to_hex(trail.genesis_hash()),
+            run=to_hex(trail.domain.run),
             latest_round=trail.latest_round(),
             round=head_round,
-            model_hash="0x" + head_hash.hex(),
+            model_hash=to_hex(head_hash),
         )
 
     def to_json(self) -> str:
@@ -112,7 +113,7 @@ class TrailHead:
                 f"but the recorded head had reached round {self.latest_round}"
             )
         try:
-            anchored = "0x" + trail.get_round(self.round).hex()
+            anchored = to_hex(trail.get_round(self.round))
         except RoundNotAnchoredError:
             anchored = None
         if anchored != self.model_hash:

@@ -69,6 +69,7 @@ from bcsfl_flower.packets import (
     SignedModelPacket,
     accepted_root,
     model_hash,
+    to_hex,
 )
 from bcsfl_flower.protocol import (
     BASELINE_CANDIDATE,
@@ -388,7 +389,7 @@ def _read_statement(request: MineRequest) -> tuple[RoundStatement | None, str | 
         statement = RoundStatement.from_bytes(request.statement)
     except ValueError as err:
         return None, f"the statement is malformed: {err}"
-    start = "0x" + approval.start_hash.hex()
+    start = to_hex(approval.start_hash)
     if (statement.round, statement.previous_hash) != (approval.round, start):
         return None, f"the statement is round {statement.round}'s from {statement.previous_hash}"
     return statement, None
@@ -448,7 +449,7 @@ def _decision_fault(
     if not decision.committed or statement.plan is None:
         return f"the ballots commit no candidate ({decision.reason})"
     committed = statement.plan.scored.get(str(decision.candidate))
-    if committed != "0x" + approval.model_hash.hex():
+    if committed != to_hex(approval.model_hash):
         return f"the ballots commit {decision.candidate} ({committed}), not the model asked"
     return None
 

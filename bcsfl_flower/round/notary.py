@@ -48,6 +48,7 @@ from bcsfl_flower.packets import (
     SignedModelPacket,
     accepted_root,
     from_hex,
+    to_hex,
 )
 from bcsfl_flower.protocol import (
     ROLLBACK_CANDIDATE,
@@ -428,7 +429,7 @@ class RoundNotary:
             "miner_refusals": certification.refusals,
             "tx": anchored.tx_hash,
             "gas_used": anchored.gas_used,
-            "state_root": "0x" + anchored.approval.state_root.hex(),
+            "state_root": to_hex(anchored.approval.state_root),
         }
 
     def rollback(
@@ -455,7 +456,7 @@ class RoundNotary:
             "certified_by": certification.certified_by,
             "signers": list(rolled.signers),
             "rollback_tx": rolled.tx_hash,
-            "state_root": "0x" + statement.digest().hex(),
+            "state_root": to_hex(statement.digest()),
         }
 
     def keep_round(self, statement: RoundStatement, updates: Sequence[ArrayRecord]) -> None:

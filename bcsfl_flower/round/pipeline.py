@@ -27,7 +27,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from bcsfl_flower.committee import Committee, draw_committee
-from bcsfl_flower.packets import Eip712Domain, model_hash
+from bcsfl_flower.packets import Eip712Domain, model_hash, to_hex
 from bcsfl_flower.protocol import BASELINE_CANDIDATE, ROLLBACK_CANDIDATE, ConfigValue
 from bcsfl_flower.round.bounds import weighted_median
 from bcsfl_flower.round.checks import check_replies
@@ -445,7 +445,7 @@ class RoundPipeline:
                 node=c.name,
                 identity=identity_of(c.name, c.address),
                 num_examples=float(c.num_examples),
-                update_hash="0x" + self._update_hash(c).hex(),
+                update_hash=to_hex(self._update_hash(c)),
                 packet=None if c.packet is None else packet_fields(c.packet),
             )
             for c in checked.accepted
@@ -455,7 +455,7 @@ class RoundPipeline:
         set_apart = () if screening is None else screening.set_apart
         return RoundStatement(
             round=server_round,
-            previous_hash="0x" + previous_hash.hex(),
+            previous_hash=to_hex(previous_hash),
             settings=DecisionSettings.of(self.settings, self.selection.name, self.space.name),
             stakes=stakes,
             replies=replies,

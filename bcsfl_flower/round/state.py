@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from bcsfl_flower.committee import Committee
-from bcsfl_flower.packets import SignedModelPacket
+from bcsfl_flower.packets import SignedModelPacket, to_hex
 from bcsfl_flower.protocol import DP_EPSILON_KEY, serves_duty
 from bcsfl_flower.round.timing import StageTimes
 
@@ -488,14 +488,14 @@ class RoundRecord:
             "trusted": sorted(self.trusted()),
             "signed": sorted(c.name for c in self.checked.accepted if c.packet is not None),
             "addresses": {c.name: c.address for c in self.checked.accepted if c.address},
-            "previous_hash": "0x" + self.previous_hash.hex(),
+            "previous_hash": to_hex(self.previous_hash),
             "outcome": "commit" if self.committed else "rollback",
             "reason": self.decision.reason,
             "candidate": self.decision.candidate,
             "votes_for": self.decision.votes_for,
             "quorum": self.decision.quorum,
             "votes": dict(self.decision.ballots),
-            "model_hash": "0x" + self.model_hash.hex(),
+            "model_hash": to_hex(self.model_hash),
             "stakes": dict(self.settlement.after),
             "stakes_before": dict(self.settlement.before),
             "rewarded": list(self.settlement.rewarded),

@@ -37,7 +37,7 @@ import numpy as np
 from flwr.app import ConfigRecord
 
 from bcsfl_flower.committee import Committee, draw_committee
-from bcsfl_flower.packets import Eip712Domain, SignedModelPacket
+from bcsfl_flower.packets import Eip712Domain, SignedModelPacket, to_hex
 from bcsfl_flower.round.settings import RoundSettings
 from bcsfl_flower.round.stakes import (
     DEFAULT_LEFT_OUT_FRACTION,
@@ -158,7 +158,7 @@ class StatedPlan:
         """Return the record of ``plan``, whose scored models hash to ``scored``."""
         return cls(
             names=plan.names,
-            scored={name: "0x" + digest.hex() for name, digest in scored.items()},
+            scored={name: to_hex(digest) for name, digest in scored.items()},
             supports=plan.supports,
             fallback_suspects=plan.fallback_suspects,
             owners=plan.owners,
@@ -318,7 +318,7 @@ class RoundStatement:
 def packet_fields(signed: SignedModelPacket) -> dict[str, Any]:
     """Return a signed packet as the statement records it: its wire record, bytes as hex."""
     return {
-        key: "0x" + value.hex() if isinstance(value, bytes) else value
+        key: to_hex(value) if isinstance(value, bytes) else value
         for key, value in signed.to_config_record().items()
     }
 
@@ -351,7 +351,7 @@ def packet_fault(reply: StatedReply, round_number: int, domain: Eip712Domain) ->
         return f"its signed packet cannot be read: {err}"
     if (
         signer != reply.identity
-        or "0x" + packet.packet.model_hash.hex() != reply.update_hash
+        or to_hex(packet.packet.model_hash) != reply.update_hash
         or packet.packet.round != round_number
     ):
         return (

@@ -20,6 +20,7 @@ from bcsfl_flower.audit.verification import TrailReport, load_statement, timelin
 from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.certificates import AnchoredRound, RolledBackRound
 from bcsfl_flower.chain.model_store import ModelStore
+from bcsfl_flower.packets import to_hex
 from bcsfl_flower.round.conclusion import conclude
 from bcsfl_flower.round.state import Decision, ValidatorReport
 from bcsfl_flower.round.statement import RoundStatement
@@ -144,10 +145,10 @@ def run_view(trail: AuditTrail, manifest: ChainManifest, report: TrailReport) ->
         chain_id=manifest.chain_id,
         backend=manifest.backend,
         contract=trail.address,
-        run="0x" + trail.domain.run.hex(),
+        run=to_hex(trail.domain.run),
         operator=manifest.operator,
         head_round=report.latest_round,
-        head_hash="0x" + _head_hash(records, manifest).hex(),
+        head_hash=to_hex(_head_hash(records, manifest)),
         checks=report.checks,
         failures=tuple(run_failures),
         notes=(*report.notes, *_unaccounted(report)),
@@ -218,7 +219,7 @@ def _round_view(
         number=record.round,
         outcome="anchored" if anchored else "rolled back",
         failures=failures,
-        model_hash="0x" + digest.hex(),
+        model_hash=to_hex(digest),
         model_file=f"{stored.parent.name}/{stored.name}" if stored.is_file() else None,
         candidate=decision.candidate if decision is not None else None,
         decision=decision.reason if decision is not None else rollback_reason,
