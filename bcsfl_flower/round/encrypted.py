@@ -193,12 +193,12 @@ class EncryptedBatch(UpdateBatch):
     models: tuple[EncryptedModel, ...]
 
     @property
-    def size(self) -> int:  # type: ignore[override]
+    def size(self) -> int:
         """Number of updates."""
         return len(self.models)
 
 
-class EncryptedCollector(UpdateCollector):
+class EncryptedCollector(UpdateCollector[EncryptedBatch]):
     """Check encrypted replies against the global model's layout (:func:`check_encrypted_reply`)."""
 
     def __init__(self, specs: Sequence[ArraySpec], public_ctx: ts.Context) -> None:
@@ -220,7 +220,7 @@ class EncryptedCollector(UpdateCollector):
         return EncryptedBatch(tuple(self._models))
 
 
-class EncryptedSpace(UpdateSpace):
+class EncryptedSpace(UpdateSpace[EncryptedBatch]):
     """CKKS-encrypted updates: the server sees ciphertexts and one decrypted Gram matrix."""
 
     name = "ckks"
@@ -254,7 +254,7 @@ class EncryptedSpace(UpdateSpace):
         """Return a collector for this round's encrypted replies."""
         return EncryptedCollector(self.specs, self._context())
 
-    def gram(self, batch: EncryptedBatch, exchange: GramExchange) -> GramResult:  # type: ignore[override]
+    def gram(self, batch: EncryptedBatch, exchange: GramExchange) -> GramResult:
         """Compute the Gram homomorphically and have stake-drawn key holders decrypt it."""
         keyholders = exchange.draw_keyholders()
         matrix, record = decrypt_gram_by_committee(
@@ -266,7 +266,7 @@ class EncryptedSpace(UpdateSpace):
         )
         return GramResult(matrix, record["reason"], record)
 
-    def combine(  # type: ignore[override]
+    def combine(
         self, global_arrays: ArrayRecord, batch: EncryptedBatch, coefficients: np.ndarray
     ) -> tuple[ArrayRecord, ...]:
         """Return ``W_t + sum_k a_k D_k`` on ciphertexts, for every row ``a``.

@@ -129,12 +129,12 @@ class PlainBatch(UpdateBatch):
     """The slots and the flattened ``w_t`` the rows were taken against."""
 
     @property
-    def size(self) -> int:  # type: ignore[override]
+    def size(self) -> int:
         """Number of updates."""
         return int(self.norms.size)
 
 
-class PlainCollector(UpdateCollector):
+class PlainCollector(UpdateCollector[PlainBatch]):
     """Check replies against ``w_t`` and write their updates into one matrix."""
 
     def __init__(
@@ -236,7 +236,7 @@ class PlainCollector(UpdateCollector):
         return None
 
 
-class PlainSpace(UpdateSpace):
+class PlainSpace(UpdateSpace[PlainBatch]):
     """Updates the server can read: the default, and what every Flower app sends."""
 
     name = "plain"
@@ -245,7 +245,7 @@ class PlainSpace(UpdateSpace):
         """Return a collector for the replies to ``global_arrays``."""
         return PlainCollector(global_arrays, capacity)
 
-    def gram(self, batch: PlainBatch, exchange: GramExchange) -> GramResult:  # type: ignore[override]
+    def gram(self, batch: PlainBatch, exchange: GramExchange) -> GramResult:
         """Return ``G = diag(r) C diag(r)`` from the cosines ``C`` and exact norms ``r``."""
         cosines = (batch.features @ batch.features.T).astype(np.float64)
         cosines = np.clip(0.5 * (cosines + cosines.T), -1.0, 1.0)
@@ -259,7 +259,7 @@ class PlainSpace(UpdateSpace):
             {"sketch_dimension": SKETCH_DIMENSION, "sketch_seed": batch.sketch_seed},
         )
 
-    def combine(  # type: ignore[override]
+    def combine(
         self, global_arrays: ArrayRecord, batch: PlainBatch, coefficients: np.ndarray
     ) -> tuple[ArrayRecord, ...]:
         """Return ``w_t + a @ rows`` for every row ``a`` of ``coefficients``."""

@@ -17,6 +17,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -24,6 +25,9 @@ from flwr.serverapp import Grid
 
 from bcsfl_flower.protocol import ConfigValue
 from bcsfl_flower.round.state import GramResult, UpdateBatch
+
+BatchT = TypeVar("BatchT", bound=UpdateBatch)
+"""The batch class of one update space: only that space makes and reads it."""
 
 
 @dataclass(frozen=True)
@@ -48,25 +52,25 @@ class GramExchange:
     timeout: float
 
 
-class UpdateCollector(ABC):
-    """Reads one round's replies into an :class:`~bcsfl_flower.round.state.UpdateBatch`."""
+class UpdateCollector(ABC, Generic[BatchT]):
+    """Reads one round's replies into its space's :class:`~bcsfl_flower.round.state.UpdateBatch`."""
 
     @abstractmethod
     def add(self, arrays: ArrayRecord) -> str | None:
         """Check one reply's arrays; keep the update and return None, or return why not."""
 
     @abstractmethod
-    def finish(self) -> UpdateBatch:
+    def finish(self) -> BatchT:
         """Return the batch of every update kept, in the order they were added."""
 
 
-class UpdateSpace(ABC):
-    """Plaintext or encrypted updates behind one interface."""
+class UpdateSpace(ABC, Generic[BatchT]):
+    """Plaintext or encrypted updates behind one interface, generic over the space's batch."""
 
     name: str
     """Registry name (``"plain"``, ``"ckks"``)."""
 
-    def prepare(self, grid: Grid, initial_arrays: ArrayRecord, timeout: float) -> None:  # noqa: B027
+    def prepare(self, grid: Grid, initial_arrays: ArrayRecord, timeout: float) -> None:
         """Get ready before the first round (the CKKS space fetches its public context)."""
 
     def message_config(self) -> Mapping[str, ConfigValue]:
@@ -74,16 +78,16 @@ class UpdateSpace(ABC):
         return {}
 
     @abstractmethod
-    def collector(self, global_arrays: ArrayRecord, capacity: int) -> UpdateCollector:
+    def collector(self, global_arrays: ArrayRecord, capacity: int) -> UpdateCollector[BatchT]:
         """Return a collector for the replies to ``global_arrays`` (at most ``capacity``)."""
 
     @abstractmethod
-    def gram(self, batch: UpdateBatch, exchange: GramExchange) -> GramResult:
+    def gram(self, batch: BatchT, exchange: GramExchange) -> GramResult:
         """Return the inner products of the batch's updates."""
 
     @abstractmethod
     def combine(
-        self, global_arrays: ArrayRecord, batch: UpdateBatch, coefficients: np.ndarray
+        self, global_arrays: ArrayRecord, batch: BatchT, coefficients: np.ndarray
     ) -> tuple[ArrayRecord, ...]:
         """Return ``w_t + sum_k coefficients[c, k] d_k`` for every row ``c``."""
 
@@ -95,7 +99,7 @@ UPDATE_SPACES: Mapping[str, str] = {
 """Update spaces by name, as ``module:class`` so TenSEAL is imported only for ``"ckks"``."""
 
 
-def update_space(name: str) -> UpdateSpace:
+def update_space(name: str) -> UpdateSpace[Any]:
     """Return a new update space of the registered ``name``.
 
     Raises

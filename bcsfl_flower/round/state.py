@@ -16,6 +16,7 @@ names (``str``) are Flower node ids as strings, as the stake ledger keys them.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,18 +74,23 @@ class Contribution:
         return self.packet is not None or serves_duty(self.content)
 
 
-class UpdateBatch:
+class UpdateBatch(ABC):
     """One round's accepted updates as an update space holds them (plaintext or CKKS).
 
     Only the space that made a batch reads it; the pipeline passes it back to the
     space's :meth:`~bcsfl_flower.round.space.UpdateSpace.gram` and
-    :meth:`~bcsfl_flower.round.space.UpdateSpace.combine`.
+    :meth:`~bcsfl_flower.round.space.UpdateSpace.combine`, which are typed on the
+    space's own batch class.
     """
 
-    size: int
     sketch_seed: int | None = None
     """Seed of the screening's random direction sketch, kept so the round can be replayed
     (None where updates are compared exactly)."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Number of updates."""
 
 
 @dataclass(frozen=True)
