@@ -173,6 +173,8 @@ class SignedBallot:
             If a field is missing or malformed, naming it.
         """
         try:
+            # models and losses are built from the checked fields above; Ballot's
+            # constructor checks each element (the tuples' element types are not inferred)
             ballot = Ballot(
                 round=int(fields["round"]),
                 validator=str(fields["validator"]),

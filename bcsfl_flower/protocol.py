@@ -160,6 +160,7 @@ def config_domain(config: Mapping[str, Any]) -> Eip712Domain | None:
     if any(value is None for value in values):
         return None
     chain_id, contract, run = values
+    # the config's values are a union; Eip712Domain checks the run id's type itself
     return Eip712Domain(int(chain_id), str(contract), run)  # type: ignore[arg-type]
 
 
@@ -414,7 +415,8 @@ def read_mine_request(content: RecordDict) -> MineRequest:
         approval = RoundRollback.from_config_record(record)
     else:
         raise ValueError(f"no {APPROVAL_RECORD_KEY!r} or {ROLLBACK_RECORD_KEY!r} record")
-    # Eip712Domain checks the types itself (int() of a float inf would raise OverflowError)
+    # Eip712Domain checks the types itself (int() of a float inf would raise OverflowError),
+    # so the config's union-typed values go to it unconverted
     domain = Eip712Domain(record["chain-id"], record["contract"], record["run"])  # type: ignore[arg-type]
     committee = content.config_records.get(COMMITTEE_RECORD_KEY)
     miners = None
@@ -445,6 +447,8 @@ def _read_statement(record: ConfigRecord | None) -> bytes | None:
 def _read_packets(record: ConfigRecord | None) -> tuple[SignedModelPacket, ...] | None:
     if record is None:
         return None
+    # each column is a list-valued entry (a scalar one fails here: list() of it raises);
+    # the packets' own constructor checks every element's type
     columns = [list(record[name]) for name in _PACKET_FIELDS]  # type: ignore[arg-type]
     if len({len(column) for column in columns}) != 1:
         raise ValueError("the packet lists have different lengths")

@@ -418,7 +418,7 @@ def spawn_anvil(
             )
         finally:
             if log_file is not None:
-                output.close()  # type: ignore[union-attr]
+                output.close()  # type: ignore[union-attr]  # the log file opened above
         url = f"http://127.0.0.1:{port}"
         web3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 5}))
         try:

@@ -287,7 +287,7 @@ def _sign_train_reply(msg: Message, reply: Message, context: Context) -> None:
     packet = ModelPacket(
         model_hash=model_hash(arrays),
         timestamp=int(time.time()),
-        round=int(server_round),  # type: ignore[arg-type]
+        round=int(server_round),  # type: ignore[arg-type]  # int() rejects a non-number
         client=account.address,
     )
     reply.content[PACKET_RECORD_KEY] = packet.sign(account, domain).to_config_record()
@@ -317,7 +317,7 @@ def _signed_ballot(
     losses = duty_losses(duty, metrics)
     hashes = {name: model_hash(arrays) for name, arrays in duty.models.items()}
     ballot = Ballot(
-        round=int(duty.config.get(ROUND_KEY, 0)),  # type: ignore[arg-type]
+        round=int(duty.config.get(ROUND_KEY, 0)),  # type: ignore[arg-type]  # int() rejects a non-number
         validator=account.address,
         previous_hash=hashes[BASELINE_CANDIDATE],
         models=tuple(hashes.values()),

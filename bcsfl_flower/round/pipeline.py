@@ -351,8 +351,8 @@ class RoundPipeline:
             stages = replace(stages, statement=replace(stages.statement, rejected=rejected))
         decision, certification = stages.decision, None
         arrays = global_arrays
-        if decision.committed and stages.candidates is not None:
-            arrays = stages.candidates.by_name()[decision.candidate]  # type: ignore[index]
+        if decision.committed and stages.candidates is not None and decision.candidate:
+            arrays = stages.candidates.by_name()[decision.candidate]
             with clock.stage("committee"):
                 certification = self._mine(grid, checked, stages, str(decision.candidate), arrays)
             if certification is not None and not certification.certified:

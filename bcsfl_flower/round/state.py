@@ -478,6 +478,7 @@ class RoundRecord:
 
         A federation's privacy guarantee is its weakest client's.
         """
+        # the check stage accepted only replies whose epsilon is a finite number
         epsilons = [
             float(c.metrics[DP_EPSILON_KEY])  # type: ignore[arg-type]
             for c in self.checked.accepted
