@@ -1,12 +1,10 @@
 """The noise reference: what the trusted mean's own sampling error costs each validator.
 
 Under client-side differential privacy the honest aggregate moves single validators'
-losses far more than without it: on the grid's federation at noise multiplier 2 (batch
-256, learning rate 0.4) honest trusted means moved them by up to 1.7 either way, and the
-fixed tolerance of 0.05 voted down 3 of 20 honest rounds. An isotropic perturbation of
-the noise's length explains a tenth of that (measured: 0.05 to 0.35): the swing comes
-from which clients, with their non-IID data and their noisy, clipped gradients, the mean
-happens to contain.
+losses far more than without it, enough for a fixed tolerance to vote down honest
+rounds, and an isotropic perturbation of the noise's length explains only a tenth of
+that (``docs/constants.md``): the swing comes from which clients, with their non-IID
+data and their noisy, clipped gradients, the mean happens to contain.
 
 So each validator measures that swing on the round itself. The trusted clients are
 split at random into two halves ``A`` and ``B``; ``r = (mean_A - mean_B) / 2`` has the

@@ -71,11 +71,10 @@ COORDINATION_MARGIN = 0.2
 A group's tightness is the mean centred cosine between its members; the natural
 tightness of the round is the median, over the trusted side, of each client's centred
 cosine to its nearest neighbour there. On skewed data honest clients that share a class
-form groups as tight as their nearest neighbours (alpha 0.1, logistic regression: at
-most 0.15 tighter over 20 rounds); coordinated attackers are tighter than anything
-honest (byzfl's attacks send one vector: tightness 1), and so are label flippers and a
-backdoor when the honest data are less skewed (0.2 to 0.6 tighter at alpha 0.5 and
-IID). Chosen on the fast bench's logistic-regression runs (``sim/robust_bench.py``)."""
+form groups about as tight as their nearest neighbours; coordinated attackers are
+tighter than anything honest (byzfl's attacks send one vector: tightness 1), and so are
+label flippers and a backdoor when the honest data are less skewed. Chosen on the fast
+bench's logistic-regression runs (``sim/robust_bench.py``; ``docs/constants.md``)."""
 
 
 def split_threshold(num_updates: int, margin: float = SPLIT_MARGIN) -> float:

@@ -69,21 +69,17 @@ HALF_STEP = 0.5
 
 Late in training on skewed data a full step that helps most clients raises some honest
 validators' loss beyond the tolerance, and a round where two of five do so rolls back
-although its direction is right (the fast bench's alpha-0.1 logistic regression, sign
-flip 30%: rounds 18-20 rolled back with no attacker on the committee). Half the step
-keeps the direction and roughly halves the overshoot: those rounds commit it, and
-nothing changes where the full step reaches the quorum (it scores higher)."""
+although its direction is right. Half the step keeps the direction and roughly halves
+the overshoot: those rounds commit it, and nothing changes where the full step reaches
+the quorum (it scores higher). Measurements: ``docs/constants.md``."""
 
 INCLUSION_SHARE = 0.15
 """Share of the trusted mean's loss gain a set-apart group may cost and still be kept.
 
 See :meth:`TrustedMeanSelection._with_set_apart`. Label flippers cost the trusted
-validators 26-32% of their gain in the CNN federation of ``tests/test_e2e.py`` (10
-clients, alpha 0.5, 30% flippers) and 16-60% on the fast bench's alpha-0.1 logistic
-regression; honest groups with their own classes 0-15% in most rounds there. 0.3 let
-the CNN's flippers in at 29%; 0.15 and 0.3 decided the bench's logistic-regression
-cells alike (seed 42: clean 0.849, label flip 30% 0.842), and 0.5 let a third more
-flippers in (0.756)."""
+validators a larger share of their gain than honest groups with classes of their own
+do; the share is set between the two, as measured on the tuning set
+(``docs/constants.md``)."""
 
 
 class SelectionRule(ABC):
@@ -282,10 +278,8 @@ class TrustedMeanSelection(SelectionRule):
         trusted cluster, which shows as the mean missing the quorum. A fallback that
         merely scores higher is no evidence of poison on skewed data: the committee's
         median validator holds the majority's classes, and the core and the median fit
-        those classes more closely than the mean does. Picking them by score cost the
-        fast bench's alpha-0.1 logistic regression 2.4 points with no attacker (seed 42:
-        0.839 against 0.863 for the mean first), the accuracy of the classes that only a
-        few clients hold.
+        those classes more closely than the mean does. Picking them by score costs the
+        accuracy of the classes that only a few clients hold (``docs/constants.md``).
         """
         if self.MEAN in eligible:
             return self.MEAN

@@ -49,19 +49,17 @@ DEFAULT_LEFT_OUT_FRACTION = 0.1
 """Share of its stake a set-apart client loses when the validators leave it out.
 
 Lighter than a rejection: on skewed data an honest group with classes of its own is
-left out in some rounds (up to a quarter of them on the bench's alpha-0.1 federations),
-and a half-stake slash each time compounded to 1/32 within 20 rounds, too little to
-count even when kept: the clean federation ended 5 points under FedAvg. At a tenth (a
-fifth measured 0.8 points lower), the rewards of the rounds it is kept outweigh it,
-while a group left out every round falls to a third of its stake in ten rounds and to
-an eighth in twenty."""
+left out in some rounds, and a half-stake slash each time compounds to 1/32 within 20
+rounds, too little to count even when kept. At a tenth, the rewards of the rounds it is
+kept outweigh it, while a group left out every round falls to a third of its stake in
+ten rounds and to an eighth in twenty. Measurements: ``docs/constants.md``."""
 
 DEFAULT_STAKE_CEILING = 2.0
 """Largest stake a reward can lift a client to, as a multiple of the median stake.
 
-Without a ceiling, rewards compound with slashes elsewhere: on the bench's skewed
-logistic-regression federations a few clients ended with 7 to 1000 times the median
-stake and drew most committee seats. Twice the median keeps a stake majority of honest
+Without a ceiling, rewards compound with slashes elsewhere, and on skewed data a few
+clients come to hold most of the stake and draw most committee seats
+(``docs/constants.md``). Twice the median keeps a stake majority of honest
 clients (attackers are slashed towards zero) while no client can outweigh two others."""
 
 

@@ -213,8 +213,7 @@ class Screening:
         A set-apart group is kept or left out by the validators' losses, so it must be
         able to sit on the committee: drawn from the trusted side alone, the validators
         never hold the group's own classes and always prefer the model fitted to theirs
-        (measured on the fast bench's alpha-0.1 logistic regression: the same six honest
-        clients left out every other round). Clients rejected outright (too long, or in a
+        (``docs/constants.md``). Clients rejected outright (too long, or in a
         coordinated group) do not validate.
         """
         return tuple(sorted(set(self.trusted) | set(self.set_apart)))
