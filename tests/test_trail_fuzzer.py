@@ -9,10 +9,10 @@ time (:mod:`run_mutations`). For each mutation, one of two outcomes is required:
 * or the mutation is one the audit declares: a ``results.json`` field that ``bcsfl audit
   show`` lists as unverified, or a file ``verify`` names as not part of the trail.
 
-Every audit command (``verify``, ``list``, ``show``, ``replay``, ``head`` and ``report``)
-must answer without a traceback, the explorer page must judge the run as ``verify``
-does, and none may read a file outside the run directory (an audit hook watches every
-``open``). The fast tier tries a fixed sample, drawn by Hypothesis with a fixed
+Every audit command (``verify``, ``list``, ``show``, ``replay``, ``head``; and
+``report`` on the slow tier's strata, where the explorer page must judge the run as
+``verify`` does) must answer without a traceback, and none may read a file outside the
+run directory (an audit hook watches every ``open``). The fast tier tries a fixed sample, drawn by Hypothesis with a fixed
 seed; the slow tier tries every mutation and writes the report committed in
 ``docs/fuzzer-report.json``.
 """
@@ -42,14 +42,9 @@ from bcsfl_flower.chain.audit import ChainManifest
 from bcsfl_flower.cli import main
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "fuzzer-report.json"
-COMMANDS = (
-    ("verify",),
-    ("list",),
-    ("show", "2"),
-    ("replay",),
-    ("head",),
-    ("report", "--out", os.devnull),
-)
+COMMANDS = (("verify",), ("list",), ("show", "2"), ("replay",), ("head",))
+PAGE = ("report", "--out", os.devnull)
+"""The explorer page, run on the slow tier's strata (each run verifies the trail again)."""
 
 _opened: list[str] | None = None
 
@@ -143,11 +138,14 @@ def judge(
     outside: Path,
     scratch: Path,
     shared: SharedChain | None = None,
+    *,
+    page: bool = False,
 ) -> Verdict:
     """Apply ``mutation`` to a fresh copy and hold the audit to the contract.
 
-    Every command of :data:`COMMANDS` runs through the CLI; with ``shared``, only
-    ``verify`` runs, against the shared chain where the mutation leaves it alone.
+    Every command of :data:`COMMANDS` runs through the CLI (and :data:`PAGE` with
+    ``page``); with ``shared``, only ``verify`` runs, against the shared chain where the
+    mutation leaves it alone.
     """
     global _opened
     run_dir = scratch / "run"
@@ -160,7 +158,8 @@ def judge(
         if shared is not None and not _touches_chain(mutation):
             answers["verify"] = shared.verify(run_dir)  # raises on a crash
         else:
-            for command in COMMANDS if shared is None else (("verify",),):
+            commands = (*COMMANDS, PAGE) if page else COMMANDS
+            for command in commands if shared is None else (("verify",),):
                 answers[command[0]] = _audit(run_dir, *command)  # raises on a crash
     finally:
         read_outside = [p for p in _opened if p.startswith(str(outside.resolve()))]
@@ -251,7 +250,7 @@ def strata(found: list[Mutation]) -> list[Mutation]:
 def test_every_tamper_is_caught_or_declared_and_the_report_is_current(pristine, tmp_path):
     run_dir, outside, found = pristine
     for mutation in strata(found):
-        judge(mutation, run_dir, outside, tmp_path)
+        judge(mutation, run_dir, outside, tmp_path, page=True)
     shared = SharedChain(run_dir)
     tally: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
