@@ -70,6 +70,9 @@ def rollback_reason(text: str) -> str:
 class MinerStatement(ABC):
     """What a miner signs: the contract recovers its signers from the EIP-712 digest."""
 
+    round: int
+    """The round the statement is for (a field of each subclass)."""
+
     @abstractmethod
     def signable(self, domain: Eip712Domain) -> SignableMessage:
         """Return the EIP-712 message under ``domain``."""

@@ -173,8 +173,6 @@ class SignedBallot:
             If a field is missing or malformed, naming it.
         """
         try:
-            # models and losses are built from the checked fields above; Ballot's
-            # constructor checks each element (the tuples' element types are not inferred)
             ballot = Ballot(
                 round=int(fields["round"]),
                 validator=str(fields["validator"]),
@@ -223,8 +221,9 @@ class SignedBallot:
                 round=fields["round"],
                 validator=fields["validator"],
                 previous_hash=fields["previous_hash"],
+                # read from the checked fields above; Ballot checks each element itself
                 models=tuple(models),  # type: ignore[arg-type]
-                losses=tuple(loss_from_bits(int(b)) for b in bits),  # type: ignore[arg-type]
+                losses=tuple(loss_from_bits(int(b)) for b in bits),
             )
             return cls(ballot, fields["signature"])
         except KeyError as err:

@@ -37,7 +37,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bcsfl_flower.audit.explorer.page import REPORT_FILE, save_page
 from bcsfl_flower.audit.explorer.view import run_view
@@ -189,7 +189,7 @@ def _location(*, suppress: bool = False) -> argparse.ArgumentParser:
 def _manifest_path(args: argparse.Namespace) -> Path:
     if getattr(args, "run", None) is not None:  # ``report RUN_DIR``
         return Path(args.run) / MANIFEST_NAME
-    return args.manifest if args.manifest is not None else args.run_dir / MANIFEST_NAME
+    return cast(Path, args.manifest if args.manifest is not None else args.run_dir / MANIFEST_NAME)
 
 
 # ------------------------------------------------------------------------------------------

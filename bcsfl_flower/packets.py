@@ -135,7 +135,8 @@ def model_hash(arrays: ArraysLike) -> bytes:
         for dim in canonical.shape:
             digest.update(_U64.pack(dim))
         digest.update(_U64.pack(canonical.nbytes))
-        digest.update(memoryview(canonical.reshape(-1).view(np.uint8)))
+        # an ndarray is a buffer, which numpy's stubs do not declare
+        digest.update(memoryview(canonical.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
     return digest.digest()
 
 

@@ -31,7 +31,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from eth_utils import is_address, to_checksum_address
@@ -625,7 +625,7 @@ def read_duty(content: RecordDict) -> CommitteeDuty | None:
     record = content.config_records.get(DUTY_RECORD_KEY)
     if record is None:
         return None
-    names = {field: record.get(field) for field in ("models", "mine")}
+    names: dict[str, Any] = {field: record.get(field) for field in ("models", "mine")}
     keys = {field: record.get(field) for field in ("arrayrecord-key", "configrecord-key")}
     for field, value in names.items():
         if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
@@ -639,7 +639,7 @@ def read_duty(content: RecordDict) -> CommitteeDuty | None:
         raise ValueError(f"duty field 'loss-key' must be a metric name, got {loss_key!r}")
     return CommitteeDuty(
         models={name: _duty_model(content, name) for name in names["models"]},
-        config=dict(config),
+        config=cast(Mapping[str, ConfigValue], dict(config.items())),
         mining={name: _duty_mine_request(content, name) for name in names["mine"]},
         arrayrecord_key=str(keys["arrayrecord-key"]),
         configrecord_key=str(keys["configrecord-key"]),
@@ -718,7 +718,7 @@ def read_duty_loss(reply: Message, name: str, loss_key: str) -> tuple[float, str
         return math.nan, f"error reply: {reply.error.reason}"
     errors = reply.content.config_records.get(DUTY_ERRORS_RECORD_KEY, ConfigRecord())
     if name in errors:
-        return math.nan, f"evaluation failed: {errors[name]}"
+        return math.nan, f"evaluation failed: {errors[name]!s}"
     record = reply.content.metric_records.get(DUTY_METRICS_PREFIX + name)
     if record is None:
         return math.nan, f"no metrics for {name!r}"

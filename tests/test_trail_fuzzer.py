@@ -12,9 +12,9 @@ time (:mod:`run_mutations`). For each mutation, one of two outcomes is required:
 Every audit command (``verify``, ``list``, ``show``, ``replay``, ``head``; and
 ``report`` on the slow tier's strata, where the explorer page must judge the run as
 ``verify`` does) must answer without a traceback, and none may read a file outside the
-run directory (an audit hook watches every ``open``). The fast tier tries a fixed sample, drawn by Hypothesis with a fixed
-seed; the slow tier tries every mutation and writes the report committed in
-``docs/fuzzer-report.json``.
+run directory (an audit hook watches every ``open``). The fast tier tries a fixed
+sample, drawn by Hypothesis with a fixed seed; the slow tier tries every mutation and
+writes the report committed in ``docs/fuzzer-report.json``.
 """
 
 from __future__ import annotations

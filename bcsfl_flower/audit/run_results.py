@@ -116,7 +116,7 @@ class RunResults:
             return []
         label = f"round {record.round}: {RESULTS_FILE}"
         anchored = isinstance(record, AnchoredRound)
-        model = record.model_hash if anchored else record.kept_model_hash
+        model = record.model_hash if isinstance(record, AnchoredRound) else record.kept_model_hash
         expected = {
             "round": record.round,
             "outcome": "commit" if anchored else "rollback",

@@ -26,6 +26,7 @@ silently. A contract revert is not retried (it would revert again) and raises
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from eth_utils import is_address, to_checksum_address
 from flwr.common.logger import log
@@ -158,9 +159,14 @@ class AuditTrail:
             resume={"genesis_hash": to_hex(genesis_hash)},
             abi=artifact["abi"],
         )
+        address = receipt["contractAddress"]
+        if address is None:
+            raise ChainRejectedError(
+                "the deployment receipt names no contract address", error_name=None, arguments={}
+            )
         trail = cls(
             connection,
-            receipt["contractAddress"],
+            address,
             deploy_block=int(receipt["blockNumber"]),
             retry=retry,
             sleep=sleep,
@@ -285,7 +291,7 @@ class AuditTrail:
             amounts = [stake for _, stake in batch]
             self._transact(
                 "registerClients",
-                lambda a=addresses, s=amounts: self.contract.functions.registerClients(a, s),
+                functools.partial(self.contract.functions.registerClients, addresses, amounts),
                 gas=_BASE_GAS_LIMIT + _REGISTER_GAS_PER_CLIENT * len(batch),
                 resume={"clients": addresses, "stakes": amounts},
             )
@@ -316,7 +322,7 @@ class AuditTrail:
         RuntimeError
             If the events disagree with the contract's head (a node serving partial logs).
         """
-        return self._read("getLatestModel", lambda: self._read_head())
+        return cast("tuple[int, bytes]", self._read("getLatestModel", lambda: self._read_head()))
 
     def _read_head(self) -> tuple[int, bytes]:
         # Scan from the block of the head read last (its own event included), not from

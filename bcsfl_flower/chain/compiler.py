@@ -29,7 +29,7 @@ import shutil
 import subprocess
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flwr.common.logger import log
 
@@ -174,7 +174,7 @@ def load_artifact(path: Path = ARTIFACT_PATH) -> dict[str, Any]:
         raise FileNotFoundError(
             f"contract artifact {path} is missing; run `python -m bcsfl_flower.chain.compiler`"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    return cast("dict[str, Any]", json.loads(path.read_text(encoding="utf-8")))
 
 
 def write_artifact(artifact: dict[str, Any], path: Path = ARTIFACT_PATH) -> None:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -58,7 +59,10 @@ def dev_account(index: int) -> LocalAccount:
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"development account index must be an int >= 0, got {index!r}")
     Account.enable_unaudited_hdwallet_features()
-    return Account.from_mnemonic(DEV_MNEMONIC, account_path=DEV_HD_PATH.format(index=index))
+    return cast(
+        LocalAccount,
+        Account.from_mnemonic(DEV_MNEMONIC, account_path=DEV_HD_PATH.format(index=index)),
+    )
 
 
 def client_dev_account(partition_id: int) -> LocalAccount:
@@ -139,4 +143,4 @@ def load_keystore(
         private_key = Account.decrypt(keyfile, password)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"cannot decrypt keystore {keystore_path}: {err}") from err
-    return Account.from_key(private_key)
+    return cast(LocalAccount, Account.from_key(private_key))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from flwr.common.logger import log
 from web3.exceptions import ContractLogicError, ProviderConnectionError, TimeExhausted, Web3RPCError
@@ -66,7 +66,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Return the pause after failed attempt ``attempt`` (1-based)."""
-        return min(self.base_delay_s * 2 ** (attempt - 1), self.max_delay_s)
+        return cast(float, min(self.base_delay_s * 2 ** (attempt - 1), self.max_delay_s))
 
 
 def send_with_retries(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from eth_utils import is_address, to_checksum_address
 from web3 import Web3
+from web3.contract import Contract
 
 from bcsfl_flower.approvals import MinerStatement
 from bcsfl_flower.chain.compiler import load_artifact
@@ -100,9 +101,9 @@ class OwnChainView:
 
 
 @functools.lru_cache(maxsize=8)
-def _contract(url: str, address: str):  # a web3 Contract
+def _contract(url: str, address: str) -> Contract:
     web3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 10}))
-    return web3.eth.contract(address=address, abi=load_artifact()["abi"])
+    return web3.eth.contract(address=to_checksum_address(address), abi=load_artifact()["abi"])
 
 
 @functools.lru_cache(maxsize=8)

@@ -48,6 +48,7 @@ import threading
 from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from flwr.app import (
@@ -90,7 +91,10 @@ from bcsfl_flower.protocol import (
     read_gram_request,
 )
 
-ts = import_extra("ckks", "tenseal", "CKKS aggregation")
+if TYPE_CHECKING:  # the real modules, for annotations
+    import tenseal as ts
+else:
+    ts = import_extra("ckks", "tenseal", "CKKS aggregation")
 
 SECRET_CONTEXT_NODE_KEY = "bcsfl-ckks-secret-context"
 """Node-config key naming this node's secret context file (deployment)."""
@@ -359,7 +363,9 @@ def _log_gram_request(context: Context, server_round: int, request_digest: str) 
     """Allow one Gram per round: the same request again, nothing different or older."""
     previous = context.state.config_records.get(GRAM_LOG_RECORD_KEY)
     if previous is not None:
-        last_round, last_digest = int(previous["round"]), str(previous["request-sha256"])
+        # the node's own state, written below: the round is an int
+        last_round = int(cast(int, previous["round"]))
+        last_digest = str(previous["request-sha256"])
         if server_round < last_round:
             raise ValueError(
                 f"already decrypted a Gram matrix for round {last_round}; refusing round "

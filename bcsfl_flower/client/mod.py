@@ -64,6 +64,7 @@ from bcsfl_flower.ballots import Ballot, SignedBallot
 from bcsfl_flower.chain.keys import client_dev_account, load_keystore
 from bcsfl_flower.client.chain_view import OwnChainView
 from bcsfl_flower.packets import (
+    PACKET_RECORD_KEY,
     Eip712Domain,
     ModelPacket,
     SignedModelPacket,
@@ -75,7 +76,6 @@ from bcsfl_flower.protocol import (
     BASELINE_CANDIDATE,
     DEVELOPMENT_KEYS_KEY,
     DUTY_CAPABLE_RECORD_KEY,
-    PACKET_RECORD_KEY,
     ROUND_KEY,
     CommitteeDuty,
     MineRequest,
@@ -165,14 +165,17 @@ def serve_duty(
     metrics: dict[str, RecordDict] = {}
     errors: dict[str, str] = {}
     for name in duty.models:
-        inner = Message(metadata=copy.copy(msg.metadata), content=evaluation_content(duty, name))
+        # Flower's stubs leave out the (metadata, content) form its Message accepts
+        inner = Message(  # type: ignore[call-overload]
+            metadata=copy.copy(msg.metadata), content=evaluation_content(duty, name)
+        )
         try:
             reply = call_next(inner, context)
         except Exception as err:  # the app's handler may raise anything
             errors[name] = f"{type(err).__name__}: {err}"
             continue
         if reply.has_error():
-            errors[name] = reply.error.reason
+            errors[name] = reply.error.reason or f"error code {reply.error.code}"
         else:
             metrics[name] = reply.content
     ballot = _signed_ballot(duty, metrics, context)
@@ -317,7 +320,7 @@ def _signed_ballot(
     losses = duty_losses(duty, metrics)
     hashes = {name: model_hash(arrays) for name, arrays in duty.models.items()}
     ballot = Ballot(
-        round=int(duty.config.get(ROUND_KEY, 0)),  # type: ignore[arg-type]  # int() rejects a non-number
+        round=int(duty.config.get(ROUND_KEY, 0)),
         validator=account.address,
         previous_hash=hashes[BASELINE_CANDIDATE],
         models=tuple(hashes.values()),
@@ -416,7 +419,7 @@ def _candidate_fault(
     if not -window <= age <= window:
         return f"the package timestamp {approval.timestamp} is {age:.0f} s old (window {window})"
     if request.packets is not None:
-        return _packets_fault(request)
+        return _packets_fault(request, approval)
     return None
 
 
@@ -454,13 +457,13 @@ def _decision_fault(
     return None
 
 
-def _packets_fault(request: MineRequest) -> str | None:
-    """Return why the accepted packets do not support the approval, or None."""
+def _packets_fault(request: MineRequest, approval: RoundApproval) -> str | None:
+    """Return why the request's accepted packets do not support ``approval``, or None."""
     for signed in request.packets or ():
-        if signed.packet.round != request.approval.round:
+        if signed.packet.round != approval.round:
             return (
                 f"packet of {signed.packet.client} is for round {signed.packet.round}, "
-                f"not {request.approval.round}"
+                f"not {approval.round}"
             )
         try:
             signer = _signer(signed, request.domain)
@@ -468,7 +471,7 @@ def _packets_fault(request: MineRequest) -> str | None:
             return f"packet of {signed.packet.client} has an invalid signature: {err}"
         if signer != signed.packet.client:
             return f"packet claims client {signed.packet.client} but was signed by {signer}"
-    if accepted_root(list(request.packets or ()), request.domain) != request.approval.accepted_root:
+    if accepted_root(list(request.packets or ()), request.domain) != approval.accepted_root:
         return "the accepted packets do not hash to the approval's accepted root"
     return None
 

@@ -41,7 +41,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -49,7 +49,10 @@ from flwr.app import Array, ArrayRecord
 from bcsfl_flower.extras import import_extra
 from bcsfl_flower.privacy.ckks_keys import slot_count
 
-ts = import_extra("ckks", "tenseal", "CKKS aggregation")
+if TYPE_CHECKING:  # the real modules, for annotations
+    import tenseal as ts
+else:
+    ts = import_extra("ckks", "tenseal", "CKKS aggregation")
 
 ENCRYPTED_ARRAY_KEY = "bcsfl.ckks"
 """The only key of an ``ArrayRecord`` that carries an encrypted model."""

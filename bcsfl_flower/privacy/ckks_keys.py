@@ -50,14 +50,19 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from bcsfl_flower.extras import import_extra
 
-ts = import_extra("ckks", "tenseal", "CKKS aggregation")
-sealapi = import_extra("ckks", "tenseal.sealapi", "CKKS aggregation")
+if TYPE_CHECKING:  # the real modules, for annotations
+    import tenseal as ts
+    from tenseal import sealapi
+else:
+    ts = import_extra("ckks", "tenseal", "CKKS aggregation")
+    sealapi = import_extra("ckks", "tenseal.sealapi", "CKKS aggregation")
 
 _SEED_DOMAIN = b"bcsfl-flower/ckks/secret-key/v1"
 _MIN_SEED_BYTES = 16
@@ -222,7 +227,7 @@ def public_context(secret_context: ts.Context) -> bytes:
     public.public_context.scale = private.public_context.scale
     public.public_context.relin_keys = seal_bytes(keygen.create_relin_keys())
     public.public_context.galois_keys = seal_bytes(keygen.create_galois_keys(galois_elements))
-    return public.SerializeToString()
+    return cast(bytes, public.SerializeToString())
 
 
 def load_context(data: bytes, n_threads: int | None = None) -> ts.Context:
@@ -321,7 +326,7 @@ def _seed_words(seed: bytes) -> list[int]:
     return [int(word) for word in np.frombuffer(digest, dtype="<u8")]
 
 
-def seal_bytes(obj: object) -> bytes:
+def seal_bytes(obj: Any) -> bytes:
     """Return SEAL's own serialisation of ``obj`` (sealapi only writes to files)."""
     with tempfile.TemporaryDirectory(dir=_SCRATCH_DIR) as directory:
         path = os.path.join(directory, "object")
@@ -330,7 +335,7 @@ def seal_bytes(obj: object) -> bytes:
             return handle.read()
 
 
-def load_seal(obj: object, context: sealapi.SEALContext, data: bytes) -> object:
+def load_seal(obj: Any, context: sealapi.SEALContext, data: bytes) -> Any:
     """Load SEAL-serialised ``data`` into ``obj`` (sealapi only reads from files)."""
     with tempfile.TemporaryDirectory(dir=_SCRATCH_DIR) as directory:
         path = os.path.join(directory, "object")
@@ -350,10 +355,10 @@ def _load_parms(data: bytes) -> sealapi.EncryptionParameters:
     return parms
 
 
-_PROTO_CLASS: type | None = None
+_PROTO_CLASS: Any = None
 
 
-def _context_proto_class() -> type:
+def _context_proto_class() -> Any:
     """Return a message class for TenSEAL's ``TenSEALContextProto``.
 
     TenSEAL ships the ``.proto`` (tenseal/proto/tensealcontext.proto) but not its
@@ -366,7 +371,7 @@ def _context_proto_class() -> type:
     spec = descriptor_pb2.FileDescriptorProto(
         name="bcsfl_flower/tenseal_context.proto", package="bcsfl_tenseal", syntax="proto3"
     )
-    layouts = {
+    layouts: dict[str, list[tuple[str, int, int, str | None]]] = {
         "Private": [
             ("secret_key", 1, field.TYPE_BYTES, None),
             ("relin_keys_generated", 2, field.TYPE_BOOL, None),

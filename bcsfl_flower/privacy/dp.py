@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO
 from types import TracebackType
+from typing import Any
 
 from flwr.common.logger import log
 
@@ -101,9 +102,9 @@ class PrivateTraining:
         self,
         model: nn.Module,
         optimizer: DPOptimizer,
-        data_loader: DataLoader,
+        data_loader: DataLoader[Any],
         engine: PrivacyEngine,
-        hooks: object,
+        hooks: Any,
         config: DPConfig,
     ) -> None:
         self.model = model
@@ -168,7 +169,7 @@ def check_opacus_compatible(model: nn.Module) -> None:
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data_loader: DataLoader,
+    data_loader: DataLoader[Any],
     config: DPConfig,
     accountant_state: Mapping[str, Sequence[float] | Sequence[int]] | None = None,
     noise_generator: torch.Generator | None = None,
@@ -319,7 +320,7 @@ def _history_from_state(
             "accountant state lists differ in length: "
             f"noise_multipliers={len(noise)}, sample_rates={len(rates)}, steps={len(steps)}"
         )
-    history = []
+    history: list[tuple[float, float, int]] = []
     for index, (sigma, rate, count) in enumerate(zip(noise, rates, steps, strict=True)):
         if not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"accountant state noise_multipliers[{index}]={sigma!r} is not > 0")

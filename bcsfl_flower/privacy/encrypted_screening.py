@@ -56,6 +56,7 @@ import json
 import math
 import struct
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,8 +64,12 @@ from bcsfl_flower.extras import import_extra
 from bcsfl_flower.privacy.ckks import EncryptedModel, load_header
 from bcsfl_flower.privacy.ckks_keys import load_seal, seal_bytes
 
-ts = import_extra("ckks", "tenseal", "CKKS aggregation")
-sealapi = import_extra("ckks", "tenseal.sealapi", "CKKS aggregation")
+if TYPE_CHECKING:  # the real modules, for annotations
+    import tenseal as ts
+    from tenseal import sealapi
+else:
+    ts = import_extra("ckks", "tenseal", "CKKS aggregation")
+    sealapi = import_extra("ckks", "tenseal.sealapi", "CKKS aggregation")
 
 _MAGIC = b"BCSFL-CKKS-GRAM\x02"
 _LENGTH = struct.Struct(">Q")
@@ -90,7 +95,7 @@ class EncryptedGram:
         ``ceil(n(n+1) / 2K)`` SEAL ciphertexts holding the entries in order.
     """
 
-    def __init__(self, num_models: int, stride: int, packed: Sequence[object]) -> None:
+    def __init__(self, num_models: int, stride: int, packed: Sequence[Any]) -> None:
         self.num_models = int(num_models)
         self.stride = int(stride)
         self.packed = list(packed)

@@ -13,6 +13,8 @@ tuned against it is an attack tuned to pass BCSFL's screen.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from bcsfl_flower.round.planning import plan_round
@@ -53,4 +55,4 @@ def screened_mean(
     names = [str(i) for i in range(size)]
     plan = plan_round(gram, counts, stake, settings or RoundSettings(), rule, names).candidates
     row = plan.names.index(rule.MEAN) if rule.MEAN in plan.names else 0  # 0: contested
-    return plan.coefficients[row] @ matrix
+    return cast(np.ndarray, plan.coefficients[row] @ matrix)

@@ -17,6 +17,8 @@ factor of :mod:`bcsfl_flower.round.bounds`) through their inner products
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from bcsfl_flower.round.bounds import weighted_median
@@ -76,7 +78,7 @@ def geometric_median_weights(clipped_gram: np.ndarray, weights: np.ndarray) -> n
         updated = weights / distances
         updated /= updated.sum()
         if np.max(np.abs(updated - median)) < WEISZFELD_TOLERANCE:
-            return updated
+            return cast(np.ndarray, updated)
         median = updated
     return median
 
@@ -84,7 +86,9 @@ def geometric_median_weights(clipped_gram: np.ndarray, weights: np.ndarray) -> n
 def point_distances_squared(gram: np.ndarray, combination: np.ndarray) -> np.ndarray:
     """Return ``||sum_j b_j p_j - p_k||^2`` for every point ``k``, from the Gram matrix."""
     projected = gram @ combination
-    return np.clip(combination @ projected - 2.0 * projected + np.diag(gram), 0.0, None)
+    return cast(
+        np.ndarray, np.clip(combination @ projected - 2.0 * projected + np.diag(gram), 0.0, None)
+    )
 
 
 def core_rows(clipped_gram: np.ndarray, median: np.ndarray, weights: np.ndarray) -> np.ndarray:

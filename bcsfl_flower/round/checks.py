@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import WARNING
+from typing import Any
 
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -88,7 +89,7 @@ def structure_fault(message: Message, weighted_by_key: str) -> tuple[float, str 
 
 def check_replies(
     replies: Iterable[Message],
-    collector: UpdateCollector,
+    collector: UpdateCollector[Any],
     weighted_by_key: str,
     server_round: int,
     packet_gate: PacketGate | None = None,

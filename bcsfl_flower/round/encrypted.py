@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -70,7 +70,10 @@ from bcsfl_flower.protocol import (
 from bcsfl_flower.round.space import GramExchange, UpdateCollector, UpdateSpace
 from bcsfl_flower.round.state import GramResult, UpdateBatch
 
-ts = import_extra("ckks", "tenseal", "CKKS aggregation")
+if TYPE_CHECKING:  # the real modules, for annotations
+    import tenseal as ts
+else:
+    ts = import_extra("ckks", "tenseal", "CKKS aggregation")
 
 
 def fetch_public_context(grid: Grid, node_id: int, timeout: float) -> ts.Context:
@@ -426,7 +429,7 @@ def decrypt_gram_by_committee(
         "digest": leader if accepted else None,
         "reason": reason,
     }
-    return (matrices[leader] if accepted else None), record
+    return (matrices[leader] if accepted and leader is not None else None), record
 
 
 def _plain(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import cast
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def sampling_error_coefficients(
     half = rows.size // 2
     first = mean_coefficients(rows[:half], weights, clip)
     second = mean_coefficients(rows[half:], weights, clip)
-    return (first - second) / 2
+    return cast(np.ndarray, (first - second) / 2)
 
 
 def noise_allowance(report: ValidatorReport) -> float:

@@ -155,7 +155,7 @@ class RoundNotary:
         self.require_signed = require_signed
         self.addresses: dict[str, str] = {}
         """Node id -> address, learned from verified packets."""
-        self.node_bindings = {
+        self.node_bindings: dict[str, int] = {
             to_checksum_address(address): node for address, node in (node_bindings or {}).items()
         }
 
@@ -201,8 +201,12 @@ class RoundNotary:
             trail = AuditTrail.open(
                 connection, genesis, operator_certifies=not require_signed, retry=retry
             )
-            addresses = [client_dev_account(p).address for p in range(num_simulated_clients)]
-            bindings = {to_checksum_address(a): n for a, n in (node_bindings or {}).items()}
+            addresses: list[str] = [
+                client_dev_account(p).address for p in range(num_simulated_clients)
+            ]
+            bindings: dict[str, int] = {
+                to_checksum_address(a): n for a, n in (node_bindings or {}).items()
+            }
             addresses += [a for a in [*registered, *bindings] if a not in addresses]
             trail.register_clients({address: REGISTRATION_STAKE for address in addresses})
             notary = cls(

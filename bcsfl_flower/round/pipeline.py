@@ -125,7 +125,7 @@ class RoundPipeline:
     def __init__(
         self,
         settings: RoundSettings,
-        space: UpdateSpace,
+        space: UpdateSpace[Any],
         selection: SelectionRule,
         initial_stake: InitialStake,
         metrics_aggregation: MetricsAggregation,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -110,7 +111,7 @@ class DirectionSketch:
         )
         tail = self.dimension - folded
         sketch[:tail] += unit_row[folded:] * self.signs[folded:]
-        return sketch
+        return cast(np.ndarray, sketch)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from both sides, will split along the same line (see
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 from scipy.cluster.hierarchy import ClusterNode, linkage, to_tree
@@ -115,7 +115,7 @@ def centred_cosines(gram: np.ndarray) -> np.ndarray:
     cosines = np.zeros_like(centred)
     np.divide(centred, scale, out=cosines, where=scale > 0)
     np.fill_diagonal(cosines, 1.0)
-    return np.clip(0.5 * (cosines + cosines.T), -1.0, 1.0)
+    return cast(np.ndarray, np.clip(0.5 * (cosines + cosines.T), -1.0, 1.0))
 
 
 NOISY_SPLIT_MARGIN = 0.3
@@ -152,7 +152,7 @@ class ProfileDirections(UpdateDirections):
     def gram(self, gram: np.ndarray) -> np.ndarray:
         """Return ``H H^T`` for the Gram matrix ``H`` with its diagonal set to zero."""
         hollow = gram - np.diag(np.diag(gram))
-        return hollow @ hollow.T
+        return cast(np.ndarray, hollow @ hollow.T)
 
 
 def screen_updates(
@@ -217,12 +217,22 @@ def screen_updates(
 
 
 class ScreeningSettings(Protocol):
-    """The settings the bound and screen stages read (a pipeline's or a statement's)."""
+    """The settings the bound and screen stages read (a pipeline's or a statement's).
 
-    example_cap_ratio: float
-    outlier_norm_ratio: float
-    split_margin: float
-    noisy_updates: bool
+    Read-only members, so that frozen dataclasses (both of them) satisfy it.
+    """
+
+    @property
+    def example_cap_ratio(self) -> float: ...  # noqa: D102
+
+    @property
+    def outlier_norm_ratio(self) -> float: ...  # noqa: D102
+
+    @property
+    def split_margin(self) -> float: ...  # noqa: D102
+
+    @property
+    def noisy_updates(self) -> bool: ...  # noqa: D102
 
 
 def bound_and_screen(

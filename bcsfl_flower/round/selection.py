@@ -352,9 +352,9 @@ class PaperSelection(SelectionRule):
         for position, row in enumerate(trusted):
             length = bounds.norms[row]
             coefficients[position, row] = min(bounds.clip[row], mean_step / length) if length else 0
-        trusted = list(trusted)
+        rows = list(trusted)
         return CandidatePlan(
-            names=tuple(f"client-{names[row]}" for row in trusted),
+            names=tuple(f"client-{names[row]}" for row in rows),
             coefficients=coefficients,
             supports=tuple((row,) for row in trusted),
             owners=tuple(names[row] for row in trusted),
@@ -463,7 +463,11 @@ def _plan(
 
 
 def _contested_commit(
-    plan: CandidatePlan, votes_for: int, quorum: int, num_validators: int, ballots: dict
+    plan: CandidatePlan,
+    votes_for: int,
+    quorum: int,
+    num_validators: int,
+    ballots: dict[str, Any],
 ) -> Decision:
     """Return the commit of a contested plan's last candidate (both groups' bounded mean).
 

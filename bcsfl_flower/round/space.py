@@ -17,7 +17,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -110,4 +110,4 @@ def update_space(name: str) -> UpdateSpace[Any]:
     if name not in UPDATE_SPACES:
         raise ValueError(f"update space must be one of {sorted(UPDATE_SPACES)}, got {name!r}")
     module, _, cls = UPDATE_SPACES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return cast("UpdateSpace[Any]", getattr(importlib.import_module(module), cls)())

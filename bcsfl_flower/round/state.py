@@ -477,8 +477,8 @@ class RoundRecord:
 
         A federation's privacy guarantee is its weakest client's.
         """
-        # the check stage accepted only replies whose epsilon is a finite number
         epsilons = [
+            # the check stage accepted only replies whose epsilon is a finite number
             float(c.metrics[DP_EPSILON_KEY])  # type: ignore[arg-type]
             for c in self.checked.accepted
             if DP_EPSILON_KEY in c.metrics

@@ -21,6 +21,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
+from typing import Any
 
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
@@ -222,26 +223,26 @@ def exchange_with_committee(
     for entry in asked:
         expected.get(entry.member, set()).update(entry.models)
     for reply in replies:
-        asked = sent.pop(reply.metadata.reply_to_message_id, None)
-        if asked is None:
+        question = sent.pop(reply.metadata.reply_to_message_id, None)
+        if question is None:
             log(WARNING, "committee: ignoring a reply to an unknown or answered message")
             continue
-        if asked.duty and asked.models:
+        if question.duty and question.models:
             ballot, problem = read_duty_ballot(reply)
             if ballot is not None:
-                ballots[asked.member] = ballot
+                ballots[question.member] = ballot
             if problem is not None:
-                problems[asked.member].append(problem)
-        for name in asked.models:
-            if asked.duty:
+                problems[question.member].append(problem)
+        for name in question.models:
+            if question.duty:
                 loss, problem = read_duty_loss(reply, name, settings.loss_metric_key)
             else:
                 loss, problem = read_loss(reply, settings.loss_metric_key)
             if problem is not None:
-                problems[asked.member].append(f"{name}: {problem}")
-            losses[asked.member][name] = loss
-        for name in asked.mining:
-            verdicts[name][asked.member] = read_duty_verdict(reply, name)
+                problems[question.member].append(f"{name}: {problem}")
+            losses[question.member][name] = loss
+        for name in question.mining:
+            verdicts[name][question.member] = read_duty_verdict(reply, name)
     reports = _reports(validators, models, expected, losses, problems)
     return CommitteeAnswers(reports, verdicts, ballots)
 
@@ -321,7 +322,9 @@ def _reports(
     return tuple(reports)
 
 
-def stated_ballots(statement: RoundStatement, answers: CommitteeAnswers) -> tuple[dict, ...]:
+def stated_ballots(
+    statement: RoundStatement, answers: CommitteeAnswers
+) -> tuple[dict[str, Any], ...]:
     """Return the ballots the statement records, in draw order.
 
     A validator that signs its replies is recorded by its signed ballot (none if it cast
@@ -330,7 +333,7 @@ def stated_ballots(statement: RoundStatement, answers: CommitteeAnswers) -> tupl
     """
     node_of = statement.node_of()
     reports = {report.validator: report for report in answers.reports}
-    entries: list[dict] = []
+    entries: list[dict[str, Any]] = []
     for identity in statement.validators:
         node = node_of[identity]
         if identity.startswith(UNSIGNED_PREFIX):
