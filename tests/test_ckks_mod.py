@@ -18,7 +18,7 @@ from bcsfl_flower.client.ckks_mod import (
     key_seed_bytes,
     node_secret_context,
 )
-from bcsfl_flower.packets import Eip712Domain, PacketVerifier, model_hash
+from bcsfl_flower.packets import PACKET_RECORD_KEY, Eip712Domain, PacketVerifier, model_hash
 from bcsfl_flower.privacy.ckks import (
     ENCRYPTED_ARRAY_KEY,
     EncryptedModel,
@@ -43,7 +43,6 @@ from bcsfl_flower.protocol import (
     GRAM_DIGEST_RECORD_KEY,
     GRAM_MESSAGE_TYPE,
     GRAM_REQUEST_RECORD_KEY,
-    PACKET_RECORD_KEY,
     PUBLIC_MESSAGE_TYPE,
     gram_digest,
     gram_request,

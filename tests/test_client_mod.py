@@ -31,6 +31,7 @@ from bcsfl_flower.ballots import Ballot
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.client.mod import bcsfl_client_app, bcsfl_mod
 from bcsfl_flower.packets import (
+    PACKET_RECORD_KEY,
     Eip712Domain,
     ModelPacket,
     PacketVerifier,
@@ -44,7 +45,6 @@ from bcsfl_flower.protocol import (
     COMMITTEE_RECORD_KEY,
     DEVELOPMENT_KEYS_KEY,
     DUTY_MODEL_PREFIX,
-    PACKET_RECORD_KEY,
     ROLLBACK_CANDIDATE,
     CommitteeDuty,
     duty_content,

@@ -1,4 +1,4 @@
-"""The wire formats of protocol.py: builders round-trip, readers survive malformed replies."""
+"""bcsfl_flower.protocol: its builders round-trip, its readers survive malformed replies."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from bcsfl_flower.approvals import (
 )
 from bcsfl_flower.chain.keys import client_dev_account
 from bcsfl_flower.packets import (
+    PACKET_RECORD_KEY,
     Eip712Domain,
     ModelPacket,
     SignedModelPacket,
@@ -44,7 +45,6 @@ from bcsfl_flower.protocol import (  # the committee duty
     GRAM_MESSAGE_TYPE,
     GRAM_RECORD_KEY,
     GRAM_REQUEST_RECORD_KEY,
-    PACKET_RECORD_KEY,
     PACKETS_RECORD_KEY,
     PUBLIC_MESSAGE_TYPE,
     PUBLIC_RECORD_KEY,
