@@ -39,8 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from bcsfl_flower.audit.explorer.page import REPORT_FILE, save_page
-from bcsfl_flower.audit.explorer.view import run_view
+from bcsfl_flower.audit.explorer.page import REPORT_FILE, write_page
 from bcsfl_flower.audit.replay import ReplayMismatchError, replay_round
 from bcsfl_flower.audit.run_results import RESULTS_FILE, RunResults
 from bcsfl_flower.audit.verification import load_statement, timeline, verify_trail
@@ -320,10 +319,8 @@ def _cmd_verify(args: argparse.Namespace, manifest: ChainManifest, trail: AuditT
         ]
     for failure in failures:
         print(f"FAIL {failure}")
-    for note in report.notes:
+    for note in report.notices():
         print(f"NOTE {note}")
-    if report.unaccounted:
-        print(f"NOTE not part of the trail, not audited: {', '.join(report.unaccounted)}")
     if failures:
         checks = report.checks + (args.head is not None)
         print(f"audit trail INVALID: {len(failures)} of {checks} checks failed")
@@ -356,14 +353,12 @@ def _cmd_replay(args: argparse.Namespace, manifest: ChainManifest, trail: AuditT
 
 
 def _cmd_report(args: argparse.Namespace, manifest: ChainManifest, trail: AuditTrail) -> int:
-    run = run_view(trail, manifest, verify_trail(trail, manifest))
     try:
-        written = save_page(run, manifest.path.parent, args.out)
+        written = write_page(trail, manifest, args.out)
     except (OSError, ValueError) as err:
         print(f"error: cannot write the report: {err}", file=sys.stderr)
         return EXIT_USAGE
-    verdict = "verified" if written.verified else "does NOT verify"
-    print(f"report: {written.path} ({written.size / 1e6:.2f} MB); the trail {verdict}")
+    print(f"report: {written.path} ({written.size / 1e6:.2f} MB); the trail {written.verdict}")
     return EXIT_OK if written.verified else EXIT_MISMATCH
 
 

@@ -109,6 +109,12 @@ class TrailReport:
             self.failures.append(TrailFailure(round_number, message))
         return condition
 
+    def notices(self) -> list[str]:
+        """Return the notes, then the unaccounted files as one note (``verify`` prints these)."""
+        if not self.unaccounted:
+            return list(self.notes)
+        return [*self.notes, f"not part of the trail, not audited: {', '.join(self.unaccounted)}"]
+
     @property
     def ok(self) -> bool:
         """Whether every check passed."""

@@ -13,9 +13,9 @@ nothing to an injected script that the hashes do not already allow to run.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from bcsfl_flower.audit.explorer.bundle import BUNDLE_PATH
 from bcsfl_flower.audit.explorer.plots import plots
 from bcsfl_flower.audit.explorer.view import STANDINGS, RunView, run_view
 from bcsfl_flower.audit.verification import verify_trail
-from bcsfl_flower.chain.audit import ChainManifest
+from bcsfl_flower.chain.audit import AuditTrail, ChainManifest
 from bcsfl_flower.chain.backends import BACKEND_EMBEDDED
 
 REPORT_FILE = "report.html"
@@ -51,17 +51,19 @@ class WrittenReport:
     size: int
     verified: bool
 
+    @property
+    def verdict(self) -> str:
+        """How the command line and the launcher say whether the trail verified."""
+        return "verified" if self.verified else "does NOT verify"
+
 
 def render_page(run: RunView, *, links: str = "") -> str:
     """Return the page of ``run``; ``links`` prefixes the model files' paths in links."""
-    bundle = BUNDLE_PATH.read_text(encoding="utf-8")
+    bundle, policy = _scripts()
     counts = {
-        r.number: {s: n for s, n in Counter(c.standing for c in r.clients).items()}
+        r.number: {s: sum(c.standing == s for c in r.clients) for s in STANDINGS}
         for r in run.rounds
     }
-    for tally in counts.values():
-        for standing in STANDINGS:
-            tally.setdefault(standing, 0)
     return _template().render(
         run=run,
         counts=counts,
@@ -69,8 +71,15 @@ def render_page(run: RunView, *, links: str = "") -> str:
         specs=plots(run),
         bundle=bundle,
         bootstrap=BOOTSTRAP,
-        policy=content_policy(bundle, BOOTSTRAP),
+        policy=policy,
     )
+
+
+@functools.cache
+def _scripts() -> tuple[str, str]:
+    """Return the Vega bundle and the policy that runs it and the bootstrap (read once)."""
+    bundle = BUNDLE_PATH.read_text(encoding="utf-8")
+    return bundle, content_policy(bundle, BOOTSTRAP)
 
 
 def content_policy(*scripts: str) -> str:
@@ -114,10 +123,18 @@ def write_report(
     manifest = ChainManifest.load(manifest_path)
     connection, trail = manifest.open(chain)
     try:
-        run = run_view(trail, manifest, verify_trail(trail, manifest))
+        return write_page(trail, manifest, out)
     finally:
         connection.close()
-    return save_page(run, manifest.path.parent, out)
+
+
+def write_page(
+    trail: AuditTrail, manifest: ChainManifest, out: Path | None = None
+) -> WrittenReport:
+    """Verify an opened trail and write its page (``out`` as :func:`save_page` takes it)."""
+    return save_page(
+        run_view(trail, manifest, verify_trail(trail, manifest)), manifest.path.parent, out
+    )
 
 
 def save_page(run: RunView, run_dir: Path, out: Path | None = None) -> WrittenReport:

@@ -26,11 +26,12 @@ Spec = dict[str, Any]
 
 def plots(run: RunView) -> dict[str, Spec]:
     """Return every plot of the page, by the id of the element it is drawn in."""
+    order = client_order(run)
     return {
         "accuracy-plot": accuracy_plot(run),
-        "stake-plot": stake_plot(run),
-        "standing-plot": standing_plot(run),
-        "committee-plot": committee_plot(run),
+        "stake-plot": stake_plot(run, order),
+        "standing-plot": standing_plot(run, order),
+        "committee-plot": committee_plot(run, order),
     }
 
 
@@ -75,7 +76,7 @@ def accuracy_plot(run: RunView) -> Spec:
     }
 
 
-def stake_plot(run: RunView) -> Spec:
+def stake_plot(run: RunView, order: list[str]) -> Spec:
     """Each client's stake when each round's committee was drawn, and after the last."""
     values = [
         {"round": r.number, "client": client, "stake": stake}
@@ -87,7 +88,6 @@ def stake_plot(run: RunView) -> Spec:
         {"round": settled, "client": client, "stake": stake}
         for client, stake in run.settled_stakes.items()
     ]
-    order = client_order(run)
     return {
         "$schema": SCHEMA,
         "title": "Stake per client (the last point is the final settlement)",
@@ -104,7 +104,7 @@ def stake_plot(run: RunView) -> Spec:
     }
 
 
-def standing_plot(run: RunView) -> Spec:
+def standing_plot(run: RunView, order: list[str]) -> Spec:
     """Map clients by rounds: accepted, set apart or rejected."""
     values = [
         {"round": r.number, "client": c.client, "standing": c.standing, "reason": c.reason}
@@ -114,13 +114,13 @@ def standing_plot(run: RunView) -> Spec:
     return _grid(
         "Who was accepted, set apart or rejected",
         values,
-        client_order(run),
+        order,
         {"field": "standing", "type": "nominal", "scale": _scale(STANDINGS, STANDING_COLOURS)},
         [{"field": "client"}, {"field": "round"}, {"field": "standing"}, {"field": "reason"}],
     )
 
 
-def committee_plot(run: RunView) -> Spec:
+def committee_plot(run: RunView, order: list[str]) -> Spec:
     """Committee membership over the rounds: validators, miners, or both."""
     values = []
     for r in run.rounds:
@@ -131,7 +131,7 @@ def committee_plot(run: RunView) -> Spec:
     return _grid(
         "Committee membership",
         values,
-        client_order(run),
+        order,
         {"field": "role", "type": "nominal", "scale": _scale(ROLES, ROLE_COLOURS)},
         [{"field": "client"}, {"field": "round"}, {"field": "role"}],
     )

@@ -151,18 +151,12 @@ def run_view(trail: AuditTrail, manifest: ChainManifest, report: TrailReport) ->
         head_hash=to_hex(_head_hash(records, manifest)),
         checks=report.checks,
         failures=tuple(run_failures),
-        notes=(*report.notes, *_unaccounted(report)),
+        notes=tuple(report.notices()),
         rounds=rounds,
         settled_stakes=labels.table(report.settled.after) if report.settled else {},
         initial_accuracy=_figure(initial, "test_accuracy"),
         initial_loss=_figure(initial, "test_loss"),
     )
-
-
-def _unaccounted(report: TrailReport) -> tuple[str, ...]:
-    if not report.unaccounted:
-        return ()
-    return (f"not part of the trail, not audited: {', '.join(report.unaccounted)}",)
 
 
 def _head_hash(records: list[AnchoredRound | RolledBackRound], manifest: ChainManifest) -> bytes:
@@ -208,16 +202,15 @@ def _round_view(
     failures: tuple[str, ...],
     results: Mapping[str, Any],
 ) -> RoundView:
-    anchored = isinstance(record, AnchoredRound)
-    digest = record.model_hash if isinstance(record, AnchoredRound) else record.kept_model_hash
+    if isinstance(record, AnchoredRound):
+        outcome, digest, rollback_reason = "anchored", record.model_hash, ""
+    else:
+        outcome, digest, rollback_reason = "rolled back", record.kept_model_hash, record.reason
     stored = store.path(digest)
-    if statement is None:
-        failures = failures or ("the round's statement cannot be read",)
     decision, reports = _decision(statement, trail)
-    rollback_reason = record.reason if isinstance(record, RolledBackRound) else ""
     return RoundView(
         number=record.round,
-        outcome="anchored" if anchored else "rolled back",
+        outcome=outcome,
         failures=failures,
         model_hash=to_hex(digest),
         model_file=f"{stored.parent.name}/{stored.name}" if stored.is_file() else None,

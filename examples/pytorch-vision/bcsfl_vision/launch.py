@@ -515,8 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"bcsfl: federation completed; final test accuracy {accuracy}")
     print(f"bcsfl: results in {run.results_path}")
     if run.report is not None:
-        verdict = "verified" if run.report.verified else "does NOT verify"
-        print(f"bcsfl: explorer page in {run.report.path} (the trail {verdict})")
+        print(f"bcsfl: explorer page in {run.report.path} (the trail {run.report.verdict})")
     return 0
 
 
